@@ -1,0 +1,86 @@
+//! Action keys and entries.
+
+use crate::digest::Digest;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use std::collections::BTreeMap;
+
+/// Everything that determines a node's output; its digest is the action key.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct KeyMaterial {
+    /// The stage's name.
+    pub stage: String,
+    /// Bumped when a stage's code changes what it produces.
+    pub version: u32,
+    /// Every parameter that changes the output, by recipe key (`filter.drop_identical`).
+    pub params: BTreeMap<String, Value>,
+    /// Input name -> digest: upstream artifacts, imported files, model and
+    /// dataset identities.
+    pub inputs: BTreeMap<String, Digest>,
+}
+
+impl KeyMaterial {
+    pub fn key(&self) -> Digest {
+        Digest::of_json(self)
+    }
+
+    /// The recipe keys and inputs that differ from `old`, for `plan`'s reasons.
+    pub fn changes_since(&self, old: &KeyMaterial) -> Vec<String> {
+        let mut out = Vec::new();
+        for (k, v) in &self.params {
+            match old.params.get(k) {
+                Some(o) if o == v => {}
+                Some(o) => out.push(format!("{k} changed ({o} -> {v})")),
+                None => out.push(format!("{k} is new ({v})")),
+            }
+        }
+        for k in old.params.keys().filter(|k| !self.params.contains_key(*k)) {
+            out.push(format!("{k} was removed"));
+        }
+        for (k, v) in &self.inputs {
+            match old.inputs.get(k) {
+                Some(o) if o == v => {}
+                Some(_) => out.push(format!("input {k} changed")),
+                None => out.push(format!("input {k} is new")),
+            }
+        }
+        for k in old.inputs.keys().filter(|k| !self.inputs.contains_key(*k)) {
+            out.push(format!("input {k} was removed"));
+        }
+        if out.is_empty() && (self.stage != old.stage || self.version != old.version) {
+            out.push(format!("stage {} version changed ({} -> {})", self.stage, old.version, self.version));
+        }
+        out
+    }
+}
+
+/// One file a node produced: where it goes under `export.dir`, and its object.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OutputFile {
+    pub path: String,
+    pub digest: Digest,
+    pub size: u64,
+}
+
+/// What the action cache stores under a key.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ActionEntry {
+    #[serde(flatten)]
+    pub material: KeyMaterial,
+    /// The node that built it (for people reading the cache).
+    pub node: String,
+    pub outputs: Vec<OutputFile>,
+    /// Counts the stage reported (rows dropped, ties, ...), for the card.
+    pub stats: BTreeMap<String, Value>,
+}
+
+impl ActionEntry {
+    pub fn key(&self) -> Digest {
+        self.material.key()
+    }
+
+    /// The output named `path`.
+    pub fn output(&self, path: &str) -> Option<&OutputFile> {
+        self.outputs.iter().find(|o| o.path == path)
+    }
+}

@@ -1,0 +1,104 @@
+//! The dataset card (`README.md` in `export.dir`): the hub's YAML front matter,
+//! then the recipe, the cache keys and the counts.
+
+use crate::formats::simpo::BinarizedRow;
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::fmt::Write;
+
+/// One split as the card reports it.
+pub struct CardSplit<'a> {
+    pub name: &'a str,
+    pub rows: &'a [BinarizedRow],
+    /// Counts from the stages: prompts, dropped_identical, ties, dropped_ties, ...
+    pub counts: BTreeMap<String, Value>,
+}
+
+/// Everything the card shows.
+pub struct CardInput<'a> {
+    pub name: &'a str,
+    pub splits: Vec<CardSplit<'a>>,
+    /// Recipe key -> value, for every key that shaped the data.
+    pub params: BTreeMap<String, Value>,
+    /// Node label -> action key.
+    pub keys: Vec<(String, String)>,
+}
+
+fn mean(xs: impl Iterator<Item = f64>) -> Option<f64> {
+    let (sum, n) = xs.fold((0.0, 0usize), |(s, n), x| (s + x, n + 1));
+    (n > 0).then(|| sum / n as f64)
+}
+
+fn fmt_opt(x: Option<f64>) -> String {
+    x.map_or("-".into(), |v| format!("{v:.3}"))
+}
+
+fn score_of(row: &BinarizedRow, text: &str) -> f64 {
+    row.all_generated_responses.iter().position(|r| r == text).map_or(f64::NAN, |i| row.all_rm_scores[i])
+}
+
+fn count(counts: &BTreeMap<String, Value>, key: &str) -> String {
+    counts.get(key).map_or("-".into(), |v| v.to_string())
+}
+
+pub fn render(input: &CardInput) -> String {
+    let q = |s: &str| serde_json::to_string(s).expect("strings serialise");
+    let mut y = String::from("---\n");
+    let _ = writeln!(y, "pretty_name: {}", q(input.name));
+    y.push_str("tags:\n- prefgen\n- preference\nconfigs:\n- config_name: default\n  data_files:\n");
+    for s in &input.splits {
+        let _ = writeln!(y, "  - split: {}\n    path: data/{}-*", s.name, s.name);
+    }
+    y.push_str("dataset_info:\n  features:\n");
+    y.push_str("  - name: prompt_id\n    dtype: string\n  - name: prompt\n    dtype: string\n");
+    y.push_str("  - name: all_generated_responses\n    sequence: string\n");
+    y.push_str("  - name: all_rm_scores\n    sequence: float64\n");
+    for col in ["chosen", "rejected"] {
+        let _ = writeln!(y, "  - name: {col}\n    list:\n    - name: content\n      dtype: string\n    - name: role\n      dtype: string");
+    }
+    y.push_str("  splits:\n");
+    for s in &input.splits {
+        let _ = writeln!(y, "  - name: {}\n    num_examples: {}", s.name, s.rows.len());
+    }
+    y.push_str("---\n\n");
+
+    let mut b = y;
+    let _ = writeln!(b, "# {}\n", input.name);
+    b.push_str("An on-policy preference dataset built by prefgen: every response was sampled from the policy, scored by the reward model, and the best and worst scored responses kept as `chosen` and `rejected`.\n\n");
+    b.push_str("```python\nfrom datasets import load_dataset, load_from_disk\nds = load_dataset(\"parquet\", data_dir=\"data\")   # or: load_from_disk(\"hf\")\n```\n\n");
+    b.push_str("## Counts\n\n| split | prompts | dropped as identical | rows scored | ties (all scores equal) | dropped as ties | rows |\n|---|---|---|---|---|---|---|\n");
+    for s in &input.splits {
+        let c = &s.counts;
+        let _ = writeln!(
+            b,
+            "| {} | {} | {} | {} | {} | {} | {} |",
+            s.name,
+            count(c, "prompts"),
+            count(c, "dropped_identical"),
+            count(c, "rows_in"),
+            count(c, "ties"),
+            count(c, "dropped_ties"),
+            s.rows.len()
+        );
+    }
+    b.push_str("\n## Scores and lengths\n\n| split | chosen score (mean) | rejected score (mean) | margin (mean) | chosen length (chars, mean) | rejected length (chars, mean) |\n|---|---|---|---|---|---|\n");
+    for s in &input.splits {
+        let chosen = |r: &BinarizedRow| r.chosen.get(1).map_or(String::new(), |m| m.content.clone());
+        let rejected = |r: &BinarizedRow| r.rejected.get(1).map_or(String::new(), |m| m.content.clone());
+        let cs = mean(s.rows.iter().map(|r| score_of(r, &chosen(r))));
+        let rs = mean(s.rows.iter().map(|r| score_of(r, &rejected(r))));
+        let margin = cs.zip(rs).map(|(c, r)| c - r);
+        let cl = mean(s.rows.iter().map(|r| chosen(r).chars().count() as f64));
+        let rl = mean(s.rows.iter().map(|r| rejected(r).chars().count() as f64));
+        let _ = writeln!(b, "| {} | {} | {} | {} | {} | {} |", s.name, fmt_opt(cs), fmt_opt(rs), fmt_opt(margin), fmt_opt(cl), fmt_opt(rl));
+    }
+    b.push_str("\n## Recipe\n\nEvery parameter that shaped the data (parameters that cannot change it, such as batch sizes, are left out):\n\n```toml\n");
+    for (k, v) in &input.params {
+        let _ = writeln!(b, "{k} = {v}");
+    }
+    b.push_str("```\n\n## Cache keys\n\nThe BLAKE3 action key of every node; a teammate whose cache holds them rebuilds nothing.\n\n| node | key |\n|---|---|\n");
+    for (label, key) in &input.keys {
+        let _ = writeln!(b, "| `{label}` | `{key}` |");
+    }
+    b
+}

@@ -1,0 +1,53 @@
+//! A `datasets.load_from_disk` folder: a DatasetDict with one folder per split,
+//! each holding Arrow IPC stream files, `dataset_info.json` and `state.json`.
+
+use crate::digest::Digest;
+use crate::formats::features;
+use crate::formats::hub_parquet::shard_name;
+use crate::formats::simpo::BinarizedRow;
+use anyhow::Result;
+use arrow_ipc::writer::StreamWriter;
+use serde_json::json;
+
+/// The files of the whole DatasetDict, paths under `hf/`.
+pub fn write(splits: &[(&str, &[BinarizedRow])], rows_per_file: usize) -> Result<Vec<(String, Vec<u8>)>> {
+    let names: Vec<&str> = splits.iter().map(|(s, _)| *s).collect();
+    let mut out = vec![("hf/dataset_dict.json".to_string(), serde_json::to_vec(&json!({"splits": names}))?)];
+    for (split, rows) in splits {
+        let chunks: Vec<&[BinarizedRow]> = if rows.is_empty() { vec![*rows] } else { rows.chunks(rows_per_file).collect() };
+        let n = chunks.len();
+        let mut data_files = Vec::new();
+        let mut hasher = blake3::Hasher::new();
+        for (i, chunk) in chunks.into_iter().enumerate() {
+            let mut bytes = Vec::new();
+            let mut writer = StreamWriter::try_new(&mut bytes, &features::schema())?;
+            writer.write(&features::record_batch(chunk))?;
+            writer.finish()?;
+            drop(writer);
+            hasher.update(&bytes);
+            let name = shard_name("", "data", i, n, "arrow");
+            data_files.push(json!({"filename": name}));
+            out.push((format!("hf/{split}/{name}"), bytes));
+        }
+        let info = json!({
+            "citation": "",
+            "description": "",
+            "features": features::features_json(),
+            "homepage": "",
+            "license": "",
+        });
+        let fingerprint = Digest::of(hasher.finalize().as_bytes()).to_hex()[..16].to_string();
+        let state = json!({
+            "_data_files": data_files,
+            "_fingerprint": fingerprint,
+            "_format_columns": null,
+            "_format_kwargs": {},
+            "_format_type": null,
+            "_output_all_columns": false,
+            "_split": split,
+        });
+        out.push((format!("hf/{split}/dataset_info.json"), serde_json::to_vec_pretty(&info)?));
+        out.push((format!("hf/{split}/state.json"), serde_json::to_vec_pretty(&state)?));
+    }
+    Ok(out)
+}

@@ -1,0 +1,290 @@
+//! The DAG and its keys: which nodes a recipe has, what each depends on, the
+//! action key of each, and whether the cache already holds its output.
+//!
+//! ```text
+//! prompts[s] -> generate[s/seed=k] (one per seed) -> filter[s] -> annotate[s] -> binarize[s] -> export
+//! ```
+//! for every output split `s`; `export` gathers all splits.
+
+use crate::cache::{ActionEntry, Cache, KeyMaterial};
+use crate::recipe::{Recipe, SplitSpec};
+use crate::stages::{annotate, binarize, export, filter, generate, prompts};
+use anyhow::{Context, Result, bail};
+use serde_json::{Value, json};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Stage {
+    Prompts,
+    Generate,
+    Filter,
+    Annotate,
+    Binarize,
+    Export,
+}
+
+impl Stage {
+    pub const ALL: [Stage; 6] = [Stage::Prompts, Stage::Generate, Stage::Filter, Stage::Annotate, Stage::Binarize, Stage::Export];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Stage::Prompts => "prompts",
+            Stage::Generate => "generate",
+            Stage::Filter => "filter",
+            Stage::Annotate => "annotate",
+            Stage::Binarize => "binarize",
+            Stage::Export => "export",
+        }
+    }
+
+    /// Bumped in a stage's file when its code changes what it produces.
+    pub fn version(self) -> u32 {
+        match self {
+            Stage::Prompts => prompts::VERSION,
+            Stage::Generate => generate::VERSION,
+            Stage::Filter => filter::VERSION,
+            Stage::Annotate => annotate::VERSION,
+            Stage::Binarize => binarize::VERSION,
+            Stage::Export => export::VERSION,
+        }
+    }
+}
+
+/// One node of the DAG.
+#[derive(Debug, Clone)]
+pub struct Node {
+    pub stage: Stage,
+    /// The output split (None for `export`, which gathers them all).
+    pub split: Option<String>,
+    pub seed: Option<u64>,
+    /// Indices of the nodes whose outputs this one reads (always earlier ones).
+    pub deps: Vec<usize>,
+    /// Recipe key -> value, for every key that can change the output.
+    pub params: BTreeMap<String, Value>,
+    /// Files outside the cache that the node reads (imports), by input name.
+    pub files: BTreeMap<String, PathBuf>,
+    /// Where its files go under `export.dir`.
+    pub out_dir: PathBuf,
+}
+
+impl Node {
+    /// `filter[train]`, `generate[train/seed=13]`, `export`.
+    pub fn label(&self) -> String {
+        match (&self.split, self.seed) {
+            (Some(s), Some(seed)) => format!("{}[{s}/seed={seed}]", self.stage.name()),
+            (Some(s), None) => format!("{}[{s}]", self.stage.name()),
+            _ => self.stage.name().to_string(),
+        }
+    }
+}
+
+/// A recipe's nodes in dependency order.
+pub struct Graph {
+    pub recipe: Recipe,
+    pub splits: Vec<SplitSpec>,
+    pub nodes: Vec<Node>,
+}
+
+impl Graph {
+    pub fn new(recipe: Recipe) -> Result<Graph> {
+        let splits = recipe.splits();
+        let mut nodes: Vec<Node> = Vec::new();
+        let mut push = |n: Node| {
+            nodes.push(n);
+            nodes.len() - 1
+        };
+        let (g, a) = (&recipe.generate, &recipe.annotate);
+        for spec in &splits {
+            let split = Some(spec.name.clone());
+            let out_dir = recipe.json_dir(&spec.name);
+            let node = |stage, seed, deps, params, files| Node {
+                stage,
+                split: split.clone(),
+                seed,
+                deps,
+                params,
+                files,
+                out_dir: out_dir.clone(),
+            };
+            let p = push(node(
+                Stage::Prompts,
+                None,
+                vec![],
+                BTreeMap::from([
+                    ("prompts.column".into(), json!(recipe.prompts.column)),
+                    ("prompts.limit".into(), json!(recipe.prompts.limit)),
+                ]),
+                BTreeMap::new(),
+            ));
+            let mut gens = Vec::new();
+            for &seed in &g.seeds {
+                let Some(pattern) = &g.import else {
+                    bail!(
+                        "generate.model: sampling from a model is not part of this build of prefgen yet; \
+                         bring SimPO decode files with generate.import = \"dir/output_{{seed}}.json\""
+                    );
+                };
+                let file = PathBuf::from(generate::import_path(pattern, seed, &spec.name));
+                let params = BTreeMap::from([("generate.seed".into(), json!(seed))]);
+                gens.push(push(node(Stage::Generate, Some(seed), vec![p], params, BTreeMap::from([("import".into(), file)]))));
+            }
+            let f = push(node(
+                Stage::Filter,
+                None,
+                gens,
+                BTreeMap::from([
+                    ("generate.seeds".into(), json!(g.seeds)),
+                    ("filter.drop_identical".into(), json!(recipe.filter.drop_identical)),
+                ]),
+                BTreeMap::new(),
+            ));
+            let Some(pattern) = &a.import else {
+                bail!(
+                    "annotate.model: scoring with a reward model is not part of this build of prefgen yet; \
+                     bring scores with annotate.import = \"all_outputs_rm.json\""
+                );
+            };
+            let file = PathBuf::from(pattern.replace("{split}", &spec.name));
+            let an = push(node(Stage::Annotate, None, vec![f], BTreeMap::new(), BTreeMap::from([("import".into(), file)])));
+            push(node(
+                Stage::Binarize,
+                None,
+                vec![an],
+                BTreeMap::from([("binarize.keep_ties".into(), json!(recipe.binarize.keep_ties))]),
+                BTreeMap::new(),
+            ));
+        }
+        // Export also reads every node's key (for the card), so it depends on all.
+        drop(push);
+        let all: Vec<usize> = (0..nodes.len()).collect();
+        nodes.push(Node {
+            stage: Stage::Export,
+            split: None,
+            seed: None,
+            deps: all,
+            params: BTreeMap::from([
+                ("name".into(), json!(recipe.name)),
+                ("export.rows_per_file".into(), json!(recipe.export.rows_per_file)),
+            ]),
+            files: BTreeMap::new(),
+            out_dir: PathBuf::new(),
+        });
+        Ok(Graph { recipe, splits, nodes })
+    }
+
+    /// The nodes that building `targets` (stage names; empty = all) needs.
+    pub fn select(&self, targets: &[String]) -> Result<Vec<bool>> {
+        let mut wanted = vec![targets.is_empty(); self.nodes.len()];
+        for t in targets {
+            let Some(stage) = Stage::ALL.into_iter().find(|s| s.name() == t) else {
+                let names: Vec<&str> = Stage::ALL.iter().map(|s| s.name()).collect();
+                bail!("unknown target {t:?}: the targets are {}", names.join(", "));
+            };
+            for (i, n) in self.nodes.iter().enumerate() {
+                wanted[i] |= n.stage == stage;
+            }
+        }
+        for i in (0..self.nodes.len()).rev() {
+            if wanted[i] {
+                for &d in &self.nodes[i].deps {
+                    wanted[d] = true;
+                }
+            }
+        }
+        Ok(wanted)
+    }
+
+    /// The name under which a node's last build is remembered.
+    pub fn ref_name(&self, idx: usize) -> String {
+        format!("{}/{}", self.recipe.name, self.nodes[idx].label())
+    }
+}
+
+/// Whether a node's output is in the cache.
+#[derive(Debug)]
+pub enum Freshness {
+    Fresh(ActionEntry),
+    /// Its key is known but nothing is cached under it: why.
+    Stale(KeyMaterial, String),
+    /// Its key cannot be known yet: an input is itself stale.
+    Blocked(String),
+}
+
+/// Walks a graph in order, computing keys from what is known so far.
+pub struct Walk<'a> {
+    pub graph: &'a Graph,
+    pub cache: &'a Cache,
+    /// The entry of each node once known (fresh, or built by the runner).
+    pub entries: Vec<Option<ActionEntry>>,
+    resolved: BTreeMap<String, prompts::Resolved>,
+}
+
+impl<'a> Walk<'a> {
+    pub fn new(graph: &'a Graph, cache: &'a Cache) -> Walk<'a> {
+        Walk { graph, cache, entries: vec![None; graph.nodes.len()], resolved: BTreeMap::new() }
+    }
+
+    /// The prompt source of a split, resolved once per walk.
+    pub fn source(&mut self, split: &str) -> Result<&prompts::Resolved> {
+        if !self.resolved.contains_key(split) {
+            let spec = self.graph.splits.iter().find(|s| s.name == split).expect("nodes name recipe splits");
+            let r = prompts::resolve(&spec.source, self.cache).with_context(|| format!("prompts for split {split}"))?;
+            self.resolved.insert(split.to_string(), r);
+        }
+        Ok(&self.resolved[split])
+    }
+
+    /// A node's key material, or the label of a dep whose output is unknown.
+    fn material(&mut self, idx: usize) -> Result<std::result::Result<KeyMaterial, String>> {
+        let node = &self.graph.nodes[idx];
+        let mut inputs = BTreeMap::new();
+        let mut params = node.params.clone();
+        for &d in &node.deps {
+            let dep = &self.graph.nodes[d];
+            let Some(entry) = &self.entries[d] else { return Ok(Err(dep.label())) };
+            if node.stage == Stage::Export {
+                // The card records every node's key and parameters.
+                inputs.insert(format!("key {}", dep.label()), entry.key());
+                params.extend(entry.material.params.iter().filter(|(k, _)| *k != "generate.seed").map(|(k, v)| (k.clone(), v.clone())));
+            }
+            for out in &entry.outputs {
+                inputs.insert(format!("{}:{}", dep.label(), out.path), out.digest);
+            }
+        }
+        for (name, path) in &node.files {
+            if !path.is_file() {
+                bail!("{}.import: {} does not exist (needed by {})", node.stage.name(), path.display(), node.label());
+            }
+            inputs.insert(name.clone(), self.cache.file_digest(path)?);
+        }
+        if node.stage == Stage::Prompts {
+            let split = node.split.clone().expect("prompts nodes have a split");
+            inputs.insert("dataset".into(), self.source(&split)?.identity);
+        }
+        Ok(Ok(KeyMaterial { stage: node.stage.name().into(), version: node.stage.version(), params, inputs }))
+    }
+
+    /// Looks a node up in the cache.
+    pub fn freshness(&mut self, idx: usize) -> Result<Freshness> {
+        let material = match self.material(idx)? {
+            Ok(m) => m,
+            Err(dep) => return Ok(Freshness::Blocked(format!("needs {dep}, which is stale"))),
+        };
+        let key = material.key();
+        if let Some(entry) = self.cache.get_action(&key)?
+            && self.cache.has_outputs(&entry)?
+        {
+            return Ok(Freshness::Fresh(entry));
+        }
+        let reason = match self.cache.last_build(&self.graph.ref_name(idx))? {
+            None => "never built".to_string(),
+            Some(old) if old.key() == key => "its output is missing from the cache".to_string(),
+            Some(old) => {
+                let changes = material.changes_since(&old.material);
+                if changes.is_empty() { "its inputs changed".to_string() } else { changes.join("; ") }
+            }
+        };
+        Ok(Freshness::Stale(material, reason))
+    }
+}

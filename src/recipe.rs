@@ -1,0 +1,497 @@
+//! Recipes: the TOML files in `recipes/` that say what to build.
+//!
+//! Every key lives in exactly one struct below, with its doc comment, its
+//! default and (in `validate`) its check. Unknown keys are errors. Relative
+//! paths are read from the directory prefgen runs in, as make reads them.
+
+use anyhow::{Context, Result, anyhow, bail};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// A whole recipe.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Recipe {
+    /// The dataset's name: titles the card and identifies the recipe's past builds.
+    pub name: String,
+    pub prompts: Prompts,
+    pub generate: Generate,
+    #[serde(default)]
+    pub filter: Filter,
+    pub annotate: Annotate,
+    #[serde(default)]
+    pub binarize: Binarize,
+    pub export: Export,
+}
+
+/// `[prompts]`: where the prompts come from.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Prompts {
+    /// A hub dataset id, or a local `.parquet`/`.jsonl`/`.json` file or folder.
+    pub dataset: Option<String>,
+    /// The hub revision (a commit sha pins it; a branch is resolved at run time).
+    pub revision: Option<String>,
+    /// The source split read into the output split `train`.
+    pub split: Option<String>,
+    /// Several output splits: output name -> source split (or a local file when
+    /// `dataset` is unset). Replaces `split`.
+    pub splits: Option<BTreeMap<String, String>>,
+    /// The column holding the prompt: a string, or a chat message list whose
+    /// first user turn is the prompt.
+    #[serde(default = "default_column")]
+    pub column: String,
+    /// Keep only the first `limit` prompts of the sorted set (0 = all).
+    #[serde(default)]
+    pub limit: usize,
+}
+
+/// `[generate]`: sampling one response per prompt per seed.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Generate {
+    /// The policy: a hub model id, a local model folder, or a `.gguf` file.
+    pub model: Option<String>,
+    /// The hub revision of `model`.
+    pub revision: Option<String>,
+    /// One response per prompt per seed, combined in this order.
+    pub seeds: Vec<u64>,
+    /// Sampling temperature; 0 is greedy.
+    #[serde(default = "default_temperature")]
+    pub temperature: f64,
+    /// Nucleus sampling mass, in (0, 1].
+    #[serde(default = "default_top_p")]
+    pub top_p: f64,
+    /// Most tokens generated per response.
+    #[serde(default = "default_max_tokens")]
+    pub max_tokens: u32,
+    /// Sequences decoded together; does not change a response.
+    #[serde(default = "default_gen_batch")]
+    pub batch_size: usize,
+    /// Prompts per cached unit of work.
+    #[serde(default = "default_shard_size")]
+    pub shard_size: usize,
+    /// Read SimPO decode files instead of sampling; `{seed}` (and `{split}` when
+    /// there are several splits) are replaced.
+    pub import: Option<String>,
+}
+
+/// `[filter]`: dropping prompts whose responses are all identical.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Filter {
+    /// Drop a prompt when every seed gave the identical text.
+    #[serde(default = "yes")]
+    pub drop_identical: bool,
+}
+
+/// `[annotate]`: scoring every response with a reward model.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Annotate {
+    /// The reward model: a hub model id or a local model folder.
+    pub model: Option<String>,
+    /// The hub revision of `model`.
+    pub revision: Option<String>,
+    /// Sequences scored together; does not change a score beyond float tolerance.
+    #[serde(default = "default_rm_batch")]
+    pub batch_size: usize,
+    /// Rows per cached unit of work.
+    #[serde(default = "default_shard_size")]
+    pub shard_size: usize,
+    /// Read scored rows (SimPO's `all_outputs_rm.json`) instead of scoring;
+    /// `{split}` is replaced when there are several splits.
+    pub import: Option<String>,
+}
+
+/// `[binarize]`: choosing `chosen` and `rejected`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Binarize {
+    /// Keep rows whose scores are all equal (SimPO keeps them); they are counted either way.
+    #[serde(default)]
+    pub keep_ties: bool,
+}
+
+/// `[export]`: the files users load.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Export {
+    /// The folder every stage's files are written to.
+    pub dir: String,
+    /// Rows per parquet and Arrow file (`train-00000-of-0000N.parquet`).
+    #[serde(default = "default_rows_per_file")]
+    pub rows_per_file: usize,
+}
+
+fn default_column() -> String {
+    "prompt".into()
+}
+fn default_temperature() -> f64 {
+    0.8
+}
+fn default_top_p() -> f64 {
+    0.95
+}
+fn default_max_tokens() -> u32 {
+    4096
+}
+fn default_gen_batch() -> usize {
+    64
+}
+fn default_rm_batch() -> usize {
+    16
+}
+fn default_shard_size() -> usize {
+    512
+}
+fn default_rows_per_file() -> usize {
+    100_000
+}
+fn yes() -> bool {
+    true
+}
+
+impl Default for Filter {
+    fn default() -> Self {
+        Filter { drop_identical: true }
+    }
+}
+
+impl Default for Binarize {
+    fn default() -> Self {
+        Binarize { keep_ties: false }
+    }
+}
+
+/// Where one output split's prompts come from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PromptSource {
+    /// A hub dataset's split at a revision.
+    Hub { id: String, revision: String, split: String },
+    /// A local file, or a folder whose files for `split` are read.
+    Local { path: PathBuf, split: Option<String> },
+}
+
+/// One output split and its source.
+#[derive(Debug, Clone)]
+pub struct SplitSpec {
+    pub name: String,
+    pub source: PromptSource,
+}
+
+impl Recipe {
+    /// Reads, overrides (`--set key=value`) and validates a recipe.
+    pub fn load(path: &Path, overrides: &[String]) -> Result<Recipe> {
+        let shown = path.display();
+        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read recipe {shown}"))?;
+        let recipe: Recipe = toml::from_str(&text).map_err(|e| toml_error(&shown.to_string(), &text, &e))?;
+        let recipe = if overrides.is_empty() {
+            recipe
+        } else {
+            let mut table: toml::Table = toml::from_str(&text).expect("the recipe parsed above");
+            for item in overrides {
+                apply_override(&mut table, item)?;
+            }
+            Recipe::deserialize(toml::Value::Table(table)).map_err(|e| {
+                anyhow!("{shown}: with --set {}: {}", overrides.join(" --set "), e.message().trim())
+            })?
+        };
+        recipe.validate().map_err(|(key, msg)| {
+            let origin = if overrides.iter().any(|o| o.split('=').next() == Some(key.as_str())) {
+                format!("--set {key}")
+            } else {
+                match locate(&text, &key) {
+                    Some(line) => format!("{shown}:{line}: {key}"),
+                    None => format!("{shown}: {key}"),
+                }
+            };
+            anyhow!("{origin}: {msg}")
+        })?;
+        Ok(recipe)
+    }
+
+    /// Checks values that types alone do not: the failing key and why.
+    fn validate(&self) -> std::result::Result<(), (String, String)> {
+        let err = |key: &str, msg: &str| Err((key.to_string(), msg.to_string()));
+        if self.name.trim().is_empty() {
+            return err("name", "must not be empty");
+        }
+        let p = &self.prompts;
+        if p.column.is_empty() {
+            return err("prompts.column", "must not be empty");
+        }
+        match (&p.splits, &p.split) {
+            (Some(_), Some(_)) => return err("prompts.splits", "set either prompts.split or prompts.splits, not both"),
+            (Some(map), None) => {
+                if map.is_empty() {
+                    return err("prompts.splits", "must name at least one split");
+                }
+                if let Some(bad) = map.keys().find(|k| !valid_split_name(k)) {
+                    return err("prompts.splits", &format!("split name {bad:?} must be letters, digits, '_' or '-'"));
+                }
+            }
+            (None, _) => {
+                if p.dataset.is_none() {
+                    return err("prompts.dataset", "is required (a hub dataset id or a local file or folder)");
+                }
+            }
+        }
+        let g = &self.generate;
+        if g.seeds.is_empty() {
+            return err("generate.seeds", "must list at least one seed");
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        if let Some(dup) = g.seeds.iter().find(|s| !seen.insert(**s)) {
+            return err("generate.seeds", &format!("seed {dup} is listed twice"));
+        }
+        if !(g.temperature >= 0.0 && g.temperature.is_finite()) {
+            return err("generate.temperature", "must be a finite number >= 0");
+        }
+        if !(g.top_p > 0.0 && g.top_p <= 1.0) {
+            return err("generate.top_p", "must be in (0, 1]");
+        }
+        if g.max_tokens == 0 {
+            return err("generate.max_tokens", "must be > 0");
+        }
+        if g.batch_size == 0 {
+            return err("generate.batch_size", "must be > 0");
+        }
+        if g.shard_size == 0 {
+            return err("generate.shard_size", "must be > 0");
+        }
+        let several_splits = self.splits().len() > 1;
+        match &g.import {
+            Some(pattern) => {
+                if g.seeds.len() > 1 && !pattern.contains("{seed}") {
+                    return err("generate.import", "must contain {seed} when there are several seeds");
+                }
+                if several_splits && !pattern.contains("{split}") {
+                    return err("generate.import", "must contain {split} when there are several splits");
+                }
+            }
+            None if g.model.is_none() => return err("generate.model", "is required unless generate.import is set"),
+            None => {}
+        }
+        let a = &self.annotate;
+        if a.batch_size == 0 {
+            return err("annotate.batch_size", "must be > 0");
+        }
+        if a.shard_size == 0 {
+            return err("annotate.shard_size", "must be > 0");
+        }
+        match &a.import {
+            Some(pattern) if several_splits && !pattern.contains("{split}") => {
+                return err("annotate.import", "must contain {split} when there are several splits");
+            }
+            None if a.model.is_none() => return err("annotate.model", "is required unless annotate.import is set"),
+            _ => {}
+        }
+        if self.export.dir.trim().is_empty() {
+            return err("export.dir", "must not be empty");
+        }
+        if self.export.rows_per_file == 0 {
+            return err("export.rows_per_file", "must be > 0");
+        }
+        Ok(())
+    }
+
+    /// The output splits, in name order, each with its prompt source.
+    pub fn splits(&self) -> Vec<SplitSpec> {
+        let p = &self.prompts;
+        // `split` is None only for a single split with no `prompts.split`: then a
+        // hub dataset's `train` split, or every file of a local folder, is read.
+        let source = |split: Option<&str>| match &p.dataset {
+            Some(ds) if !Path::new(ds).exists() && looks_like_hub_id(ds) => PromptSource::Hub {
+                id: ds.clone(),
+                revision: p.revision.clone().unwrap_or_else(|| "main".into()),
+                split: split.unwrap_or("train").to_string(),
+            },
+            Some(ds) => PromptSource::Local { path: PathBuf::from(ds), split: split.map(str::to_string) },
+            None => PromptSource::Local { path: PathBuf::from(split.unwrap_or_default()), split: None },
+        };
+        match &p.splits {
+            Some(map) => map.iter().map(|(name, src)| SplitSpec { name: name.clone(), source: source(Some(src)) }).collect(),
+            None => vec![SplitSpec { name: "train".into(), source: source(p.split.as_deref()) }],
+        }
+    }
+
+    /// Where a stage's SimPO JSON files go: `export.dir`, or a folder per split
+    /// when there are several.
+    pub fn json_dir(&self, split: &str) -> PathBuf {
+        if self.splits().len() > 1 { PathBuf::from(split) } else { PathBuf::new() }
+    }
+}
+
+/// `org/name`: how a hub id differs from a local path that does not exist.
+fn looks_like_hub_id(s: &str) -> bool {
+    let parts: Vec<&str> = s.split('/').collect();
+    parts.len() == 2
+        && parts.iter().all(|p| !p.is_empty() && p.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)))
+        && !s.ends_with(".json")
+        && !s.ends_with(".jsonl")
+        && !s.ends_with(".parquet")
+}
+
+fn valid_split_name(s: &str) -> bool {
+    !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+}
+
+/// Applies one `--set section.key=value`: the value is a TOML value when it parses
+/// as one, otherwise a bare string (so paths need no quotes).
+fn apply_override(table: &mut toml::Table, item: &str) -> Result<()> {
+    let (key, raw) = item
+        .split_once('=')
+        .ok_or_else(|| anyhow!("--set {item}: expected section.key=value"))?;
+    let value = toml::from_str::<toml::Table>(&format!("v = {raw}"))
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.to_string()));
+    let path: Vec<&str> = key.split('.').collect();
+    if path.iter().any(|p| p.is_empty()) {
+        bail!("--set {item}: {key:?} is not a key (write section.key=value)");
+    }
+    let mut cur = table;
+    for part in &path[..path.len() - 1] {
+        let entry = cur.entry(part.to_string()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        cur = entry
+            .as_table_mut()
+            .ok_or_else(|| anyhow!("--set {item}: {part} is a value, not a section"))?;
+    }
+    cur.insert(path[path.len() - 1].to_string(), value);
+    Ok(())
+}
+
+/// One line for a TOML error: `file:line:col: message`.
+fn toml_error(file: &str, text: &str, e: &toml::de::Error) -> anyhow::Error {
+    let msg = e.message().trim().replace('\n', " ");
+    match e.span() {
+        Some(span) => {
+            let (line, col) = line_col(text, span.start);
+            anyhow!("{file}:{line}:{col}: {msg}")
+        }
+        None => anyhow!("{file}: {msg}"),
+    }
+}
+
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let col = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, col)
+}
+
+/// The line where `section.key` is written, for messages about its value.
+fn locate(text: &str, key: &str) -> Option<usize> {
+    let (section, leaf) = key.rsplit_once('.').unwrap_or(("", key));
+    let mut current = String::new();
+    for (i, line) in text.lines().enumerate() {
+        let t = line.trim();
+        if let Some(h) = t.strip_prefix('[').and_then(|h| h.split(']').next()) {
+            current = h.trim().to_string();
+            if current == key {
+                return Some(i + 1);
+            }
+        } else if current == section
+            && t.split('=').next().map(str::trim) == Some(leaf)
+            && t.contains('=')
+        {
+            return Some(i + 1);
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = r#"
+name = "t"
+[prompts]
+dataset = "p.jsonl"
+[generate]
+import = "g/output_{seed}.json"
+seeds = [1, 2]
+[annotate]
+import = "s.json"
+[export]
+dir = "out"
+"#;
+
+    fn load(text: &str, sets: &[&str]) -> Result<Recipe> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.toml");
+        std::fs::write(&path, text).unwrap();
+        let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+        Recipe::load(&path, &sets)
+    }
+
+    #[test]
+    fn defaults_follow_simpo() {
+        let r = load(BASE, &[]).unwrap();
+        assert_eq!((r.generate.temperature, r.generate.top_p, r.generate.max_tokens), (0.8, 0.95, 4096));
+        assert!(r.filter.drop_identical && !r.binarize.keep_ties);
+        assert_eq!(r.splits()[0].name, "train");
+    }
+
+    #[test]
+    fn unknown_key_names_line_and_key() {
+        let text = BASE.replace("seeds = [1, 2]", "seeds = [1, 2]\ntempature = 0.5");
+        let e = load(&text, &[]).unwrap_err().to_string();
+        assert!(e.contains("r.toml:8:") && e.contains("tempature"), "{e}");
+    }
+
+    #[test]
+    fn wrong_type_names_line() {
+        let e = load(&BASE.replace("[1, 2]", "\"1, 2\""), &[]).unwrap_err().to_string();
+        assert!(e.contains("r.toml:7:"), "{e}");
+    }
+
+    #[test]
+    fn invalid_values_name_the_key() {
+        let e = load(&BASE.replace("[1, 2]", "[1, 1]"), &[]).unwrap_err().to_string();
+        assert!(e.contains("r.toml:7: generate.seeds") && e.contains("twice"), "{e}");
+        let e = load(BASE, &["generate.top_p=1.5"]).unwrap_err().to_string();
+        assert!(e.contains("--set generate.top_p") && e.contains("(0, 1]"), "{e}");
+        let e = load(BASE, &["generate.temperature=-1"]).unwrap_err().to_string();
+        assert!(e.contains("generate.temperature"), "{e}");
+        let e = load(BASE, &["generate.max_tokens=0"]).unwrap_err().to_string();
+        assert!(e.contains("generate.max_tokens"), "{e}");
+        let e = load(BASE, &["generate.seeds=[]"]).unwrap_err().to_string();
+        assert!(e.contains("generate.seeds"), "{e}");
+    }
+
+    #[test]
+    fn overrides_parse_toml_or_bare_strings() {
+        let r = load(BASE, &["prompts.limit=50", "export.dir=/tmp/x y", "binarize.keep_ties=true"]).unwrap();
+        assert_eq!(r.prompts.limit, 50);
+        assert_eq!(r.export.dir, "/tmp/x y");
+        assert!(r.binarize.keep_ties);
+        let e = load(BASE, &["generate.tempature=1"]).unwrap_err().to_string();
+        assert!(e.contains("tempature"), "{e}");
+        let e = load(BASE, &["prompts.limit=many"]).unwrap_err().to_string();
+        assert!(e.contains("--set prompts.limit=many"), "{e}");
+    }
+
+    #[test]
+    fn several_splits_need_split_placeholders() {
+        let text = BASE.replace("dataset = \"p.jsonl\"", "splits = { train = \"a.jsonl\", test = \"b.jsonl\" }");
+        let e = load(&text, &[]).unwrap_err().to_string();
+        assert!(e.contains("{split}"), "{e}");
+        let text = text.replace("g/output_{seed}", "g/{split}/output_{seed}").replace("s.json", "{split}.json");
+        let r = load(&text, &[]).unwrap();
+        let names: Vec<_> = r.splits().into_iter().map(|s| s.name).collect();
+        assert_eq!(names, ["test", "train"]);
+    }
+
+    #[test]
+    fn hub_ids_and_local_paths() {
+        let r = load(&BASE.replace("p.jsonl", "HuggingFaceH4/ultrafeedback_binarized"), &["prompts.split=train_prefs"]).unwrap();
+        assert_eq!(
+            r.splits()[0].source,
+            PromptSource::Hub { id: "HuggingFaceH4/ultrafeedback_binarized".into(), revision: "main".into(), split: "train_prefs".into() }
+        );
+    }
+}

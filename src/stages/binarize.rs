@@ -1,0 +1,98 @@
+//! `binarize`: chosen = the first best-scored response, rejected = the first
+//! worst (numpy's `argmax`/`argmin`, NaN winning both as in numpy).
+
+use super::StageOutput;
+use crate::formats::{pyjson, simpo::{BinarizedRow, Message, ScoredRow}};
+use anyhow::Result;
+
+pub const VERSION: u32 = 1;
+pub const FILE: &str = "all_outputs_bin.json";
+
+/// numpy's argmax (`better = >`) or argmin (`better = <`): the first index
+/// of the extreme, or of the first NaN.
+fn arg_extreme(xs: &[f64], better: fn(f64, f64) -> bool) -> usize {
+    if let Some(i) = xs.iter().position(|x| x.is_nan()) {
+        return i;
+    }
+    let mut best = 0;
+    for (i, &x) in xs.iter().enumerate() {
+        if better(x, xs[best]) {
+            best = i;
+        }
+    }
+    best
+}
+
+fn pair(prompt: &str, response: &str) -> Vec<Message> {
+    vec![
+        Message { role: "user".into(), content: prompt.into() },
+        Message { role: "assistant".into(), content: response.into() },
+    ]
+}
+
+pub fn build(rows: Vec<ScoredRow>, keep_ties: bool) -> Result<StageOutput> {
+    let rows_in = rows.len();
+    let mut ties = 0usize;
+    let mut out = Vec::with_capacity(rows.len());
+    for row in rows {
+        let s = &row.all_rm_scores;
+        if s.is_empty() {
+            continue;
+        }
+        if s.iter().all(|x| *x == s[0]) {
+            ties += 1;
+            if !keep_ties {
+                continue;
+            }
+        }
+        let chosen = pair(&row.prompt, &row.all_generated_responses[arg_extreme(s, |a, b| a > b)]);
+        let rejected = pair(&row.prompt, &row.all_generated_responses[arg_extreme(s, |a, b| a < b)]);
+        out.push(BinarizedRow {
+            prompt: row.prompt,
+            all_generated_responses: row.all_generated_responses,
+            all_rm_scores: row.all_rm_scores,
+            chosen,
+            rejected,
+        });
+    }
+    let kept = out.len();
+    Ok(StageOutput::file(FILE, pyjson::to_vec(&out)?)
+        .stat("rows_in", rows_in)
+        .stat("ties", ties)
+        .stat("dropped_ties", if keep_ties { 0 } else { ties })
+        .stat("rows", kept))
+}
+
+pub fn parse(bytes: &[u8]) -> Result<Vec<BinarizedRow>> {
+    crate::formats::simpo::parse_rows(bytes, "a binarize artifact")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numpy_tie_rules() {
+        let gt = |a: f64, b: f64| a > b;
+        let lt = |a: f64, b: f64| a < b;
+        assert_eq!(arg_extreme(&[1.0, 3.0, 3.0, 0.0, 0.0], gt), 1);
+        assert_eq!(arg_extreme(&[1.0, 3.0, 3.0, 0.0, 0.0], lt), 3);
+        assert_eq!(arg_extreme(&[1.0, f64::NAN, 0.0], lt), 1);
+    }
+
+    #[test]
+    fn all_equal_rows_are_counted_and_dropped_unless_kept() {
+        let row = |scores: Vec<f64>| ScoredRow {
+            prompt: "p".into(),
+            all_generated_responses: vec!["a".into(), "b".into()],
+            all_rm_scores: scores,
+        };
+        let rows = vec![row(vec![1.0, 1.0]), row(vec![0.5, 2.0])];
+        let dropped = build(rows.clone(), false).unwrap();
+        let kept = parse(&dropped.files[0].1).unwrap();
+        assert_eq!((kept.len(), &dropped.stats["ties"]), (1, &serde_json::json!(1)));
+        assert_eq!(kept[0].chosen[1].content, "b");
+        assert_eq!(kept[0].rejected[1].content, "a");
+        assert_eq!(parse(&build(rows, true).unwrap().files[0].1).unwrap().len(), 2);
+    }
+}

@@ -1,0 +1,67 @@
+//! `generate`: one response per prompt for one seed, as SimPO's
+//! `output_{seed}.json`. This file holds the import path (bring your own
+//! decode files); sampling from a model plugs in beside it.
+
+use super::StageOutput;
+use crate::formats::{pyjson, simpo::{self, DecodeRow}};
+use anyhow::{Result, bail};
+use std::collections::HashMap;
+use std::path::Path;
+
+pub const VERSION: u32 = 1;
+
+/// The file name a seed's responses are written under.
+pub fn file_name(seed: u64) -> String {
+    format!("output_{seed}.json")
+}
+
+/// The path of seed `seed`'s decode file from an import pattern.
+pub fn import_path(pattern: &str, seed: u64, split: &str) -> String {
+    pattern.replace("{seed}", &seed.to_string()).replace("{split}", split)
+}
+
+/// Takes one seed's responses from a SimPO decode file, in prompt order.
+/// Every prompt needs exactly one response, and every imported prompt must be
+/// in the prompt set: a mismatch means the file belongs to another run.
+pub fn import(prompts: &[String], path: &Path, seed: u64) -> Result<StageOutput> {
+    let shown = path.display();
+    let rows: Vec<DecodeRow> = simpo::read_rows(path)?;
+    let wanted: HashMap<&str, usize> = prompts.iter().enumerate().map(|(i, p)| (p.as_str(), i)).collect();
+    let mut by_prompt: Vec<Option<DecodeRow>> = vec![None; prompts.len()];
+    for (n, row) in rows.into_iter().enumerate() {
+        let Some(&i) = wanted.get(row.prompt.as_str()) else {
+            bail!("{shown}: row {n}: prompt {:?} is not in the recipe's prompt set", preview(&row.prompt));
+        };
+        match &by_prompt[i] {
+            Some(prev) if prev.generated_text != row.generated_text => {
+                bail!("{shown}: row {n}: prompt {:?} appears twice with different responses", preview(&row.prompt))
+            }
+            Some(_) => {}
+            None => by_prompt[i] = Some(row),
+        }
+    }
+    let missing = by_prompt.iter().filter(|r| r.is_none()).count();
+    if let Some(i) = by_prompt.iter().position(|r| r.is_none()) {
+        bail!(
+            "{shown}: no response for {missing} of {} prompts (first: {:?})",
+            prompts.len(),
+            preview(&prompts[i])
+        );
+    }
+    let rows: Vec<DecodeRow> = by_prompt.into_iter().flatten().collect();
+    Ok(StageOutput::file(file_name(seed), pyjson::to_vec(&rows)?).stat("responses", rows.len()))
+}
+
+/// The rows of a `generate` artifact.
+pub fn parse(bytes: &[u8]) -> Result<Vec<DecodeRow>> {
+    simpo::parse_rows(bytes, "a generate artifact")
+}
+
+/// The first characters of a text, for messages.
+pub fn preview(s: &str) -> String {
+    let mut p: String = s.chars().take(60).collect();
+    if p.len() < s.len() {
+        p.push('…');
+    }
+    p
+}
