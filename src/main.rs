@@ -1,20 +1,12 @@
 //! prefgen: on-policy preference datasets as a reproducible, cached,
 //! make-style workflow. `main` parses the command line and dispatches.
 
-mod cache;
-mod digest;
-mod formats;
-mod hub;
-mod plan;
-mod recipe;
-mod run;
-mod stages;
-
 use anyhow::Result;
-use cache::Cache;
 use clap::{Parser, Subcommand};
-use plan::{Freshness, Graph, Walk};
-use recipe::Recipe;
+use prefgen::cache::{self, Cache};
+use prefgen::plan::{Freshness, Graph, Walk};
+use prefgen::recipe::Recipe;
+use prefgen::run;
 use std::path::PathBuf;
 use std::process::ExitCode;
 

@@ -146,7 +146,7 @@ impl Graph {
                 );
             };
             let file = PathBuf::from(pattern.replace("{split}", &spec.name));
-            let an = push(node(Stage::Annotate, None, vec![f], BTreeMap::new(), BTreeMap::from([("import".into(), file)])));
+            let an = push(node(Stage::Annotate, None, vec![p, f], BTreeMap::new(), BTreeMap::from([("import".into(), file)])));
             push(node(
                 Stage::Binarize,
                 None,

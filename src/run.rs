@@ -123,8 +123,9 @@ fn build_node(walk: &mut Walk, idx: usize) -> Result<StageOutput> {
             filter::build(&per_seed, recipe.filter.drop_identical)
         }
         Stage::Annotate => {
-            let rows = filter::parse(&read_output(walk, node.deps[0], filter::FILE)?)?;
-            annotate::import(&rows, &node.files["import"])
+            let set = prompts::parse(&read_output(walk, node.deps[0], prompts::FILE)?)?;
+            let rows = filter::parse(&read_output(walk, node.deps[1], filter::FILE)?)?;
+            annotate::import(&set, &rows, &node.files["import"])
         }
         Stage::Binarize => {
             let rows = annotate::parse(&read_output(walk, node.deps[0], annotate::FILE)?)?;

@@ -46,11 +46,11 @@ impl Cache {
     pub fn open(root: &Path) -> Result<Cache> {
         let ctx = || format!("cannot create the cache at {}", root.display());
         std::fs::create_dir_all(root).with_context(ctx)?;
-        let tag = root.join("CACHEDIR.TAG");
-        if !tag.exists() {
-            let body = b"Signature: 8a477f597d28d172789f06886806bc55\n# prefgen cache: content-addressed, safe to delete.\n";
-            write_atomic_in(&root.join("tmp"), &tag, body).with_context(ctx)?;
-            write_atomic_in(&root.join("tmp"), &root.join(".gitignore"), b"*\n").with_context(ctx)?;
+        let tag: &[u8] = b"Signature: 8a477f597d28d172789f06886806bc55\n# prefgen cache: content-addressed, safe to delete.\n";
+        for (name, body) in [("CACHEDIR.TAG", tag), (".gitignore", b"*\n")] {
+            if !root.join(name).exists() {
+                write_atomic_in(&root.join("tmp"), &root.join(name), body).with_context(ctx)?;
+            }
         }
         Ok(Cache { root: root.to_path_buf(), local: FolderTier::new(root) })
     }

@@ -13,8 +13,10 @@ pub const VERSION: u32 = 1;
 pub const FILE: &str = "all_outputs_rm.json";
 
 /// Takes the scores for `rows` from a scored file, matched by prompt. The
-/// imported responses must be the ones being scored, with one score each.
-pub fn import(rows: &[FilteredRow], path: &Path) -> Result<StageOutput> {
+/// imported responses must be the ones being scored, with one score each;
+/// every imported prompt must be in the prompt set (rows the filter dropped
+/// may be present: files scored before filtering are common).
+pub fn import(prompt_set: &[String], rows: &[FilteredRow], path: &Path) -> Result<StageOutput> {
     let shown = path.display();
     let imported: Vec<ScoredRow> = simpo::read_rows(path)?;
     let mut by_prompt: HashMap<&str, (usize, &ScoredRow)> = HashMap::with_capacity(imported.len());
@@ -25,6 +27,9 @@ pub fn import(rows: &[FilteredRow], path: &Path) -> Result<StageOutput> {
                 row.all_generated_responses.len(),
                 row.all_rm_scores.len()
             );
+        }
+        if prompt_set.binary_search(&row.prompt).is_err() {
+            bail!("{shown}: row {n}: prompt {:?} is not in the recipe's prompt set", preview(&row.prompt));
         }
         if by_prompt.insert(row.prompt.as_str(), (n, row)).is_some() {
             bail!("{shown}: row {n}: prompt {:?} appears twice", preview(&row.prompt));
@@ -44,10 +49,7 @@ pub fn import(rows: &[FilteredRow], path: &Path) -> Result<StageOutput> {
             all_rm_scores: scored.all_rm_scores.clone(),
         });
     }
-    if let Some((n, extra)) = by_prompt.values().min_by_key(|(n, _)| *n) {
-        bail!("{shown}: row {n}: prompt {:?} is not among the filtered rows", preview(&extra.prompt));
-    }
-    Ok(StageOutput::file(FILE, pyjson::to_vec(&out)?).stat("rows", out.len()))
+    Ok(StageOutput::file(FILE, pyjson::to_vec(&out)?).stat("rows", out.len()).stat("import_rows_unused", by_prompt.len()))
 }
 
 pub fn parse(bytes: &[u8]) -> Result<Vec<ScoredRow>> {

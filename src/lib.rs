@@ -1,0 +1,11 @@
+//! prefgen as a library: the command line in `main.rs` is a thin layer over
+//! these modules, and the tests and benchmarks use them directly.
+
+pub mod cache;
+pub mod digest;
+pub mod formats;
+pub mod hub;
+pub mod plan;
+pub mod recipe;
+pub mod run;
+pub mod stages;

@@ -1,0 +1,181 @@
+//! Helpers shared by the integration tests: a scratch project folder with its
+//! own cache, the prefgen binary run in it, and the committed fixtures.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+pub fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests").join("fixtures")
+}
+
+/// The SimPO fixture recipe: 5 seeds of imported generations and scores.
+pub fn simpo_recipe() -> String {
+    let fx = fixtures().join("simpo");
+    format!(
+        r#"name = "simpo-fixture"
+
+[prompts]
+dataset = "{fx}/prompts.jsonl"
+
+[generate]
+seeds = [13, 21, 42, 79, 100]
+import = "{fx}/gens/output_{{seed}}.json"
+
+[annotate]
+import = "{fx}/scores.json"
+
+[export]
+dir = "out"
+"#,
+        fx = fx.display()
+    )
+}
+
+pub struct Project {
+    pub dir: tempfile::TempDir,
+}
+
+impl Project {
+    pub fn new() -> Project {
+        Project { dir: tempfile::tempdir().expect("a temp dir") }
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    pub fn write(&self, rel: &str, text: &str) -> PathBuf {
+        let p = self.path(rel);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_prefgen"));
+        c.args(args).current_dir(self.dir.path()).env("PREFGEN_CACHE", self.path("cache"));
+        c.env("HF_HUB_OFFLINE", "1");
+        c
+    }
+
+    pub fn prefgen(&self, args: &[&str]) -> Run {
+        Run(self.command(args).output().expect("prefgen runs"))
+    }
+
+    /// Runs and insists on success.
+    pub fn ok(&self, args: &[&str]) -> Run {
+        let r = self.prefgen(args);
+        assert!(r.0.status.success(), "prefgen {args:?} failed:\n{}", r.stderr());
+        r
+    }
+
+    /// Every file under `rel` (relative path -> bytes), the manifest aside.
+    pub fn tree(&self, rel: &str) -> BTreeMap<String, Vec<u8>> {
+        let root = self.path(rel);
+        let mut out = BTreeMap::new();
+        let mut stack = vec![root.clone()];
+        while let Some(d) = stack.pop() {
+            for e in std::fs::read_dir(&d).unwrap() {
+                let p = e.unwrap().path();
+                if p.is_dir() {
+                    if !p.ends_with(".prefgen") {
+                        stack.push(p);
+                    }
+                } else {
+                    out.insert(p.strip_prefix(&root).unwrap().display().to_string(), std::fs::read(&p).unwrap());
+                }
+            }
+        }
+        out
+    }
+}
+
+pub struct Run(pub Output);
+
+impl Run {
+    pub fn stdout(&self) -> String {
+        String::from_utf8_lossy(&self.0.stdout).into_owned()
+    }
+    pub fn stderr(&self) -> String {
+        String::from_utf8_lossy(&self.0.stderr).into_owned()
+    }
+    pub fn code(&self) -> Option<i32> {
+        self.0.status.code()
+    }
+    /// The nodes this run built, from its `built X in ...` lines.
+    pub fn built(&self) -> Vec<String> {
+        self.stderr()
+            .lines()
+            .filter_map(|l| l.strip_prefix("built ").and_then(|r| r.split(" in ").next()))
+            .map(str::to_string)
+            .collect()
+    }
+}
+
+/// Runs a Python script of the test suite, insisting on success.
+pub fn python(args: &[&str]) -> String {
+    let out = Command::new("python3")
+        .args(args)
+        .output()
+        .expect("python3 is needed for reference checks (`make setup` installs its packages)");
+    assert!(
+        out.status.success(),
+        "python3 {args:?} failed (run `make setup` if a package is missing):\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+pub fn script(name: &str) -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests").join(name).display().to_string()
+}
+
+/// Writes a synthetic SimPO import of `n` prompts x `seeds` with responses of
+/// about `len` bytes, and a recipe over it; returns the recipe path.
+pub fn synthetic(p: &Project, n: usize, seeds: &[u64], len: usize) -> PathBuf {
+    use serde_json::json;
+    let mut prompts: Vec<String> = (0..n).map(|i| format!("synthetic prompt {i:07} about topic {}", i % 97)).collect();
+    prompts.sort();
+    let text = |i: usize, s: u64| {
+        let mut t = format!("response to {i} with seed {s}: ");
+        while t.len() < len {
+            t.push_str(&format!("word{} ", (i * 31 + s as usize * 7 + t.len()) % 1000));
+        }
+        t
+    };
+    let mut jsonl = String::new();
+    for p in &prompts {
+        jsonl.push_str(&json!({ "prompt": p }).to_string());
+        jsonl.push('\n');
+    }
+    p.write("syn/prompts.jsonl", &jsonl);
+    for &s in seeds {
+        let rows: Vec<_> = prompts
+            .iter()
+            .enumerate()
+            .map(|(i, pr)| json!({"prompt": pr, "format_prompt": pr, "generated_text": text(i, s)}))
+            .collect();
+        p.write(&format!("syn/gens/output_{s}.json"), &serde_json::to_string(&rows).unwrap());
+    }
+    let scored: Vec<_> = prompts
+        .iter()
+        .enumerate()
+        .map(|(i, pr)| {
+            let responses: Vec<String> = seeds.iter().map(|&s| text(i, s)).collect();
+            let scores: Vec<f64> = seeds.iter().map(|&s| ((i as u64 * 7919 + s * 104729) % 1000) as f64 / 37.0).collect();
+            json!({"prompt": pr, "all_generated_responses": responses, "all_rm_scores": scores})
+        })
+        .collect();
+    p.write("syn/scores.json", &serde_json::to_string(&scored).unwrap());
+    let seeds: Vec<String> = seeds.iter().map(|s| s.to_string()).collect();
+    p.write(
+        "syn.toml",
+        &format!(
+            "name = \"synthetic\"\n[prompts]\ndataset = \"syn/prompts.jsonl\"\n[generate]\nseeds = [{}]\nimport = \"syn/gens/output_{{seed}}.json\"\n[annotate]\nimport = \"syn/scores.json\"\n[export]\ndir = \"syn-out\"\n",
+            seeds.join(", ")
+        ),
+    )
+}

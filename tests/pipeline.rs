@@ -1,0 +1,355 @@
+//! The pipeline end to end on imported generations and scores: SimPO parity,
+//! Hugging Face interop, caching, crash safety and bad input.
+
+mod common;
+
+use common::*;
+use std::collections::BTreeSet;
+
+const SEEDS: [u64; 5] = [13, 21, 42, 79, 100];
+
+fn rows(bytes: &[u8]) -> Vec<serde_json::Value> {
+    serde_json::from_slice(bytes).unwrap()
+}
+
+#[test]
+fn simpo_parity_with_ties_kept() {
+    let p = Project::new();
+    let recipe = p.write("r.toml", &simpo_recipe());
+    p.ok(&["run", recipe.to_str().unwrap(), "--set", "binarize.keep_ties=true"]);
+    let fx = fixtures().join("simpo");
+    let reference = p.path("reference");
+    python(&[
+        &script("simpo_reference.py"),
+        fx.join("gens").to_str().unwrap(),
+        "13,21,42,79,100",
+        fx.join("scores.json").to_str().unwrap(),
+        reference.to_str().unwrap(),
+    ]);
+    let out = p.tree("out");
+    for name in ["all_outputs.json", "all_outputs_rm.json", "all_outputs_bin.json"] {
+        let want = std::fs::read(reference.join(name)).unwrap();
+        assert!(out[name] == want, "{name} differs from SimPO's");
+    }
+    // The decode files pass through byte for byte.
+    for s in SEEDS {
+        let name = format!("output_{s}.json");
+        assert!(out[&name] == std::fs::read(fx.join("gens").join(&name)).unwrap(), "{name} differs");
+    }
+    // The fixture has what the parity claim is about.
+    let filtered = rows(&out["all_outputs.json"]);
+    let bin = rows(&out["all_outputs_bin.json"]);
+    let prompts = rows(&out["output_13.json"]).len();
+    assert!(filtered.len() < prompts, "some rows are identical across seeds");
+    let ties = bin.iter().filter(|r| {
+        let s = r["all_rm_scores"].as_array().unwrap();
+        s.iter().all(|x| x == &s[0])
+    });
+    assert!(ties.count() > 0, "some rows have all scores equal");
+    assert!(filtered.iter().any(|r| r["all_generated_responses"].as_array().unwrap().iter().any(|t| t == "")));
+}
+
+#[test]
+fn ties_are_dropped_by_default_and_counted_in_the_card() {
+    let p = Project::new();
+    let recipe = p.write("r.toml", &simpo_recipe());
+    p.ok(&["run", recipe.to_str().unwrap()]);
+    let out = p.tree("out");
+    let scored = rows(&out["all_outputs_rm.json"]);
+    let ties = scored
+        .iter()
+        .filter(|r| {
+            let s = r["all_rm_scores"].as_array().unwrap();
+            s.iter().all(|x| x == &s[0])
+        })
+        .count();
+    let bin = rows(&out["all_outputs_bin.json"]);
+    assert!(ties > 0);
+    assert_eq!(bin.len(), scored.len() - ties);
+    let card = String::from_utf8(out["README.md"].clone()).unwrap();
+    let prompts = rows(&out["output_13.json"]).len();
+    let identical = prompts - scored.len();
+    let line = format!("| train | {prompts} | {identical} | {} | {ties} | {ties} | {} |", scored.len(), bin.len());
+    assert!(card.contains(&line), "card lacks {line:?}:\n{card}");
+    assert!(card.contains("binarize.keep_ties = false"));
+    assert!(card.starts_with("---\n") && card.contains("num_examples: "));
+}
+
+#[test]
+fn hugging_face_tools_load_the_exports() {
+    let p = Project::new();
+    let recipe = p.write("r.toml", &simpo_recipe());
+    p.ok(&["run", recipe.to_str().unwrap(), "--set", "export.rows_per_file=7"]);
+    let out = p.tree("out");
+    assert!(out.contains_key("data/train-00000-of-00006.parquet"), "{:?}", out.keys());
+    assert!(out.contains_key("hf/train/data-00005-of-00006.arrow"));
+    python(&[&script("hf_interop.py"), p.path("out").to_str().unwrap(), "train"]);
+}
+
+#[test]
+fn several_splits_go_through_the_whole_dag() {
+    let p = Project::new();
+    let fx = fixtures().join("simpo");
+    for split in ["train", "test"] {
+        std::os::unix::fs::symlink(fx.join("gens"), p.path(split)).unwrap();
+    }
+    let recipe = simpo_recipe()
+        .replace(&format!("dataset = \"{}/prompts.jsonl\"", fx.display()), &format!("dataset = \"{}\"\nsplits = {{ train = \"train\", test = \"test\" }}", fx.display()))
+        .replace(&format!("{}/gens/output_{{seed}}", fx.display()), "{split}/output_{seed}");
+    // Both splits read the fixture folder's prompts.jsonl (a folder source with
+    // no split-named files): point each split at the file itself instead.
+    let recipe = recipe
+        .replace(&format!("dataset = \"{}\"\n", fx.display()), "")
+        .replace("train = \"train\", test = \"test\"", &format!("train = \"{0}/prompts.jsonl\", test = \"{0}/prompts.jsonl\"", fx.display()))
+        .replace(&format!("{}/scores.json", fx.display()), &format!("{}/scores{{split}}.json", p.path("").display()));
+    std::os::unix::fs::symlink(fx.join("scores.json"), p.path("scorestrain.json")).unwrap();
+    std::os::unix::fs::symlink(fx.join("scores_v2.json"), p.path("scorestest.json")).unwrap();
+    let path = p.write("r.toml", &recipe);
+    p.ok(&["run", path.to_str().unwrap()]);
+    let out = p.tree("out");
+    for f in ["train/all_outputs_bin.json", "test/all_outputs_bin.json", "test/output_42.json", "data/test-00000-of-00001.parquet", "hf/dataset_dict.json"] {
+        assert!(out.contains_key(f), "missing {f}: {:?}", out.keys());
+    }
+    assert_ne!(out["train/all_outputs_bin.json"], out["test/all_outputs_bin.json"], "the splits were scored differently");
+    python(&[&script("hf_interop.py"), p.path("out").to_str().unwrap(), "train", "test"]);
+}
+
+/// Every file under the cache with its modification time.
+fn cache_state(p: &Project) -> BTreeSet<(String, std::time::SystemTime)> {
+    let mut out = BTreeSet::new();
+    let mut stack = vec![p.path("cache")];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let path = e.unwrap().path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if !path.to_string_lossy().contains("/locks/") {
+                out.insert((path.display().to_string(), path.metadata().unwrap().modified().unwrap()));
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn a_second_run_builds_nothing_and_writes_nothing() {
+    let p = Project::new();
+    let recipe = p.write("r.toml", &simpo_recipe());
+    let r = recipe.to_str().unwrap();
+    let first = p.ok(&["run", r]);
+    // prompts, 5 x generate, filter, annotate, binarize, export
+    assert_eq!(first.built().len(), 10, "{}", first.stderr());
+    let before = cache_state(&p);
+    let second = p.ok(&["run", r]);
+    assert!(second.built().is_empty());
+    assert!(second.stdout().contains("Everything is fresh"), "{}", second.stdout());
+    assert_eq!(before, cache_state(&p), "a no-op run wrote to the cache");
+    let plan = p.ok(&["plan", r]);
+    assert_eq!(plan.stdout().lines().count(), 10);
+    assert!(plan.stdout().lines().all(|l| l.starts_with("fresh ")), "{}", plan.stdout());
+}
+
+#[test]
+fn a_changed_parameter_rebuilds_exactly_what_is_downstream() {
+    let p = Project::new();
+    let recipe = p.write("r.toml", &simpo_recipe());
+    let r = recipe.to_str().unwrap();
+    p.ok(&["run", r]);
+    let original = p.tree("out");
+    let set = |sets: &[&str]| -> Vec<String> {
+        let mut args = vec!["run", r];
+        for s in sets {
+            args.extend(["--set", s]);
+        }
+        let mut built = p.ok(&args).built();
+        built.sort();
+        built
+    };
+    let plan = p.ok(&["plan", r, "--set", "binarize.keep_ties=true"]).stdout();
+    assert!(plan.contains("stale  binarize[train]  binarize.keep_ties changed (false -> true)"), "{plan}");
+    assert!(plan.contains("stale  export  needs binarize[train], which is stale"), "{plan}");
+    assert!(plan.contains("fresh  annotate[train]"), "{plan}");
+    assert_eq!(set(&["binarize.keep_ties=true"]), ["binarize[train]", "export"]);
+
+    assert_eq!(set(&["export.rows_per_file=5"]), ["export"]);
+    let out = p.tree("out");
+    assert!(out.contains_key("data/train-00000-of-00008.parquet") && !out.contains_key("data/train-00000-of-00001.parquet"));
+
+    let plan = p.ok(&["plan", r, "--set", "filter.drop_identical=false"]).stdout();
+    assert!(plan.contains("stale  filter[train]  filter.drop_identical changed (true -> false)"), "{plan}");
+    assert_eq!(set(&["filter.drop_identical=false"]), ["annotate[train]", "binarize[train]", "export", "filter[train]"]);
+
+    let v2 = fixtures().join("simpo/scores_v2.json");
+    let v2 = format!("annotate.import={}", v2.display());
+    let plan = p.ok(&["plan", r, "--set", &v2]).stdout();
+    // Reasons are relative to the last build (made with drop_identical=false).
+    let line = plan.lines().find(|l| l.starts_with("stale  annotate[train]")).unwrap_or_default();
+    assert!(line.contains("input import changed"), "{plan}");
+    assert_eq!(set(&[&v2]), ["annotate[train]", "binarize[train]", "export"]);
+
+    // Back to the original recipe: everything is in the cache already.
+    let back = p.ok(&["run", r]);
+    assert!(back.built().is_empty(), "{}", back.stderr());
+    assert!(p.tree("out") == original, "files of the other builds were left behind or differ");
+}
+
+#[test]
+fn a_run_killed_mid_way_resumes_to_identical_bytes() {
+    let p = Project::new();
+    let recipe = synthetic(&p, 3000, &SEEDS, 1000);
+    let r = recipe.to_str().unwrap();
+    let clean = Project::new();
+    std::fs::create_dir_all(clean.path("")).unwrap();
+    // The uninterrupted reference, in another cache and export dir.
+    let started = std::time::Instant::now();
+    let status = p.command(&["run", r, "--cache", clean.path("cache").to_str().unwrap(), "--set", &format!("export.dir={}", clean.path("out").display())]).output().unwrap();
+    assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
+    let full = started.elapsed();
+    for fraction in [0.2, 0.45, 0.7] {
+        let mut child = p.command(&["run", r]).stderr(std::process::Stdio::null()).spawn().unwrap();
+        std::thread::sleep(full.mul_f64(fraction));
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+    }
+    p.ok(&["run", r]);
+    assert!(p.tree("syn-out") == clean.tree("out"), "resumed output differs from an uninterrupted run");
+    let verify = p.ok(&["cache", "verify"]);
+    assert!(verify.stdout().contains("No damage found"), "{}", verify.stdout());
+}
+
+/// The cache object behind a file of the export, found through the manifest.
+fn object_of(p: &Project, export_rel: &str) -> std::path::PathBuf {
+    let manifest: serde_json::Value = serde_json::from_slice(&std::fs::read(p.path("out/.prefgen/manifest.json")).unwrap()).unwrap();
+    let digest = manifest["files"][export_rel]["digest"].as_str().unwrap().to_string();
+    p.path("cache/objects-v1").join(&digest[..2]).join(&digest)
+}
+
+fn flip_byte(path: &std::path::Path) {
+    let mut bytes = std::fs::read(path).unwrap();
+    let i = bytes.len() / 2;
+    bytes[i] ^= 0x20;
+    std::fs::write(path, bytes).unwrap();
+}
+
+#[test]
+fn a_flipped_byte_is_detected_and_rebuilt_never_served() {
+    let p = Project::new();
+    let recipe = p.write("r.toml", &simpo_recipe());
+    let r = recipe.to_str().unwrap();
+    p.ok(&["run", r]);
+    let good = p.tree("out");
+
+    // `cache verify` finds it.
+    flip_byte(&object_of(&p, "all_outputs_rm.json"));
+    let verify = p.prefgen(&["cache", "verify"]);
+    assert_eq!(verify.code(), Some(1));
+    assert!(verify.stdout().contains("damaged object"), "{}", verify.stdout());
+    assert!(p.ok(&["cache", "verify"]).stdout().contains("No damage found"));
+    p.ok(&["run", r]);
+
+    // Read as an input of a stale node: detected, rebuilt, then used.
+    flip_byte(&object_of(&p, "all_outputs_rm.json"));
+    let run = p.ok(&["run", r, "--set", "binarize.keep_ties=true"]);
+    assert!(run.stderr().contains("is damaged"), "{}", run.stderr());
+    assert!(run.built().contains(&"annotate[train]".to_string()), "{}", run.stderr());
+
+    // Read to restore a deleted export: detected, rebuilt, then copied.
+    p.ok(&["run", r]);
+    flip_byte(&object_of(&p, "all_outputs_bin.json"));
+    std::fs::remove_dir_all(p.path("out")).unwrap();
+    let run = p.ok(&["run", r]);
+    assert!(run.stderr().contains("is damaged"), "{}", run.stderr());
+    assert!(p.tree("out") == good, "the restored export differs");
+}
+
+#[test]
+fn two_processes_share_a_cache_without_building_anything_twice() {
+    let p = Project::new();
+    let recipe = synthetic(&p, 2000, &SEEDS, 800);
+    let r = recipe.to_str().unwrap();
+    let spawn = |dir: &str| {
+        let mut c = p.command(&["run", r, "--set", dir]);
+        c.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
+        c.spawn().unwrap()
+    };
+    let (a, b) = (spawn("export.dir=out-a"), spawn("export.dir=out-b"));
+    let (a, b) = (Run(a.wait_with_output().unwrap()), Run(b.wait_with_output().unwrap()));
+    assert!(a.0.status.success() && b.0.status.success(), "{}\n{}", a.stderr(), b.stderr());
+    let mut built: Vec<String> = a.built().into_iter().chain(b.built()).collect();
+    let total = built.len();
+    built.sort();
+    built.dedup();
+    assert_eq!(total, built.len(), "a node was built twice:\n{}\n{}", a.stderr(), b.stderr());
+    assert_eq!(total, 10);
+    assert!(p.tree("out-a") == p.tree("out-b"));
+    assert!(p.ok(&["cache", "verify"]).stdout().contains("No damage found"));
+}
+
+#[test]
+fn gc_removes_only_unreferenced_objects() {
+    let p = Project::new();
+    let recipe = p.write("r.toml", &simpo_recipe());
+    let r = recipe.to_str().unwrap();
+    p.ok(&["run", r]);
+    let stray = prefgen::cache::Cache::open(&p.path("cache")).unwrap().put_object(b"nobody references this").unwrap();
+    let dry = p.ok(&["cache", "gc", "--dry-run"]);
+    assert!(dry.stdout().contains("Would remove 1 unreferenced objects"), "{}", dry.stdout());
+    let gc = p.ok(&["cache", "gc"]);
+    assert!(gc.stdout().contains("Removed 1 unreferenced objects"), "{}", gc.stdout());
+    let hex = stray.to_hex();
+    assert!(!p.path("cache/objects-v1").join(&hex[..2]).join(&hex).exists());
+    assert!(p.ok(&["run", r]).built().is_empty());
+}
+
+/// Runs a failing command: one clear line on stderr, non-zero exit, cache intact.
+fn fails(p: &Project, args: &[&str], expect: &[&str]) {
+    let run = p.prefgen(args);
+    assert_ne!(run.code(), Some(0), "{args:?} should fail");
+    let err = run.stderr();
+    let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(lines.len(), 1, "{args:?}: want one error line, got:\n{err}");
+    for e in expect {
+        assert!(lines[0].contains(e), "{args:?}: {:?} lacks {e:?}", lines[0]);
+    }
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(p.ok(&["cache", "verify"]).stdout().contains("No damage found"));
+}
+
+#[test]
+fn bad_input_fails_with_one_clear_message() {
+    let p = Project::new();
+    let good = simpo_recipe();
+    let r = p.write("r.toml", &good);
+    let r = r.to_str().unwrap();
+    p.ok(&["run", r, "prompts"]);
+
+    p.write("bad.toml", "name = \"unterminated\n");
+    fails(&p, &["run", "bad.toml"], &["bad.toml:1:"]);
+    p.write("bad.toml", &good.replace("[annotate]", "[annotate]\nbatchsize = 4"));
+    fails(&p, &["run", "bad.toml"], &["bad.toml:11:", "batchsize"]);
+    fails(&p, &["run", r, "--set", "prompts.column=question"], &["prompts.jsonl", "no column \"question\""]);
+    p.write("empty.jsonl", "");
+    fails(&p, &["run", r, "--set", "prompts.dataset=empty.jsonl"], &["prompt set is empty"]);
+    fails(&p, &["run", r, "--set", "generate.import=nope/output_{seed}.json"], &["generate.import", "nope/output_13.json does not exist"]);
+    fails(&p, &["run", r, "--set", "annotate.import=nope.json"], &["annotate.import", "nope.json does not exist"]);
+    p.write("file", "");
+    fails(&p, &["run", r, "--set", "export.dir=file/out"], &["export.dir file/out", "cannot write"]);
+    fails(&p, &["run", r, "--set", "generate.top_p=0"], &["--set generate.top_p", "(0, 1]"]);
+    fails(&p, &["run", r, "filtr"], &["unknown target \"filtr\""]);
+    fails(&p, &["run", "missing.toml"], &["cannot read recipe missing.toml"]);
+
+    // Imports that do not belong to the prompt set.
+    let gens = fixtures().join("simpo/gens/output_13.json");
+    let mut rows: Vec<serde_json::Value> = serde_json::from_slice(&std::fs::read(&gens).unwrap()).unwrap();
+    rows[3]["prompt"] = "a prompt from another run".into();
+    p.write("g/output_13.json", &serde_json::to_string(&rows).unwrap());
+    for s in [21, 42, 79, 100] {
+        std::fs::copy(fixtures().join(format!("simpo/gens/output_{s}.json")), p.path(&format!("g/output_{s}.json"))).unwrap();
+    }
+    fails(&p, &["run", r, "--set", "generate.import=g/output_{seed}.json"], &["g/output_13.json: row 3", "not in the recipe's prompt set"]);
+    let mut scored: Vec<serde_json::Value> = serde_json::from_slice(&std::fs::read(fixtures().join("simpo/scores.json")).unwrap()).unwrap();
+    scored[5]["all_rm_scores"].as_array_mut().unwrap().pop();
+    p.write("s.json", &serde_json::to_string(&scored).unwrap());
+    fails(&p, &["run", r, "--set", "annotate.import=s.json"], &["s.json: row 5", "5 responses but 4 scores"]);
+    assert!(!p.path("out/all_outputs_bin.json").exists(), "nothing downstream of a failure is written");
+}
