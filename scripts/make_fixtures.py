@@ -6,6 +6,7 @@
 
 Everything is seeded, so re-running reproduces the committed files.
 """
+import hashlib
 import json
 import os
 import random
@@ -102,11 +103,23 @@ def hub_fixture():
     os.makedirs(os.path.join(repo, "refs"), exist_ok=True)
     with open(os.path.join(repo, "refs", "main"), "w") as f:
         f.write(commit)
+    # As huggingface_hub stores it: contents in blobs/, snapshot entries are
+    # relative symlinks to them.
+    blobs = os.path.join(repo, "blobs")
+    os.makedirs(blobs, exist_ok=True)
     for split, n in (("train_prefs", 12), ("test_prefs", 5)):
         prompts = [f"{split} prompt {i % (n - 2)}" for i in range(n)]  # with duplicates
         messages = [[{"content": p, "role": "user"}, {"content": "reply", "role": "assistant"}] for p in prompts]
         table = pa.table({"prompt": prompts, "messages": messages, "score": [float(i) for i in range(n)]})
-        pq.write_table(table, os.path.join(snap, f"{split}-00000-of-00001.parquet"))
+        tmp = os.path.join(blobs, "tmp")
+        pq.write_table(table, tmp)
+        with open(tmp, "rb") as f:
+            blob = hashlib.sha256(f.read()).hexdigest()
+        os.replace(tmp, os.path.join(blobs, blob))
+        link = os.path.join(snap, f"{split}-00000-of-00001.parquet")
+        if os.path.lexists(link):
+            os.remove(link)
+        os.symlink(os.path.join("..", "..", "..", "blobs", blob), link)
 
 
 if __name__ == "__main__":

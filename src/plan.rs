@@ -4,7 +4,8 @@
 //! ```text
 //! prompts[s] -> generate[s/seed=k] (one per seed) -> filter[s] -> annotate[s] -> binarize[s] -> export
 //! ```
-//! for every output split `s`; `export` gathers all splits.
+//! for every output split `s`; `export` gathers all splits, and records every
+//! node's key (so its card names them all).
 
 use crate::cache::{ActionEntry, Cache, KeyMaterial};
 use crate::recipe::{Recipe, SplitSpec};
@@ -60,6 +61,9 @@ pub struct Node {
     pub seed: Option<u64>,
     /// Indices of the nodes whose outputs this one reads (always earlier ones).
     pub deps: Vec<usize>,
+    /// Earlier nodes whose keys and counts (not outputs) this one records:
+    /// `export` lists every node so the card names every key.
+    pub key_deps: Vec<usize>,
     /// Recipe key -> value, for every key that can change the output.
     pub params: BTreeMap<String, Value>,
     /// Files outside the cache that the node reads (imports), by input name.
@@ -95,6 +99,7 @@ impl Graph {
             nodes.len() - 1
         };
         let (g, a) = (&recipe.generate, &recipe.annotate);
+        let mut export_reads = Vec::new();
         for spec in &splits {
             let split = Some(spec.name.clone());
             let out_dir = recipe.json_dir(&spec.name);
@@ -103,6 +108,7 @@ impl Graph {
                 split: split.clone(),
                 seed,
                 deps,
+                key_deps: vec![],
                 params,
                 files,
                 out_dir: out_dir.clone(),
@@ -147,22 +153,23 @@ impl Graph {
             };
             let file = PathBuf::from(pattern.replace("{split}", &spec.name));
             let an = push(node(Stage::Annotate, None, vec![p, f], BTreeMap::new(), BTreeMap::from([("import".into(), file)])));
-            push(node(
+            let b = push(node(
                 Stage::Binarize,
                 None,
                 vec![an],
                 BTreeMap::from([("binarize.keep_ties".into(), json!(recipe.binarize.keep_ties))]),
                 BTreeMap::new(),
             ));
+            export_reads.push(b);
         }
-        // Export also reads every node's key (for the card), so it depends on all.
         drop(push);
         let all: Vec<usize> = (0..nodes.len()).collect();
         nodes.push(Node {
             stage: Stage::Export,
             split: None,
             seed: None,
-            deps: all,
+            deps: export_reads,
+            key_deps: all,
             params: BTreeMap::from([
                 ("name".into(), json!(recipe.name)),
                 ("export.rows_per_file".into(), json!(recipe.export.rows_per_file)),
@@ -187,7 +194,7 @@ impl Graph {
         }
         for i in (0..self.nodes.len()).rev() {
             if wanted[i] {
-                for &d in &self.nodes[i].deps {
+                for &d in self.nodes[i].deps.iter().chain(&self.nodes[i].key_deps) {
                     wanted[d] = true;
                 }
             }
@@ -235,19 +242,24 @@ impl<'a> Walk<'a> {
         Ok(&self.resolved[split])
     }
 
+    /// The prompt source of a split that this walk has already resolved.
+    pub fn resolved(&self, split: &str) -> &prompts::Resolved {
+        &self.resolved[split]
+    }
+
     /// A node's key material, or the label of a dep whose output is unknown.
     fn material(&mut self, idx: usize) -> Result<std::result::Result<KeyMaterial, String>> {
         let node = &self.graph.nodes[idx];
         let mut inputs = BTreeMap::new();
-        let mut params = node.params.clone();
+        let params = node.params.clone();
+        for &d in &node.key_deps {
+            let dep = &self.graph.nodes[d];
+            let Some(entry) = &self.entries[d] else { return Ok(Err(dep.label())) };
+            inputs.insert(format!("key {}", dep.label()), entry.key());
+        }
         for &d in &node.deps {
             let dep = &self.graph.nodes[d];
             let Some(entry) = &self.entries[d] else { return Ok(Err(dep.label())) };
-            if node.stage == Stage::Export {
-                // The card records every node's key and parameters.
-                inputs.insert(format!("key {}", dep.label()), entry.key());
-                params.extend(entry.material.params.iter().filter(|(k, _)| *k != "generate.seed").map(|(k, v)| (k.clone(), v.clone())));
-            }
             for out in &entry.outputs {
                 inputs.insert(format!("{}:{}", dep.label(), out.path), out.digest);
             }

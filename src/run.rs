@@ -1,13 +1,25 @@
 //! Executing a plan: build the stale nodes (each under a lock on its key),
 //! then materialise the outputs under `export.dir`.
+//!
+//! Storing is write-behind: a second thread writes each node's objects
+//! (fsynced) and then its action entry, still holding the node's build lock,
+//! while this thread computes the next node from the outputs it keeps in
+//! memory. Outputs leave memory once every node that reads them is done.
 
-use crate::cache::{ActionEntry, Cache, OutputFile};
+use crate::cache::tier::{FILE_MODE, write_atomic_in};
+use crate::cache::{ActionEntry, BuildLock, Cache, OutputFile};
+use crate::digest::Digest;
 use crate::plan::{Freshness, Graph, Stage, Walk};
-use crate::stages::{StageOutput, annotate, binarize, export, filter, generate, prompts};
+use crate::formats::simpo::{self, DecodeRow, FilteredRow, ScoredRow};
+use crate::stages::{Rows, StageOutput, annotate, binarize, export, filter, generate, prompts};
+use serde::de::DeserializeOwned;
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
+use std::cell::RefCell;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::time::{Instant, SystemTime};
 
 /// A cache object that failed verification while being read; the object was
@@ -38,48 +50,134 @@ pub fn run(graph: &Graph, cache: &Cache, targets: &[String]) -> Result<Summary> 
     bail!("cache objects keep failing verification: is the disk under {} healthy?", cache.root().display())
 }
 
+/// A built node on its way into the cache.
+struct Store {
+    entry: ActionEntry,
+    files: Vec<Arc<Vec<u8>>>,
+    ref_name: String,
+    /// Released once the entry is stored, so no other process builds it meanwhile.
+    _lock: BuildLock,
+}
+
+fn store_all(cache: &Cache, queue: Receiver<Store>) -> Result<()> {
+    for s in queue {
+        for (out, bytes) in s.entry.outputs.iter().zip(&s.files) {
+            cache.store_object(&out.digest, bytes)?;
+        }
+        // The entry only after its objects: an entry never names a missing object.
+        cache.put_action(&s.entry)?;
+        cache.set_last_build(&s.ref_name, &s.entry.key())?;
+    }
+    Ok(())
+}
+
 fn run_once(graph: &Graph, cache: &Cache, selected: &[bool]) -> Result<Summary> {
+    let (queue, pending) = sync_channel::<Store>(1);
+    let (mut summary, entries, fresh_objects) = std::thread::scope(|scope| {
+        let storer = scope.spawn(|| store_all(cache, pending));
+        let built = build_all(graph, cache, selected, queue);
+        let stored = storer.join().expect("the storing thread does not panic");
+        // A build error explains a storing error (the queue closed), not vice versa.
+        let built = built?;
+        stored.map(|()| built)
+    })?;
+    summary.written = materialise(graph, cache, &entries, selected, &fresh_objects)?;
+    Ok(summary)
+}
+
+/// What `build_all` resolved: the summary, every selected node's entry, and
+/// the objects this run wrote.
+type Built = (Summary, Vec<Option<ActionEntry>>, BTreeSet<Digest>);
+
+fn build_all(graph: &Graph, cache: &Cache, selected: &[bool], queue: SyncSender<Store>) -> Result<Built> {
     let mut walk = Walk::new(graph, cache);
     let mut summary = Summary::default();
+    let mut fresh_objects = BTreeSet::new();
+    let mut memory = Outputs::new(graph, selected);
     for idx in (0..graph.nodes.len()).filter(|&i| selected[i]) {
         let label = graph.nodes[idx].label();
         let (material, reason) = match walk.freshness(idx)? {
             Freshness::Fresh(entry) => {
                 walk.entries[idx] = Some(entry);
                 summary.fresh += 1;
+                memory.done(idx);
                 continue;
             }
             Freshness::Stale(material, reason) => (material, reason),
             Freshness::Blocked(why) => unreachable!("inputs are built before {label}: {why}"),
         };
         let key = material.key();
-        let _lock = cache.lock(&key, &label)?;
+        let lock = cache.lock(&key, &label)?;
         // Another process may have built it while we waited for the lock.
         if let Some(entry) = cache.get_action(&key)?
             && cache.has_outputs(&entry)?
         {
             walk.entries[idx] = Some(entry);
             summary.fresh += 1;
+            memory.done(idx);
             continue;
         }
         eprintln!("building {label}: {reason}");
         let started = Instant::now();
-        let output = build_node(&mut walk, idx).with_context(|| format!("building {label}"))?;
+        let mut output = build_node(&walk, &memory, idx).with_context(|| format!("building {label}"))?;
         let mut outputs = Vec::with_capacity(output.files.len());
-        for (path, bytes) in &output.files {
-            let digest = cache.put_object(bytes)?;
-            outputs.push(OutputFile { path: path.clone(), digest, size: bytes.len() as u64 });
+        let mut files = Vec::with_capacity(output.files.len());
+        for (path, bytes) in std::mem::take(&mut output.files) {
+            let digest = Digest::of(&bytes);
+            fresh_objects.insert(digest);
+            outputs.push(OutputFile { path, digest, size: bytes.len() as u64 });
+            files.push(Arc::new(bytes));
         }
         let entry = ActionEntry { material, node: label.clone(), outputs, stats: output.stats };
-        cache.put_action(&entry)?;
-        cache.set_last_build(&graph.ref_name(idx), &key)?;
         eprintln!("built {label} in {:.2}s{}", started.elapsed().as_secs_f64(), describe_stats(&entry));
-        walk.entries[idx] = Some(entry);
+        memory.keep(idx, output.rows, &label);
+        walk.entries[idx] = Some(entry.clone());
+        memory.done(idx);
         summary.built.push(label);
+        let store = Store { entry, files, ref_name: graph.ref_name(idx), _lock: lock };
+        if queue.send(store).is_err() {
+            break; // the storing thread failed; its error is reported
+        }
     }
-    let full = selected.iter().all(|s| *s);
-    summary.written = materialise(graph, cache, &walk.entries, selected, full)?;
-    Ok(summary)
+    Ok((summary, walk.entries, fresh_objects))
+}
+
+/// Rows built in this run, kept in memory while a selected node still has
+/// to read them (the storing thread holds the bytes meanwhile).
+struct Outputs {
+    rows: RefCell<HashMap<usize, Rows>>,
+    /// For each node, how many selected nodes that read it are still to come.
+    readers_left: Vec<usize>,
+    deps: Vec<Vec<usize>>,
+}
+
+impl Outputs {
+    fn new(graph: &Graph, selected: &[bool]) -> Outputs {
+        let mut readers_left = vec![0; graph.nodes.len()];
+        for (_, n) in graph.nodes.iter().enumerate().filter(|(i, _)| selected[*i]) {
+            for &d in &n.deps {
+                readers_left[d] += 1;
+            }
+        }
+        Outputs { rows: RefCell::default(), readers_left, deps: graph.nodes.iter().map(|n| n.deps.clone()).collect() }
+    }
+
+    fn keep(&mut self, idx: usize, rows: Option<Rows>, label: &str) {
+        if self.readers_left[idx] > 0 {
+            let rows = rows.unwrap_or_else(|| panic!("{label} has readers, so its stage must hand over its rows"));
+            self.rows.borrow_mut().insert(idx, rows);
+        }
+    }
+
+    /// Node `idx` is resolved: its inputs have one reader fewer.
+    fn done(&mut self, idx: usize) {
+        for &d in &self.deps[idx] {
+            self.readers_left[d] -= 1;
+            if self.readers_left[d] == 0 {
+                self.rows.borrow_mut().remove(&d);
+            }
+        }
+    }
 }
 
 fn describe_stats(entry: &ActionEntry) -> String {
@@ -90,68 +188,72 @@ fn describe_stats(entry: &ActionEntry) -> String {
     format!(" ({})", parts.join(", "))
 }
 
-/// The bytes of output `path` of node `dep`, verified.
-fn read_output(walk: &Walk, dep: usize, path: &str) -> Result<Vec<u8>> {
+/// The rows of output `path` of node `dep`: handed over in memory when this
+/// run built it, else parsed from the cache object, verified.
+fn read_rows<T: DeserializeOwned + Send + Sync + 'static>(walk: &Walk, memory: &Outputs, dep: usize, path: &str) -> Result<Arc<Vec<T>>> {
     let entry = walk.entries[dep].as_ref().expect("deps are resolved before their users");
+    if let Some(rows) = memory.rows.borrow().get(&dep) {
+        return rows.clone().downcast::<Vec<T>>().map_err(|_| anyhow::anyhow!("{}: rows of an unexpected type", entry.node));
+    }
     let out = entry.output(path).with_context(|| format!("{} has no output {path}", entry.node))?;
-    walk.cache.get_object(&out.digest)?.ok_or_else(|| Damaged(out.digest.short(), entry.node.clone()).into())
+    match walk.cache.get_object(&out.digest)? {
+        Some(bytes) => Ok(Arc::new(simpo::parse_rows(&bytes, &format!("{path} of {}", entry.node))?)),
+        None => Err(Damaged(out.digest.short(), entry.node.clone()).into()),
+    }
 }
 
-fn build_node(walk: &mut Walk, idx: usize) -> Result<StageOutput> {
+fn build_node(walk: &Walk, memory: &Outputs, idx: usize) -> Result<StageOutput> {
     let graph = walk.graph;
     let node = &graph.nodes[idx];
     let recipe = &graph.recipe;
     match node.stage {
         Stage::Prompts => {
             let split = node.split.as_deref().expect("prompts nodes have a split");
-            let source = walk.source(split)?;
+            let source = walk.resolved(split);
             eprintln!("reading prompts for {split} from {}", source.describe);
-            let files = source.files.clone();
-            prompts::build(&files, &recipe.prompts.column, recipe.prompts.limit)
+            prompts::build(&source.files, &recipe.prompts.column, recipe.prompts.limit)
         }
         Stage::Generate => {
-            let list = prompts::parse(&read_output(walk, node.deps[0], prompts::FILE)?)?;
+            let list: Arc<Vec<String>> = read_rows(walk, memory, node.deps[0], prompts::FILE)?;
             let seed = node.seed.expect("generate nodes have a seed");
             generate::import(&list, &node.files["import"], seed)
         }
         Stage::Filter => {
-            let mut per_seed = Vec::with_capacity(node.deps.len());
+            let mut per_seed: Vec<Arc<Vec<DecodeRow>>> = Vec::with_capacity(node.deps.len());
             for &d in &node.deps {
                 let seed = graph.nodes[d].seed.expect("filter reads generate nodes");
-                per_seed.push(generate::parse(&read_output(walk, d, &generate::file_name(seed))?)?);
+                per_seed.push(read_rows(walk, memory, d, &generate::file_name(seed))?);
             }
-            filter::build(&per_seed, recipe.filter.drop_identical)
+            let slices: Vec<&[DecodeRow]> = per_seed.iter().map(|r| r.as_slice()).collect();
+            filter::build(&slices, recipe.filter.drop_identical)
         }
         Stage::Annotate => {
-            let set = prompts::parse(&read_output(walk, node.deps[0], prompts::FILE)?)?;
-            let rows = filter::parse(&read_output(walk, node.deps[1], filter::FILE)?)?;
+            let set: Arc<Vec<String>> = read_rows(walk, memory, node.deps[0], prompts::FILE)?;
+            let rows: Arc<Vec<FilteredRow>> = read_rows(walk, memory, node.deps[1], filter::FILE)?;
             annotate::import(&set, &rows, &node.files["import"])
         }
         Stage::Binarize => {
-            let rows = annotate::parse(&read_output(walk, node.deps[0], annotate::FILE)?)?;
-            binarize::build(rows, recipe.binarize.keep_ties)
+            let rows: Arc<Vec<ScoredRow>> = read_rows(walk, memory, node.deps[0], annotate::FILE)?;
+            binarize::build(&rows, recipe.binarize.keep_ties)
         }
         Stage::Export => {
-            let mut splits = Vec::new();
+            let entry = |d: usize| walk.entries[d].as_ref().expect("deps are resolved before their users");
             let mut keys = Vec::new();
             let mut params = BTreeMap::new();
-            for &d in &node.deps {
-                let dep = &graph.nodes[d];
-                let entry = walk.entries[d].as_ref().expect("deps are resolved before their users");
-                keys.push((dep.label(), entry.key().to_hex()));
-                params.extend(entry.material.params.iter().map(|(k, v)| (k.clone(), v.clone())));
+            for &d in &node.key_deps {
+                keys.push((graph.nodes[d].label(), entry(d).key().to_hex()));
+                params.extend(entry(d).material.params.clone());
             }
             params.remove("generate.seed");
             params.extend(node.params.clone());
-            for spec in &graph.splits {
-                let find = |stage: Stage| {
-                    node.deps.iter().copied().find(|&d| graph.nodes[d].stage == stage && graph.nodes[d].split.as_deref() == Some(&spec.name))
-                        .expect("export depends on every split's nodes")
-                };
-                let (f, b) = (find(Stage::Filter), find(Stage::Binarize));
-                let mut counts = walk.entries[f].as_ref().expect("resolved").stats.clone();
-                counts.extend(walk.entries[b].as_ref().expect("resolved").stats.clone());
-                let rows = binarize::parse(&read_output(walk, b, binarize::FILE)?)?;
+            let mut splits = Vec::new();
+            for (spec, &b) in graph.splits.iter().zip(&node.deps) {
+                let filter = node.key_deps.iter().copied().find(|&d| {
+                    graph.nodes[d].stage == Stage::Filter && graph.nodes[d].split.as_deref() == Some(&spec.name)
+                });
+                let mut counts = filter.map(|f| entry(f).stats.clone()).unwrap_or_default();
+                counts.extend(entry(b).stats.clone());
+                let rows = read_rows(walk, memory, b, binarize::FILE)?;
                 splits.push(export::SplitRows { name: spec.name.clone(), rows, counts });
             }
             export::build(&recipe.name, &splits, recipe.export.rows_per_file, params, keys)
@@ -168,25 +270,35 @@ struct Manifest {
 
 #[derive(Clone, PartialEq, Serialize, Deserialize)]
 struct Written {
-    digest: crate::digest::Digest,
+    digest: Digest,
     size: u64,
     mtime_ns: u128,
+    /// A hard link to the cache object (else a copy).
+    linked: bool,
 }
 
 const MANIFEST: &str = ".prefgen/manifest.json";
 
-fn mtime_ns(path: &Path) -> Option<(u64, u128)> {
+fn size_mtime(path: &Path) -> Option<(u64, u128)> {
     let meta = std::fs::metadata(path).ok()?;
     let t = meta.modified().ok()?.duration_since(SystemTime::UNIX_EPOCH).ok()?;
     Some((meta.len(), t.as_nanos()))
 }
 
-/// Copies the selected nodes' outputs from the cache into `export.dir`.
-/// Each file is written atomically; the manifest is written last.
-fn materialise(graph: &Graph, cache: &Cache, entries: &[Option<ActionEntry>], selected: &[bool], full: bool) -> Result<usize> {
+/// Places the selected nodes' outputs under `export.dir`, from the cache.
+/// Each file appears atomically; the manifest is written last. Objects in
+/// `fresh_objects` were written by this run and need no re-verification.
+fn materialise(
+    graph: &Graph,
+    cache: &Cache,
+    entries: &[Option<ActionEntry>],
+    selected: &[bool],
+    fresh_objects: &BTreeSet<Digest>,
+) -> Result<usize> {
     let dir = PathBuf::from(&graph.recipe.export.dir);
-    let unwritable = |e: std::io::Error| anyhow::anyhow!("export.dir {}: cannot write there: {e}", dir.display());
-    std::fs::create_dir_all(dir.join(".prefgen")).map_err(unwritable)?;
+    let tmp = dir.join(".prefgen/tmp");
+    let unwritable = |e: &dyn std::fmt::Display| anyhow::anyhow!("export.dir {}: cannot write there: {e}", dir.display());
+    std::fs::create_dir_all(dir.join(".prefgen")).map_err(|e| unwritable(&e))?;
     let old: Manifest = std::fs::read(dir.join(MANIFEST))
         .ok()
         .and_then(|b| serde_json::from_slice(&b).ok())
@@ -202,23 +314,29 @@ fn materialise(graph: &Graph, cache: &Cache, entries: &[Option<ActionEntry>], se
             let rel = node.out_dir.join(&out.path).to_string_lossy().replace('\\', "/");
             let dest = dir.join(&rel);
             let unchanged = old.files.get(&rel).is_some_and(|w| {
-                w.digest == out.digest && mtime_ns(&dest) == Some((w.size, w.mtime_ns))
+                w.digest == out.digest
+                    && size_mtime(&dest) == Some((w.size, w.mtime_ns))
+                    && (!w.linked || cache.is_link_to(&dest, &out.digest))
             });
-            if !unchanged {
-                let bytes = cache.get_object(&out.digest)?.ok_or_else(|| Damaged(out.digest.short(), entry.node.clone()))?;
-                std::fs::create_dir_all(dest.parent().expect("files are inside export.dir")).map_err(unwritable)?;
-                crate::cache::tier::write_atomic_in(&dir.join(".prefgen/tmp"), &dest, &bytes).map_err(unwritable)?;
+            let linked = if unchanged {
+                old.files[&rel].linked
+            } else {
+                std::fs::create_dir_all(dest.parent().expect("files are inside export.dir")).map_err(|e| unwritable(&e))?;
+                let placed = cache
+                    .materialise(&out.digest, &dest, &tmp, fresh_objects.contains(&out.digest))
+                    .map_err(|e| unwritable(&e))?;
                 written += 1;
-            }
-            let (size, mtime) = mtime_ns(&dest).with_context(|| format!("{} vanished after writing", dest.display()))?;
-            new.files.insert(rel, Written { digest: out.digest, size, mtime_ns: mtime });
+                placed.ok_or_else(|| Damaged(out.digest.short(), entry.node.clone()))?
+            };
+            let (size, mtime_ns) = size_mtime(&dest).with_context(|| format!("{} vanished after writing", dest.display()))?;
+            new.files.insert(rel, Written { digest: out.digest, size, mtime_ns, linked });
         }
     }
-    if full {
+    if selected.iter().all(|s| *s) {
         for (rel, w) in &old.files {
             let path = dir.join(rel);
             // Remove only what prefgen wrote and nobody changed since.
-            if !new.files.contains_key(rel) && mtime_ns(&path) == Some((w.size, w.mtime_ns)) {
+            if !new.files.contains_key(rel) && size_mtime(&path) == Some((w.size, w.mtime_ns)) {
                 let _ = std::fs::remove_file(path);
                 written += 1;
             }
@@ -230,7 +348,7 @@ fn materialise(graph: &Graph, cache: &Cache, entries: &[Option<ActionEntry>], se
     }
     let bytes = serde_json::to_vec_pretty(&new)?;
     if std::fs::read(dir.join(MANIFEST)).ok().as_deref() != Some(bytes.as_slice()) {
-        crate::cache::tier::write_atomic_in(&dir.join(".prefgen/tmp"), &dir.join(MANIFEST), &bytes).map_err(unwritable)?;
+        write_atomic_in(&tmp, &dir.join(MANIFEST), &bytes, FILE_MODE).map_err(|e| unwritable(&e))?;
     }
     Ok(written)
 }

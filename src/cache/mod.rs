@@ -26,7 +26,7 @@ use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
-use tier::{Bucket, FolderTier, Tier, write_atomic_in};
+use tier::{Bucket, FILE_MODE, FolderTier, Tier, write_atomic_in};
 
 /// The cache root when neither `--cache` nor `PREFGEN_CACHE` names one.
 pub const DEFAULT_ROOT: &str = "cache";
@@ -49,7 +49,7 @@ impl Cache {
         let tag: &[u8] = b"Signature: 8a477f597d28d172789f06886806bc55\n# prefgen cache: content-addressed, safe to delete.\n";
         for (name, body) in [("CACHEDIR.TAG", tag), (".gitignore", b"*\n")] {
             if !root.join(name).exists() {
-                write_atomic_in(&root.join("tmp"), &root.join(name), body).with_context(ctx)?;
+                write_atomic_in(&root.join("tmp"), &root.join(name), body, FILE_MODE).with_context(ctx)?;
             }
         }
         Ok(Cache { root: root.to_path_buf(), local: FolderTier::new(root) })
@@ -62,12 +62,18 @@ impl Cache {
     /// Stores an artifact and returns its digest (a no-op when already present).
     pub fn put_object(&self, bytes: &[u8]) -> Result<Digest> {
         let digest = Digest::of(bytes);
-        if self.local.size(Bucket::Objects, &digest)? != Some(bytes.len() as u64) {
+        self.store_object(&digest, bytes)?;
+        Ok(digest)
+    }
+
+    /// Stores an artifact whose digest the caller has computed from `bytes`.
+    pub fn store_object(&self, digest: &Digest, bytes: &[u8]) -> Result<()> {
+        if self.local.size(Bucket::Objects, digest)? != Some(bytes.len() as u64) {
             self.local
-                .put(Bucket::Objects, &digest, bytes)
+                .put(Bucket::Objects, digest, bytes)
                 .with_context(|| format!("cannot write to the cache at {}", self.local.describe()))?;
         }
-        Ok(digest)
+        Ok(())
     }
 
     /// An artifact's bytes, verified against its digest. A damaged object is
@@ -82,6 +88,37 @@ impl Cache {
             return Ok(None);
         }
         Ok(Some(bytes))
+    }
+
+    /// Places a verified object at `dest` (atomically): a hard link to the
+    /// read-only object when the file system allows (true), otherwise a copy
+    /// (false). `trusted` skips re-verifying an object this process has just
+    /// written. A damaged object is removed and reported as `None`.
+    pub fn materialise(&self, digest: &Digest, dest: &Path, tmp_dir: &Path, trusted: bool) -> Result<Option<bool>> {
+        if !trusted && self.get_object(digest)?.is_none() {
+            return Ok(None);
+        }
+        std::fs::create_dir_all(tmp_dir)?;
+        let tmp = tmp_dir.join(format!("link-{}-{}", std::process::id(), digest.to_hex()));
+        let _ = std::fs::remove_file(&tmp);
+        if std::fs::hard_link(self.local.blob_path(Bucket::Objects, digest), &tmp).is_ok() {
+            std::fs::rename(&tmp, dest)?;
+            return Ok(Some(true));
+        }
+        // Another file system (EXDEV), or no link support: copy.
+        let Some(bytes) = self.get_object(digest)? else { return Ok(None) };
+        write_atomic_in(tmp_dir, dest, &bytes, FILE_MODE)?;
+        Ok(Some(false))
+    }
+
+    /// Whether `path` is a hard link to the object `digest`.
+    pub fn is_link_to(&self, path: &Path, digest: &Digest) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        let object = self.local.blob_path(Bucket::Objects, digest);
+        match (std::fs::metadata(path), std::fs::metadata(object)) {
+            (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+            _ => false,
+        }
     }
 
     /// Whether every output of an entry is present with its recorded size
@@ -134,7 +171,7 @@ impl Cache {
     pub fn set_last_build(&self, node: &str, key: &Digest) -> Result<()> {
         let path = self.ref_path(node);
         std::fs::create_dir_all(path.parent().expect("ref paths have a parent"))?;
-        write_atomic_in(&self.root.join("tmp"), &path, key.to_hex().as_bytes())?;
+        write_atomic_in(&self.root.join("tmp"), &path, key.to_hex().as_bytes(), FILE_MODE)?;
         Ok(())
     }
 
@@ -194,7 +231,7 @@ impl Cache {
         if settled {
             std::fs::create_dir_all(memo.parent().expect("memo paths have a parent"))?;
             let stat = Stat { path: abs, size: meta.len(), mtime_ns, digest };
-            write_atomic_in(&self.root.join("tmp"), &memo, &serde_json::to_vec(&stat)?)?;
+            write_atomic_in(&self.root.join("tmp"), &memo, &serde_json::to_vec(&stat)?, FILE_MODE)?;
         }
         Ok(digest)
     }

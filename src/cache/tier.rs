@@ -59,6 +59,11 @@ impl FolderTier {
         self.root.join(bucket.dir_name()).join(&hex[..2]).join(&hex)
     }
 
+    /// Where a blob lives on disk.
+    pub fn blob_path(&self, bucket: Bucket, name: &Digest) -> PathBuf {
+        self.path(bucket, name)
+    }
+
     fn tmp_dir(&self) -> PathBuf {
         self.root.join("tmp")
     }
@@ -88,7 +93,8 @@ impl Tier for FolderTier {
     fn put(&self, bucket: Bucket, name: &Digest, bytes: &[u8]) -> io::Result<()> {
         let dest = self.path(bucket, name);
         std::fs::create_dir_all(dest.parent().expect("blob paths have a parent"))?;
-        write_atomic_in(&self.tmp_dir(), &dest, bytes)
+        let mode = if bucket == Bucket::Objects { OBJECT_MODE } else { FILE_MODE };
+        write_atomic_in(&self.tmp_dir(), &dest, bytes, mode)
     }
 
     fn remove(&self, bucket: Bucket, name: &Digest) -> io::Result<()> {
@@ -126,12 +132,21 @@ impl Tier for FolderTier {
 
 /// Writes `bytes` to `dest` through a temporary file in `tmp_dir` (same file
 /// system), fsynced before the rename, so a crash leaves the old file or the
-/// new one, never a torn one.
-pub fn write_atomic_in(tmp_dir: &Path, dest: &Path, bytes: &[u8]) -> io::Result<()> {
+/// new one, never a torn one. `mode` is applied through the umask.
+pub fn write_atomic_in(tmp_dir: &Path, dest: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
     std::fs::create_dir_all(tmp_dir)?;
-    let mut tmp = tempfile::NamedTempFile::new_in(tmp_dir)?;
+    let mut tmp = tempfile::Builder::new()
+        .permissions(std::fs::Permissions::from_mode(mode))
+        .tempfile_in(tmp_dir)?;
     tmp.write_all(bytes)?;
     tmp.as_file().sync_all()?;
     tmp.persist(dest).map_err(|e| e.error)?;
     Ok(())
 }
+
+/// Mode of cache objects: read-only, because exports are hard links to them
+/// and an edit through a link must not silently change an artifact.
+pub const OBJECT_MODE: u32 = 0o444;
+/// Mode of every other file prefgen writes (before the umask).
+pub const FILE_MODE: u32 = 0o666;

@@ -14,6 +14,10 @@ use sha2::{Digest as _, Sha256};
 use std::collections::HashMap;
 use std::sync::Arc;
 
+/// Rows per Arrow record batch (and parquet row group): `datasets`' own
+/// writer batch size, and small enough that no batch holds a whole split.
+pub const BATCH_ROWS: usize = 1000;
+
 /// `prompt_id` as the published datasets compute it: hex SHA-256 of the prompt.
 pub fn prompt_id(prompt: &str) -> String {
     Sha256::digest(prompt.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()

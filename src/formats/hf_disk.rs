@@ -21,7 +21,9 @@ pub fn write(splits: &[(&str, &[BinarizedRow])], rows_per_file: usize) -> Result
         for (i, chunk) in chunks.into_iter().enumerate() {
             let mut bytes = Vec::new();
             let mut writer = StreamWriter::try_new(&mut bytes, &features::schema())?;
-            writer.write(&features::record_batch(chunk))?;
+            for batch in chunk.chunks(features::BATCH_ROWS) {
+                writer.write(&features::record_batch(batch))?;
+            }
             writer.finish()?;
             drop(writer);
             hasher.update(&bytes);

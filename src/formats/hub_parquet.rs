@@ -22,12 +22,14 @@ pub fn write_split(split: &str, rows: &[BinarizedRow], rows_per_file: usize) -> 
         // Snappy as pyarrow's default; row groups small enough for the hub's viewer.
         let props = WriterProperties::builder()
             .set_compression(Compression::SNAPPY)
-            .set_max_row_group_size(1000)
+            .set_max_row_group_size(features::BATCH_ROWS)
             .set_key_value_metadata(Some(vec![KeyValue::new("huggingface".into(), features::huggingface_metadata())]))
             .build();
         let mut bytes = Vec::new();
         let mut writer = ArrowWriter::try_new(&mut bytes, features::schema(), Some(props))?;
-        writer.write(&features::record_batch(chunk))?;
+        for batch in chunk.chunks(features::BATCH_ROWS) {
+            writer.write(&features::record_batch(batch))?;
+        }
         writer.close()?;
         out.push((shard_name("data/", split, i, n, "parquet"), bytes));
     }

@@ -7,14 +7,49 @@
 //! written as `repr(float)` (`1.0`, `1e-05`, `1e+16`, `NaN`).
 
 use serde::Serialize;
-use serde_json::ser::{CharEscape, Formatter, PrettyFormatter};
+use serde_json::ser::{CharEscape, Formatter};
 use std::io::{self, Write};
 
-/// Serialises `value` as `json.dump(value, f, indent=4)` would.
-pub fn to_vec<T: Serialize + ?Sized>(value: &T) -> serde_json::Result<Vec<u8>> {
-    let mut out = Vec::with_capacity(1 << 16);
-    let mut ser = serde_json::Serializer::with_formatter(&mut out, PythonFormatter::default());
-    value.serialize(&mut ser)?;
+/// Serialises a list of rows as `json.dump(rows, f, indent=4)` would. Rows
+/// are formatted in parallel chunks (each at indent depth 1) and joined with
+/// Python's separators; `size_hint` (about the output's size) saves regrowing
+/// a buffer of hundreds of MB.
+pub fn to_vec<T: Serialize + Sync>(rows: &[T], size_hint: usize) -> serde_json::Result<Vec<u8>> {
+    if rows.is_empty() {
+        return Ok(b"[]".to_vec());
+    }
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(rows.len());
+    let per = rows.len().div_ceil(threads);
+    let parts: Vec<serde_json::Result<Vec<u8>>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = rows
+            .chunks(per)
+            .map(|chunk| scope.spawn(move || rows_at_depth_one(chunk, size_hint / threads)))
+            .collect();
+        handles.into_iter().map(|h| h.join().expect("serialising does not panic")).collect()
+    });
+    let mut out = Vec::with_capacity(size_hint + 16);
+    out.push(b'[');
+    for (i, part) in parts.into_iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(&part?);
+    }
+    out.extend_from_slice(b"\n]");
+    Ok(out)
+}
+
+/// `\n    row,\n    row` for rows of a top-level list.
+fn rows_at_depth_one<T: Serialize>(rows: &[T], size_hint: usize) -> serde_json::Result<Vec<u8>> {
+    let mut out = Vec::with_capacity(size_hint.max(1 << 16));
+    for (i, row) in rows.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(b"\n    ");
+        let mut ser = serde_json::Serializer::with_formatter(&mut out, PythonFormatter { depth: 1, has_value: false });
+        row.serialize(&mut ser)?;
+    }
     Ok(out)
 }
 
@@ -62,13 +97,42 @@ pub fn float_repr(x: f64) -> String {
     s
 }
 
+/// `indent=4` with separators (',', ': '), `[]`/`{}` for empty containers,
+/// `ensure_ascii` strings and Python float reprs.
 struct PythonFormatter {
-    pretty: PrettyFormatter<'static>,
+    depth: usize,
+    has_value: bool,
 }
 
-impl Default for PythonFormatter {
-    fn default() -> Self {
-        PythonFormatter { pretty: PrettyFormatter::with_indent(b"    ") }
+impl PythonFormatter {
+    fn newline<W: ?Sized + Write>(&self, w: &mut W) -> io::Result<()> {
+        w.write_all(b"\n")?;
+        for _ in 0..self.depth {
+            w.write_all(b"    ")?;
+        }
+        Ok(())
+    }
+
+    fn open<W: ?Sized + Write>(&mut self, w: &mut W, bracket: &[u8]) -> io::Result<()> {
+        self.depth += 1;
+        self.has_value = false;
+        w.write_all(bracket)
+    }
+
+    fn close<W: ?Sized + Write>(&mut self, w: &mut W, bracket: &[u8]) -> io::Result<()> {
+        self.depth -= 1;
+        if self.has_value {
+            self.newline(w)?;
+        }
+        self.has_value = true;
+        w.write_all(bracket)
+    }
+
+    fn item<W: ?Sized + Write>(&mut self, w: &mut W, first: bool) -> io::Result<()> {
+        if !first {
+            w.write_all(b",")?;
+        }
+        self.newline(w)
     }
 }
 
@@ -82,19 +146,24 @@ impl Formatter for PythonFormatter {
     fn write_string_fragment<W: ?Sized + Write>(&mut self, w: &mut W, fragment: &str) -> io::Result<()> {
         // serde_json has already escaped quotes, backslashes and C0 controls;
         // what is left to escape for `ensure_ascii` is DEL and non-ASCII.
-        let mut start = 0;
-        for (i, c) in fragment.char_indices() {
-            if (' '..='~').contains(&c) {
+        // Scanning bytes keeps the common all-ASCII case a single copy.
+        let bytes = fragment.as_bytes();
+        let (mut start, mut i) = (0, 0);
+        while i < bytes.len() {
+            if bytes[i].wrapping_sub(b' ') < 0x5f {
+                i += 1;
                 continue;
             }
-            w.write_all(&fragment.as_bytes()[start..i])?;
+            w.write_all(&bytes[start..i])?;
+            let c = fragment[i..].chars().next().expect("i is at a char boundary");
             let mut units = [0u16; 2];
             for unit in c.encode_utf16(&mut units) {
                 write!(w, "\\u{unit:04x}")?;
             }
-            start = i + c.len_utf8();
+            i += c.len_utf8();
+            start = i;
         }
-        w.write_all(&fragment.as_bytes()[start..])
+        w.write_all(&bytes[start..])
     }
     fn write_char_escape<W: ?Sized + Write>(&mut self, w: &mut W, escape: CharEscape) -> io::Result<()> {
         // Python never escapes '/', and serde_json never asks it to; the rest agree.
@@ -103,35 +172,34 @@ impl Formatter for PythonFormatter {
             other => serde_json::ser::CompactFormatter.write_char_escape(w, other),
         }
     }
-
-    // Layout: delegate to serde_json's pretty printer, which matches Python's
-    // indent=4 with separators (',', ': ') and `[]`/`{}` for empty containers.
     fn begin_array<W: ?Sized + Write>(&mut self, w: &mut W) -> io::Result<()> {
-        self.pretty.begin_array(w)
+        self.open(w, b"[")
     }
     fn end_array<W: ?Sized + Write>(&mut self, w: &mut W) -> io::Result<()> {
-        self.pretty.end_array(w)
+        self.close(w, b"]")
     }
     fn begin_array_value<W: ?Sized + Write>(&mut self, w: &mut W, first: bool) -> io::Result<()> {
-        self.pretty.begin_array_value(w, first)
+        self.item(w, first)
     }
-    fn end_array_value<W: ?Sized + Write>(&mut self, w: &mut W) -> io::Result<()> {
-        self.pretty.end_array_value(w)
+    fn end_array_value<W: ?Sized + Write>(&mut self, _w: &mut W) -> io::Result<()> {
+        self.has_value = true;
+        Ok(())
     }
     fn begin_object<W: ?Sized + Write>(&mut self, w: &mut W) -> io::Result<()> {
-        self.pretty.begin_object(w)
+        self.open(w, b"{")
     }
     fn end_object<W: ?Sized + Write>(&mut self, w: &mut W) -> io::Result<()> {
-        self.pretty.end_object(w)
+        self.close(w, b"}")
     }
     fn begin_object_key<W: ?Sized + Write>(&mut self, w: &mut W, first: bool) -> io::Result<()> {
-        self.pretty.begin_object_key(w, first)
+        self.item(w, first)
     }
     fn begin_object_value<W: ?Sized + Write>(&mut self, w: &mut W) -> io::Result<()> {
-        self.pretty.begin_object_value(w)
+        w.write_all(b": ")
     }
-    fn end_object_value<W: ?Sized + Write>(&mut self, w: &mut W) -> io::Result<()> {
-        self.pretty.end_object_value(w)
+    fn end_object_value<W: ?Sized + Write>(&mut self, _w: &mut W) -> io::Result<()> {
+        self.has_value = true;
+        Ok(())
     }
 }
 
@@ -165,9 +233,19 @@ mod tests {
 
     #[test]
     fn strings_and_layout_match_json_dump() {
-        let v = serde_json::json!([{"a": "é😀\u{7f}\"\\\n\u{1}/", "b": [], "c": [1.0, 2]}]);
-        let got = String::from_utf8(to_vec(&v).unwrap()).unwrap();
-        let want = "[\n    {\n        \"a\": \"\\u00e9\\ud83d\\ude00\\u007f\\\"\\\\\\n\\u0001/\",\n        \"b\": [],\n        \"c\": [\n            1.0,\n            2\n        ]\n    }\n]";
+        let v = [serde_json::json!({"a": "é😀\u{7f}\"\\\n\u{1}/", "b": [], "c": [1.0, 2], "d": {}})];
+        let got = String::from_utf8(to_vec(&v, 0).unwrap()).unwrap();
+        let want = "[\n    {\n        \"a\": \"\\u00e9\\ud83d\\ude00\\u007f\\\"\\\\\\n\\u0001/\",\n        \"b\": [],\n        \"c\": [\n            1.0,\n            2\n        ],\n        \"d\": {}\n    }\n]";
         assert_eq!(got, want);
+    }
+
+    #[test]
+    fn parallel_chunks_join_like_one_list() {
+        // json.dumps([[1], [], [2, 3], ...], indent=4), whatever the chunking.
+        let rows: Vec<Vec<u32>> = (0..7).map(|i| (0..i % 3).collect()).collect();
+        let got = String::from_utf8(to_vec(&rows, 0).unwrap()).unwrap();
+        let want = "[\n    [],\n    [\n        0\n    ],\n    [\n        0,\n        1\n    ],\n    [],\n    [\n        0\n    ],\n    [\n        0,\n        1\n    ],\n    []\n]";
+        assert_eq!(got, want);
+        assert_eq!(to_vec::<u8>(&[], 0).unwrap(), b"[]");
     }
 }

@@ -4,7 +4,7 @@
 
 use super::StageOutput;
 use super::generate::preview;
-use crate::formats::{pyjson, simpo::{self, FilteredRow, ScoredRow}};
+use crate::formats::simpo::{self, FilteredRow, ScoredRow};
 use anyhow::{Result, bail};
 use std::collections::HashMap;
 use std::path::Path;
@@ -49,9 +49,6 @@ pub fn import(prompt_set: &[String], rows: &[FilteredRow], path: &Path) -> Resul
             all_rm_scores: scored.all_rm_scores.clone(),
         });
     }
-    Ok(StageOutput::file(FILE, pyjson::to_vec(&out)?).stat("rows", out.len()).stat("import_rows_unused", by_prompt.len()))
-}
-
-pub fn parse(bytes: &[u8]) -> Result<Vec<ScoredRow>> {
-    simpo::parse_rows(bytes, "an annotate artifact")
+    let (n, unused) = (out.len(), by_prompt.len());
+    Ok(StageOutput::rows(FILE, out)?.stat("rows", n).stat("import_rows_unused", unused))
 }

@@ -2,7 +2,7 @@
 //! worst (numpy's `argmax`/`argmin`, NaN winning both as in numpy).
 
 use super::StageOutput;
-use crate::formats::{pyjson, simpo::{BinarizedRow, Message, ScoredRow}};
+use crate::formats::simpo::{BinarizedRow, Message, ScoredRow};
 use anyhow::Result;
 
 pub const VERSION: u32 = 1;
@@ -30,7 +30,7 @@ fn pair(prompt: &str, response: &str) -> Vec<Message> {
     ]
 }
 
-pub fn build(rows: Vec<ScoredRow>, keep_ties: bool) -> Result<StageOutput> {
+pub fn build(rows: &[ScoredRow], keep_ties: bool) -> Result<StageOutput> {
     let rows_in = rows.len();
     let mut ties = 0usize;
     let mut out = Vec::with_capacity(rows.len());
@@ -48,23 +48,19 @@ pub fn build(rows: Vec<ScoredRow>, keep_ties: bool) -> Result<StageOutput> {
         let chosen = pair(&row.prompt, &row.all_generated_responses[arg_extreme(s, |a, b| a > b)]);
         let rejected = pair(&row.prompt, &row.all_generated_responses[arg_extreme(s, |a, b| a < b)]);
         out.push(BinarizedRow {
-            prompt: row.prompt,
-            all_generated_responses: row.all_generated_responses,
-            all_rm_scores: row.all_rm_scores,
+            prompt: row.prompt.clone(),
+            all_generated_responses: row.all_generated_responses.clone(),
+            all_rm_scores: row.all_rm_scores.clone(),
             chosen,
             rejected,
         });
     }
     let kept = out.len();
-    Ok(StageOutput::file(FILE, pyjson::to_vec(&out)?)
+    Ok(StageOutput::rows(FILE, out)?
         .stat("rows_in", rows_in)
         .stat("ties", ties)
         .stat("dropped_ties", if keep_ties { 0 } else { ties })
         .stat("rows", kept))
-}
-
-pub fn parse(bytes: &[u8]) -> Result<Vec<BinarizedRow>> {
-    crate::formats::simpo::parse_rows(bytes, "a binarize artifact")
 }
 
 #[cfg(test)]
@@ -88,11 +84,12 @@ mod tests {
             all_rm_scores: scores,
         };
         let rows = vec![row(vec![1.0, 1.0]), row(vec![0.5, 2.0])];
-        let dropped = build(rows.clone(), false).unwrap();
-        let kept = parse(&dropped.files[0].1).unwrap();
+        let parse = |out: &StageOutput| crate::formats::simpo::parse_rows::<BinarizedRow>(&out.files[0].1, "binarize").unwrap();
+        let dropped = build(&rows, false).unwrap();
+        let kept = parse(&dropped);
         assert_eq!((kept.len(), &dropped.stats["ties"]), (1, &serde_json::json!(1)));
         assert_eq!(kept[0].chosen[1].content, "b");
         assert_eq!(kept[0].rejected[1].content, "a");
-        assert_eq!(parse(&build(rows, true).unwrap().files[0].1).unwrap().len(), 2);
+        assert_eq!(parse(&build(&rows, true).unwrap()).len(), 2);
     }
 }

@@ -8,13 +8,14 @@ use crate::formats::{hf_disk, hub_parquet};
 use anyhow::Result;
 use serde_json::Value;
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 pub const VERSION: u32 = 1;
 
 /// One split's rows and the counts the upstream stages reported.
 pub struct SplitRows {
     pub name: String,
-    pub rows: Vec<BinarizedRow>,
+    pub rows: Arc<Vec<BinarizedRow>>,
     pub counts: BTreeMap<String, Value>,
 }
 
@@ -26,12 +27,18 @@ pub fn build(
     keys: Vec<(String, String)>,
 ) -> Result<StageOutput> {
     let mut out = StageOutput::default();
+    let pairs: Vec<(&str, &[BinarizedRow])> = splits.iter().map(|s| (s.name.as_str(), s.rows.as_slice())).collect();
+    // The two encodings are independent: write them on two cores.
+    let (parquet, arrow) = std::thread::scope(|scope| {
+        let arrow = scope.spawn(|| hf_disk::write(&pairs, rows_per_file));
+        let parquet: Result<Vec<_>> = splits.iter().map(|s| hub_parquet::write_split(&s.name, &s.rows, rows_per_file)).collect();
+        (parquet, arrow.join().expect("writing Arrow does not panic"))
+    });
+    out.files.extend(parquet?.into_iter().flatten());
+    out.files.extend(arrow?);
     for s in splits {
-        out.files.extend(hub_parquet::write_split(&s.name, &s.rows, rows_per_file)?);
         out.stats.insert(format!("rows.{}", s.name), s.rows.len().into());
     }
-    let pairs: Vec<(&str, &[BinarizedRow])> = splits.iter().map(|s| (s.name.as_str(), s.rows.as_slice())).collect();
-    out.files.extend(hf_disk::write(&pairs, rows_per_file)?);
     let card = CardInput {
         name,
         splits: splits

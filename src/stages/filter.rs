@@ -2,14 +2,14 @@
 //! directory-listing order) and drop prompts whose responses are all identical.
 
 use super::StageOutput;
-use crate::formats::{pyjson, simpo::{DecodeRow, FilteredRow}};
+use crate::formats::simpo::{DecodeRow, FilteredRow};
 use anyhow::{Result, bail};
 
 pub const VERSION: u32 = 1;
 pub const FILE: &str = "all_outputs.json";
 
 /// `per_seed` holds each seed's rows in recipe seed order, all over one prompt list.
-pub fn build(per_seed: &[Vec<DecodeRow>], drop_identical: bool) -> Result<StageOutput> {
+pub fn build(per_seed: &[&[DecodeRow]], drop_identical: bool) -> Result<StageOutput> {
     let Some(first) = per_seed.first() else { bail!("filter needs at least one seed") };
     let mut rows = Vec::with_capacity(first.len());
     let mut identical = 0usize;
@@ -30,15 +30,11 @@ pub fn build(per_seed: &[Vec<DecodeRow>], drop_identical: bool) -> Result<StageO
         rows.push(FilteredRow { prompt: row.prompt.clone(), all_generated_responses: responses });
     }
     let kept = rows.len();
-    Ok(StageOutput::file(FILE, pyjson::to_vec(&rows)?)
+    Ok(StageOutput::rows(FILE, rows)?
         .stat("prompts", first.len())
         .stat("identical", identical)
         .stat("dropped_identical", if drop_identical { identical } else { 0 })
         .stat("rows", kept))
-}
-
-pub fn parse(bytes: &[u8]) -> Result<Vec<FilteredRow>> {
-    crate::formats::simpo::parse_rows(bytes, "a filter artifact")
 }
 
 #[cfg(test)]
@@ -55,12 +51,13 @@ mod tests {
 
     #[test]
     fn drops_rows_identical_across_seeds_and_keeps_seed_order() {
-        let out = build(&[seed(&["a", "x"]), seed(&["b", "x"]), seed(&["a", "x"])], true).unwrap();
-        let rows = parse(&out.files[0].1).unwrap();
+        let parse = |out: &StageOutput| crate::formats::simpo::parse_rows::<FilteredRow>(&out.files[0].1, "filter").unwrap();
+        let out = build(&[&seed(&["a", "x"]), &seed(&["b", "x"]), &seed(&["a", "x"])], true).unwrap();
+        let rows = parse(&out);
         assert_eq!(rows.len(), 1);
         assert_eq!(rows[0].all_generated_responses, ["a", "b", "a"]);
         assert_eq!(out.stats["dropped_identical"], 1);
-        let kept = build(&[seed(&["a", "x"]), seed(&["b", "x"])], false).unwrap();
-        assert_eq!(parse(&kept.files[0].1).unwrap().len(), 2);
+        let kept = build(&[&seed(&["a", "x"]), &seed(&["b", "x"])], false).unwrap();
+        assert_eq!(parse(&kept).len(), 2);
     }
 }

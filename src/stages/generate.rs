@@ -3,7 +3,7 @@
 //! decode files); sampling from a model plugs in beside it.
 
 use super::StageOutput;
-use crate::formats::{pyjson, simpo::{self, DecodeRow}};
+use crate::formats::simpo::{self, DecodeRow};
 use anyhow::{Result, bail};
 use std::collections::HashMap;
 use std::path::Path;
@@ -49,12 +49,8 @@ pub fn import(prompts: &[String], path: &Path, seed: u64) -> Result<StageOutput>
         );
     }
     let rows: Vec<DecodeRow> = by_prompt.into_iter().flatten().collect();
-    Ok(StageOutput::file(file_name(seed), pyjson::to_vec(&rows)?).stat("responses", rows.len()))
-}
-
-/// The rows of a `generate` artifact.
-pub fn parse(bytes: &[u8]) -> Result<Vec<DecodeRow>> {
-    simpo::parse_rows(bytes, "a generate artifact")
+    let n = rows.len();
+    Ok(StageOutput::rows(&file_name(seed), rows)?.stat("responses", n))
 }
 
 /// The first characters of a text, for messages.

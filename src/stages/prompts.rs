@@ -114,17 +114,11 @@ pub fn build(files: &[PathBuf], column: &str, limit: usize) -> Result<StageOutpu
     }
     let unique = set.len();
     let take = if limit == 0 { unique } else { limit.min(unique) };
-    let prompts: Vec<&String> = set.iter().take(take).collect();
-    let bytes = serde_json::to_vec(&prompts)?;
-    Ok(StageOutput::file(FILE, bytes)
+    let prompts: Vec<String> = set.into_iter().take(take).collect();
+    Ok(StageOutput::rows(FILE, prompts)?
         .stat("source_rows", rows)
         .stat("unique_prompts", unique)
         .stat("prompts", take))
-}
-
-/// The prompt list of a `prompts` artifact.
-pub fn parse(bytes: &[u8]) -> Result<Vec<String>> {
-    crate::formats::simpo::parse_rows(bytes, "the prompt list")
 }
 
 #[cfg(test)]
@@ -160,11 +154,10 @@ mod tests {
             r#"{"prompt": "Z"}"#,
         ];
         std::fs::write(&f, rows.join("\n")).unwrap();
-        let out = build(&[f.clone()], "prompt", 0).unwrap();
-        assert_eq!(parse(&out.files[0].1).unwrap(), ["Z", "a", "b", "é"]);
-        let out = build(&[f.clone()], "prompt", 2).unwrap();
-        assert_eq!(parse(&out.files[0].1).unwrap(), ["Z", "a"]);
-        let e = build(&[f], "question", 0).unwrap_err().to_string();
+        let parse = |out: StageOutput| crate::formats::simpo::parse_rows::<String>(&out.files[0].1, "prompts").unwrap();
+        assert_eq!(parse(build(&[f.clone()], "prompt", 0).unwrap()), ["Z", "a", "b", "é"]);
+        assert_eq!(parse(build(&[f.clone()], "prompt", 2).unwrap()), ["Z", "a"]);
+        let e = build(&[f], "question", 0).err().expect("no such column").to_string();
         assert!(e.contains("p.jsonl: line 1 has no column \"question\""), "{e}");
     }
 }

@@ -133,6 +133,11 @@ pub fn script(name: &str) -> String {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests").join(name).display().to_string()
 }
 
+/// Rows as SimPO's scripts write them (`json.dump(rows, f, indent=4)`).
+fn simpo_json(rows: &[serde_json::Value]) -> String {
+    String::from_utf8(prefgen::formats::pyjson::to_vec(rows, 0).unwrap()).unwrap()
+}
+
 /// Writes a synthetic SimPO import of `n` prompts x `seeds` with responses of
 /// about `len` bytes, and a recipe over it; returns the recipe path.
 pub fn synthetic(p: &Project, n: usize, seeds: &[u64], len: usize) -> PathBuf {
@@ -158,7 +163,7 @@ pub fn synthetic(p: &Project, n: usize, seeds: &[u64], len: usize) -> PathBuf {
             .enumerate()
             .map(|(i, pr)| json!({"prompt": pr, "format_prompt": pr, "generated_text": text(i, s)}))
             .collect();
-        p.write(&format!("syn/gens/output_{s}.json"), &serde_json::to_string(&rows).unwrap());
+        p.write(&format!("syn/gens/output_{s}.json"), &simpo_json(&rows));
     }
     let scored: Vec<_> = prompts
         .iter()
@@ -169,7 +174,7 @@ pub fn synthetic(p: &Project, n: usize, seeds: &[u64], len: usize) -> PathBuf {
             json!({"prompt": pr, "all_generated_responses": responses, "all_rm_scores": scores})
         })
         .collect();
-    p.write("syn/scores.json", &serde_json::to_string(&scored).unwrap());
+    p.write("syn/scores.json", &simpo_json(&scored));
     let seeds: Vec<String> = seeds.iter().map(|s| s.to_string()).collect();
     p.write(
         "syn.toml",
