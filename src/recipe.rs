@@ -486,6 +486,35 @@ dir = "out"
         assert_eq!(names, ["test", "train"]);
     }
 
+    /// The keys a section accepts, as serde's unknown-field message lists them.
+    fn keys_of<T: serde::de::DeserializeOwned + std::fmt::Debug>() -> Vec<String> {
+        let e = toml::from_str::<T>("not_a_key = 1").unwrap_err().message().to_string();
+        // "expected `a`", "expected `a` or `b`", "expected one of `a`, `b`, ..."
+        let list = e.rsplit("expected").next().expect("serde lists the fields");
+        list.split('`').skip(1).step_by(2).map(str::to_string).collect()
+    }
+
+    #[test]
+    fn the_readme_documents_every_key() {
+        let readme = include_str!("../README.md");
+        let sections = [
+            ("prompts", keys_of::<Prompts>()),
+            ("generate", keys_of::<Generate>()),
+            ("filter", keys_of::<Filter>()),
+            ("annotate", keys_of::<Annotate>()),
+            ("binarize", keys_of::<Binarize>()),
+            ("export", keys_of::<Export>()),
+        ];
+        let mut keys = vec!["name".to_string()];
+        for (section, fields) in sections {
+            assert!(!fields.is_empty());
+            keys.extend(fields.iter().map(|f| format!("{section}.{f}")));
+        }
+        for key in keys {
+            assert!(readme.contains(&format!("| `{key}` |")), "README's recipe table lacks {key}");
+        }
+    }
+
     #[test]
     fn hub_ids_and_local_paths() {
         let r = load(&BASE.replace("p.jsonl", "HuggingFaceH4/ultrafeedback_binarized"), &["prompts.split=train_prefs"]).unwrap();
