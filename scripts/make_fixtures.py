@@ -3,6 +3,8 @@
 
     python3 scripts/make_fixtures.py            # SimPO-style imports (stdlib only)
                                                 # and a hub-layout parquet (pyarrow)
+    python3 scripts/make_fixtures.py smollm2    # tokenizer and chat-template references
+                                                # (transformers, gguf; needs `make models`)
 
 Everything is seeded, so re-running reproduces the committed files.
 """
@@ -122,7 +124,95 @@ def hub_fixture():
         os.symlink(os.path.join("..", "..", "..", "blobs", blob), link)
 
 
+# Chat templates of the families the published datasets used (as in their
+# tokenizer_config.json), rendered by transformers as the reference.
+LLAMA3_TEMPLATE = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}"
+    "{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}"
+    "{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+GEMMA2_TEMPLATE = (
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+    "{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if (message['role'] == 'assistant') %}{% set role = 'model' %}{% else %}{% set role = message['role'] %}{% endif %}"
+    "{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{'<start_of_turn>model\n'}}{% endif %}"
+)
+
+TEXTS = [
+    "Hello world",
+    "What is 2 + 2? 12345 67890 3.14159 1,000,000",
+    "  leading spaces, trailing   ",
+    "tabs\tand\nnewlines\n\n\nand \r\n crlf",
+    "Unicode: café naïve Ñandú 你好世界 こんにちは 🌍🎉 👩‍👩‍👧",
+    "def f(x):\n    return [i**2 for i in range(x)]  # code\n",
+    "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n",
+    "don't we'll I'm they've",
+    "URL https://example.com/a?b=c&d=e and email a.b@example.org",
+    "",
+    " ",
+    "ALL CAPS and MiXeD",
+]
+
+
+def smollm2_fixture():
+    """Tokenizer and template references for the SmolLM2 GGUF, from transformers' own converter."""
+    import gguf
+    from transformers import PreTrainedTokenizerFast
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import convert_gguf_tokenizer
+
+    path = os.path.join(ROOT, "..", "..", "models", "SmolLM2-135M-Instruct.Q4_1.gguf")
+    r = gguf.GGUFReader(path)
+    f = lambda k: r.fields[k].contents()
+    tokens = f("tokenizer.ggml.tokens")
+    # The dict transformers' get_gguf_tokenizer builds from the same metadata.
+    d = {
+        "tokenizer_type": f("tokenizer.ggml.model"),
+        "pre_tokenizer_type": f("tokenizer.ggml.pre"),
+        "tokens": tokens,
+        "merges": f("tokenizer.ggml.merges"),
+        "token_type": f("tokenizer.ggml.token_type"),
+    }
+    backend, _ = convert_gguf_tokenizer(f("general.architecture"), d)
+    bos, eos = tokens[f("tokenizer.ggml.bos_token_id")], tokens[f("tokenizer.ggml.eos_token_id")]
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=bos, eos_token=eos)
+    cases = []
+    for text in TEXTS:
+        ids = backend.encode(text, add_special_tokens=False).ids
+        cases.append({"text": text, "ids": ids, "decoded": tok.decode(ids, skip_special_tokens=True)})
+    convs = [
+        [{"role": "user", "content": "Hi there"}],
+        [{"role": "user", "content": "  Spaces around  "}],
+        [{"role": "user", "content": "Q: 你好?\nSecond line"}, {"role": "assistant", "content": "A: 🌍 fine"}],
+    ]
+    templates = {"smollm2": f("tokenizer.chat_template"), "llama3": LLAMA3_TEMPLATE, "gemma2": GEMMA2_TEMPLATE}
+    specials = {"smollm2": (bos, eos), "llama3": ("<|begin_of_text|>", "<|eot_id|>"), "gemma2": ("<bos>", "<eos>")}
+    renders = []
+    for name, template in templates.items():
+        t = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=specials[name][0], eos_token=specials[name][1])
+        t.chat_template = template
+        for conv in convs:
+            for gen in (True, False):
+                text = t.apply_chat_template(conv, tokenize=False, add_generation_prompt=gen)
+                renders.append({"template": name, "messages": conv, "add_generation_prompt": gen, "text": text})
+    out = {
+        "model": "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "templates": templates,
+        "specials": specials,
+        "tokenizer": cases,
+        "renders": renders,
+    }
+    dump(os.path.join(ROOT, "smollm2_reference.json"), out)
+
+
 if __name__ == "__main__":
-    simpo_fixture()
-    hub_fixture()
+    import sys
+
+    if sys.argv[1:] == ["smollm2"]:
+        smollm2_fixture()
+    else:
+        simpo_fixture()
+        hub_fixture()
     print("fixtures written under", os.path.normpath(ROOT))

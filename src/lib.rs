@@ -5,6 +5,7 @@ pub mod cache;
 pub mod digest;
 pub mod formats;
 pub mod hub;
+pub mod infer;
 pub mod plan;
 pub mod recipe;
 pub mod run;

@@ -66,7 +66,8 @@ pub struct Node {
     pub key_deps: Vec<usize>,
     /// Recipe key -> value, for every key that can change the output.
     pub params: BTreeMap<String, Value>,
-    /// Files outside the cache that the node reads (imports), by input name.
+    /// Files outside the cache that the node reads (imports, model files), by
+    /// the recipe key that names them.
     pub files: BTreeMap<String, PathBuf>,
     /// Where its files go under `export.dir`.
     pub out_dir: PathBuf,
@@ -125,15 +126,31 @@ impl Graph {
             ));
             let mut gens = Vec::new();
             for &seed in &g.seeds {
-                let Some(pattern) = &g.import else {
-                    bail!(
-                        "generate.model: sampling from a model is not part of this build of prefgen yet; \
-                         bring SimPO decode files with generate.import = \"dir/output_{{seed}}.json\""
-                    );
+                let (params, files) = match (&g.import, &g.model) {
+                    (Some(pattern), _) => {
+                        let file = PathBuf::from(generate::import_path(pattern, seed, &spec.name));
+                        (BTreeMap::from([("generate.seed".into(), json!(seed))]), BTreeMap::from([("generate.import".into(), file)]))
+                    }
+                    (None, Some(model)) => {
+                        let path = PathBuf::from(model);
+                        if !path.is_file() {
+                            bail!(
+                                "generate.model: {model} is not a local .gguf file; this build of prefgen samples from \
+                                 local GGUF files (hub ids and model folders are not supported yet)"
+                            );
+                        }
+                        let params = BTreeMap::from([
+                            ("generate.seed".into(), json!(seed)),
+                            ("generate.temperature".into(), json!(g.temperature)),
+                            ("generate.top_p".into(), json!(g.top_p)),
+                            ("generate.max_tokens".into(), json!(g.max_tokens)),
+                            ("generate.sampler_version".into(), json!(generate::SAMPLER_VERSION)),
+                        ]);
+                        (params, BTreeMap::from([("generate.model".into(), path)]))
+                    }
+                    (None, None) => unreachable!("validation requires generate.model or generate.import"),
                 };
-                let file = PathBuf::from(generate::import_path(pattern, seed, &spec.name));
-                let params = BTreeMap::from([("generate.seed".into(), json!(seed))]);
-                gens.push(push(node(Stage::Generate, Some(seed), vec![p], params, BTreeMap::from([("import".into(), file)]))));
+                gens.push(push(node(Stage::Generate, Some(seed), vec![p], params, files)));
             }
             let f = push(node(
                 Stage::Filter,
@@ -145,14 +162,11 @@ impl Graph {
                 ]),
                 BTreeMap::new(),
             ));
-            let Some(pattern) = &a.import else {
-                bail!(
-                    "annotate.model: scoring with a reward model is not part of this build of prefgen yet; \
-                     bring scores with annotate.import = \"all_outputs_rm.json\""
-                );
+            let files = match &a.import {
+                Some(pattern) => BTreeMap::from([("annotate.import".into(), PathBuf::from(pattern.replace("{split}", &spec.name)))]),
+                None => BTreeMap::new(),
             };
-            let file = PathBuf::from(pattern.replace("{split}", &spec.name));
-            let an = push(node(Stage::Annotate, None, vec![p, f], BTreeMap::new(), BTreeMap::from([("import".into(), file)])));
+            let an = push(node(Stage::Annotate, None, vec![p, f], BTreeMap::new(), files));
             let b = push(node(
                 Stage::Binarize,
                 None,
@@ -266,9 +280,15 @@ impl<'a> Walk<'a> {
         }
         for (name, path) in &node.files {
             if !path.is_file() {
-                bail!("{}.import: {} does not exist (needed by {})", node.stage.name(), path.display(), node.label());
+                bail!("{name}: {} does not exist (needed by {})", path.display(), node.label());
             }
             inputs.insert(name.clone(), self.cache.file_digest(path)?);
+        }
+        if node.stage == Stage::Annotate && !node.files.contains_key("annotate.import") {
+            bail!(
+                "annotate.model: scoring with a reward model is not part of this build of prefgen yet; \
+                 bring scores with annotate.import = \"all_outputs_rm.json\" (or build only up to `filter`)"
+            );
         }
         if node.stage == Stage::Prompts {
             let split = node.split.clone().expect("prompts nodes have a split");

@@ -7,7 +7,10 @@
 //! memory. Outputs leave memory once every node that reads them is done.
 
 use crate::cache::tier::{FILE_MODE, write_atomic_in};
-use crate::cache::{ActionEntry, BuildLock, Cache, OutputFile};
+use crate::cache::{ActionEntry, BuildLock, Cache, KeyMaterial, OutputFile};
+use crate::formats::pyjson;
+use crate::infer::Policy;
+use crate::infer::sampler::Sampling;
 use crate::digest::Digest;
 use crate::plan::{Freshness, Graph, Stage, Walk};
 use crate::formats::simpo::{self, DecodeRow, FilteredRow, ScoredRow};
@@ -16,6 +19,7 @@ use serde::de::DeserializeOwned;
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 use std::cell::RefCell;
+use std::rc::Rc;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -94,6 +98,7 @@ fn build_all(graph: &Graph, cache: &Cache, selected: &[bool], queue: SyncSender<
     let mut summary = Summary::default();
     let mut fresh_objects = BTreeSet::new();
     let mut memory = Outputs::new(graph, selected);
+    let models = Models::default();
     for idx in (0..graph.nodes.len()).filter(|&i| selected[i]) {
         let label = graph.nodes[idx].label();
         let (material, reason) = match walk.freshness(idx)? {
@@ -119,7 +124,7 @@ fn build_all(graph: &Graph, cache: &Cache, selected: &[bool], queue: SyncSender<
         }
         eprintln!("building {label}: {reason}");
         let started = Instant::now();
-        let mut output = build_node(&walk, &memory, idx).with_context(|| format!("building {label}"))?;
+        let mut output = build_node(&walk, &memory, &models, idx, &material).with_context(|| format!("building {label}"))?;
         let mut outputs = Vec::with_capacity(output.files.len());
         let mut files = Vec::with_capacity(output.files.len());
         for (path, bytes) in std::mem::take(&mut output.files) {
@@ -202,7 +207,153 @@ fn read_rows<T: DeserializeOwned + Send + Sync + 'static>(walk: &Walk, memory: &
     }
 }
 
-fn build_node(walk: &Walk, memory: &Outputs, idx: usize) -> Result<StageOutput> {
+/// Progress of one node's shards: a bar with prompts done, tokens/s and ETA
+/// on a terminal; otherwise a log line per shard.
+struct Progress {
+    bar: Option<indicatif::ProgressBar>,
+    started: Instant,
+    tokens: std::cell::Cell<usize>,
+    done: std::cell::Cell<usize>,
+}
+
+impl Progress {
+    fn new(label: &str, prompts: usize) -> Progress {
+        use std::io::IsTerminal;
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let style = indicatif::ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} prompts, {msg}, ETA {eta}")
+                .expect("the template is valid")
+                .progress_chars("=> ");
+            indicatif::ProgressBar::new(prompts as u64).with_style(style).with_prefix(label.to_string())
+        });
+        Progress { bar, started: Instant::now(), tokens: 0.into(), done: 0.into() }
+    }
+
+    /// A response finished with `tokens` tokens.
+    fn job_done(&self, tokens: usize) {
+        self.tokens.set(self.tokens.get() + tokens);
+        self.done.set(self.done.get() + 1);
+        if let Some(bar) = &self.bar {
+            bar.set_position(self.done.get() as u64);
+            bar.set_message(format!("{:.1} tokens/s", self.tokens.get() as f64 / self.started.elapsed().as_secs_f64()));
+        }
+    }
+
+    /// A shard's prompts were found in the cache.
+    fn cached(&self, prompts: usize) {
+        self.done.set(self.done.get() + prompts);
+        if let Some(bar) = &self.bar {
+            bar.set_position(self.done.get() as u64);
+        }
+    }
+
+    fn log(&self, line: &str) {
+        match &self.bar {
+            Some(bar) => bar.println(line),
+            None => eprintln!("{line}"),
+        }
+    }
+
+    fn finish(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+    }
+}
+
+/// Policies loaded in this run, by model file.
+#[derive(Default)]
+struct Models {
+    loaded: RefCell<HashMap<PathBuf, Rc<Policy>>>,
+}
+
+impl Models {
+    fn policy(&self, path: &Path) -> Result<Rc<Policy>> {
+        if let Some(p) = self.loaded.borrow().get(path) {
+            return Ok(p.clone());
+        }
+        eprintln!("loading {}", path.display());
+        let policy = Rc::new(Policy::load(path)?);
+        self.loaded.borrow_mut().insert(path.to_path_buf(), policy.clone());
+        Ok(policy)
+    }
+}
+
+/// Samples a seed's responses shard by shard (fixed slices of the sorted
+/// prompt list). Each shard is its own cache entry, built under its own lock,
+/// so a crash loses at most the shard in flight and processes sharing a cache
+/// split the work.
+fn sample_shards(walk: &Walk, models: &Models, idx: usize, material: &KeyMaterial, prompts: &[String]) -> Result<StageOutput> {
+    let node = &walk.graph.nodes[idx];
+    let g = &walk.graph.recipe.generate;
+    let cache = walk.cache;
+    let label = node.label();
+    let params = generate::Params {
+        sampling: Sampling { temperature: g.temperature, top_p: g.top_p },
+        max_tokens: g.max_tokens as usize,
+        batch_size: g.batch_size,
+        seed: node.seed.expect("generate nodes have a seed"),
+    };
+    let chunks: Vec<&[String]> = prompts.chunks(g.shard_size).collect();
+    let bar = Progress::new(&label, prompts.len());
+    let mut rows = Vec::with_capacity(prompts.len());
+    let mut skipped = 0u64;
+    for (i, chunk) in chunks.iter().enumerate() {
+        // A shard's key: the node's, with the prompt list replaced by the slice.
+        let mut shard = material.clone();
+        shard.stage = "generate-shard".into();
+        shard.inputs.retain(|k, _| !k.starts_with("prompts["));
+        shard.inputs.insert("prompts".into(), Digest::of_json(chunk));
+        let key = shard.key();
+        let what = format!("{label} shard {}/{}", i + 1, chunks.len());
+        let cached = |cache: &Cache| -> Result<Option<(Vec<DecodeRow>, u64)>> {
+            let Some(entry) = cache.get_action(&key)? else { return Ok(None) };
+            let Some(bytes) = cache.get_object(&entry.outputs[0].digest)? else { return Ok(None) };
+            let skipped = entry.stats.get("skipped_too_long").and_then(|v| v.as_u64()).unwrap_or(0);
+            Ok(Some((simpo::parse_rows(&bytes, &what)?, skipped)))
+        };
+        let (shard_rows, shard_skipped) = match cached(cache)? {
+            Some(hit) => {
+                bar.cached(chunk.len());
+                hit
+            }
+            None => {
+                let _lock = cache.lock(&key, &what)?;
+                match cached(cache)? {
+                    Some(hit) => {
+                        bar.cached(chunk.len());
+                        hit
+                    }
+                    None => {
+                        let policy = models.policy(&node.files["generate.model"])?;
+                        let started = Instant::now();
+                        let mut tokens = 0usize;
+                        let (shard_rows, skipped) = generate::sample(chunk, &policy, &params, |n| {
+                            tokens += n;
+                            bar.job_done(n);
+                        })?;
+                        let secs = started.elapsed().as_secs_f64();
+                        let bytes = pyjson::to_vec(&shard_rows, simpo::json_size(&shard_rows))?;
+                        let digest = cache.put_object(&bytes)?;
+                        let mut stats = BTreeMap::new();
+                        stats.insert("skipped_too_long".to_string(), (skipped as u64).into());
+                        let out = OutputFile { path: "shard.json".into(), digest, size: bytes.len() as u64 };
+                        cache.put_action(&ActionEntry { material: shard, node: what.clone(), outputs: vec![out], stats })?;
+                        // Only now is the shard safe from a crash.
+                        bar.log(&format!("{what}: {} responses, {tokens} tokens in {secs:.1}s ({:.1} tokens/s)", shard_rows.len(), tokens as f64 / secs));
+                        (shard_rows, skipped as u64)
+                    }
+                }
+            }
+        };
+        rows.extend(shard_rows);
+        skipped += shard_skipped;
+    }
+    bar.finish();
+    let n = rows.len();
+    Ok(StageOutput::rows(&generate::file_name(params.seed), rows)?.stat("responses", n).stat("skipped_too_long", skipped))
+}
+
+fn build_node(walk: &Walk, memory: &Outputs, models: &Models, idx: usize, material: &KeyMaterial) -> Result<StageOutput> {
     let graph = walk.graph;
     let node = &graph.nodes[idx];
     let recipe = &graph.recipe;
@@ -216,7 +367,10 @@ fn build_node(walk: &Walk, memory: &Outputs, idx: usize) -> Result<StageOutput> 
         Stage::Generate => {
             let list: Arc<Vec<String>> = read_rows(walk, memory, node.deps[0], prompts::FILE)?;
             let seed = node.seed.expect("generate nodes have a seed");
-            generate::import(&list, &node.files["import"], seed)
+            match node.files.get("generate.import") {
+                Some(path) => generate::import(&list, path, seed),
+                None => sample_shards(walk, models, idx, material, &list),
+            }
         }
         Stage::Filter => {
             let mut per_seed: Vec<Arc<Vec<DecodeRow>>> = Vec::with_capacity(node.deps.len());
@@ -230,7 +384,7 @@ fn build_node(walk: &Walk, memory: &Outputs, idx: usize) -> Result<StageOutput> 
         Stage::Annotate => {
             let set: Arc<Vec<String>> = read_rows(walk, memory, node.deps[0], prompts::FILE)?;
             let rows: Arc<Vec<FilteredRow>> = read_rows(walk, memory, node.deps[1], filter::FILE)?;
-            annotate::import(&set, &rows, &node.files["import"])
+            annotate::import(&set, &rows, &node.files["annotate.import"])
         }
         Stage::Binarize => {
             let rows: Arc<Vec<ScoredRow>> = read_rows(walk, memory, node.deps[0], annotate::FILE)?;

@@ -184,7 +184,7 @@ fn a_changed_parameter_rebuilds_exactly_what_is_downstream() {
     let plan = p.ok(&["plan", r, "--set", &v2]).stdout();
     // Reasons are relative to the last build (made with drop_identical=false).
     let line = plan.lines().find(|l| l.starts_with("stale  annotate[train]")).unwrap_or_default();
-    assert!(line.contains("input import changed"), "{plan}");
+    assert!(line.contains("input annotate.import changed"), "{plan}");
     assert_eq!(set(&[&v2]), ["annotate[train]", "binarize[train]", "export"]);
 
     // Back to the original recipe: everything is in the cache already.

@@ -1,14 +1,19 @@
 //! `generate`: one response per prompt for one seed, as SimPO's
-//! `output_{seed}.json`. This file holds the import path (bring your own
-//! decode files); sampling from a model plugs in beside it.
+//! `output_{seed}.json`: sampled from the policy, or imported from decode
+//! files users bring.
 
 use super::StageOutput;
 use crate::formats::simpo::{self, DecodeRow};
+use crate::infer::Policy;
+use crate::infer::engine::{self, Job, Outcome};
+use crate::infer::sampler::{Sampling, Stream};
 use anyhow::{Result, bail};
 use std::collections::HashMap;
 use std::path::Path;
 
 pub const VERSION: u32 = 1;
+/// Version of a sampled shard's contents (the engine, sampler and decoding).
+pub const SAMPLER_VERSION: u32 = 1;
 
 /// The file name a seed's responses are written under.
 pub fn file_name(seed: u64) -> String {
@@ -51,6 +56,36 @@ pub fn import(prompts: &[String], path: &Path, seed: u64) -> Result<StageOutput>
     let rows: Vec<DecodeRow> = by_prompt.into_iter().flatten().collect();
     let n = rows.len();
     Ok(StageOutput::rows(&file_name(seed), rows)?.stat("responses", n))
+}
+
+/// Sampling parameters of the recipe's `[generate]`.
+pub struct Params {
+    pub sampling: Sampling,
+    pub max_tokens: usize,
+    pub batch_size: usize,
+    pub seed: u64,
+}
+
+/// Samples one response per prompt. Prompts that leave no room in the model's
+/// context are skipped (no row) and counted: every seed skips the same ones.
+pub fn sample(prompts: &[String], policy: &Policy, p: &Params, progress: impl FnMut(usize)) -> Result<(Vec<DecodeRow>, usize)> {
+    let mut formatted = Vec::with_capacity(prompts.len());
+    let mut jobs = Vec::with_capacity(prompts.len());
+    for prompt in prompts {
+        let text = policy.format_prompt(prompt)?;
+        jobs.push(Job { prompt: policy.encode(&text)?, stream: Stream::new(p.seed, prompt) });
+        formatted.push(text);
+    }
+    let outcomes = engine::generate(policy, jobs, p.sampling, p.max_tokens, p.batch_size, progress)?;
+    let mut rows = Vec::with_capacity(prompts.len());
+    let mut skipped = 0;
+    for ((prompt, format_prompt), outcome) in prompts.iter().zip(formatted).zip(outcomes) {
+        match outcome {
+            Outcome::Done(ids) => rows.push(DecodeRow { prompt: prompt.clone(), format_prompt, generated_text: policy.decode(&ids)? }),
+            Outcome::TooLong => skipped += 1,
+        }
+    }
+    Ok((rows, skipped))
 }
 
 /// The first characters of a text, for messages.

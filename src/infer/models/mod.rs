@@ -1,0 +1,3 @@
+//! Model architectures, each in its own file.
+
+pub mod quantized_llama;

