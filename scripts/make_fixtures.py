@@ -5,6 +5,8 @@
                                                 # and a hub-layout parquet (pyarrow)
     python3 scripts/make_fixtures.py smollm2    # tokenizer and chat-template references
                                                 # (transformers, gguf; needs `make models`)
+    python3 scripts/make_fixtures.py llama3     # a tiny random-weight Llama-3 and its
+                                                # greedy tokens and logits (torch, transformers)
 
 Everything is seeded, so re-running reproduces the committed files.
 """
@@ -207,11 +209,85 @@ def smollm2_fixture():
     dump(os.path.join(ROOT, "smollm2_reference.json"), out)
 
 
+def train_tokenizer(specials):
+    """A small byte-level BPE trained on real prompts, with a family's special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    texts = []
+    for name in ("mt_bench_questions.jsonl", "vicuna_bench_questions.jsonl"):
+        with open(os.path.join(ROOT, "..", "..", "..", "shared", "data", name)) as f:
+            for line in f:
+                q = json.loads(line)
+                texts.extend(q.get("turns") or [q.get("text", "")])
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    return tok
+
+
+PARITY_PROMPTS = [
+    "Hi",
+    "What is the capital of France?",
+    "Write a short poem about the sea and the wind, please.",
+    "Explain photosynthesis to a child in simple words, with an example from a garden.",
+    "café 你好 🌍",
+    "List three prime numbers.",
+    "Tell me a story about a robot who learns to paint, in a few sentences, ending happily.",
+    "2 + 2 = ?",
+]
+
+
+def llama3_fixture():
+    """A tiny LlamaForCausalLM with Llama-3's config fields (rope scaling too),
+    special tokens and chat template, and its greedy tokens and logits."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    out = os.path.join(ROOT, "tiny-llama3")
+    specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+    backend = train_tokenizer(specials)
+    ids = {t: backend.token_to_id(t) for t in specials}
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>")
+    tok.chat_template = LLAMA3_TEMPLATE
+    config = LlamaConfig(
+        vocab_size=backend.get_vocab_size(), hidden_size=64, intermediate_size=176, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5,
+        rope_theta=500000.0, tie_word_embeddings=False, initializer_range=0.15,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                      "original_max_position_embeddings": 64},
+        bos_token_id=ids["<|begin_of_text|>"], eos_token_id=[ids["<|end_of_text|>"], ids["<|eot_id|>"]],
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    model.generation_config.eos_token_id = [ids["<|end_of_text|>"], ids["<|eot_id|>"]]
+    model.generation_config.pad_token_id = ids["<|end_of_text|>"]
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    cases, margin = [], float("inf")
+    for prompt in PARITY_PROMPTS:
+        text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+        input_ids = tok(text, add_special_tokens=False, return_tensors="pt").input_ids
+        with torch.no_grad():
+            logits = model(input_ids).logits[0, -1]
+            gen = model.generate(input_ids, max_new_tokens=32, do_sample=False, output_scores=True, return_dict_in_generate=True)
+        for step in gen.scores:
+            top = torch.topk(step[0], 2).values
+            margin = min(margin, float(top[0] - top[1]))
+        new = gen.sequences[0, input_ids.shape[1]:].tolist()
+        cases.append({"prompt": prompt, "text": text, "input_ids": input_ids[0].tolist(), "logits": logits.tolist(), "generated": new})
+    print(f"llama3: smallest greedy top-1 margin {margin:.2e} (a tie would make the test fragile)")
+    dump(os.path.join(ROOT, "tiny-llama3-reference.json"), {"max_new_tokens": 32, "cases": cases})
+
+
 if __name__ == "__main__":
     import sys
 
     if sys.argv[1:] == ["smollm2"]:
         smollm2_fixture()
+    elif sys.argv[1:] == ["llama3"]:
+        llama3_fixture()
     else:
         simpo_fixture()
         hub_fixture()

@@ -133,10 +133,10 @@ impl Graph {
                     }
                     (None, Some(model)) => {
                         let path = PathBuf::from(model);
-                        if !path.is_file() {
+                        if !path.exists() {
                             bail!(
-                                "generate.model: {model} is not a local .gguf file; this build of prefgen samples from \
-                                 local GGUF files (hub ids and model folders are not supported yet)"
+                                "generate.model: {model} is not a local .gguf file or model folder \
+                                 (hub ids are not supported yet)"
                             );
                         }
                         let params = BTreeMap::from([
@@ -279,10 +279,10 @@ impl<'a> Walk<'a> {
             }
         }
         for (name, path) in &node.files {
-            if !path.is_file() {
+            if !path.exists() {
                 bail!("{name}: {} does not exist (needed by {})", path.display(), node.label());
             }
-            inputs.insert(name.clone(), self.cache.file_digest(path)?);
+            inputs.insert(name.clone(), self.cache.path_digest(path)?);
         }
         if node.stage == Stage::Annotate && !node.files.contains_key("annotate.import") {
             bail!(

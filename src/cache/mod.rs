@@ -201,6 +201,19 @@ impl Cache {
         Ok(BuildLock { _file: file })
     }
 
+    /// The digest of a file's contents, or of a folder's files (names and
+    /// contents), each remembered as `file_digest` remembers it.
+    pub fn path_digest(&self, path: &Path) -> Result<Digest> {
+        if !path.is_dir() {
+            return self.file_digest(path);
+        }
+        let mut parts = Vec::new();
+        for rel in crate::hub::list_files(path)? {
+            parts.push((self.file_digest(&path.join(&rel))?, rel));
+        }
+        Ok(Digest::of_json(&parts))
+    }
+
     /// The digest of a file's contents, remembered by path, size and
     /// modification time so large inputs are not re-hashed on every run.
     pub fn file_digest(&self, path: &Path) -> Result<Digest> {

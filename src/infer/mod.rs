@@ -7,10 +7,10 @@ pub mod models;
 pub mod sampler;
 pub mod template;
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use candle_core::Device;
 use gguf::GgufFile;
-use models::quantized_llama::QuantizedLlama;
+use models::llama::Llama;
 use std::path::Path;
 use template::{ChatTemplate, Turn};
 use tokenizers::Tokenizer;
@@ -21,7 +21,7 @@ const END_OF_TURN: [&str; 4] = ["<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|
 
 /// A policy ready to generate: weights, tokenizer, template and stop tokens.
 pub struct Policy {
-    pub model: QuantizedLlama,
+    pub model: Llama,
     tokenizer: Tokenizer,
     template: ChatTemplate,
     /// Token ids that end a response (not part of its text).
@@ -29,14 +29,13 @@ pub struct Policy {
 }
 
 impl Policy {
-    /// Loads a `.gguf` policy for the CPU.
+    /// Loads a policy: a `.gguf` file, or a hub-layout model folder.
     pub fn load(path: &Path) -> Result<Policy> {
+        if path.is_dir() {
+            return Policy::from_folder(path);
+        }
         if path.extension().and_then(|e| e.to_str()) != Some("gguf") {
-            bail!(
-                "generate.model: {} is not a .gguf file; this build of prefgen samples from GGUF Llama models \
-                 (hub ids and safetensors folders are not supported yet)",
-                path.display()
-            );
+            bail!("generate.model: {} is neither a .gguf file nor a model folder", path.display());
         }
         let file = GgufFile::open(path)?;
         let arch = file.architecture()?;
@@ -47,7 +46,58 @@ impl Policy {
         let bos = file.u32("tokenizer.ggml.bos_token_id").and_then(|id| file.token(id)).unwrap_or_default();
         let eos_id = file.u32("tokenizer.ggml.eos_token_id")?;
         let template = ChatTemplate::new(&file.chat_template()?, &bos, &file.token(eos_id)?)?;
-        let mut stop = vec![eos_id];
+        let model = Llama::from_gguf(&file, &Device::Cpu)?;
+        Ok(Policy::assemble(model, tokenizer, template, vec![eos_id]))
+    }
+
+    /// A folder as a hub snapshot holds it: `config.json`, `tokenizer.json`,
+    /// `tokenizer_config.json` (with `chat_template`), `generation_config.json`
+    /// (its `eos_token_id`, one or a list, is where generation stops) and
+    /// `*.safetensors`.
+    fn from_folder(dir: &Path) -> Result<Policy> {
+        let read = |name: &str| -> Result<serde_json::Value> {
+            let p = dir.join(name);
+            let text = std::fs::read_to_string(&p).with_context(|| format!("{}: cannot read {name}", dir.display()))?;
+            serde_json::from_str(&text).with_context(|| format!("{}: {name} is not JSON", dir.display()))
+        };
+        let config = read("config.json")?;
+        let arch = config["architectures"][0].as_str().unwrap_or("");
+        if arch != "LlamaForCausalLM" {
+            bail!("{}: architecture {arch:?} is not supported yet (LlamaForCausalLM is)", dir.display());
+        }
+        let tokenizer = Tokenizer::from_file(dir.join("tokenizer.json"))
+            .map_err(|e| anyhow::anyhow!("{}: cannot load tokenizer.json: {e}", dir.display()))?;
+        let tc = read("tokenizer_config.json")?;
+        let token = |v: &serde_json::Value| v.as_str().or_else(|| v["content"].as_str()).unwrap_or("").to_string();
+        // Newer snapshots keep the template in its own file.
+        let separate = std::fs::read_to_string(dir.join("chat_template.jinja")).ok();
+        let source = match (&tc["chat_template"], separate) {
+            (_, Some(t)) => t,
+            (template, None) => match template {
+                serde_json::Value::String(t) => t.clone(),
+                serde_json::Value::Array(named) => named
+                .iter()
+                .find(|t| t["name"] == "default")
+                .and_then(|t| t["template"].as_str())
+                .map(str::to_string)
+                .with_context(|| format!("{}: no default chat template", dir.display()))?,
+                _ => bail!("{}: no chat_template.jinja, and tokenizer_config.json has no chat_template", dir.display()),
+            },
+        };
+        let template = ChatTemplate::new(&source, &token(&tc["bos_token"]), &token(&tc["eos_token"]))?;
+        let eos = match read("generation_config.json") {
+            Ok(g) => g["eos_token_id"].clone(),
+            Err(_) => config["eos_token_id"].clone(),
+        };
+        let stop: Vec<u32> = match eos {
+            serde_json::Value::Array(ids) => ids.iter().filter_map(|i| i.as_u64()).map(|i| i as u32).collect(),
+            v => v.as_u64().map(|i| vec![i as u32]).unwrap_or_default(),
+        };
+        let model = Llama::from_safetensors(dir, &Device::Cpu)?;
+        Ok(Policy::assemble(model, tokenizer, template, stop))
+    }
+
+    fn assemble(model: Llama, tokenizer: Tokenizer, template: ChatTemplate, mut stop: Vec<u32>) -> Policy {
         for marker in END_OF_TURN {
             if let Some(id) = tokenizer.token_to_id(marker)
                 && !stop.contains(&id)
@@ -55,8 +105,7 @@ impl Policy {
                 stop.push(id);
             }
         }
-        let model = QuantizedLlama::load(&file, &Device::Cpu)?;
-        Ok(Policy { model, tokenizer, template, stop })
+        Policy { model, tokenizer, template, stop }
     }
 
     /// The prompt as the model sees it: its chat template over one user turn,

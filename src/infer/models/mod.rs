@@ -1,3 +1,3 @@
 //! Model architectures, each in its own file.
 
-pub mod quantized_llama;
+pub mod llama;
