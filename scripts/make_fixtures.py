@@ -7,6 +7,7 @@
                                                 # (transformers, gguf; needs `make models`)
     python3 scripts/make_fixtures.py llama3     # a tiny random-weight Llama-3 and its
                                                 # greedy tokens and logits (torch, transformers)
+    python3 scripts/make_fixtures.py gemma2     # the same for a tiny Gemma-2
 
 Everything is seeded, so re-running reproduces the committed files.
 """
@@ -239,6 +240,60 @@ PARITY_PROMPTS = [
 ]
 
 
+def parity_reference(name, model, tok):
+    """Greedy tokens and last-position logits of every parity prompt."""
+    import torch
+
+    cases, margin = [], float("inf")
+    for prompt in PARITY_PROMPTS:
+        text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+        input_ids = tok(text, add_special_tokens=False, return_tensors="pt").input_ids
+        with torch.no_grad():
+            logits = model(input_ids).logits[0, -1]
+            gen = model.generate(input_ids, max_new_tokens=32, do_sample=False, output_scores=True, return_dict_in_generate=True)
+        for step in gen.scores:
+            top = torch.topk(step[0], 2).values
+            margin = min(margin, float(top[0] - top[1]))
+        new = gen.sequences[0, input_ids.shape[1]:].tolist()
+        cases.append({"prompt": prompt, "text": text, "input_ids": input_ids[0].tolist(), "logits": logits.tolist(), "generated": new})
+    print(f"{name}: smallest greedy top-1 margin {margin:.2e} (a tie would make the test fragile)")
+    dump(os.path.join(ROOT, f"tiny-{name}-reference.json"), {"max_new_tokens": 32, "cases": cases})
+
+
+def gemma2_fixture():
+    """A tiny Gemma2ForCausalLM with Gemma-2's config fields (soft-capping,
+    alternating sliding window shorter than the longer prompts,
+    query_pre_attn_scalar != head_dim), special tokens and chat template."""
+    import torch
+    from transformers import Gemma2Config, Gemma2ForCausalLM, PreTrainedTokenizerFast
+
+    out = os.path.join(ROOT, "tiny-gemma2")
+    specials = ["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>"]
+    backend = train_tokenizer(specials)
+    ids = {t: backend.token_to_id(t) for t in specials}
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>")
+    tok.chat_template = GEMMA2_TEMPLATE
+    config = Gemma2Config(
+        vocab_size=backend.get_vocab_size(), hidden_size=64, intermediate_size=176, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=24,
+        sliding_window=8, attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
+        max_position_embeddings=512, rms_norm_eps=1e-6, rope_theta=10000.0, initializer_range=0.3,
+        hidden_activation="gelu_pytorch_tanh", bos_token_id=ids["<bos>"], eos_token_id=[ids["<eos>"], ids["<end_of_turn>"]],
+        pad_token_id=ids["<pad>"], attn_implementation="eager",
+    )
+    torch.manual_seed(0)
+    model = Gemma2ForCausalLM(config).eval()
+    with torch.no_grad():  # random norm weights, so (1 + w) is exercised
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.normal_(0.0, 0.3)
+    model.generation_config.eos_token_id = [ids["<eos>"], ids["<end_of_turn>"]]
+    model.generation_config.pad_token_id = ids["<pad>"]
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    parity_reference("gemma2", model, tok)
+
+
 def llama3_fixture():
     """A tiny LlamaForCausalLM with Llama-3's config fields (rope scaling too),
     special tokens and chat template, and its greedy tokens and logits."""
@@ -265,20 +320,7 @@ def llama3_fixture():
     model.generation_config.pad_token_id = ids["<|end_of_text|>"]
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
-    cases, margin = [], float("inf")
-    for prompt in PARITY_PROMPTS:
-        text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
-        input_ids = tok(text, add_special_tokens=False, return_tensors="pt").input_ids
-        with torch.no_grad():
-            logits = model(input_ids).logits[0, -1]
-            gen = model.generate(input_ids, max_new_tokens=32, do_sample=False, output_scores=True, return_dict_in_generate=True)
-        for step in gen.scores:
-            top = torch.topk(step[0], 2).values
-            margin = min(margin, float(top[0] - top[1]))
-        new = gen.sequences[0, input_ids.shape[1]:].tolist()
-        cases.append({"prompt": prompt, "text": text, "input_ids": input_ids[0].tolist(), "logits": logits.tolist(), "generated": new})
-    print(f"llama3: smallest greedy top-1 margin {margin:.2e} (a tie would make the test fragile)")
-    dump(os.path.join(ROOT, "tiny-llama3-reference.json"), {"max_new_tokens": 32, "cases": cases})
+    parity_reference("llama3", model, tok)
 
 
 if __name__ == "__main__":
@@ -288,6 +330,8 @@ if __name__ == "__main__":
         smollm2_fixture()
     elif sys.argv[1:] == ["llama3"]:
         llama3_fixture()
+    elif sys.argv[1:] == ["gemma2"]:
+        gemma2_fixture()
     else:
         simpo_fixture()
         hub_fixture()

@@ -1,7 +1,8 @@
-//! Parity with `transformers` (CPU, f32) on a tiny random-weight Llama-3
-//! (real config fields scaled down, Llama-3.1 rope scaling, a trained BPE
-//! tokenizer with Llama-3's special tokens and chat template), made by
-//! `scripts/make_fixtures.py llama3`.
+//! Parity with `transformers` (CPU, f32) on tiny random-weight models of the
+//! real architectures, made by `scripts/make_fixtures.py llama3|gemma2`: real
+//! config fields scaled down (Llama-3.1 rope scaling; Gemma-2 soft-capping,
+//! sliding window shorter than the longer prompts, query_pre_attn_scalar),
+//! a trained BPE tokenizer with the family's special tokens and chat template.
 
 use prefgen::infer::Policy;
 use prefgen::infer::engine::{self, Job, Outcome};
@@ -13,14 +14,12 @@ fn fixtures() -> std::path::PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
 }
 
-fn reference() -> Value {
-    serde_json::from_slice(&std::fs::read(fixtures().join("tiny-llama3-reference.json")).unwrap()).unwrap()
-}
-
-#[test]
-fn tiny_llama3_matches_transformers() {
-    let policy = Policy::load(&fixtures().join("tiny-llama3")).unwrap();
-    let r = reference();
+/// Template text, token ids, last-position logits (within 1e-4) and 32
+/// greedy tokens of every prompt, all prompts decoded in one batch.
+fn matches_transformers(name: &str) {
+    let policy = Policy::load(&fixtures().join(format!("tiny-{name}"))).unwrap();
+    let path = fixtures().join(format!("tiny-{name}-reference.json"));
+    let r: Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
     let cases = r["cases"].as_array().unwrap();
     assert!(cases.len() >= 8);
     let mut jobs = Vec::new();
@@ -40,7 +39,7 @@ fn tiny_llama3_matches_transformers() {
         }
         jobs.push(Job { prompt: ids, stream: Stream::new(0, "") });
     }
-    eprintln!("largest last-position logit difference: {worst:e}");
+    eprintln!("{name}: largest last-position logit difference: {worst:e}");
     assert!(worst <= 1e-4, "last-position logits differ by up to {worst:e}");
     // Every prompt decoded together, prompts of different lengths in one batch.
     let greedy = Sampling { temperature: 0.0, top_p: 1.0 };
@@ -53,4 +52,14 @@ fn tiny_llama3_matches_transformers() {
         }
         assert_eq!(got, Outcome::Done(want), "greedy tokens for {:?}", case["prompt"]);
     }
+}
+
+#[test]
+fn tiny_llama3_matches_transformers() {
+    matches_transformers("llama3");
+}
+
+#[test]
+fn tiny_gemma2_matches_transformers() {
+    matches_transformers("gemma2");
 }

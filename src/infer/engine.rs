@@ -34,7 +34,7 @@ pub fn generate(
 ) -> Result<Vec<Outcome>> {
     struct Active {
         job: usize,
-        cache: crate::infer::models::llama::KvCache,
+        cache: crate::infer::models::decoder::KvCache,
         out: Vec<u32>,
     }
     let model = &policy.model;

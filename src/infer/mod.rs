@@ -10,7 +10,7 @@ pub mod template;
 use anyhow::{Context, Result, bail};
 use candle_core::Device;
 use gguf::GgufFile;
-use models::llama::Llama;
+use models::decoder::Decoder;
 use std::path::Path;
 use template::{ChatTemplate, Turn};
 use tokenizers::Tokenizer;
@@ -21,7 +21,7 @@ const END_OF_TURN: [&str; 4] = ["<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|
 
 /// A policy ready to generate: weights, tokenizer, template and stop tokens.
 pub struct Policy {
-    pub model: Llama,
+    pub model: Decoder,
     tokenizer: Tokenizer,
     template: ChatTemplate,
     /// Token ids that end a response (not part of its text).
@@ -46,7 +46,7 @@ impl Policy {
         let bos = file.u32("tokenizer.ggml.bos_token_id").and_then(|id| file.token(id)).unwrap_or_default();
         let eos_id = file.u32("tokenizer.ggml.eos_token_id")?;
         let template = ChatTemplate::new(&file.chat_template()?, &bos, &file.token(eos_id)?)?;
-        let model = Llama::from_gguf(&file, &Device::Cpu)?;
+        let model = Decoder::from_gguf(&file, &Device::Cpu)?;
         Ok(Policy::assemble(model, tokenizer, template, vec![eos_id]))
     }
 
@@ -61,10 +61,6 @@ impl Policy {
             serde_json::from_str(&text).with_context(|| format!("{}: {name} is not JSON", dir.display()))
         };
         let config = read("config.json")?;
-        let arch = config["architectures"][0].as_str().unwrap_or("");
-        if arch != "LlamaForCausalLM" {
-            bail!("{}: architecture {arch:?} is not supported yet (LlamaForCausalLM is)", dir.display());
-        }
         let tokenizer = Tokenizer::from_file(dir.join("tokenizer.json"))
             .map_err(|e| anyhow::anyhow!("{}: cannot load tokenizer.json: {e}", dir.display()))?;
         let tc = read("tokenizer_config.json")?;
@@ -93,11 +89,11 @@ impl Policy {
             serde_json::Value::Array(ids) => ids.iter().filter_map(|i| i.as_u64()).map(|i| i as u32).collect(),
             v => v.as_u64().map(|i| vec![i as u32]).unwrap_or_default(),
         };
-        let model = Llama::from_safetensors(dir, &Device::Cpu)?;
+        let model = Decoder::from_safetensors(dir, &Device::Cpu)?;
         Ok(Policy::assemble(model, tokenizer, template, stop))
     }
 
-    fn assemble(model: Llama, tokenizer: Tokenizer, template: ChatTemplate, mut stop: Vec<u32>) -> Policy {
+    fn assemble(model: Decoder, tokenizer: Tokenizer, template: ChatTemplate, mut stop: Vec<u32>) -> Policy {
         for marker in END_OF_TURN {
             if let Some(id) = tokenizer.token_to_id(marker)
                 && !stop.contains(&id)

@@ -1,3 +1,3 @@
 //! Model architectures, each in its own file.
 
-pub mod llama;
+pub mod decoder;

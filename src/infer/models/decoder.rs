@@ -1,5 +1,9 @@
-//! Llama (Llama-3 and 3.1 rope scaling; SmolLM2 is one too), from a GGUF file
-//! (quantized weights, CPU) or a hub-layout safetensors folder (dense).
+//! The decoder-only transformers prefgen runs: Llama (Llama-3 and 3.1 rope
+//! scaling; SmolLM2 is one too) and Gemma-2 (embedding scale, pre and post
+//! norms, `query_pre_attn_scalar`, attention and final logit soft-capping,
+//! alternating sliding-window layers, tanh GELU), from a GGUF file (quantized
+//! weights, CPU) or a hub-layout safetensors folder (dense). The variants are
+//! configuration of one backbone, not copies of it.
 //!
 //! Built for batched decoding with exact batch-size invariance: the linear
 //! layers run on the whole batch (a quantized matmul computes each row on its
@@ -28,6 +32,25 @@ pub struct Config {
     /// GGUF files store q and k permuted for interleaved rotary pairs;
     /// hub checkpoints rotate the two halves of each head.
     pub interleaved_rope: bool,
+    /// Attention scores are scaled by this (1/sqrt(head_dim) unless
+    /// Gemma-2's `query_pre_attn_scalar` says otherwise).
+    pub attn_scale: f64,
+    /// Gemma-2: embeddings are multiplied by sqrt(hidden).
+    pub embed_scale: Option<f64>,
+    /// Gemma-2: `cap * tanh(x / cap)` on attention scores and on logits.
+    pub attn_softcap: Option<f64>,
+    pub final_softcap: Option<f64>,
+    /// Gemma-2: how far back sliding-window layers see.
+    pub sliding_window: Option<usize>,
+    pub activation: Activation,
+}
+
+/// The MLP's gate activation.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Activation {
+    Silu,
+    /// `gelu_pytorch_tanh`
+    GeluTanh,
 }
 
 /// Llama-3.1's `rope_scaling` (`rope_type = "llama3"`).
@@ -39,9 +62,18 @@ pub struct RopeScaling {
     pub original_max_position_embeddings: usize,
 }
 
-/// `config.json` of a `LlamaForCausalLM` checkpoint (the fields used here).
+/// `config.json` of a `LlamaForCausalLM` or `Gemma2ForCausalLM` checkpoint
+/// (the fields used here).
 #[derive(Debug, Clone, serde::Deserialize)]
 pub struct HubConfig {
+    #[serde(default)]
+    pub architectures: Vec<String>,
+    pub query_pre_attn_scalar: Option<f64>,
+    pub attn_logit_softcapping: Option<f64>,
+    pub final_logit_softcapping: Option<f64>,
+    pub sliding_window: Option<usize>,
+    /// `sliding_attention` / `full_attention` per layer (transformers >= 5).
+    pub layer_types: Option<Vec<String>>,
     pub hidden_size: usize,
     pub num_hidden_layers: usize,
     pub num_attention_heads: usize,
@@ -73,6 +105,11 @@ impl Linear {
 }
 
 struct Block {
+    /// Gemma-2 normalises the attention and MLP outputs too.
+    post_attn_norm: Option<Tensor>,
+    post_ffn_norm: Option<Tensor>,
+    /// Gemma-2's sliding-window layers.
+    sliding: bool,
     attn_norm: Tensor,
     wq: Linear,
     wk: Linear,
@@ -84,7 +121,7 @@ struct Block {
     down: Linear,
 }
 
-pub struct Llama {
+pub struct Decoder {
     pub cfg: Config,
     embed: Tensor,
     blocks: Vec<Block>,
@@ -101,9 +138,9 @@ pub struct KvCache {
     pub len: usize,
 }
 
-impl Llama {
+impl Decoder {
     /// Loads a GGUF file's weights (quantized matmuls on the CPU).
-    pub fn from_gguf(file: &GgufFile, device: &Device) -> Result<Llama> {
+    pub fn from_gguf(file: &GgufFile, device: &Device) -> Result<Decoder> {
         let cfg = Config {
             n_layer: file.u32("llama.block_count")? as usize,
             n_head: file.u32("llama.attention.head_count")? as usize,
@@ -115,6 +152,12 @@ impl Llama {
             rope_scaling: None,
             context: file.u32("llama.context_length")? as usize,
             interleaved_rope: true,
+            attn_scale: 1.0 / (file.u32("llama.rope.dimension_count")? as f64).sqrt(),
+            embed_scale: None,
+            attn_softcap: None,
+            final_softcap: None,
+            sliding_window: None,
+            activation: Activation::Silu,
         };
         let mut reader = std::fs::File::open(&file.path)?;
         let mut tensor = |name: &str| {
@@ -134,6 +177,9 @@ impl Llama {
         for i in 0..cfg.n_layer {
             let mut q = |n: &str| -> Result<Linear> { matmul(tensor(&format!("blk.{i}.{n}.weight"))?, device) };
             blocks.push(Block {
+                post_attn_norm: None,
+                post_ffn_norm: None,
+                sliding: false,
                 wq: q("attn_q")?,
                 wk: q("attn_k")?,
                 wv: q("attn_v")?,
@@ -147,14 +193,19 @@ impl Llama {
         }
         let norm = dense(tensor("output_norm.weight")?)?;
         let (cos, sin) = rope_tables(&cfg, device)?;
-        Ok(Llama { cfg, embed, blocks, norm, head: matmul(head, device)?, cos, sin })
+        Ok(Decoder { cfg, embed, blocks, norm, head: matmul(head, device)?, cos, sin })
     }
 
     /// Loads a hub-layout folder: `config.json` and `*.safetensors` (one
     /// file, or shards listed by `model.safetensors.index.json`), in f32.
-    pub fn from_safetensors(dir: &Path, device: &Device) -> Result<Llama> {
+    pub fn from_safetensors(dir: &Path, device: &Device) -> Result<Decoder> {
         let text = std::fs::read_to_string(dir.join("config.json")).with_context(|| format!("{}: no config.json", dir.display()))?;
         let hc: HubConfig = serde_json::from_str(&text).with_context(|| format!("{}/config.json", dir.display()))?;
+        let gemma2 = match hc.architectures.first().map(String::as_str) {
+            Some("LlamaForCausalLM") => false,
+            Some("Gemma2ForCausalLM") => true,
+            other => bail!("{}: architecture {other:?} is not supported (LlamaForCausalLM and Gemma2ForCausalLM are)", dir.display()),
+        };
         let params = hc.rope_scaling.as_ref().or(hc.rope_parameters.as_ref()).filter(|v| !v.is_null());
         let rope_scaling = match params.map(|v| (v, v.get("rope_type").or(v.get("type")).and_then(|t| t.as_str()))) {
             Some((v, Some("llama3"))) => Some(serde_json::from_value(v.clone())?),
@@ -165,40 +216,70 @@ impl Llama {
             .rope_theta
             .or_else(|| hc.rope_parameters.as_ref().and_then(|p| p["rope_theta"].as_f64()).map(|t| t as f32))
             .unwrap_or(10_000.0);
+        let head_dim = hc.head_dim.unwrap_or(hc.hidden_size / hc.num_attention_heads);
         let cfg = Config {
             n_layer: hc.num_hidden_layers,
             n_head: hc.num_attention_heads,
             n_kv_head: hc.num_key_value_heads.unwrap_or(hc.num_attention_heads),
-            head_dim: hc.head_dim.unwrap_or(hc.hidden_size / hc.num_attention_heads),
+            head_dim,
             hidden: hc.hidden_size,
             rms_eps: hc.rms_norm_eps as f32,
             rope_base: rope_theta,
             rope_scaling,
             context: hc.max_position_embeddings,
             interleaved_rope: false,
+            attn_scale: 1.0 / hc.query_pre_attn_scalar.unwrap_or(head_dim as f64).sqrt(),
+            embed_scale: gemma2.then(|| (hc.hidden_size as f64).sqrt()),
+            attn_softcap: hc.attn_logit_softcapping.filter(|_| gemma2),
+            final_softcap: hc.final_logit_softcapping.filter(|_| gemma2),
+            sliding_window: hc.sliding_window.filter(|_| gemma2),
+            activation: if gemma2 { Activation::GeluTanh } else { Activation::Silu },
         };
         let weights = Safetensors::open(dir)?;
         let get = |name: &str| -> Result<Tensor> { weights.tensor(name, device) };
+        // Gemma's RMSNorm scales by (1 + w): fold the 1 in once, here.
+        let norm = |name: &str| -> Result<Tensor> {
+            let w = get(name)?;
+            Ok(if gemma2 { (w + 1.0)? } else { w })
+        };
         let dense = |name: &str| -> Result<Linear> { Ok(Linear::Dense(get(name)?)) };
         let mut blocks = Vec::with_capacity(cfg.n_layer);
         for i in 0..cfg.n_layer {
             let p = format!("model.layers.{i}");
+            let sliding = gemma2
+                && match &hc.layer_types {
+                    Some(types) => types.get(i).is_some_and(|t| t == "sliding_attention"),
+                    None => i % 2 == 0,
+                };
+            let (ffn_norm, post_attn_norm, post_ffn_norm) = if gemma2 {
+                (
+                    norm(&format!("{p}.pre_feedforward_layernorm.weight"))?,
+                    Some(norm(&format!("{p}.post_attention_layernorm.weight"))?),
+                    Some(norm(&format!("{p}.post_feedforward_layernorm.weight"))?),
+                )
+            } else {
+                (norm(&format!("{p}.post_attention_layernorm.weight"))?, None, None)
+            };
             blocks.push(Block {
-                attn_norm: get(&format!("{p}.input_layernorm.weight"))?,
+                post_attn_norm,
+                post_ffn_norm,
+                sliding,
+                attn_norm: norm(&format!("{p}.input_layernorm.weight"))?,
                 wq: dense(&format!("{p}.self_attn.q_proj.weight"))?,
                 wk: dense(&format!("{p}.self_attn.k_proj.weight"))?,
                 wv: dense(&format!("{p}.self_attn.v_proj.weight"))?,
                 wo: dense(&format!("{p}.self_attn.o_proj.weight"))?,
-                ffn_norm: get(&format!("{p}.post_attention_layernorm.weight"))?,
+                ffn_norm,
                 gate: dense(&format!("{p}.mlp.gate_proj.weight"))?,
                 up: dense(&format!("{p}.mlp.up_proj.weight"))?,
                 down: dense(&format!("{p}.mlp.down_proj.weight"))?,
             });
         }
         let embed = get("model.embed_tokens.weight")?;
-        let head = if hc.tie_word_embeddings { Linear::Dense(embed.clone()) } else { dense("lm_head.weight")? };
+        let tied = hc.tie_word_embeddings || gemma2;
+        let head = if tied { Linear::Dense(embed.clone()) } else { dense("lm_head.weight")? };
         let (cos, sin) = rope_tables(&cfg, device)?;
-        Ok(Llama { cfg, embed, blocks, norm: get("model.norm.weight")?, head, cos, sin })
+        Ok(Decoder { cfg, embed, blocks, norm: norm("model.norm.weight")?, head, cos, sin })
     }
 
     pub fn new_cache(&self) -> KvCache {
@@ -215,7 +296,10 @@ impl Llama {
         let ids: Vec<u32> = tokens.iter().flat_map(|t| t.iter().copied()).collect();
         let ids = Tensor::from_vec(ids, b * l, device)?;
         let mut x = self.embed.index_select(&ids, 0)?.reshape((b, l, cfg.hidden))?;
-        let scale = 1.0 / (cfg.head_dim as f64).sqrt();
+        if let Some(s) = cfg.embed_scale {
+            // Gemma-2 multiplies by sqrt(hidden) rounded to the activations' dtype.
+            x = (x * (s as f32) as f64)?;
+        }
         for (li, blk) in self.blocks.iter().enumerate() {
             let h = candle_nn::ops::rms_norm(&x, &blk.attn_norm, cfg.rms_eps)?;
             let (q, k, v) = (blk.wq.forward(&h)?, blk.wk.forward(&h)?, blk.wv.forward(&h)?);
@@ -244,26 +328,43 @@ impl Llama {
                 cache.layers[li] = Some((ka.clone(), va.clone()));
                 let rep = cfg.n_head / cfg.n_kv_head;
                 let (kr, vr) = (repeat_kv(&ka, rep)?, repeat_kv(&va, rep)?);
-                let mut att = (qi.matmul(&kr.t()?)? * scale)?;
-                if l > 1 {
-                    att = att.broadcast_add(&causal_mask(l, pos, device)?)?;
+                let mut att = (qi.matmul(&kr.t()?)? * cfg.attn_scale)?;
+                if let Some(cap) = cfg.attn_softcap {
+                    att = ((att / cap)?.tanh()? * cap)?;
+                }
+                let window = cfg.sliding_window.filter(|_| blk.sliding);
+                if l > 1 || window.is_some_and(|w| pos + l > w) {
+                    att = att.broadcast_add(&attention_mask(l, pos, window, device)?)?;
                 }
                 let att = candle_nn::ops::softmax_last_dim(&att)?;
                 let o = att.matmul(&vr)?;
                 outs.push(o.transpose(1, 2)?.reshape((1, l, cfg.n_head * cfg.head_dim))?);
             }
-            let o = Tensor::cat(&outs, 0)?;
-            x = (x + blk.wo.forward(&o)?)?;
+            let post = |t: Tensor, norm: &Option<Tensor>| match norm {
+                Some(w) => candle_nn::ops::rms_norm(&t, w, cfg.rms_eps),
+                None => Ok(t),
+            };
+            let o = blk.wo.forward(&Tensor::cat(&outs, 0)?)?;
+            x = (x + post(o, &blk.post_attn_norm)?)?;
             let h = candle_nn::ops::rms_norm(&x, &blk.ffn_norm, cfg.rms_eps)?;
-            let mlp = blk.down.forward(&(blk.gate.forward(&h)?.silu()? * blk.up.forward(&h)?)?)?;
-            x = (x + mlp)?;
+            let gate = blk.gate.forward(&h)?;
+            let gate = match cfg.activation {
+                Activation::Silu => gate.silu()?,
+                Activation::GeluTanh => gate.gelu()?,
+            };
+            let mlp = blk.down.forward(&(gate * blk.up.forward(&h)?)?)?;
+            x = (x + post(mlp, &blk.post_ffn_norm)?)?;
         }
         for cache in caches.iter_mut() {
             cache.len += l;
         }
         let last = x.narrow(1, l - 1, 1)?.squeeze(1)?;
         let h = candle_nn::ops::rms_norm(&last, &self.norm, cfg.rms_eps)?;
-        Ok(self.head.forward(&h)?.to_dtype(DType::F32)?)
+        let logits = self.head.forward(&h)?.to_dtype(DType::F32)?;
+        Ok(match cfg.final_softcap {
+            Some(cap) => ((logits / cap)?.tanh()? * cap)?,
+            None => logits,
+        })
     }
 }
 
@@ -354,10 +455,18 @@ fn repeat_kv(x: &Tensor, rep: usize) -> candle_core::Result<Tensor> {
     x.unsqueeze(2)?.expand((b, n, rep, t, d))?.reshape((b, n * rep, t, d))
 }
 
-/// `-inf` where query `i` (at position `pos + i`) would see a later key.
-fn causal_mask(l: usize, pos: usize, device: &Device) -> candle_core::Result<Tensor> {
+/// `-inf` where query `i` (at position `pos + i`) must not see key `j`: a
+/// later key, or (with a sliding window) one `window` or more positions back.
+fn attention_mask(l: usize, pos: usize, window: Option<usize>, device: &Device) -> candle_core::Result<Tensor> {
     let t = pos + l;
-    let mask: Vec<f32> = (0..l).flat_map(|i| (0..t).map(move |j| if j > pos + i { f32::NEG_INFINITY } else { 0.0 })).collect();
+    let mask: Vec<f32> = (0..l)
+        .flat_map(|i| {
+            (0..t).map(move |j| {
+                let q = pos + i;
+                let hidden = j > q || window.is_some_and(|w| q - j >= w);
+                if hidden { f32::NEG_INFINITY } else { 0.0 }
+            })
+        })
+        .collect();
     Tensor::from_vec(mask, (l, t), device)
 }
-
