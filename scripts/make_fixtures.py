@@ -211,8 +211,10 @@ def smollm2_fixture():
 
 
 def train_tokenizer(specials):
-    """A small byte-level BPE trained on real prompts, with a family's special tokens."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    """A small byte-level BPE trained on real prompts, with a family's special
+    tokens; like the real ones, it adds the BOS (the third special here is
+    named first) when asked for special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     texts = []
     for name in ("mt_bench_questions.jsonl", "vicuna_bench_questions.jsonl"):
@@ -225,6 +227,8 @@ def train_tokenizer(specials):
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(texts, trainer)
+    bos = specials[0] if specials[0].startswith("<|begin") else "<bos>"
+    tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.token_to_id(bos))])
     return tok
 
 
@@ -255,7 +259,11 @@ def parity_reference(name, model, tok):
             top = torch.topk(step[0], 2).values
             margin = min(margin, float(top[0] - top[1]))
         new = gen.sequences[0, input_ids.shape[1]:].tolist()
-        cases.append({"prompt": prompt, "text": text, "input_ids": input_ids[0].tolist(), "logits": logits.tolist(), "generated": new})
+        # What SimPO's decode.py fed vLLM: the template string tokenized again
+        # with special tokens, hence a second BOS.
+        vllm_ids = tok(text, add_special_tokens=True).input_ids
+        cases.append({"prompt": prompt, "text": text, "input_ids": input_ids[0].tolist(), "vllm_input_ids": vllm_ids,
+                      "logits": logits.tolist(), "generated": new})
     print(f"{name}: smallest greedy top-1 margin {margin:.2e} (a tie would make the test fragile)")
     dump(os.path.join(ROOT, f"tiny-{name}-reference.json"), {"max_new_tokens": 32, "cases": cases})
 

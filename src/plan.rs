@@ -144,6 +144,7 @@ impl Graph {
                             ("generate.temperature".into(), json!(g.temperature)),
                             ("generate.top_p".into(), json!(g.top_p)),
                             ("generate.max_tokens".into(), json!(g.max_tokens)),
+                            ("generate.vllm_compat".into(), json!(g.vllm_compat)),
                             ("generate.sampler_version".into(), json!(generate::SAMPLER_VERSION)),
                         ]);
                         (params, BTreeMap::from([("generate.model".into(), path)]))

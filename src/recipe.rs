@@ -72,6 +72,11 @@ pub struct Generate {
     /// Prompts per cached unit of work.
     #[serde(default = "default_shard_size")]
     pub shard_size: usize,
+    /// Tokenize the rendered template with special tokens added, as SimPO's
+    /// decode.py fed vLLM (a second BOS for Llama-3 and Gemma-2), to
+    /// reproduce the published datasets exactly.
+    #[serde(default)]
+    pub vllm_compat: bool,
     /// Read SimPO decode files instead of sampling; `{seed}` (and `{split}` when
     /// there are several splits) are replaced.
     pub import: Option<String>,

@@ -292,6 +292,7 @@ fn sample_shards(walk: &Walk, models: &Models, idx: usize, material: &KeyMateria
         max_tokens: g.max_tokens as usize,
         batch_size: g.batch_size,
         seed: node.seed.expect("generate nodes have a seed"),
+        vllm_compat: g.vllm_compat,
     };
     let chunks: Vec<&[String]> = prompts.chunks(g.shard_size).collect();
     let bar = Progress::new(&label, prompts.len());

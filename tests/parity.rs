@@ -27,9 +27,12 @@ fn matches_transformers(name: &str) {
     for case in cases {
         let text = policy.format_prompt(case["prompt"].as_str().unwrap()).unwrap();
         assert_eq!(text, case["text"].as_str().unwrap(), "chat template");
-        let ids = policy.encode(&text).unwrap();
+        let ids = policy.encode(&text, false).unwrap();
         let want: Vec<u32> = serde_json::from_value(case["input_ids"].clone()).unwrap();
         assert_eq!(ids, want, "tokens of {text:?}");
+        let vllm: Vec<u32> = serde_json::from_value(case["vllm_input_ids"].clone()).unwrap();
+        assert_eq!(policy.encode(&text, true).unwrap(), vllm, "vLLM-compatible tokens of {text:?}");
+        assert_eq!(vllm[0], vllm[1], "a second BOS");
         let mut cache = policy.model.new_cache();
         let logits = policy.model.forward(&[&ids], &mut [&mut cache]).unwrap().to_vec2::<f32>().unwrap().remove(0);
         let want: Vec<f32> = serde_json::from_value(case["logits"].clone()).unwrap();

@@ -110,9 +110,11 @@ impl Policy {
         self.template.render(&[Turn { role: "user", content: prompt }], true)
     }
 
-    /// Token ids of a rendered prompt (its special tokens come from the template).
-    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        let enc = self.tokenizer.encode(text, false).map_err(|e| anyhow::anyhow!("tokenizing: {e}"))?;
+    /// Token ids of a rendered prompt. Its special tokens come from the
+    /// template; `add_special_tokens` adds the tokenizer's own again (a second
+    /// BOS), as SimPO's decode.py did through vLLM.
+    pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
+        let enc = self.tokenizer.encode(text, add_special_tokens).map_err(|e| anyhow::anyhow!("tokenizing: {e}"))?;
         Ok(enc.get_ids().to_vec())
     }
 

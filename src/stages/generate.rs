@@ -64,6 +64,7 @@ pub struct Params {
     pub max_tokens: usize,
     pub batch_size: usize,
     pub seed: u64,
+    pub vllm_compat: bool,
 }
 
 /// Samples one response per prompt. Prompts that leave no room in the model's
@@ -73,7 +74,7 @@ pub fn sample(prompts: &[String], policy: &Policy, p: &Params, progress: impl Fn
     let mut jobs = Vec::with_capacity(prompts.len());
     for prompt in prompts {
         let text = policy.format_prompt(prompt)?;
-        jobs.push(Job { prompt: policy.encode(&text)?, stream: Stream::new(p.seed, prompt) });
+        jobs.push(Job { prompt: policy.encode(&text, p.vllm_compat)?, stream: Stream::new(p.seed, prompt) });
         formatted.push(text);
     }
     let outcomes = engine::generate(policy, jobs, p.sampling, p.max_tokens, p.batch_size, progress)?;
