@@ -132,13 +132,7 @@ impl Graph {
                         (BTreeMap::from([("generate.seed".into(), json!(seed))]), BTreeMap::from([("generate.import".into(), file)]))
                     }
                     (None, Some(model)) => {
-                        let path = PathBuf::from(model);
-                        if !path.exists() {
-                            bail!(
-                                "generate.model: {model} is not a local .gguf file or model folder \
-                                 (hub ids are not supported yet)"
-                            );
-                        }
+                        let path = model_path(model, g.revision.as_deref())?;
                         let params = BTreeMap::from([
                             ("generate.seed".into(), json!(seed)),
                             ("generate.temperature".into(), json!(g.temperature)),
@@ -221,6 +215,40 @@ impl Graph {
     pub fn ref_name(&self, idx: usize) -> String {
         format!("{}/{}", self.recipe.name, self.nodes[idx].label())
     }
+}
+
+/// A model as a local path: a `.gguf` file or folder as given, or a hub id
+/// resolved to its snapshot folder in the Hugging Face cache (downloaded
+/// there unless `HF_HUB_OFFLINE` is set).
+fn model_path(model: &str, revision: Option<&str>) -> Result<PathBuf> {
+    let path = PathBuf::from(model);
+    if path.exists() {
+        return Ok(path);
+    }
+    if !crate::recipe::looks_like_hub_id(model) {
+        bail!("generate.model: {model} does not exist (a .gguf file, a model folder, or a hub id)");
+    }
+    let revision = revision.unwrap_or("main");
+    let wanted = |files: &[String]| -> Result<Vec<String>> {
+        let wanted: Vec<String> = files
+            .iter()
+            .filter(|f| {
+                matches!(
+                    f.as_str(),
+                    "config.json" | "generation_config.json" | "tokenizer.json" | "tokenizer_config.json" | "chat_template.jinja"
+                ) || f.ends_with(".safetensors")
+                    || f.as_str() == "model.safetensors.index.json"
+            })
+            .cloned()
+            .collect();
+        if !wanted.iter().any(|f| f == "config.json") {
+            bail!("generate.model: {model}@{revision} has no config.json");
+        }
+        Ok(wanted)
+    };
+    let (snapshot, _) = crate::hub::snapshot(hf_hub::RepoType::Model, model, revision, wanted)
+        .map_err(|e| anyhow::anyhow!("generate.model: {e:#}"))?;
+    Ok(snapshot.dir)
 }
 
 /// Whether a node's output is in the cache.

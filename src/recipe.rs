@@ -330,13 +330,14 @@ impl Recipe {
 }
 
 /// `org/name`: how a hub id differs from a local path that does not exist.
-fn looks_like_hub_id(s: &str) -> bool {
+pub fn looks_like_hub_id(s: &str) -> bool {
     let parts: Vec<&str> = s.split('/').collect();
     parts.len() == 2
         && parts.iter().all(|p| !p.is_empty() && p.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)))
         && !s.ends_with(".json")
         && !s.ends_with(".jsonl")
         && !s.ends_with(".parquet")
+        && !s.ends_with(".gguf")
 }
 
 fn valid_split_name(s: &str) -> bool {

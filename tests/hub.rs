@@ -63,3 +63,50 @@ fn hub_prompts_are_read_sorted_and_unique() {
     let prompts: Vec<String> = prefgen::formats::simpo::parse_rows(&out.files[0].1, "prompts").unwrap();
     assert_eq!(prompts, ["test_prefs prompt 0", "test_prefs prompt 1", "test_prefs prompt 2"]);
 }
+
+/// A model snapshot as the HF cache stores one: blobs named by sha256,
+/// snapshot entries linking to them, refs/main naming the commit.
+fn model_cache(root: &std::path::Path, src: &std::path::Path) {
+    use sha2::{Digest, Sha256};
+    let repo = root.join("hub/models--prefgen-test--tiny-llama3");
+    let commit = "89abcdef0123456789abcdef0123456789abcdef";
+    let snap = repo.join("snapshots").join(commit);
+    std::fs::create_dir_all(&snap).unwrap();
+    std::fs::create_dir_all(repo.join("blobs")).unwrap();
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), commit).unwrap();
+    for entry in std::fs::read_dir(src).unwrap() {
+        let path = entry.unwrap().path();
+        let bytes = std::fs::read(&path).unwrap();
+        let blob: String = Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect();
+        std::fs::write(repo.join("blobs").join(&blob), &bytes).unwrap();
+        std::os::unix::fs::symlink(format!("../../blobs/{blob}"), snap.join(path.file_name().unwrap())).unwrap();
+    }
+}
+
+#[test]
+fn a_hub_model_id_resolves_through_the_cache_offline() {
+    let p = Project::new();
+    model_cache(&p.path("hf"), &fixtures().join("tiny-llama3"));
+    p.write("prompts.jsonl", "{\"prompt\": \"Hi\"}\n{\"prompt\": \"List three prime numbers.\"}\n");
+    let recipe = p.write(
+        "r.toml",
+        "name = \"hubmodel\"\n[prompts]\ndataset = \"prompts.jsonl\"\n[generate]\nmodel = \"prefgen-test/tiny-llama3\"\nrevision = \"main\"\nseeds = [1]\ntemperature = 0.0\nmax_tokens = 8\n[annotate]\nimport = \"x.json\"\n[export]\ndir = \"out\"\n",
+    );
+    let run = |args: &[&str]| {
+        let mut c = p.command(args);
+        c.env("HF_HOME", p.path("hf")).env_remove("HF_HUB_CACHE");
+        Run(c.output().unwrap())
+    };
+    let first = run(&["run", recipe.to_str().unwrap(), "generate"]);
+    assert!(first.0.status.success(), "{}", first.stderr());
+    let rows: Vec<serde_json::Value> = serde_json::from_slice(&std::fs::read(p.path("out/output_1.json")).unwrap()).unwrap();
+    assert_eq!(rows.len(), 2);
+    assert!(rows[0]["format_prompt"].as_str().unwrap().starts_with("<|begin_of_text|><|start_header_id|>user"));
+    // The model's identity is stable: nothing to rebuild.
+    let second = run(&["run", recipe.to_str().unwrap(), "generate"]);
+    assert!(second.built().is_empty(), "{}", second.stderr());
+    // A revision the cache lacks is a clear offline error.
+    let missing = run(&["run", recipe.to_str().unwrap(), "generate", "--set", "generate.revision=v9"]);
+    assert!(missing.stderr().contains("generate.model: model prefgen-test/tiny-llama3 at revision v9 is not in the Hugging Face cache"), "{}", missing.stderr());
+}

@@ -209,7 +209,16 @@ impl Cache {
         }
         let mut parts = Vec::new();
         for rel in crate::hub::list_files(path)? {
-            parts.push((self.file_digest(&path.join(&rel))?, rel));
+            let file = path.join(&rel);
+            // A hub snapshot links each file to blobs/<sha256 or git sha>: the
+            // hub's own record of its contents, free to read.
+            let identity = match std::fs::read_link(&file) {
+                Ok(target) if target.parent().and_then(|p| p.file_name()).is_some_and(|n| n == "blobs") => {
+                    target.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+                }
+                _ => self.file_digest(&file)?.to_hex(),
+            };
+            parts.push((identity, rel));
         }
         Ok(Digest::of_json(&parts))
     }
