@@ -31,9 +31,10 @@ demo: setup
 test: pydeps models
 	$(CARGO) test
 
-## bench: post-processing and export at the published datasets' size
-bench:
+## bench: post-processing and export at the published datasets' size; generation throughput
+bench: models
 	$(CARGO) bench --bench pipeline
+	$(CARGO) bench --bench generate
 
 ## fixtures: regenerate the committed test fixtures
 fixtures:
