@@ -76,7 +76,9 @@ fn store_all(cache: &Cache, queue: Receiver<Store>) -> Result<()> {
 }
 
 fn run_once(graph: &Graph, cache: &Cache, selected: &[bool]) -> Result<Summary> {
-    let (queue, pending) = sync_channel::<Store>(1);
+    // A rendezvous: at most one node is being stored while the next is
+    // computed, which bounds the bytes held in memory.
+    let (queue, pending) = sync_channel::<Store>(0);
     let (mut summary, entries, fresh_objects) = std::thread::scope(|scope| {
         let storer = scope.spawn(|| store_all(cache, pending));
         let built = build_all(graph, cache, selected, queue);
