@@ -14,13 +14,15 @@ fn main() {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
     let model = root.join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
     let policy = Policy::load(&model).expect("run `make models` first");
-    let questions = std::fs::read_to_string(root.join("../shared/data/mt_bench_questions.jsonl")).expect("../shared/data");
+    let questions =
+        std::fs::read_to_string(root.join("../shared/data/mt_bench_questions.jsonl")).expect("../shared/data");
     let prompts: Vec<String> = questions
         .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
         .filter_map(|q| q["turns"][0].as_str().map(str::to_string))
         .collect();
-    let encoded: Vec<Vec<u32>> = prompts.iter().map(|p| policy.encode(&policy.format_prompt(p).unwrap(), false).unwrap()).collect();
+    let encoded: Vec<Vec<u32>> =
+        prompts.iter().map(|p| policy.encode(&policy.format_prompt(p).unwrap(), false).unwrap()).collect();
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     println!("\ngeneration, SmolLM2-135M-Instruct Q4_1 (re-quantized to Q8_0), {threads} threads, CPU\n");
     println!("| batch | prompts | prompt tokens/s | generated tokens | generated tokens/s |");
@@ -36,10 +38,16 @@ fn main() {
             prompt_tokens += ids.len();
         }
         let prefill = prompt_tokens as f64 / t.elapsed().as_secs_f64();
-        let work: Vec<Job> = prompts.iter().zip(&encoded).take(n).map(|(p, ids)| Job { prompt: ids.clone(), stream: Stream::new(13, p) }).collect();
+        let work: Vec<Job> = prompts
+            .iter()
+            .zip(&encoded)
+            .take(n)
+            .map(|(p, ids)| Job { prompt: ids.clone(), stream: Stream::new(13, p) })
+            .collect();
         let mut generated = 0;
         let t = Instant::now();
-        engine::generate(&policy, work, Sampling { temperature: 0.8, top_p: 0.95 }, 32, batch, |k| generated += k).unwrap();
+        engine::generate(&policy, work, Sampling { temperature: 0.8, top_p: 0.95 }, 32, batch, |k| generated += k)
+            .unwrap();
         let rate = generated as f64 / t.elapsed().as_secs_f64();
         println!("| {batch} | {n} | {prefill:.0} | {generated} | {rate:.1} |");
     }

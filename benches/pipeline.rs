@@ -39,7 +39,9 @@ fn main() {
     let (noop, _) = time(&["run", r]);
     let (plan, _) = time(&["plan", r]);
     let rss = peak_rss_mib();
-    let input_mb: u64 = std::fs::read_dir(p.path("syn/gens")).unwrap().map(|e| e.unwrap().metadata().unwrap().len()).sum::<u64>() / 1_000_000;
+    let input_mb: u64 =
+        std::fs::read_dir(p.path("syn/gens")).unwrap().map(|e| e.unwrap().metadata().unwrap().len()).sum::<u64>()
+            / 1_000_000;
     println!("\npost-processing and export, {prompts} prompts x 5 seeds ({input_mb} MB of decode files), 2-core CPU\n");
     println!("| measure                          | result   | target   |      |");
     println!("|----------------------------------|----------|----------|------|");
@@ -50,5 +52,10 @@ fn main() {
     row("full post-processing and export", full, "s", 10.0);
     row("no-op rerun", noop, "s", 0.5);
     row("plan", plan, "s", 0.5);
-    println!("| {:<32} | {:>5.0} MiB | <= 2048 MiB | {:<4} |", "peak RSS (largest run)", rss, if rss <= 2048.0 { "ok" } else { "MISS" });
+    println!(
+        "| {:<32} | {:>5.0} MiB | <= 2048 MiB | {:<4} |",
+        "peak RSS (largest run)",
+        rss,
+        if rss <= 2048.0 { "ok" } else { "MISS" }
+    );
 }

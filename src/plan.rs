@@ -26,7 +26,8 @@ pub enum Stage {
 }
 
 impl Stage {
-    pub const ALL: [Stage; 6] = [Stage::Prompts, Stage::Generate, Stage::Filter, Stage::Annotate, Stage::Binarize, Stage::Export];
+    pub const ALL: [Stage; 6] =
+        [Stage::Prompts, Stage::Generate, Stage::Filter, Stage::Annotate, Stage::Binarize, Stage::Export];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -101,6 +102,11 @@ impl Graph {
         };
         let (g, a) = (&recipe.generate, &recipe.annotate);
         let mut export_reads = Vec::new();
+        // Resolved once: a hub id may mean a call to the hub.
+        let policy = match (&g.import, &g.model) {
+            (None, Some(model)) => Some(model_path(model, g.revision.as_deref())?),
+            _ => None,
+        };
         for spec in &splits {
             let split = Some(spec.name.clone());
             let out_dir = recipe.json_dir(&spec.name);
@@ -129,10 +135,13 @@ impl Graph {
                 let (params, files) = match (&g.import, &g.model) {
                     (Some(pattern), _) => {
                         let file = PathBuf::from(generate::import_path(pattern, seed, &spec.name));
-                        (BTreeMap::from([("generate.seed".into(), json!(seed))]), BTreeMap::from([("generate.import".into(), file)]))
+                        (
+                            BTreeMap::from([("generate.seed".into(), json!(seed))]),
+                            BTreeMap::from([("generate.import".into(), file)]),
+                        )
                     }
-                    (None, Some(model)) => {
-                        let path = model_path(model, g.revision.as_deref())?;
+                    (None, Some(_)) => {
+                        let path = policy.clone().expect("resolved above when generate.model is set");
                         let params = BTreeMap::from([
                             ("generate.seed".into(), json!(seed)),
                             ("generate.temperature".into(), json!(g.temperature)),
@@ -158,7 +167,9 @@ impl Graph {
                 BTreeMap::new(),
             ));
             let files = match &a.import {
-                Some(pattern) => BTreeMap::from([("annotate.import".into(), PathBuf::from(pattern.replace("{split}", &spec.name)))]),
+                Some(pattern) => {
+                    BTreeMap::from([("annotate.import".into(), PathBuf::from(pattern.replace("{split}", &spec.name)))])
+                }
                 None => BTreeMap::new(),
             };
             let an = push(node(Stage::Annotate, None, vec![p, f], BTreeMap::new(), files));
@@ -235,7 +246,11 @@ fn model_path(model: &str, revision: Option<&str>) -> Result<PathBuf> {
             .filter(|f| {
                 matches!(
                     f.as_str(),
-                    "config.json" | "generation_config.json" | "tokenizer.json" | "tokenizer_config.json" | "chat_template.jinja"
+                    "config.json"
+                        | "generation_config.json"
+                        | "tokenizer.json"
+                        | "tokenizer_config.json"
+                        | "chat_template.jinja"
                 ) || f.ends_with(".safetensors")
                     || f.as_str() == "model.safetensors.index.json"
             })

@@ -199,9 +199,8 @@ impl Recipe {
             for item in overrides {
                 apply_override(&mut table, item)?;
             }
-            Recipe::deserialize(toml::Value::Table(table)).map_err(|e| {
-                anyhow!("{shown}: with --set {}: {}", overrides.join(" --set "), e.message().trim())
-            })?
+            Recipe::deserialize(toml::Value::Table(table))
+                .map_err(|e| anyhow!("{shown}: with --set {}: {}", overrides.join(" --set "), e.message().trim()))?
         };
         recipe.validate().map_err(|(key, msg)| {
             let origin = if overrides.iter().any(|o| o.split('=').next() == Some(key.as_str())) {
@@ -317,7 +316,9 @@ impl Recipe {
             None => PromptSource::Local { path: PathBuf::from(split.unwrap_or_default()), split: None },
         };
         match &p.splits {
-            Some(map) => map.iter().map(|(name, src)| SplitSpec { name: name.clone(), source: source(Some(src)) }).collect(),
+            Some(map) => {
+                map.iter().map(|(name, src)| SplitSpec { name: name.clone(), source: source(Some(src)) }).collect()
+            }
             None => vec![SplitSpec { name: "train".into(), source: source(p.split.as_deref()) }],
         }
     }
@@ -347,9 +348,7 @@ fn valid_split_name(s: &str) -> bool {
 /// Applies one `--set section.key=value`: the value is a TOML value when it parses
 /// as one, otherwise a bare string (so paths need no quotes).
 fn apply_override(table: &mut toml::Table, item: &str) -> Result<()> {
-    let (key, raw) = item
-        .split_once('=')
-        .ok_or_else(|| anyhow!("--set {item}: expected section.key=value"))?;
+    let (key, raw) = item.split_once('=').ok_or_else(|| anyhow!("--set {item}: expected section.key=value"))?;
     let value = toml::from_str::<toml::Table>(&format!("v = {raw}"))
         .ok()
         .and_then(|mut t| t.remove("v"))
@@ -361,9 +360,7 @@ fn apply_override(table: &mut toml::Table, item: &str) -> Result<()> {
     let mut cur = table;
     for part in &path[..path.len() - 1] {
         let entry = cur.entry(part.to_string()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
-        cur = entry
-            .as_table_mut()
-            .ok_or_else(|| anyhow!("--set {item}: {part} is a value, not a section"))?;
+        cur = entry.as_table_mut().ok_or_else(|| anyhow!("--set {item}: {part} is a value, not a section"))?;
     }
     cur.insert(path[path.len() - 1].to_string(), value);
     Ok(())
@@ -399,10 +396,7 @@ fn locate(text: &str, key: &str) -> Option<usize> {
             if current == key {
                 return Some(i + 1);
             }
-        } else if current == section
-            && t.split('=').next().map(str::trim) == Some(leaf)
-            && t.contains('=')
-        {
+        } else if current == section && t.split('=').next().map(str::trim) == Some(leaf) && t.contains('=') {
             return Some(i + 1);
         }
     }
@@ -523,10 +517,15 @@ dir = "out"
 
     #[test]
     fn hub_ids_and_local_paths() {
-        let r = load(&BASE.replace("p.jsonl", "HuggingFaceH4/ultrafeedback_binarized"), &["prompts.split=train_prefs"]).unwrap();
+        let r = load(&BASE.replace("p.jsonl", "HuggingFaceH4/ultrafeedback_binarized"), &["prompts.split=train_prefs"])
+            .unwrap();
         assert_eq!(
             r.splits()[0].source,
-            PromptSource::Hub { id: "HuggingFaceH4/ultrafeedback_binarized".into(), revision: "main".into(), split: "train_prefs".into() }
+            PromptSource::Hub {
+                id: "HuggingFaceH4/ultrafeedback_binarized".into(),
+                revision: "main".into(),
+                split: "train_prefs".into()
+            }
         );
     }
 }

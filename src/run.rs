@@ -3,25 +3,26 @@
 //!
 //! Storing is write-behind: a second thread writes each node's objects
 //! (fsynced) and then its action entry, still holding the node's build lock,
-//! while this thread computes the next node from the outputs it keeps in
-//! memory. Outputs leave memory once every node that reads them is done.
+//! while this thread computes the next node from the rows it keeps in
+//! memory (typed, so they are not parsed again). Rows leave memory once
+//! every node that reads them is done.
 
 use crate::cache::tier::{FILE_MODE, write_atomic_in};
 use crate::cache::{ActionEntry, BuildLock, Cache, KeyMaterial, OutputFile};
+use crate::digest::Digest;
 use crate::formats::pyjson;
+use crate::formats::simpo::{self, DecodeRow, FilteredRow, ScoredRow};
 use crate::infer::Policy;
 use crate::infer::sampler::Sampling;
-use crate::digest::Digest;
 use crate::plan::{Freshness, Graph, Stage, Walk};
-use crate::formats::simpo::{self, DecodeRow, FilteredRow, ScoredRow};
 use crate::stages::{Rows, StageOutput, annotate, binarize, export, filter, generate, prompts};
-use serde::de::DeserializeOwned;
 use anyhow::{Context, Result, bail};
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use std::cell::RefCell;
-use std::rc::Rc;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::time::{Instant, SystemTime};
@@ -126,7 +127,8 @@ fn build_all(graph: &Graph, cache: &Cache, selected: &[bool], queue: SyncSender<
         }
         eprintln!("building {label}: {reason}");
         let started = Instant::now();
-        let mut output = build_node(&walk, &memory, &models, idx, &material).with_context(|| format!("building {label}"))?;
+        let mut output =
+            build_node(&walk, &memory, &models, idx, &material).with_context(|| format!("building {label}"))?;
         let mut outputs = Vec::with_capacity(output.files.len());
         let mut files = Vec::with_capacity(output.files.len());
         for (path, bytes) in std::mem::take(&mut output.files) {
@@ -197,10 +199,18 @@ fn describe_stats(entry: &ActionEntry) -> String {
 
 /// The rows of output `path` of node `dep`: handed over in memory when this
 /// run built it, else parsed from the cache object, verified.
-fn read_rows<T: DeserializeOwned + Send + Sync + 'static>(walk: &Walk, memory: &Outputs, dep: usize, path: &str) -> Result<Arc<Vec<T>>> {
+fn read_rows<T: DeserializeOwned + Send + Sync + 'static>(
+    walk: &Walk,
+    memory: &Outputs,
+    dep: usize,
+    path: &str,
+) -> Result<Arc<Vec<T>>> {
     let entry = walk.entries[dep].as_ref().expect("deps are resolved before their users");
     if let Some(rows) = memory.rows.borrow().get(&dep) {
-        return rows.clone().downcast::<Vec<T>>().map_err(|_| anyhow::anyhow!("{}: rows of an unexpected type", entry.node));
+        return rows
+            .clone()
+            .downcast::<Vec<T>>()
+            .map_err(|_| anyhow::anyhow!("{}: rows of an unexpected type", entry.node));
     }
     let out = entry.output(path).with_context(|| format!("{} has no output {path}", entry.node))?;
     match walk.cache.get_object(&out.digest)? {
@@ -222,9 +232,10 @@ impl Progress {
     fn new(label: &str, prompts: usize) -> Progress {
         use std::io::IsTerminal;
         let bar = std::io::stderr().is_terminal().then(|| {
-            let style = indicatif::ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} prompts, {msg}, ETA {eta}")
-                .expect("the template is valid")
-                .progress_chars("=> ");
+            let style =
+                indicatif::ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} prompts, {msg}, ETA {eta}")
+                    .expect("the template is valid")
+                    .progress_chars("=> ");
             indicatif::ProgressBar::new(prompts as u64).with_style(style).with_prefix(label.to_string())
         });
         Progress { bar, started: Instant::now(), tokens: 0.into(), done: 0.into() }
@@ -284,7 +295,13 @@ impl Models {
 /// prompt list). Each shard is its own cache entry, built under its own lock,
 /// so a crash loses at most the shard in flight and processes sharing a cache
 /// split the work.
-fn sample_shards(walk: &Walk, models: &Models, idx: usize, material: &KeyMaterial, prompts: &[String]) -> Result<StageOutput> {
+fn sample_shards(
+    walk: &Walk,
+    models: &Models,
+    idx: usize,
+    material: &KeyMaterial,
+    prompts: &[String],
+) -> Result<StageOutput> {
     let node = &walk.graph.nodes[idx];
     let g = &walk.graph.recipe.generate;
     let cache = walk.cache;
@@ -340,9 +357,18 @@ fn sample_shards(walk: &Walk, models: &Models, idx: usize, material: &KeyMateria
                         let mut stats = BTreeMap::new();
                         stats.insert("skipped_too_long".to_string(), (skipped as u64).into());
                         let out = OutputFile { path: "shard.json".into(), digest, size: bytes.len() as u64 };
-                        cache.put_action(&ActionEntry { material: shard, node: what.clone(), outputs: vec![out], stats })?;
+                        cache.put_action(&ActionEntry {
+                            material: shard,
+                            node: what.clone(),
+                            outputs: vec![out],
+                            stats,
+                        })?;
                         // Only now is the shard safe from a crash.
-                        bar.log(&format!("{what}: {} responses, {tokens} tokens in {secs:.1}s ({:.1} tokens/s)", shard_rows.len(), tokens as f64 / secs));
+                        bar.log(&format!(
+                            "{what}: {} responses, {tokens} tokens in {secs:.1}s ({:.1} tokens/s)",
+                            shard_rows.len(),
+                            tokens as f64 / secs
+                        ));
                         (shard_rows, skipped as u64)
                     }
                 }
@@ -353,10 +379,18 @@ fn sample_shards(walk: &Walk, models: &Models, idx: usize, material: &KeyMateria
     }
     bar.finish();
     let n = rows.len();
-    Ok(StageOutput::rows(&generate::file_name(params.seed), rows)?.stat("responses", n).stat("skipped_too_long", skipped))
+    Ok(StageOutput::rows(&generate::file_name(params.seed), rows)?
+        .stat("responses", n)
+        .stat("skipped_too_long", skipped))
 }
 
-fn build_node(walk: &Walk, memory: &Outputs, models: &Models, idx: usize, material: &KeyMaterial) -> Result<StageOutput> {
+fn build_node(
+    walk: &Walk,
+    memory: &Outputs,
+    models: &Models,
+    idx: usize,
+    material: &KeyMaterial,
+) -> Result<StageOutput> {
     let graph = walk.graph;
     let node = &graph.nodes[idx];
     let recipe = &graph.recipe;
@@ -454,12 +488,11 @@ fn materialise(
 ) -> Result<usize> {
     let dir = PathBuf::from(&graph.recipe.export.dir);
     let tmp = dir.join(".prefgen/tmp");
-    let unwritable = |e: &dyn std::fmt::Display| anyhow::anyhow!("export.dir {}: cannot write there: {e}", dir.display());
+    let unwritable =
+        |e: &dyn std::fmt::Display| anyhow::anyhow!("export.dir {}: cannot write there: {e}", dir.display());
     std::fs::create_dir_all(dir.join(".prefgen")).map_err(|e| unwritable(&e))?;
-    let old: Manifest = std::fs::read(dir.join(MANIFEST))
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok())
-        .unwrap_or_default();
+    let old: Manifest =
+        std::fs::read(dir.join(MANIFEST)).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
     let mut new = Manifest::default();
     let mut written = 0;
     for (idx, node) in graph.nodes.iter().enumerate().filter(|(i, _)| selected[*i]) {
@@ -478,14 +511,16 @@ fn materialise(
             let linked = if unchanged {
                 old.files[&rel].linked
             } else {
-                std::fs::create_dir_all(dest.parent().expect("files are inside export.dir")).map_err(|e| unwritable(&e))?;
+                std::fs::create_dir_all(dest.parent().expect("files are inside export.dir"))
+                    .map_err(|e| unwritable(&e))?;
                 let placed = cache
                     .materialise(&out.digest, &dest, &tmp, fresh_objects.contains(&out.digest))
                     .map_err(|e| unwritable(&e))?;
                 written += 1;
                 placed.ok_or_else(|| Damaged(out.digest.short(), entry.node.clone()))?
             };
-            let (size, mtime_ns) = size_mtime(&dest).with_context(|| format!("{} vanished after writing", dest.display()))?;
+            let (size, mtime_ns) =
+                size_mtime(&dest).with_context(|| format!("{} vanished after writing", dest.display()))?;
             new.files.insert(rel, Written { digest: out.digest, size, mtime_ns, linked });
         }
     }

@@ -17,7 +17,13 @@ fn smollm2() -> PathBuf {
 
 /// A few short prompts, 3 seeds, short responses: a recipe built up to `filter`.
 fn recipe(p: &Project) -> String {
-    let prompts = ["What is 2 + 2?", "Name a colour.", "Say hello in French.", "Write one word about the sea.", "Count to three."];
+    let prompts = [
+        "What is 2 + 2?",
+        "Name a colour.",
+        "Say hello in French.",
+        "Write one word about the sea.",
+        "Count to three.",
+    ];
     let lines: Vec<String> = prompts.iter().map(|q| serde_json::json!({ "prompt": q }).to_string()).collect();
     p.write("prompts.jsonl", &lines.join("\n"));
     let path = p.write(
@@ -31,7 +37,8 @@ fn recipe(p: &Project) -> String {
 }
 
 fn texts(p: &Project, dir: &str, seed: u64) -> Vec<String> {
-    let rows: Vec<serde_json::Value> = serde_json::from_slice(&std::fs::read(p.path(&format!("{dir}/output_{seed}.json"))).unwrap()).unwrap();
+    let rows: Vec<serde_json::Value> =
+        serde_json::from_slice(&std::fs::read(p.path(&format!("{dir}/output_{seed}.json"))).unwrap()).unwrap();
     rows.iter().map(|r| r["generated_text"].as_str().unwrap().to_string()).collect()
 }
 
@@ -46,8 +53,13 @@ fn smollm2_responses_are_real_and_differ_across_seeds() {
     assert!(a.iter().chain(&b).all(|t| !t.trim().is_empty()), "{a:?} {b:?}");
     assert_ne!(a, b, "seeds gave identical responses");
     assert!(a.iter().all(|t| !t.contains("<|im_end|>") && !t.contains("<|im_start|>")), "{a:?}");
-    let rows: Vec<serde_json::Value> = serde_json::from_slice(&std::fs::read(p.path("out/output_13.json")).unwrap()).unwrap();
-    assert!(rows[0]["format_prompt"].as_str().unwrap().ends_with("<|im_start|>assistant\n"), "{}", rows[0]["format_prompt"]);
+    let rows: Vec<serde_json::Value> =
+        serde_json::from_slice(&std::fs::read(p.path("out/output_13.json")).unwrap()).unwrap();
+    assert!(
+        rows[0]["format_prompt"].as_str().unwrap().ends_with("<|im_start|>assistant\n"),
+        "{}",
+        rows[0]["format_prompt"]
+    );
 }
 
 #[test]
@@ -56,8 +68,28 @@ fn responses_do_not_depend_on_batch_size_or_shards() {
     let p = Project::new();
     let r = recipe(&p);
     p.ok(&["run", &r, "generate", "--set", "generate.batch_size=1", "--set", "export.dir=b1"]);
-    p.ok(&["run", &r, "generate", "--cache", p.path("c2").to_str().unwrap(), "--set", "generate.batch_size=8", "--set", "export.dir=b8"]);
-    p.ok(&["run", &r, "generate", "--cache", p.path("c3").to_str().unwrap(), "--set", "generate.shard_size=2", "--set", "export.dir=s3"]);
+    p.ok(&[
+        "run",
+        &r,
+        "generate",
+        "--cache",
+        p.path("c2").to_str().unwrap(),
+        "--set",
+        "generate.batch_size=8",
+        "--set",
+        "export.dir=b8",
+    ]);
+    p.ok(&[
+        "run",
+        &r,
+        "generate",
+        "--cache",
+        p.path("c3").to_str().unwrap(),
+        "--set",
+        "generate.shard_size=2",
+        "--set",
+        "export.dir=s3",
+    ]);
     for seed in [13, 21, 42] {
         let one = texts(&p, "b1", seed);
         assert_eq!(one, texts(&p, "b8", seed), "batch 1 vs 8, seed {seed}");
@@ -71,7 +103,17 @@ fn generation_killed_mid_way_resumes_to_identical_files() {
     let p = Project::new();
     let r = recipe(&p);
     let clean = p.path("clean-cache");
-    p.ok(&["run", &r, "generate", "--cache", clean.to_str().unwrap(), "--set", "export.dir=clean", "--set", "generate.shard_size=1"]);
+    p.ok(&[
+        "run",
+        &r,
+        "generate",
+        "--cache",
+        clean.to_str().unwrap(),
+        "--set",
+        "export.dir=clean",
+        "--set",
+        "generate.shard_size=1",
+    ]);
     // Kill once the first shard is in the cache, then resume.
     let mut child = p
         .command(&["run", &r, "generate", "--set", "generate.shard_size=1"])

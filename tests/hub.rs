@@ -57,7 +57,8 @@ fn a_snapshot_missing_offline_is_a_clear_error() {
 
 #[test]
 fn hub_prompts_are_read_sorted_and_unique() {
-    let snap = fixtures().join("hf_home/hub/datasets--prefgen-test--tiny_prefs/snapshots/0123456789abcdef0123456789abcdef01234567");
+    let snap = fixtures()
+        .join("hf_home/hub/datasets--prefgen-test--tiny_prefs/snapshots/0123456789abcdef0123456789abcdef01234567");
     let files = [snap.join("data/test_prefs-00000-of-00001.parquet")];
     let out = prefgen::stages::prompts::build(&files, "messages", 0).unwrap();
     let prompts: Vec<String> = prefgen::formats::simpo::parse_rows(&out.files[0].1, "prompts").unwrap();
@@ -100,7 +101,8 @@ fn a_hub_model_id_resolves_through_the_cache_offline() {
     };
     let first = run(&["run", recipe.to_str().unwrap(), "generate"]);
     assert!(first.0.status.success(), "{}", first.stderr());
-    let rows: Vec<serde_json::Value> = serde_json::from_slice(&std::fs::read(p.path("out/output_1.json")).unwrap()).unwrap();
+    let rows: Vec<serde_json::Value> =
+        serde_json::from_slice(&std::fs::read(p.path("out/output_1.json")).unwrap()).unwrap();
     assert_eq!(rows.len(), 2);
     assert!(rows[0]["format_prompt"].as_str().unwrap().starts_with("<|begin_of_text|><|start_header_id|>user"));
     // The model's identity is stable: nothing to rebuild.
@@ -108,5 +110,11 @@ fn a_hub_model_id_resolves_through_the_cache_offline() {
     assert!(second.built().is_empty(), "{}", second.stderr());
     // A revision the cache lacks is a clear offline error.
     let missing = run(&["run", recipe.to_str().unwrap(), "generate", "--set", "generate.revision=v9"]);
-    assert!(missing.stderr().contains("generate.model: model prefgen-test/tiny-llama3 at revision v9 is not in the Hugging Face cache"), "{}", missing.stderr());
+    assert!(
+        missing
+            .stderr()
+            .contains("generate.model: model prefgen-test/tiny-llama3 at revision v9 is not in the Hugging Face cache"),
+        "{}",
+        missing.stderr()
+    );
 }

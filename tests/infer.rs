@@ -38,7 +38,12 @@ fn chat_templates_render_as_transformers() {
     for case in renders {
         let name = case["template"].as_str().unwrap();
         let specials = &r["specials"][name];
-        let t = ChatTemplate::new(r["templates"][name].as_str().unwrap(), specials[0].as_str().unwrap(), specials[1].as_str().unwrap()).unwrap();
+        let t = ChatTemplate::new(
+            r["templates"][name].as_str().unwrap(),
+            specials[0].as_str().unwrap(),
+            specials[1].as_str().unwrap(),
+        )
+        .unwrap();
         let msgs: Vec<Turn> = case["messages"]
             .as_array()
             .unwrap()

@@ -46,7 +46,8 @@ fn matches_transformers(name: &str) {
     assert!(worst <= 1e-4, "last-position logits differ by up to {worst:e}");
     // Every prompt decoded together, prompts of different lengths in one batch.
     let greedy = Sampling { temperature: 0.0, top_p: 1.0 };
-    let out = engine::generate(&policy, jobs, greedy, r["max_new_tokens"].as_u64().unwrap() as usize, 8, |_| {}).unwrap();
+    let out =
+        engine::generate(&policy, jobs, greedy, r["max_new_tokens"].as_u64().unwrap() as usize, 8, |_| {}).unwrap();
     for (case, got) in cases.iter().zip(out) {
         let mut want: Vec<u32> = serde_json::from_value(case["generated"].clone()).unwrap();
         // transformers keeps the stop token in the sequence; prefgen does not.

@@ -94,23 +94,38 @@ fn several_splits_go_through_the_whole_dag() {
         std::os::unix::fs::symlink(fx.join("gens"), p.path(split)).unwrap();
     }
     let recipe = simpo_recipe()
-        .replace(&format!("dataset = \"{}/prompts.jsonl\"", fx.display()), &format!("dataset = \"{}\"\nsplits = {{ train = \"train\", test = \"test\" }}", fx.display()))
+        .replace(
+            &format!("dataset = \"{}/prompts.jsonl\"", fx.display()),
+            &format!("dataset = \"{}\"\nsplits = {{ train = \"train\", test = \"test\" }}", fx.display()),
+        )
         .replace(&format!("{}/gens/output_{{seed}}", fx.display()), "{split}/output_{seed}");
     // Both splits read the fixture folder's prompts.jsonl (a folder source with
     // no split-named files): point each split at the file itself instead.
     let recipe = recipe
         .replace(&format!("dataset = \"{}\"\n", fx.display()), "")
-        .replace("train = \"train\", test = \"test\"", &format!("train = \"{0}/prompts.jsonl\", test = \"{0}/prompts.jsonl\"", fx.display()))
+        .replace(
+            "train = \"train\", test = \"test\"",
+            &format!("train = \"{0}/prompts.jsonl\", test = \"{0}/prompts.jsonl\"", fx.display()),
+        )
         .replace(&format!("{}/scores.json", fx.display()), &format!("{}/scores{{split}}.json", p.path("").display()));
     std::os::unix::fs::symlink(fx.join("scores.json"), p.path("scorestrain.json")).unwrap();
     std::os::unix::fs::symlink(fx.join("scores_v2.json"), p.path("scorestest.json")).unwrap();
     let path = p.write("r.toml", &recipe);
     p.ok(&["run", path.to_str().unwrap()]);
     let out = p.tree("out");
-    for f in ["train/all_outputs_bin.json", "test/all_outputs_bin.json", "test/output_42.json", "data/test-00000-of-00001.parquet", "hf/dataset_dict.json"] {
+    for f in [
+        "train/all_outputs_bin.json",
+        "test/all_outputs_bin.json",
+        "test/output_42.json",
+        "data/test-00000-of-00001.parquet",
+        "hf/dataset_dict.json",
+    ] {
         assert!(out.contains_key(f), "missing {f}: {:?}", out.keys());
     }
-    assert_ne!(out["train/all_outputs_bin.json"], out["test/all_outputs_bin.json"], "the splits were scored differently");
+    assert_ne!(
+        out["train/all_outputs_bin.json"], out["test/all_outputs_bin.json"],
+        "the splits were scored differently"
+    );
     python(&[&script("hf_interop.py"), p.path("out").to_str().unwrap(), "train", "test"]);
 }
 
@@ -173,11 +188,16 @@ fn a_changed_parameter_rebuilds_exactly_what_is_downstream() {
 
     assert_eq!(set(&["export.rows_per_file=5"]), ["export"]);
     let out = p.tree("out");
-    assert!(out.contains_key("data/train-00000-of-00008.parquet") && !out.contains_key("data/train-00000-of-00001.parquet"));
+    assert!(
+        out.contains_key("data/train-00000-of-00008.parquet") && !out.contains_key("data/train-00000-of-00001.parquet")
+    );
 
     let plan = p.ok(&["plan", r, "--set", "filter.drop_identical=false"]).stdout();
     assert!(plan.contains("stale  filter[train]  filter.drop_identical changed (true -> false)"), "{plan}");
-    assert_eq!(set(&["filter.drop_identical=false"]), ["annotate[train]", "binarize[train]", "export", "filter[train]"]);
+    assert_eq!(
+        set(&["filter.drop_identical=false"]),
+        ["annotate[train]", "binarize[train]", "export", "filter[train]"]
+    );
 
     let v2 = fixtures().join("simpo/scores_v2.json");
     let v2 = format!("annotate.import={}", v2.display());
@@ -202,7 +222,17 @@ fn a_run_killed_mid_way_resumes_to_identical_bytes() {
     std::fs::create_dir_all(clean.path("")).unwrap();
     // The uninterrupted reference, in another cache and export dir.
     let started = std::time::Instant::now();
-    let status = p.command(&["run", r, "--cache", clean.path("cache").to_str().unwrap(), "--set", &format!("export.dir={}", clean.path("out").display())]).output().unwrap();
+    let status = p
+        .command(&[
+            "run",
+            r,
+            "--cache",
+            clean.path("cache").to_str().unwrap(),
+            "--set",
+            &format!("export.dir={}", clean.path("out").display()),
+        ])
+        .output()
+        .unwrap();
     assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
     let full = started.elapsed();
     for fraction in [0.2, 0.45, 0.7] {
@@ -219,7 +249,8 @@ fn a_run_killed_mid_way_resumes_to_identical_bytes() {
 
 /// The cache object behind a file of the export, found through the manifest.
 fn object_of(p: &Project, export_rel: &str) -> std::path::PathBuf {
-    let manifest: serde_json::Value = serde_json::from_slice(&std::fs::read(p.path("out/.prefgen/manifest.json")).unwrap()).unwrap();
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(p.path("out/.prefgen/manifest.json")).unwrap()).unwrap();
     let digest = manifest["files"][export_rel]["digest"].as_str().unwrap().to_string();
     p.path("cache/objects-v1").join(&digest[..2]).join(&digest)
 }
@@ -330,7 +361,11 @@ fn bad_input_fails_with_one_clear_message() {
     fails(&p, &["run", r, "--set", "prompts.column=question"], &["prompts.jsonl", "no column \"question\""]);
     p.write("empty.jsonl", "");
     fails(&p, &["run", r, "--set", "prompts.dataset=empty.jsonl"], &["prompt set is empty"]);
-    fails(&p, &["run", r, "--set", "generate.import=nope/output_{seed}.json"], &["generate.import", "nope/output_13.json does not exist"]);
+    fails(
+        &p,
+        &["run", r, "--set", "generate.import=nope/output_{seed}.json"],
+        &["generate.import", "nope/output_13.json does not exist"],
+    );
     fails(&p, &["run", r, "--set", "annotate.import=nope.json"], &["annotate.import", "nope.json does not exist"]);
     p.write("file", "");
     fails(&p, &["run", r, "--set", "export.dir=file/out"], &["export.dir file/out", "cannot write"]);
@@ -344,10 +379,16 @@ fn bad_input_fails_with_one_clear_message() {
     rows[3]["prompt"] = "a prompt from another run".into();
     p.write("g/output_13.json", &serde_json::to_string(&rows).unwrap());
     for s in [21, 42, 79, 100] {
-        std::fs::copy(fixtures().join(format!("simpo/gens/output_{s}.json")), p.path(&format!("g/output_{s}.json"))).unwrap();
+        std::fs::copy(fixtures().join(format!("simpo/gens/output_{s}.json")), p.path(&format!("g/output_{s}.json")))
+            .unwrap();
     }
-    fails(&p, &["run", r, "--set", "generate.import=g/output_{seed}.json"], &["g/output_13.json: row 3", "not in the recipe's prompt set"]);
-    let mut scored: Vec<serde_json::Value> = serde_json::from_slice(&std::fs::read(fixtures().join("simpo/scores.json")).unwrap()).unwrap();
+    fails(
+        &p,
+        &["run", r, "--set", "generate.import=g/output_{seed}.json"],
+        &["g/output_13.json: row 3", "not in the recipe's prompt set"],
+    );
+    let mut scored: Vec<serde_json::Value> =
+        serde_json::from_slice(&std::fs::read(fixtures().join("simpo/scores.json")).unwrap()).unwrap();
     scored[5]["all_rm_scores"].as_array_mut().unwrap().pop();
     p.write("s.json", &serde_json::to_string(&scored).unwrap());
     fails(&p, &["run", r, "--set", "annotate.import=s.json"], &["s.json: row 5", "5 responses but 4 scores"]);

@@ -1,6 +1,9 @@
 //! `prefgen cache verify` and `prefgen cache gc`.
 
-use super::{ActionEntry, Cache, tier::{Bucket, Tier}};
+use super::{
+    ActionEntry, Cache,
+    tier::{Bucket, Tier},
+};
 use crate::digest::Digest;
 use anyhow::Result;
 use std::collections::BTreeSet;
@@ -61,8 +64,8 @@ impl Cache {
     pub fn gc(&self, dry_run: bool) -> Result<GcSummary> {
         let mut referenced = BTreeSet::new();
         for (key, _) in self.local.list(Bucket::Actions)? {
-            if let Some(entry) = self.local.get(Bucket::Actions, &key)?
-                .and_then(|b| serde_json::from_slice::<ActionEntry>(&b).ok())
+            if let Some(entry) =
+                self.local.get(Bucket::Actions, &key)?.and_then(|b| serde_json::from_slice::<ActionEntry>(&b).ok())
             {
                 referenced.extend(entry.outputs.iter().map(|o| o.digest));
             }

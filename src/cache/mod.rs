@@ -46,7 +46,8 @@ impl Cache {
     pub fn open(root: &Path) -> Result<Cache> {
         let ctx = || format!("cannot create the cache at {}", root.display());
         std::fs::create_dir_all(root).with_context(ctx)?;
-        let tag: &[u8] = b"Signature: 8a477f597d28d172789f06886806bc55\n# prefgen cache: content-addressed, safe to delete.\n";
+        let tag: &[u8] =
+            b"Signature: 8a477f597d28d172789f06886806bc55\n# prefgen cache: content-addressed, safe to delete.\n";
         for (name, body) in [("CACHEDIR.TAG", tag), (".gitignore", b"*\n")] {
             if !root.join(name).exists() {
                 write_atomic_in(&root.join("tmp"), &root.join(name), body, FILE_MODE).with_context(ctx)?;

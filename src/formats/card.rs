@@ -54,7 +54,10 @@ pub fn render(input: &CardInput) -> String {
     y.push_str("  - name: all_generated_responses\n    sequence: string\n");
     y.push_str("  - name: all_rm_scores\n    sequence: float64\n");
     for col in ["chosen", "rejected"] {
-        let _ = writeln!(y, "  - name: {col}\n    list:\n    - name: content\n      dtype: string\n    - name: role\n      dtype: string");
+        let _ = writeln!(
+            y,
+            "  - name: {col}\n    list:\n    - name: content\n      dtype: string\n    - name: role\n      dtype: string"
+        );
     }
     y.push_str("  splits:\n");
     for s in &input.splits {
@@ -90,7 +93,16 @@ pub fn render(input: &CardInput) -> String {
         let margin = cs.zip(rs).map(|(c, r)| c - r);
         let cl = mean(s.rows.iter().map(|r| chosen(r).chars().count() as f64));
         let rl = mean(s.rows.iter().map(|r| rejected(r).chars().count() as f64));
-        let _ = writeln!(b, "| {} | {} | {} | {} | {} | {} |", s.name, fmt_opt(cs), fmt_opt(rs), fmt_opt(margin), fmt_opt(cl), fmt_opt(rl));
+        let _ = writeln!(
+            b,
+            "| {} | {} | {} | {} | {} | {} |",
+            s.name,
+            fmt_opt(cs),
+            fmt_opt(rs),
+            fmt_opt(margin),
+            fmt_opt(cl),
+            fmt_opt(rl)
+        );
     }
     b.push_str("\n## Recipe\n\nEvery parameter that shaped the data (parameters that cannot change it, such as batch sizes, are left out):\n\n```toml\n");
     for (k, v) in &input.params {

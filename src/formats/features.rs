@@ -70,7 +70,8 @@ pub fn huggingface_metadata() -> String {
 
 fn messages_column(rows: &[BinarizedRow], pick: fn(&BinarizedRow) -> &[crate::formats::simpo::Message]) -> ArrayRef {
     let item = Field::new("item", DataType::Struct(message_fields()), true);
-    let mut b = ListBuilder::new(StructBuilder::from_fields(message_fields(), rows.len() * 2)).with_field(Arc::new(item));
+    let mut b =
+        ListBuilder::new(StructBuilder::from_fields(message_fields(), rows.len() * 2)).with_field(Arc::new(item));
     for row in rows {
         let s = b.values();
         for m in pick(row) {

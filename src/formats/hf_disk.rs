@@ -14,7 +14,8 @@ pub fn write(splits: &[(&str, &[BinarizedRow])], rows_per_file: usize) -> Result
     let names: Vec<&str> = splits.iter().map(|(s, _)| *s).collect();
     let mut out = vec![("hf/dataset_dict.json".to_string(), serde_json::to_vec(&json!({"splits": names}))?)];
     for (split, rows) in splits {
-        let chunks: Vec<&[BinarizedRow]> = if rows.is_empty() { vec![*rows] } else { rows.chunks(rows_per_file).collect() };
+        let chunks: Vec<&[BinarizedRow]> =
+            if rows.is_empty() { vec![*rows] } else { rows.chunks(rows_per_file).collect() };
         let n = chunks.len();
         let mut data_files = Vec::new();
         let mut hasher = blake3::Hasher::new();

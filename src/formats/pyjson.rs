@@ -21,10 +21,8 @@ pub fn to_vec<T: Serialize + Sync>(rows: &[T], size_hint: usize) -> serde_json::
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(rows.len());
     let per = rows.len().div_ceil(threads);
     let parts: Vec<serde_json::Result<Vec<u8>>> = std::thread::scope(|scope| {
-        let handles: Vec<_> = rows
-            .chunks(per)
-            .map(|chunk| scope.spawn(move || rows_at_depth_one(chunk, size_hint / threads)))
-            .collect();
+        let handles: Vec<_> =
+            rows.chunks(per).map(|chunk| scope.spawn(move || rows_at_depth_one(chunk, size_hint / threads))).collect();
         handles.into_iter().map(|h| h.join().expect("serialising does not panic")).collect()
     });
     let mut out = Vec::with_capacity(size_hint + 16);

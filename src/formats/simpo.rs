@@ -69,7 +69,9 @@ impl TextLen for FilteredRow {
 
 impl TextLen for ScoredRow {
     fn text_len(&self) -> usize {
-        self.prompt.len() + self.all_generated_responses.iter().map(String::len).sum::<usize>() + 24 * self.all_rm_scores.len()
+        self.prompt.len()
+            + self.all_generated_responses.iter().map(String::len).sum::<usize>()
+            + 24 * self.all_rm_scores.len()
     }
 }
 
@@ -123,7 +125,8 @@ fn parse<T: DeserializeOwned + Send>(bytes: &[u8]) -> serde_json::Result<Vec<T>>
     cuts.push(bytes.len() - 1); // before the closing bracket
     cuts.dedup();
     let parts: Vec<serde_json::Result<Vec<T>>> = std::thread::scope(|scope| {
-        let handles: Vec<_> = cuts.windows(2).map(|w| scope.spawn(move || parse_elements(&bytes[w[0]..w[1]]))).collect();
+        let handles: Vec<_> =
+            cuts.windows(2).map(|w| scope.spawn(move || parse_elements(&bytes[w[0]..w[1]]))).collect();
         handles.into_iter().map(|h| h.join().expect("parsing does not panic")).collect()
     });
     let mut rows = Vec::new();
@@ -160,7 +163,10 @@ mod tests {
     #[test]
     fn parallel_parse_equals_plain_parse() {
         let rows: Vec<FilteredRow> = (0..3000)
-            .map(|i| FilteredRow { prompt: format!("p{i} {{\n    ,"), all_generated_responses: vec![format!("r,\n    {{{i} {}", "x".repeat(100)); 3] })
+            .map(|i| FilteredRow {
+                prompt: format!("p{i} {{\n    ,"),
+                all_generated_responses: vec![format!("r,\n    {{{i} {}", "x".repeat(100)); 3],
+            })
             .collect();
         let bytes = crate::formats::pyjson::to_vec(&rows, 0).unwrap();
         assert!(bytes.len() > 1 << 20);

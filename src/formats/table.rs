@@ -34,7 +34,8 @@ pub fn read_column(path: &Path, column: &str) -> Result<Vec<Cell>> {
 fn read_parquet(path: &Path, column: &str) -> Result<Vec<Cell>> {
     let shown = path.display();
     let file = std::fs::File::open(path).with_context(|| format!("cannot open {shown}"))?;
-    let builder = ParquetRecordBatchReaderBuilder::try_new(file).with_context(|| format!("{shown}: not a readable parquet file"))?;
+    let builder = ParquetRecordBatchReaderBuilder::try_new(file)
+        .with_context(|| format!("{shown}: not a readable parquet file"))?;
     let schema = builder.schema().clone();
     let idx = schema.index_of(column).map_err(|_| {
         let names: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
@@ -46,8 +47,9 @@ fn read_parquet(path: &Path, column: &str) -> Result<Vec<Cell>> {
     for batch in reader {
         let batch = batch.with_context(|| format!("{shown}: cannot read"))?;
         let col = batch.column(0);
-        let cells = arrow_cells(col.as_ref())
-            .ok_or_else(|| anyhow!("{shown}: column {column:?} has type {}, not a string or a message list", col.data_type()))?;
+        let cells = arrow_cells(col.as_ref()).ok_or_else(|| {
+            anyhow!("{shown}: column {column:?} has type {}, not a string or a message list", col.data_type())
+        })?;
         out.extend(cells);
     }
     Ok(out)
@@ -98,14 +100,12 @@ fn json_cell(value: Option<&serde_json::Value>) -> Option<Cell> {
     use serde_json::Value;
     Some(match value? {
         Value::String(s) => Cell::Text(s.clone()),
-        Value::Array(items) => match items
-            .iter()
-            .map(|m| serde_json::from_value::<Message>(m.clone()).ok())
-            .collect::<Option<Vec<_>>>()
-        {
-            Some(msgs) => Cell::Messages(msgs),
-            None => Cell::Unusable("a list that is not of {role, content} messages".into()),
-        },
+        Value::Array(items) => {
+            match items.iter().map(|m| serde_json::from_value::<Message>(m.clone()).ok()).collect::<Option<Vec<_>>>() {
+                Some(msgs) => Cell::Messages(msgs),
+                None => Cell::Unusable("a list that is not of {role, content} messages".into()),
+            }
+        }
         Value::Null => Cell::Unusable("null".into()),
         other => Cell::Unusable(format!("a JSON {}", json_kind(other))),
     })
@@ -123,8 +123,7 @@ fn json_kind(v: &serde_json::Value) -> &'static str {
 fn cells_of_rows(path: &Path, column: &str, rows: Vec<(usize, serde_json::Value)>, unit: &str) -> Result<Vec<Cell>> {
     rows.into_iter()
         .map(|(n, row)| {
-            json_cell(row.get(column))
-                .ok_or_else(|| anyhow!("{}: {unit} {n} has no column {column:?}", path.display()))
+            json_cell(row.get(column)).ok_or_else(|| anyhow!("{}: {unit} {n} has no column {column:?}", path.display()))
         })
         .collect()
 }
@@ -136,7 +135,8 @@ fn read_json_lines(path: &Path, column: &str) -> Result<Vec<Cell>> {
         if line.trim().is_empty() {
             continue;
         }
-        let row = serde_json::from_str(line).with_context(|| format!("{}: line {} is not JSON", path.display(), i + 1))?;
+        let row =
+            serde_json::from_str(line).with_context(|| format!("{}: line {} is not JSON", path.display(), i + 1))?;
         rows.push((i + 1, row));
     }
     cells_of_rows(path, column, rows, "line")

@@ -43,7 +43,8 @@ pub fn generate(
     let mut waiting: Vec<usize> = (0..jobs.len()).rev().collect();
     let mut active: Vec<Active> = Vec::new();
     // A sequence is done at a stop token, at max_tokens, or when the context is full.
-    let finished = |a: &Active, tok: u32| policy.stop.contains(&tok) || a.out.len() >= max_tokens || a.cache.len >= context;
+    let finished =
+        |a: &Active, tok: u32| policy.stop.contains(&tok) || a.out.len() >= max_tokens || a.cache.len >= context;
     loop {
         while active.len() < batch.max(1) {
             let Some(j) = waiting.pop() else { break };
@@ -68,7 +69,8 @@ pub fn generate(
         if active.is_empty() {
             break;
         }
-        let last: Vec<[u32; 1]> = active.iter().map(|a| [*a.out.last().expect("active sequences have a token")]).collect();
+        let last: Vec<[u32; 1]> =
+            active.iter().map(|a| [*a.out.last().expect("active sequences have a token")]).collect();
         let inputs: Vec<&[u32]> = last.iter().map(|t| &t[..]).collect();
         let mut caches: Vec<&mut _> = active.iter_mut().map(|a| &mut a.cache).collect();
         let rows = model.forward(&inputs, &mut caches)?.to_vec2::<f32>()?;

@@ -21,7 +21,8 @@ pub struct GgufFile {
 impl GgufFile {
     pub fn open(path: &Path) -> Result<GgufFile> {
         let mut f = std::fs::File::open(path).with_context(|| format!("cannot open model file {}", path.display()))?;
-        let content = Content::read(&mut f).map_err(|e| anyhow!("{}: not a readable GGUF file: {e}", path.display()))?;
+        let content =
+            Content::read(&mut f).map_err(|e| anyhow!("{}: not a readable GGUF file: {e}", path.display()))?;
         Ok(GgufFile { content, path: path.to_path_buf() })
     }
 
@@ -50,7 +51,9 @@ impl GgufFile {
         let values = self.get(key)?.to_vec().map_err(|e| anyhow!("{key}: {e}"))?;
         values
             .iter()
-            .map(|v| v.to_i32().map(i64::from).or_else(|_| v.to_u32().map(i64::from)).map_err(|e| anyhow!("{key}: {e}")))
+            .map(|v| {
+                v.to_i32().map(i64::from).or_else(|_| v.to_u32().map(i64::from)).map_err(|e| anyhow!("{key}: {e}"))
+            })
             .collect()
     }
 

@@ -78,11 +78,11 @@ impl Policy {
             (template, None) => match template {
                 serde_json::Value::String(t) => t.clone(),
                 serde_json::Value::Array(named) => named
-                .iter()
-                .find(|t| t["name"] == "default")
-                .and_then(|t| t["template"].as_str())
-                .map(str::to_string)
-                .with_context(|| format!("{}: no default chat template", dir.display()))?,
+                    .iter()
+                    .find(|t| t["name"] == "default")
+                    .and_then(|t| t["template"].as_str())
+                    .map(str::to_string)
+                    .with_context(|| format!("{}: no default chat template", dir.display()))?,
                 _ => bail!("{}: no chat_template.jinja, and tokenizer_config.json has no chat_template", dir.display()),
             },
         };

@@ -65,11 +65,8 @@ pub fn sample(logits: &[f32], s: Sampling, stream: &mut Stream) -> u32 {
         return argmax(logits);
     }
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-    let mut probs: Vec<(u32, f64)> = logits
-        .iter()
-        .enumerate()
-        .map(|(i, &x)| (i as u32, ((x as f64 - max) / s.temperature).exp()))
-        .collect();
+    let mut probs: Vec<(u32, f64)> =
+        logits.iter().enumerate().map(|(i, &x)| (i as u32, ((x as f64 - max) / s.temperature).exp())).collect();
     let total: f64 = probs.iter().map(|p| p.1).sum();
     if s.top_p < 1.0 {
         // Most probable first, ties by lower id (a total order, so the result
@@ -132,11 +129,19 @@ mod tests {
         let draws: Vec<u32> = (0..200).map(|_| sample(&logits, s, &mut a)).collect();
         // Reference: a full sort.
         let reference = |st: &mut Stream| {
-            let mut p: Vec<(u32, f64)> = logits.iter().enumerate().map(|(i, &x)| (i as u32, ((x - 2.0) as f64).exp())).collect();
+            let mut p: Vec<(u32, f64)> =
+                logits.iter().enumerate().map(|(i, &x)| (i as u32, ((x - 2.0) as f64).exp())).collect();
             let total: f64 = p.iter().map(|q| q.1).sum();
             p.sort_by(|x, y| y.1.total_cmp(&x.1).then(x.0.cmp(&y.0)));
             let mut mass = 0.0;
-            let keep = p.iter().position(|q| { mass += q.1 / total; mass >= 0.9 }).unwrap() + 1;
+            let keep = p
+                .iter()
+                .position(|q| {
+                    mass += q.1 / total;
+                    mass >= 0.9
+                })
+                .unwrap()
+                + 1;
             p.truncate(keep);
             let kept: f64 = p.iter().map(|q| q.1).sum();
             let mut u = st.next_f64() * kept;

@@ -41,7 +41,10 @@ pub fn import(prompt_set: &[String], rows: &[FilteredRow], path: &Path) -> Resul
             bail!("{shown}: no scores for prompt {:?}", preview(&row.prompt));
         };
         if scored.all_generated_responses != row.all_generated_responses {
-            bail!("{shown}: row {n}: its responses differ from the generated ones for prompt {:?}", preview(&row.prompt));
+            bail!(
+                "{shown}: row {n}: its responses differ from the generated ones for prompt {:?}",
+                preview(&row.prompt)
+            );
         }
         out.push(ScoredRow {
             prompt: row.prompt.clone(),

@@ -84,7 +84,8 @@ mod tests {
             all_rm_scores: scores,
         };
         let rows = vec![row(vec![1.0, 1.0]), row(vec![0.5, 2.0])];
-        let parse = |out: &StageOutput| crate::formats::simpo::parse_rows::<BinarizedRow>(&out.files[0].1, "binarize").unwrap();
+        let parse =
+            |out: &StageOutput| crate::formats::simpo::parse_rows::<BinarizedRow>(&out.files[0].1, "binarize").unwrap();
         let dropped = build(&rows, false).unwrap();
         let kept = parse(&dropped);
         assert_eq!((kept.len(), &dropped.stats["ties"]), (1, &serde_json::json!(1)));

@@ -31,7 +31,8 @@ pub fn build(
     // The two encodings are independent: write them on two cores.
     let (parquet, arrow) = std::thread::scope(|scope| {
         let arrow = scope.spawn(|| hf_disk::write(&pairs, rows_per_file));
-        let parquet: Result<Vec<_>> = splits.iter().map(|s| hub_parquet::write_split(&s.name, &s.rows, rows_per_file)).collect();
+        let parquet: Result<Vec<_>> =
+            splits.iter().map(|s| hub_parquet::write_split(&s.name, &s.rows, rows_per_file)).collect();
         (parquet, arrow.join().expect("writing Arrow does not panic"))
     });
     out.files.extend(parquet?.into_iter().flatten());
@@ -41,10 +42,7 @@ pub fn build(
     }
     let card = CardInput {
         name,
-        splits: splits
-            .iter()
-            .map(|s| CardSplit { name: &s.name, rows: &s.rows, counts: s.counts.clone() })
-            .collect(),
+        splits: splits.iter().map(|s| CardSplit { name: &s.name, rows: &s.rows, counts: s.counts.clone() }).collect(),
         params,
         keys,
     };

@@ -45,13 +45,18 @@ mod tests {
         texts
             .iter()
             .enumerate()
-            .map(|(i, t)| DecodeRow { prompt: format!("p{i}"), format_prompt: String::new(), generated_text: t.to_string() })
+            .map(|(i, t)| DecodeRow {
+                prompt: format!("p{i}"),
+                format_prompt: String::new(),
+                generated_text: t.to_string(),
+            })
             .collect()
     }
 
     #[test]
     fn drops_rows_identical_across_seeds_and_keeps_seed_order() {
-        let parse = |out: &StageOutput| crate::formats::simpo::parse_rows::<FilteredRow>(&out.files[0].1, "filter").unwrap();
+        let parse =
+            |out: &StageOutput| crate::formats::simpo::parse_rows::<FilteredRow>(&out.files[0].1, "filter").unwrap();
         let out = build(&[&seed(&["a", "x"]), &seed(&["b", "x"]), &seed(&["a", "x"])], true).unwrap();
         let rows = parse(&out);
         assert_eq!(rows.len(), 1);

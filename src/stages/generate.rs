@@ -47,11 +47,7 @@ pub fn import(prompts: &[String], path: &Path, seed: u64) -> Result<StageOutput>
     }
     let missing = by_prompt.iter().filter(|r| r.is_none()).count();
     if let Some(i) = by_prompt.iter().position(|r| r.is_none()) {
-        bail!(
-            "{shown}: no response for {missing} of {} prompts (first: {:?})",
-            prompts.len(),
-            preview(&prompts[i])
-        );
+        bail!("{shown}: no response for {missing} of {} prompts (first: {:?})", prompts.len(), preview(&prompts[i]));
     }
     let rows: Vec<DecodeRow> = by_prompt.into_iter().flatten().collect();
     let n = rows.len();
@@ -69,7 +65,12 @@ pub struct Params {
 
 /// Samples one response per prompt. Prompts that leave no room in the model's
 /// context are skipped (no row) and counted: every seed skips the same ones.
-pub fn sample(prompts: &[String], policy: &Policy, p: &Params, progress: impl FnMut(usize)) -> Result<(Vec<DecodeRow>, usize)> {
+pub fn sample(
+    prompts: &[String],
+    policy: &Policy,
+    p: &Params,
+    progress: impl FnMut(usize),
+) -> Result<(Vec<DecodeRow>, usize)> {
     let mut formatted = Vec::with_capacity(prompts.len());
     let mut jobs = Vec::with_capacity(prompts.len());
     for prompt in prompts {
@@ -82,7 +83,9 @@ pub fn sample(prompts: &[String], policy: &Policy, p: &Params, progress: impl Fn
     let mut skipped = 0;
     for ((prompt, format_prompt), outcome) in prompts.iter().zip(formatted).zip(outcomes) {
         match outcome {
-            Outcome::Done(ids) => rows.push(DecodeRow { prompt: prompt.clone(), format_prompt, generated_text: policy.decode(&ids)? }),
+            Outcome::Done(ids) => {
+                rows.push(DecodeRow { prompt: prompt.clone(), format_prompt, generated_text: policy.decode(&ids)? })
+            }
             Outcome::TooLong => skipped += 1,
         }
     }

@@ -8,7 +8,10 @@ pub mod filter;
 pub mod generate;
 pub mod prompts;
 
-use crate::formats::{pyjson, simpo::{self, TextLen}};
+use crate::formats::{
+    pyjson,
+    simpo::{self, TextLen},
+};
 use serde::Serialize;
 use serde_json::Value;
 use std::any::Any;
@@ -30,7 +33,10 @@ pub struct StageOutput {
 
 impl StageOutput {
     /// One JSON file of rows, written as SimPO's scripts write theirs.
-    pub fn rows<T: Serialize + TextLen + Send + Sync + 'static>(path: &str, rows: Vec<T>) -> serde_json::Result<StageOutput> {
+    pub fn rows<T: Serialize + TextLen + Send + Sync + 'static>(
+        path: &str,
+        rows: Vec<T>,
+    ) -> serde_json::Result<StageOutput> {
         let bytes = pyjson::to_vec(&rows, simpo::json_size(&rows))?;
         Ok(StageOutput { files: vec![(path.to_string(), bytes)], stats: BTreeMap::new(), rows: Some(Arc::new(rows)) })
     }

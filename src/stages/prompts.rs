@@ -51,10 +51,8 @@ pub fn resolve(source: &PromptSource, cache: &Cache) -> Result<Resolved> {
                 Ok(picked)
             };
             let (snap, files) = hub::snapshot(hf_hub::RepoType::Dataset, id, revision, pick)?;
-            let names: Vec<String> = files
-                .iter()
-                .map(|f| f.strip_prefix(&snap.dir).unwrap_or(f).to_string_lossy().into_owned())
-                .collect();
+            let names: Vec<String> =
+                files.iter().map(|f| f.strip_prefix(&snap.dir).unwrap_or(f).to_string_lossy().into_owned()).collect();
             // Files at a commit never change: the commit and names identify them.
             let identity = Digest::of_json(&("hub-dataset", &snap.id, &snap.commit, &names));
             Ok(Resolved { files, identity, describe: format!("{id}@{}", snap.commit) })
@@ -65,7 +63,10 @@ pub fn resolve(source: &PromptSource, cache: &Cache) -> Result<Resolved> {
                 let picked = split_files(&all, split.as_deref());
                 if picked.is_empty() {
                     match split {
-                        Some(s) => bail!("{}: no .parquet/.jsonl/.json files for split {s:?} (named {s}.*, {s}-*, or under {s}/)", path.display()),
+                        Some(s) => bail!(
+                            "{}: no .parquet/.jsonl/.json files for split {s:?} (named {s}.*, {s}-*, or under {s}/)",
+                            path.display()
+                        ),
                         None => bail!("{}: no .parquet, .jsonl or .json files", path.display()),
                     }
                 }
@@ -115,10 +116,7 @@ pub fn build(files: &[PathBuf], column: &str, limit: usize) -> Result<StageOutpu
     let unique = set.len();
     let take = if limit == 0 { unique } else { limit.min(unique) };
     let prompts: Vec<String> = set.into_iter().take(take).collect();
-    Ok(StageOutput::rows(FILE, prompts)?
-        .stat("source_rows", rows)
-        .stat("unique_prompts", unique)
-        .stat("prompts", take))
+    Ok(StageOutput::rows(FILE, prompts)?.stat("source_rows", rows).stat("unique_prompts", unique).stat("prompts", take))
 }
 
 #[cfg(test)]

@@ -170,7 +170,8 @@ pub fn synthetic(p: &Project, n: usize, seeds: &[u64], len: usize) -> PathBuf {
         .enumerate()
         .map(|(i, pr)| {
             let responses: Vec<String> = seeds.iter().map(|&s| text(i, s)).collect();
-            let scores: Vec<f64> = seeds.iter().map(|&s| ((i as u64 * 7919 + s * 104729) % 1000) as f64 / 37.0).collect();
+            let scores: Vec<f64> =
+                seeds.iter().map(|&s| ((i as u64 * 7919 + s * 104729) % 1000) as f64 / 37.0).collect();
             json!({"prompt": pr, "all_generated_responses": responses, "all_rm_scores": scores})
         })
         .collect();

@@ -13,9 +13,9 @@
 
 use crate::infer::gguf::GgufFile;
 use anyhow::{Context, Result, bail};
-use std::path::Path;
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, IndexOp, Module, Tensor};
+use std::path::Path;
 
 /// Hyper-parameters, from the `llama.*` GGUF metadata or `config.json`.
 #[derive(Debug, Clone)]
@@ -200,12 +200,16 @@ impl Decoder {
     /// file, or shards listed by `model.safetensors.index.json`), in f32 on
     /// the CPU and bf16 on a GPU.
     pub fn from_safetensors(dir: &Path, device: &Device) -> Result<Decoder> {
-        let text = std::fs::read_to_string(dir.join("config.json")).with_context(|| format!("{}: no config.json", dir.display()))?;
+        let text = std::fs::read_to_string(dir.join("config.json"))
+            .with_context(|| format!("{}: no config.json", dir.display()))?;
         let hc: HubConfig = serde_json::from_str(&text).with_context(|| format!("{}/config.json", dir.display()))?;
         let gemma2 = match hc.architectures.first().map(String::as_str) {
             Some("LlamaForCausalLM") => false,
             Some("Gemma2ForCausalLM") => true,
-            other => bail!("{}: architecture {other:?} is not supported (LlamaForCausalLM and Gemma2ForCausalLM are)", dir.display()),
+            other => bail!(
+                "{}: architecture {other:?} is not supported (LlamaForCausalLM and Gemma2ForCausalLM are)",
+                dir.display()
+            ),
         };
         let params = hc.rope_scaling.as_ref().or(hc.rope_parameters.as_ref()).filter(|v| !v.is_null());
         let rope_scaling = match params.map(|v| (v, v.get("rope_type").or(v.get("type")).and_then(|t| t.as_str()))) {
@@ -378,7 +382,9 @@ impl Decoder {
 /// change of at most half a Q8_0 step (1/254 of the block's largest weight).
 fn matmul(t: QTensor, device: &Device) -> Result<Linear> {
     let t = match t.dtype() {
-        GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1 => QTensor::quantize(&t.dequantize(device)?, GgmlDType::Q8_0)?,
+        GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1 => {
+            QTensor::quantize(&t.dequantize(device)?, GgmlDType::Q8_0)?
+        }
         _ => t,
     };
     Ok(Linear::Quantized(QMatMul::from_qtensor(t)?))
