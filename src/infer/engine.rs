@@ -42,11 +42,20 @@ pub fn generate(
     let mut results: Vec<Option<Outcome>> = vec![None; jobs.len()];
     let mut waiting: Vec<usize> = (0..jobs.len()).rev().collect();
     let mut active: Vec<Active> = Vec::new();
-    // A sequence is done at a stop token, at max_tokens, or when the context is full.
-    let finished =
-        |a: &Active, tok: u32| policy.stop.contains(&tok) || a.out.len() >= max_tokens || a.cache.len >= context;
     loop {
-        while active.len() < batch.max(1) {
+        // Sequences with the logits of their next token: the running ones after
+        // one decode step, then prompts joining as slots free up (prefilled one
+        // at a time, so no padding).
+        let mut ready: Vec<(Active, Vec<f32>)> = Vec::with_capacity(batch);
+        if !active.is_empty() {
+            let last: Vec<[u32; 1]> =
+                active.iter().map(|a| [*a.out.last().expect("running sequences have a token")]).collect();
+            let inputs: Vec<&[u32]> = last.iter().map(|t| &t[..]).collect();
+            let mut caches: Vec<&mut _> = active.iter_mut().map(|a| &mut a.cache).collect();
+            let rows = model.forward(&inputs, &mut caches)?.to_vec2::<f32>()?;
+            ready.extend(active.drain(..).zip(rows));
+        }
+        while ready.len() < batch.max(1) {
             let Some(j) = waiting.pop() else { break };
             if jobs[j].prompt.is_empty() || jobs[j].prompt.len() >= context {
                 results[j] = Some(Outcome::TooLong);
@@ -55,39 +64,25 @@ pub fn generate(
             }
             let mut a = Active { job: j, cache: model.new_cache(), out: Vec::new() };
             let logits = model.forward(&[&jobs[j].prompt], &mut [&mut a.cache])?;
-            let tok = sampler::sample(&logits.i(0)?.to_vec1::<f32>()?, sampling, &mut jobs[j].stream);
-            if !policy.stop.contains(&tok) {
+            ready.push((a, logits.i(0)?.to_vec1::<f32>()?));
+        }
+        if ready.is_empty() {
+            break;
+        }
+        for (mut a, row) in ready {
+            let tok = sampler::sample(&row, sampling, &mut jobs[a.job].stream);
+            let stop = policy.stop.contains(&tok);
+            if !stop {
                 a.out.push(tok);
             }
-            if finished(&a, tok) {
+            // Done at a stop token, at max_tokens, or when the context is full.
+            if stop || a.out.len() >= max_tokens || a.cache.len >= context {
                 progress(a.out.len());
-                results[j] = Some(Outcome::Done(a.out));
+                results[a.job] = Some(Outcome::Done(a.out));
             } else {
                 active.push(a);
             }
         }
-        if active.is_empty() {
-            break;
-        }
-        let last: Vec<[u32; 1]> =
-            active.iter().map(|a| [*a.out.last().expect("active sequences have a token")]).collect();
-        let inputs: Vec<&[u32]> = last.iter().map(|t| &t[..]).collect();
-        let mut caches: Vec<&mut _> = active.iter_mut().map(|a| &mut a.cache).collect();
-        let rows = model.forward(&inputs, &mut caches)?.to_vec2::<f32>()?;
-        let mut still = Vec::with_capacity(active.len());
-        for (mut a, row) in active.into_iter().zip(rows) {
-            let tok = sampler::sample(&row, sampling, &mut jobs[a.job].stream);
-            if !policy.stop.contains(&tok) {
-                a.out.push(tok);
-            }
-            if finished(&a, tok) {
-                progress(a.out.len());
-                results[a.job] = Some(Outcome::Done(a.out));
-            } else {
-                still.push(a);
-            }
-        }
-        active = still;
     }
     Ok(results.into_iter().map(|r| r.expect("every job ends")).collect())
 }

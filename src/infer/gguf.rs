@@ -70,10 +70,10 @@ impl GgufFile {
 
     /// The token string of an id.
     pub fn token(&self, id: u32) -> Result<String> {
-        self.strings("tokenizer.ggml.tokens")?
-            .get(id as usize)
-            .cloned()
-            .ok_or_else(|| anyhow!("token id {id} is outside the vocabulary"))
+        let key = "tokenizer.ggml.tokens";
+        let tokens = self.get(key)?.to_vec().map_err(|e| anyhow!("{key}: {e}"))?;
+        let token = tokens.get(id as usize).ok_or_else(|| anyhow!("token id {id} is outside the vocabulary"))?;
+        Ok(token.to_string().map_err(|e| anyhow!("{key}: {e}"))?.clone())
     }
 
     /// The tokenizer, for the byte-level BPE vocabularies (`tokenizer.ggml.model = gpt2`).
