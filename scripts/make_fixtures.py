@@ -210,6 +210,42 @@ def smollm2_fixture():
     dump(os.path.join(ROOT, "smollm2_reference.json"), out)
 
 
+GEMMA3_PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):\n   ",
+    "Once upon a time, in a small village by the sea, there lived",
+    "1, 2, 3, 4,",
+]
+
+
+def gemma3_fixture():
+    """Tokenizer and model references for the Gemma-3 270M GGUF, from
+    transformers' own GGUF loaders (weights dequantized to f32)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = os.path.join(ROOT, "..", "..", "models")
+    name = "gemma-3-270m-q4_k_m.gguf"
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    texts = TEXTS + ["<start_of_turn>user\nHi<end_of_turn>\n", "a  b   c    d\n\n\ne", "x" * 40, "0123456789 ½ ⅓ 10⁶"]
+    cases = []
+    for text in texts:
+        ids = tok(text, add_special_tokens=False).input_ids
+        cases.append({"text": text, "ids": ids, "decoded": tok.decode(ids, skip_special_tokens=True),
+                      "with_specials": tok(text).input_ids})
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, torch_dtype=torch.float32).eval()
+    gens = []
+    for prompt in GEMMA3_PROMPTS:
+        input_ids = tok(prompt, return_tensors="pt").input_ids
+        with torch.no_grad():
+            logits = model(input_ids).logits[0, -1]
+            seq = model.generate(input_ids, max_new_tokens=16, do_sample=False)[0, input_ids.shape[1]:].tolist()
+        top = torch.topk(logits, 20)
+        gens.append({"prompt": prompt, "input_ids": input_ids[0].tolist(), "top_ids": top.indices.tolist(),
+                     "top_logits": top.values.tolist(), "generated": seq})
+    dump(os.path.join(ROOT, "gemma3_reference.json"), {"model": name, "tokenizer": cases, "generation": gens})
+
+
 def train_tokenizer(specials):
     """A small byte-level BPE trained on real prompts, with a family's special
     tokens; like the real ones, it adds the BOS (the third special here is
@@ -338,6 +374,8 @@ if __name__ == "__main__":
         smollm2_fixture()
     elif sys.argv[1:] == ["llama3"]:
         llama3_fixture()
+    elif sys.argv[1:] == ["gemma3"]:
+        gemma3_fixture()
     elif sys.argv[1:] == ["gemma2"]:
         gemma2_fixture()
     else:

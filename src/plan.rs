@@ -150,7 +150,11 @@ impl Graph {
                             ("generate.vllm_compat".into(), json!(g.vllm_compat)),
                             ("generate.sampler_version".into(), json!(generate::SAMPLER_VERSION)),
                         ]);
-                        (params, BTreeMap::from([("generate.model".into(), path)]))
+                        let mut files = BTreeMap::from([("generate.model".into(), path)]);
+                        if let Some(t) = &g.chat_template {
+                            files.insert("generate.chat_template".into(), PathBuf::from(t));
+                        }
+                        (params, files)
                     }
                     (None, None) => unreachable!("validation requires generate.model or generate.import"),
                 };

@@ -55,6 +55,9 @@ pub struct Generate {
     pub model: Option<String>,
     /// The hub revision of `model`.
     pub revision: Option<String>,
+    /// A Jinja chat template file that replaces the model's own (a base model
+    /// has none).
+    pub chat_template: Option<String>,
     /// One response per prompt per seed, combined in this order.
     pub seeds: Vec<u64>,
     /// Sampling temperature; 0 is greedy.

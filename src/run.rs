@@ -12,8 +12,8 @@ use crate::cache::{ActionEntry, BuildLock, Cache, KeyMaterial, OutputFile};
 use crate::digest::Digest;
 use crate::formats::pyjson;
 use crate::formats::simpo::{self, DecodeRow, FilteredRow, ScoredRow};
-use crate::infer::Policy;
 use crate::infer::sampler::Sampling;
+use crate::infer::{Load, Policy};
 use crate::plan::{Freshness, Graph, Stage, Walk};
 use crate::stages::{Rows, StageOutput, annotate, binarize, export, filter, generate, prompts};
 use anyhow::{Context, Result, bail};
@@ -276,17 +276,18 @@ impl Progress {
 /// Policies loaded in this run, by model file.
 #[derive(Default)]
 struct Models {
-    loaded: RefCell<HashMap<PathBuf, Rc<Policy>>>,
+    loaded: RefCell<HashMap<(PathBuf, Option<PathBuf>), Rc<Policy>>>,
 }
 
 impl Models {
-    fn policy(&self, path: &Path) -> Result<Rc<Policy>> {
-        if let Some(p) = self.loaded.borrow().get(path) {
+    fn policy(&self, path: &Path, chat_template: Option<&Path>) -> Result<Rc<Policy>> {
+        let id = (path.to_path_buf(), chat_template.map(Path::to_path_buf));
+        if let Some(p) = self.loaded.borrow().get(&id) {
             return Ok(p.clone());
         }
         eprintln!("loading {}", path.display());
-        let policy = Rc::new(Policy::load(path)?);
-        self.loaded.borrow_mut().insert(path.to_path_buf(), policy.clone());
+        let policy = Rc::new(Policy::load(path, &Load { chat_template, dequantize: false })?);
+        self.loaded.borrow_mut().insert(id, policy.clone());
         Ok(policy)
     }
 }
@@ -344,7 +345,10 @@ fn sample_shards(
                         hit
                     }
                     None => {
-                        let policy = models.policy(&node.files["generate.model"])?;
+                        let policy = models.policy(
+                            &node.files["generate.model"],
+                            node.files.get("generate.chat_template").map(PathBuf::as_path),
+                        )?;
                         let started = Instant::now();
                         let mut tokens = 0usize;
                         let (shard_rows, skipped) = generate::sample(chunk, &policy, &params, |n| {

@@ -4,9 +4,9 @@
 //! sliding window shorter than the longer prompts, query_pre_attn_scalar),
 //! a trained BPE tokenizer with the family's special tokens and chat template.
 
-use prefgen::infer::Policy;
 use prefgen::infer::engine::{self, Job, Outcome};
 use prefgen::infer::sampler::{Sampling, Stream};
+use prefgen::infer::{Load, Policy};
 use serde_json::Value;
 use std::path::Path;
 
@@ -17,7 +17,7 @@ fn fixtures() -> std::path::PathBuf {
 /// Template text, token ids, last-position logits (within 1e-4) and 32
 /// greedy tokens of every prompt, all prompts decoded in one batch.
 fn matches_transformers(name: &str) {
-    let policy = Policy::load(&fixtures().join(format!("tiny-{name}"))).unwrap();
+    let policy = Policy::load(&fixtures().join(format!("tiny-{name}")), &Load::default()).unwrap();
     let path = fixtures().join(format!("tiny-{name}-reference.json"));
     let r: Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
     let cases = r["cases"].as_array().unwrap();

@@ -6,10 +6,13 @@ use anyhow::{Context, Result, anyhow, bail};
 use candle_core::quantized::gguf_file::{Content, Value};
 use std::collections::HashMap;
 use std::path::Path;
+use tokenizers::decoders::{self, DecoderWrapper, byte_fallback::ByteFallback, fuse::Fuse};
 use tokenizers::models::bpe::{BPE, Vocab};
+use tokenizers::normalizers::replace::Replace;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::sequence::Sequence;
 use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+use tokenizers::processors::template::TemplateProcessing;
 use tokenizers::{AddedToken, PreTokenizerWrapper, SplitDelimiterBehavior, Tokenizer};
 
 /// A GGUF file's header, opened once.
@@ -76,16 +79,59 @@ impl GgufFile {
         Ok(token.to_string().map_err(|e| anyhow!("{key}: {e}"))?.clone())
     }
 
-    /// The tokenizer, for the byte-level BPE vocabularies (`tokenizer.ggml.model = gpt2`).
+    /// The tokenizer: byte-level BPE (`tokenizer.ggml.model = gpt2`, Llama-3,
+    /// SmolLM2), or Gemma's sentencepiece BPE (`llama` in a `gemma*` file).
     pub fn tokenizer(&self) -> Result<Tokenizer> {
         let kind = self.string("tokenizer.ggml.model")?;
-        if kind != "gpt2" {
-            bail!("{}: tokenizer type {kind:?} is not supported yet (byte-level BPE \"gpt2\" is)", self.path.display());
-        }
+        let arch = self.architecture()?;
         let tokens = self.strings("tokenizer.ggml.tokens")?;
         let types = self.ints("tokenizer.ggml.token_type").unwrap_or_default();
-        // As transformers does: a token outside the byte alphabet (a llama.cpp
-        // respelling) is spelled back in it.
+        let mut tok = match kind.as_str() {
+            "gpt2" => self.byte_level(&tokens)?,
+            "llama" if arch.starts_with("gemma") => self.gemma(&tokens)?,
+            _ => bail!(
+                "{}: tokenizer type {kind:?} of a {arch:?} model is not supported (byte-level BPE \"gpt2\", and \
+                 Gemma's sentencepiece are)",
+                self.path.display()
+            ),
+        };
+        // As transformers does: control tokens (type 3) are special (matched
+        // whole, skipped when decoding); user-defined ones (type 4) are matched
+        // whole. A byte-level control token spelled outside the byte alphabet
+        // is a llama.cpp mislabel and left out.
+        let spelled: std::collections::HashSet<char> = byte_alphabet().into_values().collect();
+        let typed = |ty: i64| tokens.iter().zip(types.iter()).filter(move |(_, t)| **t == ty).map(|(t, _)| t);
+        let control: Vec<AddedToken> = typed(3)
+            .filter(|t| kind != "gpt2" || t.chars().all(|c| spelled.contains(&c)))
+            .map(|t| AddedToken::from(t.clone(), true).normalized(false))
+            .collect();
+        tok.add_special_tokens(&control);
+        let user: Vec<AddedToken> = typed(4)
+            .filter(|t| tok.get_vocab(false).contains_key(t.as_str()))
+            .map(|t| AddedToken::from(t.clone(), false).normalized(false))
+            .collect();
+        tok.add_tokens(&user);
+        if kind == "llama"
+            && self.get("tokenizer.ggml.add_bos_token").ok().and_then(|v| v.to_bool().ok()) != Some(false)
+        {
+            // Sentencepiece vocabularies add BOS unless the file says not to.
+            let bos_id = self.u32("tokenizer.ggml.bos_token_id")?;
+            let bos = self.token(bos_id)?;
+            let post = TemplateProcessing::builder()
+                .try_single(format!("{bos} $A"))
+                .and_then(|b| b.try_pair(format!("{bos} $A {bos} $B")))
+                .map_err(|e| anyhow!("{e}"))?
+                .special_tokens(vec![(bos, bos_id)])
+                .build()
+                .map_err(|e| anyhow!("{e}"))?;
+            tok.with_post_processor(Some(post));
+        }
+        Ok(tok)
+    }
+
+    fn byte_level(&self, tokens: &[String]) -> Result<Tokenizer> {
+        // A token outside the byte alphabet (a llama.cpp respelling) is
+        // spelled back in it.
         let alphabet = byte_alphabet();
         let spelled: std::collections::HashSet<char> = alphabet.values().copied().collect();
         let respell = |t: &str| -> String {
@@ -121,14 +167,49 @@ impl GgufFile {
             }
         }
         tok.with_decoder(Some(ByteLevel::default()));
-        // Control tokens (type 3) are special: matched whole, skipped when decoding.
-        let control: Vec<AddedToken> = tokens
+        Ok(tok)
+    }
+
+    /// Gemma's BPE over `▁`-spelled text with byte fallback. The file lists no
+    /// merges; as transformers does, they are rebuilt by cutting every token
+    /// into two tokens of the vocabulary, best first in the order the tokens
+    /// appear in the file (Gemma's scores do not follow its merge order), and
+    /// for one token the longer left piece first. Tokens of two or more real
+    /// spaces are respelled with `▁`, as the text they must match is.
+    fn gemma(&self, tokens: &[String]) -> Result<Tokenizer> {
+        let spelled: Vec<String> = tokens
             .iter()
-            .zip(types.iter())
-            .filter(|(t, ty)| **ty == 3 && t.chars().all(|c| spelled.contains(&c)))
-            .map(|(t, _)| AddedToken::from(t.clone(), true).normalized(false))
+            .map(|t| if t.len() > 1 && t.chars().all(|c| c == ' ') { "\u{2581}".repeat(t.len()) } else { t.clone() })
             .collect();
-        tok.add_special_tokens(&control);
+        // The last id of a repeated token wins, as in a Python dict.
+        let vocab: HashMap<&str, u32> = spelled.iter().enumerate().map(|(i, t)| (t.as_str(), i as u32)).collect();
+        let mut order: Vec<(&str, u32)> = vocab.iter().map(|(t, i)| (*t, *i)).collect();
+        order.sort_by_key(|(_, i)| *i);
+        let mut merges = Vec::new();
+        for (token, _) in order {
+            let cuts: Vec<usize> = token.char_indices().map(|(at, _)| at).skip(1).collect();
+            for &at in cuts.iter().rev() {
+                let (l, r) = token.split_at(at);
+                if vocab.contains_key(l) && vocab.contains_key(r) {
+                    merges.push((l.to_string(), r.to_string()));
+                }
+            }
+        }
+        let unk = self.token(self.u32("tokenizer.ggml.unknown_token_id").unwrap_or(3))?;
+        let bpe = BPE::builder()
+            .vocab_and_merges(vocab.iter().map(|(t, i)| (t.to_string(), *i)).collect::<Vocab>(), merges)
+            .unk_token(unk)
+            .fuse_unk(true)
+            .byte_fallback(true)
+            .build()
+            .map_err(|e| anyhow!("building the sentencepiece tokenizer: {e}"))?;
+        let mut tok = Tokenizer::new(bpe);
+        tok.with_normalizer(Some(Replace::new(" ", "\u{2581}").map_err(|e| anyhow!("{e}"))?));
+        tok.with_decoder(Some(DecoderWrapper::Sequence(decoders::sequence::Sequence::new(vec![
+            Replace::new("\u{2581}", " ").map_err(|e| anyhow!("{e}"))?.into(),
+            ByteFallback::default().into(),
+            Fuse::default().into(),
+        ]))));
         Ok(tok)
     }
 }

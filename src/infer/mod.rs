@@ -25,6 +25,16 @@ pub fn device() -> Result<Device> {
     Ok(Device::cuda_if_available(0)?)
 }
 
+/// How to load a policy.
+#[derive(Debug, Default, Clone)]
+pub struct Load<'a> {
+    /// A Jinja file that replaces the model's own chat template (a base model
+    /// has none).
+    pub chat_template: Option<&'a Path>,
+    /// Run a GGUF file's weights in f32 rather than as quantized matmuls.
+    pub dequantize: bool,
+}
+
 /// A policy ready to generate: weights, tokenizer, template and stop tokens.
 pub struct Policy {
     pub model: Decoder,
@@ -36,23 +46,30 @@ pub struct Policy {
 
 impl Policy {
     /// Loads a policy: a `.gguf` file, or a hub-layout model folder.
-    pub fn load(path: &Path) -> Result<Policy> {
+    pub fn load(path: &Path, options: &Load) -> Result<Policy> {
+        let template = options
+            .chat_template
+            .map(|p| {
+                std::fs::read_to_string(p)
+                    .with_context(|| format!("generate.chat_template: cannot read {}", p.display()))
+            })
+            .transpose()?;
         if path.is_dir() {
-            return Policy::from_folder(path);
+            return Policy::from_folder(path, template);
         }
         if path.extension().and_then(|e| e.to_str()) != Some("gguf") {
             bail!("generate.model: {} is neither a .gguf file nor a model folder", path.display());
         }
         let file = GgufFile::open(path)?;
-        let arch = file.architecture()?;
-        if arch != "llama" {
-            bail!("{}: GGUF architecture {arch:?} is not supported yet (llama is)", path.display());
-        }
         let tokenizer = file.tokenizer()?;
         let bos = file.u32("tokenizer.ggml.bos_token_id").and_then(|id| file.token(id)).unwrap_or_default();
         let eos_id = file.u32("tokenizer.ggml.eos_token_id")?;
-        let template = ChatTemplate::new(&file.chat_template()?, &bos, &file.token(eos_id)?)?;
-        let model = Decoder::from_gguf(&file, &device()?)?;
+        let source = match template {
+            Some(t) => t,
+            None => file.chat_template().context("set generate.chat_template to give it one")?,
+        };
+        let template = ChatTemplate::new(&source, &bos, &file.token(eos_id)?)?;
+        let model = Decoder::from_gguf(&file, &device()?, options.dequantize)?;
         Ok(Policy::assemble(model, tokenizer, template, vec![eos_id]))
     }
 
@@ -60,7 +77,7 @@ impl Policy {
     /// `tokenizer_config.json` (with `chat_template`), `generation_config.json`
     /// (its `eos_token_id`, one or a list, is where generation stops) and
     /// `*.safetensors`.
-    fn from_folder(dir: &Path) -> Result<Policy> {
+    fn from_folder(dir: &Path, template: Option<String>) -> Result<Policy> {
         let read = |name: &str| -> Result<serde_json::Value> {
             let p = dir.join(name);
             let text = std::fs::read_to_string(&p).with_context(|| format!("{}: cannot read {name}", dir.display()))?;
@@ -72,7 +89,7 @@ impl Policy {
         let tc = read("tokenizer_config.json")?;
         let token = |v: &serde_json::Value| v.as_str().or_else(|| v["content"].as_str()).unwrap_or("").to_string();
         // Newer snapshots keep the template in its own file.
-        let separate = std::fs::read_to_string(dir.join("chat_template.jinja")).ok();
+        let separate = template.or_else(|| std::fs::read_to_string(dir.join("chat_template.jinja")).ok());
         let source = match (&tc["chat_template"], separate) {
             (_, Some(t)) => t,
             (template, None) => match template {

@@ -27,6 +27,8 @@ pub struct Config {
     pub hidden: usize,
     pub rms_eps: f32,
     pub rope_base: f32,
+    /// Gemma-3: sliding-window layers rotate with their own base.
+    pub rope_local_base: Option<f32>,
     pub rope_scaling: Option<RopeScaling>,
     pub context: usize,
     /// GGUF files store q and k permuted for interleaved rotary pairs;
@@ -43,6 +45,26 @@ pub struct Config {
     /// Gemma-2: how far back sliding-window layers see.
     pub sliding_window: Option<usize>,
     pub activation: Activation,
+}
+
+/// The architectures, where they differ in more than configuration values.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Family {
+    Llama,
+    Gemma2,
+    Gemma3,
+}
+
+impl Family {
+    /// Whether layer `i` attends within the sliding window (when there is one):
+    /// every other layer in Gemma-2, five of every six in Gemma-3.
+    fn sliding(self, i: usize) -> bool {
+        match self {
+            Family::Llama => false,
+            Family::Gemma2 => i % 2 == 0,
+            Family::Gemma3 => (i + 1) % 6 != 0,
+        }
+    }
 }
 
 /// The MLP's gate activation.
@@ -108,7 +130,10 @@ struct Block {
     /// Gemma-2 normalises the attention and MLP outputs too.
     post_attn_norm: Option<Tensor>,
     post_ffn_norm: Option<Tensor>,
-    /// Gemma-2's sliding-window layers.
+    /// Gemma-3 normalises each head's queries and keys.
+    q_norm: Option<Tensor>,
+    k_norm: Option<Tensor>,
+    /// Gemma's sliding-window layers.
     sliding: bool,
     attn_norm: Tensor,
     wq: Linear,
@@ -127,8 +152,32 @@ pub struct Decoder {
     blocks: Vec<Block>,
     norm: Tensor,
     head: Linear,
+    rope: Rope,
+}
+
+/// Rotary tables, `(context, head_dim / 2)`: one set, or (Gemma-3) a second
+/// for the sliding-window layers.
+struct Rope {
     cos: Tensor,
     sin: Tensor,
+    local: Option<(Tensor, Tensor)>,
+}
+
+impl Rope {
+    fn new(cfg: &Config, device: &Device, dtype: DType) -> Result<Rope> {
+        let (cos, sin) = rope_tables(cfg, cfg.rope_base, device, dtype)?;
+        let local = cfg.rope_local_base.map(|base| rope_tables(cfg, base, device, dtype)).transpose()?;
+        Ok(Rope { cos, sin, local })
+    }
+
+    /// The tables for positions `pos..pos + l` of a layer.
+    fn at(&self, sliding: bool, pos: usize, l: usize) -> candle_core::Result<(Tensor, Tensor)> {
+        let (cos, sin) = match &self.local {
+            Some((cos, sin)) if sliding => (cos, sin),
+            _ => (&self.cos, &self.sin),
+        };
+        Ok((cos.narrow(0, pos, l)?, sin.narrow(0, pos, l)?))
+    }
 }
 
 /// One sequence's keys and values, per layer: `(1, n_kv_head, len, head_dim)`.
@@ -139,25 +188,50 @@ pub struct KvCache {
 }
 
 impl Decoder {
-    /// Loads a GGUF file's weights (quantized matmuls on the CPU).
-    pub fn from_gguf(file: &GgufFile, device: &Device) -> Result<Decoder> {
+    /// Loads a GGUF file's weights: Llama (`llama`), Gemma-2 (`gemma2`) and
+    /// Gemma-3 (`gemma3`). Quantized matmuls quantize the activations too (to
+    /// Q8, as llama.cpp does), which moves Gemma-3 270M's logits by up to ~0.8
+    /// from an f32 evaluation of the same weights; `dequantize` runs the
+    /// weights in f32 instead, slower, and equal to that evaluation.
+    pub fn from_gguf(file: &GgufFile, device: &Device, dequantize: bool) -> Result<Decoder> {
+        let arch = file.architecture()?;
+        let family = match arch.as_str() {
+            "llama" => Family::Llama,
+            "gemma2" => Family::Gemma2,
+            "gemma3" => Family::Gemma3,
+            _ => bail!(
+                "{}: GGUF architecture {arch:?} is not supported (llama, gemma2, gemma3 are)",
+                file.path.display()
+            ),
+        };
+        let u = |key: &str| file.u32(&format!("{arch}.{key}")).map(|v| v as usize);
+        let f = |key: &str| file.f32(&format!("{arch}.{key}"));
+        let (hidden, n_head) = (u("embedding_length")?, u("attention.head_count")?);
+        let head_dim = u("attention.key_length").or_else(|_| u("rope.dimension_count")).unwrap_or(hidden / n_head);
+        let gemma = family != Family::Llama;
         let cfg = Config {
-            n_layer: file.u32("llama.block_count")? as usize,
-            n_head: file.u32("llama.attention.head_count")? as usize,
-            n_kv_head: file.u32("llama.attention.head_count_kv")? as usize,
-            head_dim: file.u32("llama.rope.dimension_count")? as usize,
-            hidden: file.u32("llama.embedding_length")? as usize,
-            rms_eps: file.f32("llama.attention.layer_norm_rms_epsilon")?,
-            rope_base: file.f32("llama.rope.freq_base").unwrap_or(10_000.0),
+            n_layer: u("block_count")?,
+            n_head,
+            n_kv_head: u("attention.head_count_kv")?,
+            head_dim,
+            hidden,
+            rms_eps: f("attention.layer_norm_rms_epsilon")?,
+            rope_base: f("rope.freq_base").unwrap_or(10_000.0),
+            // llama.cpp keeps Gemma-3's local rotary base implicit.
+            rope_local_base: (family == Family::Gemma3).then_some(10_000.0),
             rope_scaling: None,
-            context: file.u32("llama.context_length")? as usize,
-            interleaved_rope: true,
-            attn_scale: 1.0 / (file.u32("llama.rope.dimension_count")? as f64).sqrt(),
-            embed_scale: None,
-            attn_softcap: None,
-            final_softcap: None,
-            sliding_window: None,
-            activation: Activation::Silu,
+            context: u("context_length")?,
+            // llama.cpp's converter permutes Llama's q and k for interleaved
+            // rotary pairs, and leaves Gemma's as the hub has them.
+            interleaved_rope: !gemma,
+            // What llama.cpp assumes for `query_pre_attn_scalar`, which GGUF
+            // does not carry: head_dim (Gemma-2 and 3 27B differ; not handled).
+            attn_scale: 1.0 / (head_dim as f64).sqrt(),
+            embed_scale: gemma.then(|| (hidden as f64).sqrt()),
+            attn_softcap: f("attn_logit_softcapping").ok().map(f64::from),
+            final_softcap: f("final_logit_softcapping").ok().map(f64::from),
+            sliding_window: u("attention.sliding_window").ok().filter(|_| gemma),
+            activation: if gemma { Activation::GeluTanh } else { Activation::Silu },
         };
         let mut reader = std::fs::File::open(&file.path)?;
         let mut tensor = |name: &str| {
@@ -165,9 +239,9 @@ impl Decoder {
                 .tensor(&mut reader, name, device)
                 .with_context(|| format!("{}: tensor {name}", file.path.display()))
         };
+        // Norm weights: llama.cpp's converter has already folded Gemma's 1 in.
         let dense = |t: QTensor| t.dequantize(device);
-        let embed_q = tensor("token_embd.weight")?;
-        let embed = dense(embed_q)?;
+        let embed = dense(tensor("token_embd.weight")?)?;
         // Without `output.weight` the head is tied to the embedding.
         let head = match tensor("output.weight") {
             Ok(t) => t,
@@ -175,25 +249,32 @@ impl Decoder {
         };
         let mut blocks = Vec::with_capacity(cfg.n_layer);
         for i in 0..cfg.n_layer {
-            let mut q = |n: &str| -> Result<Linear> { matmul(tensor(&format!("blk.{i}.{n}.weight"))?, device) };
+            let mut q =
+                |n: &str| -> Result<Linear> { matmul(tensor(&format!("blk.{i}.{n}.weight"))?, device, dequantize) };
+            let (wq, wk, wv, wo) = (q("attn_q")?, q("attn_k")?, q("attn_v")?, q("attn_output")?);
+            let (gate, up, down) = (q("ffn_gate")?, q("ffn_up")?, q("ffn_down")?);
+            let mut norm = |n: &str| -> Result<Tensor> { Ok(dense(tensor(&format!("blk.{i}.{n}.weight"))?)?) };
+            let qk_norm = family == Family::Gemma3;
             blocks.push(Block {
-                post_attn_norm: None,
-                post_ffn_norm: None,
-                sliding: false,
-                wq: q("attn_q")?,
-                wk: q("attn_k")?,
-                wv: q("attn_v")?,
-                wo: q("attn_output")?,
-                gate: q("ffn_gate")?,
-                up: q("ffn_up")?,
-                down: q("ffn_down")?,
-                attn_norm: dense(tensor(&format!("blk.{i}.attn_norm.weight"))?)?,
-                ffn_norm: dense(tensor(&format!("blk.{i}.ffn_norm.weight"))?)?,
+                post_attn_norm: gemma.then(|| norm("post_attention_norm")).transpose()?,
+                post_ffn_norm: gemma.then(|| norm("post_ffw_norm")).transpose()?,
+                q_norm: qk_norm.then(|| norm("attn_q_norm")).transpose()?,
+                k_norm: qk_norm.then(|| norm("attn_k_norm")).transpose()?,
+                sliding: family.sliding(i),
+                attn_norm: norm("attn_norm")?,
+                ffn_norm: norm("ffn_norm")?,
+                wq,
+                wk,
+                wv,
+                wo,
+                gate,
+                up,
+                down,
             });
         }
         let norm = dense(tensor("output_norm.weight")?)?;
-        let (cos, sin) = rope_tables(&cfg, device)?;
-        Ok(Decoder { cfg, embed, blocks, norm, head: matmul(head, device)?, cos, sin })
+        let rope = Rope::new(&cfg, device, DType::F32)?;
+        Ok(Decoder { cfg, embed, blocks, norm, head: matmul(head, device, dequantize)?, rope })
     }
 
     /// Loads a hub-layout folder: `config.json` and `*.safetensors` (one
@@ -203,14 +284,15 @@ impl Decoder {
         let text = std::fs::read_to_string(dir.join("config.json"))
             .with_context(|| format!("{}: no config.json", dir.display()))?;
         let hc: HubConfig = serde_json::from_str(&text).with_context(|| format!("{}/config.json", dir.display()))?;
-        let gemma2 = match hc.architectures.first().map(String::as_str) {
-            Some("LlamaForCausalLM") => false,
-            Some("Gemma2ForCausalLM") => true,
+        let family = match hc.architectures.first().map(String::as_str) {
+            Some("LlamaForCausalLM") => Family::Llama,
+            Some("Gemma2ForCausalLM") => Family::Gemma2,
             other => bail!(
                 "{}: architecture {other:?} is not supported (LlamaForCausalLM and Gemma2ForCausalLM are)",
                 dir.display()
             ),
         };
+        let gemma2 = family == Family::Gemma2;
         let params = hc.rope_scaling.as_ref().or(hc.rope_parameters.as_ref()).filter(|v| !v.is_null());
         let rope_scaling = match params.map(|v| (v, v.get("rope_type").or(v.get("type")).and_then(|t| t.as_str()))) {
             Some((v, Some("llama3"))) => Some(serde_json::from_value(v.clone())?),
@@ -230,6 +312,7 @@ impl Decoder {
             hidden: hc.hidden_size,
             rms_eps: hc.rms_norm_eps as f32,
             rope_base: rope_theta,
+            rope_local_base: None,
             rope_scaling,
             context: hc.max_position_embeddings,
             interleaved_rope: false,
@@ -252,11 +335,10 @@ impl Decoder {
         let mut blocks = Vec::with_capacity(cfg.n_layer);
         for i in 0..cfg.n_layer {
             let p = format!("model.layers.{i}");
-            let sliding = gemma2
-                && match &hc.layer_types {
-                    Some(types) => types.get(i).is_some_and(|t| t == "sliding_attention"),
-                    None => i % 2 == 0,
-                };
+            let sliding = match &hc.layer_types {
+                Some(types) if gemma2 => types.get(i).is_some_and(|t| t == "sliding_attention"),
+                _ => family.sliding(i),
+            };
             let (ffn_norm, post_attn_norm, post_ffn_norm) = if gemma2 {
                 (
                     norm(&format!("{p}.pre_feedforward_layernorm.weight"))?,
@@ -269,6 +351,8 @@ impl Decoder {
             blocks.push(Block {
                 post_attn_norm,
                 post_ffn_norm,
+                q_norm: None,
+                k_norm: None,
                 sliding,
                 attn_norm: norm(&format!("{p}.input_layernorm.weight"))?,
                 wq: dense(&format!("{p}.self_attn.q_proj.weight"))?,
@@ -284,9 +368,8 @@ impl Decoder {
         let embed = get("model.embed_tokens.weight")?;
         let tied = hc.tie_word_embeddings || gemma2;
         let head = if tied { Linear::Dense(embed.clone()) } else { dense("lm_head.weight")? };
-        let (cos, sin) = rope_tables(&cfg, device)?;
-        let (cos, sin) = (cos.to_dtype(dtype)?, sin.to_dtype(dtype)?);
-        Ok(Decoder { cfg, embed, blocks, norm: norm("model.norm.weight")?, head, cos, sin })
+        let rope = Rope::new(&cfg, device, dtype)?;
+        Ok(Decoder { cfg, embed, blocks, norm: norm("model.norm.weight")?, head, rope })
     }
 
     pub fn new_cache(&self) -> KvCache {
@@ -316,8 +399,11 @@ impl Decoder {
                     t.i(i)?.reshape((1, l, n, cfg.head_dim))?.transpose(1, 2)?.contiguous()
                 };
                 let pos = cache.len;
-                let cos = self.cos.narrow(0, pos, l)?;
-                let sin = self.sin.narrow(0, pos, l)?;
+                let (cos, sin) = self.rope.at(blk.sliding, pos, l)?;
+                let norm = |t: Tensor, w: &Option<Tensor>| match w {
+                    Some(w) => candle_nn::ops::rms_norm(&t, w, cfg.rms_eps),
+                    None => Ok(t),
+                };
                 let rope = |t: &Tensor| {
                     if cfg.interleaved_rope {
                         candle_nn::rotary_emb::rope_i(t, &cos, &sin)
@@ -325,8 +411,8 @@ impl Decoder {
                         candle_nn::rotary_emb::rope(t, &cos, &sin)
                     }
                 };
-                let qi = rope(&heads(&q, cfg.n_head)?)?;
-                let ki = rope(&heads(&k, cfg.n_kv_head)?)?;
+                let qi = rope(&norm(heads(&q, cfg.n_head)?, &blk.q_norm)?)?;
+                let ki = rope(&norm(heads(&k, cfg.n_kv_head)?, &blk.k_norm)?)?;
                 let vi = heads(&v, cfg.n_kv_head)?;
                 let (ka, va) = match cache.layers[li].take() {
                     None => (ki, vi),
@@ -380,7 +466,10 @@ impl Decoder {
 /// SmolLM2's decode time went there), so those are re-quantized to Q8_0 at
 /// load: the fast kernel, rows still computed independently, and a weight
 /// change of at most half a Q8_0 step (1/254 of the block's largest weight).
-fn matmul(t: QTensor, device: &Device) -> Result<Linear> {
+fn matmul(t: QTensor, device: &Device, dequantize: bool) -> Result<Linear> {
+    if dequantize {
+        return Ok(Linear::Dense(t.dequantize(device)?));
+    }
     let t = match t.dtype() {
         GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1 => {
             QTensor::quantize(&t.dequantize(device)?, GgmlDType::Q8_0)?
@@ -432,9 +521,9 @@ impl Safetensors {
 }
 
 /// `(context, head_dim / 2)` cosines and sines of the rotary angles.
-fn rope_tables(cfg: &Config, device: &Device) -> Result<(Tensor, Tensor)> {
+fn rope_tables(cfg: &Config, base: f32, device: &Device, dtype: DType) -> Result<(Tensor, Tensor)> {
     let half = cfg.head_dim / 2;
-    let mut inv: Vec<f32> = (0..half).map(|i| 1.0 / cfg.rope_base.powf(2.0 * i as f32 / cfg.head_dim as f32)).collect();
+    let mut inv: Vec<f32> = (0..half).map(|i| 1.0 / base.powf(2.0 * i as f32 / cfg.head_dim as f32)).collect();
     if let Some(s) = &cfg.rope_scaling {
         // Llama-3.1: long wavelengths are slowed by `factor`, short ones kept,
         // and the band between interpolated.
@@ -453,7 +542,7 @@ fn rope_tables(cfg: &Config, device: &Device) -> Result<(Tensor, Tensor)> {
     let inv = Tensor::from_vec(inv, (1, half), device)?;
     let pos = Tensor::arange(0u32, cfg.context as u32, device)?.to_dtype(DType::F32)?.reshape((cfg.context, 1))?;
     let angles = pos.broadcast_mul(&inv)?;
-    Ok((angles.cos()?, angles.sin()?))
+    Ok((angles.cos()?.to_dtype(dtype)?, angles.sin()?.to_dtype(dtype)?))
 }
 
 fn repeat_kv(x: &Tensor, rep: usize) -> candle_core::Result<Tensor> {
