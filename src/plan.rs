@@ -186,7 +186,6 @@ impl Graph {
             ));
             export_reads.push(b);
         }
-        drop(push);
         let all: Vec<usize> = (0..nodes.len()).collect();
         nodes.push(Node {
             stage: Stage::Export,

@@ -114,7 +114,7 @@ pub struct Annotate {
 }
 
 /// `[binarize]`: choosing `chosen` and `rejected`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Binarize {
     /// Keep rows whose scores are all equal (SimPO keeps them); they are counted either way.
@@ -164,12 +164,6 @@ fn yes() -> bool {
 impl Default for Filter {
     fn default() -> Self {
         Filter { drop_identical: true }
-    }
-}
-
-impl Default for Binarize {
-    fn default() -> Self {
-        Binarize { keep_ties: false }
     }
 }
 

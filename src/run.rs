@@ -273,10 +273,13 @@ impl Progress {
     }
 }
 
-/// Policies loaded in this run, by model file.
+/// A loaded policy's files: the model and the chat template replacing its own.
+type PolicyFiles = (PathBuf, Option<PathBuf>);
+
+/// Policies loaded in this run, by their files.
 #[derive(Default)]
 struct Models {
-    loaded: RefCell<HashMap<(PathBuf, Option<PathBuf>), Rc<Policy>>>,
+    loaded: RefCell<HashMap<PolicyFiles, Rc<Policy>>>,
 }
 
 impl Models {

@@ -153,8 +153,8 @@ mod tests {
         ];
         std::fs::write(&f, rows.join("\n")).unwrap();
         let parse = |out: StageOutput| crate::formats::simpo::parse_rows::<String>(&out.files[0].1, "prompts").unwrap();
-        assert_eq!(parse(build(&[f.clone()], "prompt", 0).unwrap()), ["Z", "a", "b", "é"]);
-        assert_eq!(parse(build(&[f.clone()], "prompt", 2).unwrap()), ["Z", "a"]);
+        assert_eq!(parse(build(std::slice::from_ref(&f), "prompt", 0).unwrap()), ["Z", "a", "b", "é"]);
+        assert_eq!(parse(build(std::slice::from_ref(&f), "prompt", 2).unwrap()), ["Z", "a"]);
         let e = build(&[f], "question", 0).err().expect("no such column").to_string();
         assert!(e.contains("p.jsonl: line 1 has no column \"question\""), "{e}");
     }

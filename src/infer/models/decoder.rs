@@ -61,8 +61,8 @@ impl Family {
     fn sliding(self, i: usize) -> bool {
         match self {
             Family::Llama => false,
-            Family::Gemma2 => i % 2 == 0,
-            Family::Gemma3 => (i + 1) % 6 != 0,
+            Family::Gemma2 => i.is_multiple_of(2),
+            Family::Gemma3 => !(i + 1).is_multiple_of(6),
         }
     }
 }
