@@ -4,6 +4,11 @@
 //! Prompt tokens/s is the prefill of each prompt (one at a time, as the engine
 //! prefills); generated tokens/s is the whole batched run (prefill included)
 //! at each batch size, 32 new tokens per response, temperature 0.8, top-p 0.95.
+//!
+//! Beside it, llama.cpp on the same file and thread count: its
+//! `llama-batched-bench` (built by `scripts/llama-bench.sh` from the source
+//! the llama-cpp-python sdist vendors), with prompts of the same mean length
+//! and 32 new tokens each; its generated tokens/s also counts the prefill.
 
 use prefgen::infer::Policy;
 use prefgen::infer::engine::{self, Job};
@@ -25,8 +30,11 @@ fn main() {
         prompts.iter().map(|p| policy.encode(&policy.format_prompt(p).unwrap(), false).unwrap()).collect();
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     println!("\ngeneration, SmolLM2-135M-Instruct Q4_1 (re-quantized to Q8_0), {threads} threads, CPU\n");
-    println!("| batch | prompts | prompt tokens/s | generated tokens | generated tokens/s |");
-    println!("|---|---|---|---|---|");
+    let llama = llama_cpp_bench();
+    println!(
+        "| batch | prompts | prompt tokens/s | generated tokens | generated tokens/s | llama.cpp prompt / generated tokens/s | ratio prompt / generated |"
+    );
+    println!("|---|---|---|---|---|---|---|");
     for batch in [1usize, 8, 32] {
         let n = batch.max(8).min(encoded.len());
         let jobs: Vec<&Vec<u32>> = encoded.iter().take(n).collect();
@@ -49,7 +57,69 @@ fn main() {
         engine::generate(&policy, work, Sampling { temperature: 0.8, top_p: 0.95 }, 32, batch, |k| generated += k)
             .unwrap();
         let rate = generated as f64 / t.elapsed().as_secs_f64();
-        println!("| {batch} | {n} | {prefill:.0} | {generated} | {rate:.1} |");
+        let mean_prompt = prompt_tokens / n;
+        let (theirs, ratio) = match llama.as_ref().map(|bin| llama_cpp(bin, &model, mean_prompt, batch, threads)) {
+            Some((pp, tg)) => (format!("{pp:.0} / {tg:.1}"), format!("{:.2} / {:.2}", prefill / pp, rate / tg)),
+            None => ("-".into(), "-".into()),
+        };
+        println!("| {batch} | {n} | {prefill:.0} | {generated} | {rate:.1} | {theirs} | {ratio} |");
     }
-    println!("\nllama.cpp on the same file is not measured yet (its bench tool is not built here).");
+}
+
+/// llama.cpp's `llama-batched-bench`, built on first use; None (with a note)
+/// when it cannot be built.
+fn llama_cpp_bench() -> Option<std::path::PathBuf> {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let built = std::process::Command::new(root.join("scripts/llama-bench.sh")).current_dir(root).output();
+    let bin = match built {
+        Ok(o) if o.status.success() => {
+            root.join(String::from_utf8_lossy(&o.stdout).trim()).with_file_name("llama-batched-bench")
+        }
+        _ => {
+            eprintln!("llama.cpp's bench tool could not be built (scripts/llama-bench.sh); its columns stay empty");
+            return None;
+        }
+    };
+    Some(bin)
+}
+
+/// llama.cpp's prompt tokens/s and generated tokens/s (prefill included) for
+/// `batch` prompts of `prompt` tokens, 32 new tokens each.
+fn llama_cpp(
+    bin: &std::path::Path,
+    model: &std::path::Path,
+    prompt: usize,
+    batch: usize,
+    threads: usize,
+) -> (f64, f64) {
+    let (t, ctx) = (threads.to_string(), (batch * (prompt + 40)).to_string());
+    let (pp, npl) = (prompt.to_string(), batch.to_string());
+    let out = std::process::Command::new(bin)
+        .args([
+            "-m",
+            &model.to_string_lossy(),
+            "-t",
+            &t,
+            "-tb",
+            &t,
+            "-c",
+            &ctx,
+            "-npp",
+            &pp,
+            "-ntg",
+            "32",
+            "-npl",
+            &npl,
+        ])
+        .output()
+        .expect("llama-batched-bench runs");
+    // Rows: | PP | TG | B | N_KV | T_PP s | S_PP t/s | T_TG s | S_TG t/s | T s | S t/s |
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|line| {
+            let f: Vec<f64> = line.split('|').filter_map(|c| c.trim().parse().ok()).collect();
+            (f.len() == 10).then(|| (f[5], f[2] * f[1] / (f[4] + f[6])))
+        })
+        .next()
+        .expect("llama-batched-bench prints its table")
 }
