@@ -14,7 +14,7 @@
 use crate::infer::gguf::GgufFile;
 use anyhow::{Context, Result, bail};
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
-use candle_core::{DType, Device, IndexOp, Module, Tensor};
+use candle_core::{DType, Device, Module, Tensor};
 use std::path::Path;
 
 /// Hyper-parameters, from the `llama.*` GGUF metadata or `config.json`.
@@ -151,7 +151,8 @@ pub struct Decoder {
     embed: Tensor,
     blocks: Vec<Block>,
     norm: Tensor,
-    head: Linear,
+    /// The language-model head; reward models have their own heads instead.
+    head: Option<Linear>,
     rope: Rope,
 }
 
@@ -274,7 +275,7 @@ impl Decoder {
         }
         let norm = dense(tensor("output_norm.weight")?)?;
         let rope = Rope::new(&cfg, device, DType::F32)?;
-        Ok(Decoder { cfg, embed, blocks, norm, head: matmul(head, device, dequantize)?, rope })
+        Ok(Decoder { cfg, embed, blocks, norm, head: Some(matmul(head, device, dequantize)?), rope })
     }
 
     /// Loads a hub-layout folder: `config.json` and `*.safetensors` (one
@@ -285,7 +286,10 @@ impl Decoder {
             .with_context(|| format!("{}: no config.json", dir.display()))?;
         let hc: HubConfig = serde_json::from_str(&text).with_context(|| format!("{}/config.json", dir.display()))?;
         let family = match hc.architectures.first().map(String::as_str) {
-            Some("LlamaForCausalLM") => Family::Llama,
+            // Reward models are a Llama backbone with their own heads.
+            Some("LlamaForCausalLM" | "LlamaForRewardModelWithGating" | "LlamaForSequenceClassification") => {
+                Family::Llama
+            }
             Some("Gemma2ForCausalLM") => Family::Gemma2,
             other => bail!(
                 "{}: architecture {other:?} is not supported (LlamaForCausalLM and Gemma2ForCausalLM are)",
@@ -367,9 +371,22 @@ impl Decoder {
         }
         let embed = get("model.embed_tokens.weight")?;
         let tied = hc.tie_word_embeddings || gemma2;
-        let head = if tied { Linear::Dense(embed.clone()) } else { dense("lm_head.weight")? };
+        let head = match (tied, weights.has("lm_head.weight")) {
+            (true, _) => Some(Linear::Dense(embed.clone())),
+            (false, true) => Some(dense("lm_head.weight")?),
+            (false, false) => None,
+        };
         let rope = Rope::new(&cfg, device, dtype)?;
         Ok(Decoder { cfg, embed, blocks, norm: norm("model.norm.weight")?, head, rope })
+    }
+
+    /// The device and dtype the weights live in.
+    pub fn device(&self) -> &Device {
+        self.embed.device()
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.embed.dtype()
     }
 
     pub fn new_cache(&self) -> KvCache {
@@ -377,33 +394,66 @@ impl Decoder {
     }
 
     /// Appends `tokens[b]` to sequence `b` and returns the logits after each
-    /// sequence's last token, `(batch, vocab)`. All sequences append the same
-    /// number of tokens: one prompt (prefill), or one token each (decode).
+    /// sequence's last token, `(batch, vocab)`.
     pub fn forward(&self, tokens: &[&[u32]], caches: &mut [&mut KvCache]) -> Result<Tensor> {
+        let h = self.hidden(tokens, Some(caches))?;
+        let mut end = 0;
+        let last: Vec<u32> = tokens
+            .iter()
+            .map(|t| {
+                end += t.len();
+                (end - 1) as u32
+            })
+            .collect();
+        let last = Tensor::from_vec(last, tokens.len(), h.device())?;
+        self.logits(&h.index_select(&last, 0)?)
+    }
+
+    /// Logits of final hidden states `(n, hidden)`, `(n, vocab)` in f32.
+    pub fn logits(&self, h: &Tensor) -> Result<Tensor> {
+        let head = self.head.as_ref().context("this model has no language-model head")?;
+        let logits = head.forward(h)?.to_dtype(DType::F32)?;
+        Ok(match self.cfg.final_softcap {
+            Some(cap) => ((logits / cap)?.tanh()? * cap)?,
+            None => logits,
+        })
+    }
+
+    /// The final (normalised) hidden states of `tokens[b]` appended to
+    /// sequence `b`, packed: `(sum of lengths, hidden)`, sequence after
+    /// sequence. Sequences may differ in length; nothing is padded. Without
+    /// caches every sequence starts empty and its keys are not kept (scoring).
+    pub fn hidden(&self, tokens: &[&[u32]], mut caches: Option<&mut [&mut KvCache]>) -> Result<Tensor> {
         let cfg = &self.cfg;
-        let (b, l) = (tokens.len(), tokens[0].len());
         let device = self.embed.device();
         let ids: Vec<u32> = tokens.iter().flat_map(|t| t.iter().copied()).collect();
-        let ids = Tensor::from_vec(ids, b * l, device)?;
-        let mut x = self.embed.index_select(&ids, 0)?.reshape((b, l, cfg.hidden))?;
+        let total = ids.len();
+        let ids = Tensor::from_vec(ids, total, device)?;
+        let mut x = self.embed.index_select(&ids, 0)?.reshape((1, total, cfg.hidden))?;
         if let Some(s) = cfg.embed_scale {
-            // Gemma-2 multiplies by sqrt(hidden) rounded to the activations' dtype.
+            // Gemma multiplies by sqrt(hidden) rounded to the activations' dtype.
             x = (x * (s as f32) as f64)?;
         }
+        let positions: Vec<usize> = match &caches {
+            Some(c) => c.iter().map(|c| c.len).collect(),
+            None => vec![0; tokens.len()],
+        };
+        let norm = |t: Tensor, w: &Option<Tensor>| match w {
+            Some(w) => candle_nn::ops::rms_norm(&t, w, cfg.rms_eps),
+            None => Ok(t),
+        };
         for (li, blk) in self.blocks.iter().enumerate() {
             let h = candle_nn::ops::rms_norm(&x, &blk.attn_norm, cfg.rms_eps)?;
             let (q, k, v) = (blk.wq.forward(&h)?, blk.wk.forward(&h)?, blk.wv.forward(&h)?);
-            let mut outs = Vec::with_capacity(b);
-            for (i, cache) in caches.iter_mut().enumerate() {
+            let mut outs = Vec::with_capacity(tokens.len());
+            let mut start = 0;
+            for (i, seq) in tokens.iter().enumerate() {
+                let (l, pos, at) = (seq.len(), positions[i], start);
+                start += l;
                 let heads = |t: &Tensor, n: usize| -> candle_core::Result<Tensor> {
-                    t.i(i)?.reshape((1, l, n, cfg.head_dim))?.transpose(1, 2)?.contiguous()
+                    t.narrow(1, at, l)?.reshape((1, l, n, cfg.head_dim))?.transpose(1, 2)?.contiguous()
                 };
-                let pos = cache.len;
                 let (cos, sin) = self.rope.at(blk.sliding, pos, l)?;
-                let norm = |t: Tensor, w: &Option<Tensor>| match w {
-                    Some(w) => candle_nn::ops::rms_norm(&t, w, cfg.rms_eps),
-                    None => Ok(t),
-                };
                 let rope = |t: &Tensor| {
                     if cfg.interleaved_rope {
                         candle_nn::rotary_emb::rope_i(t, &cos, &sin)
@@ -414,11 +464,18 @@ impl Decoder {
                 let qi = rope(&norm(heads(&q, cfg.n_head)?, &blk.q_norm)?)?;
                 let ki = rope(&norm(heads(&k, cfg.n_kv_head)?, &blk.k_norm)?)?;
                 let vi = heads(&v, cfg.n_kv_head)?;
-                let (ka, va) = match cache.layers[li].take() {
+                let (ka, va) = match caches.as_deref_mut() {
+                    Some(caches) => {
+                        let layer = &mut caches[i].layers[li];
+                        let kv = match layer.take() {
+                            None => (ki, vi),
+                            Some((kc, vc)) => (Tensor::cat(&[&kc, &ki], 2)?, Tensor::cat(&[&vc, &vi], 2)?),
+                        };
+                        *layer = Some(kv.clone());
+                        kv
+                    }
                     None => (ki, vi),
-                    Some((kc, vc)) => (Tensor::cat(&[&kc, &ki], 2)?, Tensor::cat(&[&vc, &vi], 2)?),
                 };
-                cache.layers[li] = Some((ka.clone(), va.clone()));
                 let rep = cfg.n_head / cfg.n_kv_head;
                 let (kr, vr) = (repeat_kv(&ka, rep)?, repeat_kv(&va, rep)?);
                 let mut att = (qi.matmul(&kr.t()?)? * cfg.attn_scale)?;
@@ -433,12 +490,8 @@ impl Decoder {
                 let o = att.matmul(&vr)?;
                 outs.push(o.transpose(1, 2)?.reshape((1, l, cfg.n_head * cfg.head_dim))?);
             }
-            let post = |t: Tensor, norm: &Option<Tensor>| match norm {
-                Some(w) => candle_nn::ops::rms_norm(&t, w, cfg.rms_eps),
-                None => Ok(t),
-            };
-            let o = blk.wo.forward(&Tensor::cat(&outs, 0)?)?;
-            x = (x + post(o, &blk.post_attn_norm)?)?;
+            let o = blk.wo.forward(&Tensor::cat(&outs, 1)?)?;
+            x = (x + norm(o, &blk.post_attn_norm)?)?;
             let h = candle_nn::ops::rms_norm(&x, &blk.ffn_norm, cfg.rms_eps)?;
             let gate = blk.gate.forward(&h)?;
             let gate = match cfg.activation {
@@ -446,18 +499,14 @@ impl Decoder {
                 Activation::GeluTanh => gate.gelu()?,
             };
             let mlp = blk.down.forward(&(gate * blk.up.forward(&h)?)?)?;
-            x = (x + post(mlp, &blk.post_ffn_norm)?)?;
+            x = (x + norm(mlp, &blk.post_ffn_norm)?)?;
         }
-        for cache in caches.iter_mut() {
-            cache.len += l;
+        if let Some(caches) = caches {
+            for (cache, seq) in caches.iter_mut().zip(tokens) {
+                cache.len += seq.len();
+            }
         }
-        let last = x.narrow(1, l - 1, 1)?.squeeze(1)?;
-        let h = candle_nn::ops::rms_norm(&last, &self.norm, cfg.rms_eps)?;
-        let logits = self.head.forward(&h)?.to_dtype(DType::F32)?;
-        Ok(match cfg.final_softcap {
-            Some(cap) => ((logits / cap)?.tanh()? * cap)?,
-            None => logits,
-        })
+        Ok(candle_nn::ops::rms_norm(&x.squeeze(0)?, &self.norm, cfg.rms_eps)?)
     }
 }
 
@@ -480,13 +529,13 @@ fn matmul(t: QTensor, device: &Device, dequantize: bool) -> Result<Linear> {
 }
 
 /// The `*.safetensors` files of a folder, memory-mapped.
-struct Safetensors {
+pub(crate) struct Safetensors {
     files: candle_core::safetensors::MmapedSafetensors,
     dir: std::path::PathBuf,
 }
 
 impl Safetensors {
-    fn open(dir: &Path) -> Result<Safetensors> {
+    pub(crate) fn open(dir: &Path) -> Result<Safetensors> {
         let index = dir.join("model.safetensors.index.json");
         let paths: Vec<std::path::PathBuf> = if index.is_file() {
             let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&index)?)?;
@@ -513,8 +562,12 @@ impl Safetensors {
         Ok(Safetensors { files, dir: dir.to_path_buf() })
     }
 
+    pub(crate) fn has(&self, name: &str) -> bool {
+        self.files.get(name).is_ok()
+    }
+
     /// A tensor in `dtype`.
-    fn tensor(&self, name: &str, device: &Device, dtype: DType) -> Result<Tensor> {
+    pub(crate) fn tensor(&self, name: &str, device: &Device, dtype: DType) -> Result<Tensor> {
         let t = self.files.load(name, device).with_context(|| format!("{}: tensor {name}", self.dir.display()))?;
         Ok(t.to_dtype(dtype)?)
     }
