@@ -367,6 +367,111 @@ def llama3_fixture():
     parity_reference("llama3", model, tok)
 
 
+REWARD_CONVERSATIONS = [
+    ("Hi", "Hello! How can I help you today?"),
+    ("What is the capital of France?", "Paris."),
+    ("What is the capital of France?", "The capital of France is Paris, a city on the Seine."),
+    ("Write a short poem about the sea.", "Waves roll in,\nwaves roll out;\nthe sea keeps time\nwithout a doubt."),
+    ("café 你好 🌍", "Bonjour ! 你好！ The world 🌍 says hi."),
+    ("List three prime numbers.", "2, 3 and 5."),
+    ("List three prime numbers.", ""),
+    ("2 + 2 = ?", "4"),
+    ("2 + 2 = ?", "It is 5.\n\nJust kidding: 4."),
+    ("Explain photosynthesis to a child.", "Plants eat sunlight. They take light, water and air, and make sugar to grow."),
+    ("Tell me a joke.", "Why did the robot paint?\nBecause it had a lot of *art* ware."),
+    ("Translate 'good morning' to Spanish.", "Buenos días."),
+    ("Give me a Python one-liner to reverse a list.", "```python\nxs[::-1]\n```"),
+    ("What is 12 * 12?", "144"),
+    ("Describe the color blue to someone who cannot see.", "Blue feels like cool water on your hands, or a calm breeze."),
+    ("Say nothing.", " "),
+    ("Why is the sky blue?", "Sunlight scatters off air molecules; blue light scatters most, so the sky looks blue."),
+]
+
+
+def reward_fixtures():
+    """A tiny ArmoRM (LlamaForRewardModelWithGating: a Llama-3-shaped backbone,
+    regression layer, gating network, transform matrix) and a tiny
+    LlamaForSequenceClassification, with reference scores: transformers'
+    LlamaModel plus the heads as the published modeling file writes them, and
+    transformers' own classifier, one conversation at a time, f32 on CPU."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig, LlamaForSequenceClassification, LlamaModel, PreTrainedTokenizerFast
+
+    specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+    backend = train_tokenizer(specials)
+    ids = {t: backend.token_to_id(t) for t in specials}
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>")
+    tok.chat_template = LLAMA3_TEMPLATE
+    vocab = backend.get_vocab_size()
+    shape = dict(
+        vocab_size=vocab, hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5, rope_theta=500000.0,
+        initializer_range=0.15, bos_token_id=ids["<|begin_of_text|>"], eos_token_id=ids["<|eot_id|>"],
+    )
+    convs = [[{"role": "user", "content": p}, {"role": "assistant", "content": r}] for p, r in REWARD_CONVERSATIONS]
+    inputs = [tok(tok.apply_chat_template(c, tokenize=False), add_special_tokens=False).input_ids for c in convs]
+    # ArmoRM finds the gating position by the ids of this text.
+    pattern = tok("<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n", add_special_tokens=False).input_ids
+
+    # ArmoRM, as RLHFlow's modeling_custom.py defines it; its pad id lies
+    # outside the vocabulary, as the real one's (128256) does.
+    objectives, gate_dim, gate_layers, temperature = 19, 32, 3, 10.0
+    config = LlamaConfig(**shape)
+    torch.manual_seed(1)
+    backbone = LlamaModel(config).eval()
+    regression = torch.randn(objectives, 64) * 0.3
+    widths = [64] + [gate_dim] * gate_layers + [objectives]
+    gating = [(torch.randn(o, i) * (1.0 / i) ** 0.5, torch.randn(o) * 0.1) for i, o in zip(widths, widths[1:])]
+    logit_scale = torch.tensor([1.7])
+    transform = torch.eye(objectives) + torch.randn(objectives, objectives) * 0.1
+
+    def armorm(input_ids):
+        x = torch.tensor([input_ids])
+        with torch.no_grad():
+            h = backbone(x).last_hidden_state[0]
+            j = max(k for k in range(len(input_ids) - len(pattern) + 1) if input_ids[k:k + len(pattern)] == pattern)
+            rewards = h[-1] @ regression.T
+            g = h[j]
+            for n, (w, b) in enumerate(gating):
+                g = g @ w.T + b
+                if n < len(gating) - 1:
+                    g = torch.relu(g)
+            g = torch.softmax(g / temperature, dim=0) * logit_scale[0]
+            return float((g * (rewards @ transform)).sum())
+
+    out = os.path.join(ROOT, "tiny-armorm")
+    os.makedirs(out, exist_ok=True)
+    weights = {f"model.{k}": v.contiguous() for k, v in backbone.state_dict().items()}
+    weights["regression_layer.weight"] = regression
+    for n, (w, b) in enumerate(gating):
+        weights[f"gating.layers.{n}.weight"], weights[f"gating.layers.{n}.bias"] = w, b
+    weights["gating.logit_scale"] = logit_scale
+    weights["reward_transform_matrix"] = transform
+    save_file(weights, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
+    cfg = config.to_dict()
+    cfg.update(architectures=["LlamaForRewardModelWithGating"], pad_token_id=vocab, num_objectives=objectives,
+               gating_temperature=temperature, gating_hidden_dim=gate_dim, gating_n_hidden=gate_layers)
+    dump(os.path.join(out, "config.json"), cfg)
+    tok.save_pretrained(out)
+    cases = [{"prompt": p, "response": r, "input_ids": i, "score": armorm(i)}
+             for (p, r), i in zip(REWARD_CONVERSATIONS, inputs)]
+    dump(os.path.join(ROOT, "tiny-armorm-reference.json"), {"pattern": pattern, "cases": cases})
+
+    # A sequence classifier (Skywork-Reward and FsfairX are this class).
+    config = LlamaConfig(**shape, pad_token_id=ids["<|end_of_text|>"], num_labels=1)
+    torch.manual_seed(2)
+    model = LlamaForSequenceClassification(config).eval()
+    out = os.path.join(ROOT, "tiny-classifier")
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    with torch.no_grad():
+        scores = [float(model(torch.tensor([i])).logits[0, 0]) for i in inputs]
+    cases = [{"prompt": p, "response": r, "input_ids": i, "score": sc}
+             for (p, r), i, sc in zip(REWARD_CONVERSATIONS, inputs, scores)]
+    dump(os.path.join(ROOT, "tiny-classifier-reference.json"), {"cases": cases})
+
+
 if __name__ == "__main__":
     import sys
 
@@ -374,6 +479,8 @@ if __name__ == "__main__":
         smollm2_fixture()
     elif sys.argv[1:] == ["llama3"]:
         llama3_fixture()
+    elif sys.argv[1:] == ["reward"]:
+        reward_fixtures()
     elif sys.argv[1:] == ["gemma3"]:
         gemma3_fixture()
     elif sys.argv[1:] == ["gemma2"]:

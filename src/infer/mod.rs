@@ -4,6 +4,7 @@
 pub mod engine;
 pub mod gguf;
 pub mod models;
+pub mod reward;
 pub mod sampler;
 pub mod template;
 

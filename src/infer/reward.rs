@@ -1,0 +1,277 @@
+//! Reward models: one score per (prompt, response). ArmoRM
+//! (`LlamaForRewardModelWithGating`), sequence classifiers
+//! (`LlamaForSequenceClassification` with one label: Skywork-Reward,
+//! FsfairX), and a judge (an instruct model asked to rate the response; the
+//! score is its expected rating). All three share the decoder backbone of
+//! generation and score sequences of different lengths packed in one batch.
+
+use super::models::decoder::Safetensors;
+use super::template::Turn;
+use super::{Load, Policy};
+use anyhow::{Context, Result, bail};
+use candle_core::{D, DType, Tensor};
+use std::path::Path;
+
+/// Which reward a model gives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    /// ArmoRM's gated mixture of objectives.
+    Armorm,
+    /// A one-label score head on the last token.
+    Classifier,
+    /// The expected rating an instruct model gives under a rubric.
+    Judge,
+}
+
+/// What to do with a conversation longer than the scoring length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Overflow {
+    /// Cut the response from the right until the conversation fits.
+    Truncate,
+    /// Leave the row out, and count it.
+    Skip,
+}
+
+/// The judge's default rubric; `{prompt}` and `{response}` are replaced. The
+/// assistant turn is then primed with [`JUDGE_PRIMER`], so the next token is
+/// the rating.
+pub const DEFAULT_RUBRIC: &str = "Rate how well the response answers the user's request, considering \
+helpfulness, correctness and clarity. Use a scale from 1 (useless or wrong) to 9 (excellent). Reply with a \
+single digit.\n\n[Request]\n{prompt}\n\n[Response]\n{response}";
+pub const JUDGE_PRIMER: &str = "Rating:";
+
+enum Head {
+    Armorm {
+        regression: Tensor,
+        gating: Vec<(Tensor, Tensor)>,
+        temperature: f64,
+        logit_scale: f64,
+        transform: Tensor,
+        /// The ids of `<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n`.
+        pattern: Vec<u32>,
+        pad: Option<u32>,
+    },
+    Classifier {
+        score: Tensor,
+        pad: Option<u32>,
+    },
+    Judge {
+        rubric: String,
+        /// Rating tokens and their values (a digit may be spelled with and
+        /// without a leading space).
+        ratings: Vec<(u32, f64)>,
+    },
+}
+
+/// A loaded reward model.
+pub struct RewardModel {
+    policy: Policy,
+    head: Head,
+    pub kind: Kind,
+}
+
+/// `config.json`'s fields the heads need.
+#[derive(serde::Deserialize)]
+struct HeadConfig {
+    #[serde(default)]
+    architectures: Vec<String>,
+    pad_token_id: Option<u32>,
+    num_objectives: Option<usize>,
+    gating_temperature: Option<f64>,
+    gating_n_hidden: Option<usize>,
+}
+
+impl RewardModel {
+    /// Loads `path` (a model folder, or a `.gguf` file for a judge). The kind
+    /// comes from `config.json`'s `architectures` unless `kind` names it.
+    pub fn load(path: &Path, kind: Option<Kind>, rubric: Option<String>, options: &Load) -> Result<RewardModel> {
+        let config: Option<HeadConfig> = match path.is_dir() {
+            true => {
+                let p = path.join("config.json");
+                let text = std::fs::read_to_string(&p).with_context(|| format!("cannot read {}", p.display()))?;
+                Some(serde_json::from_str(&text).with_context(|| format!("{}", p.display()))?)
+            }
+            false => None,
+        };
+        let detected = match config.as_ref().and_then(|c| c.architectures.first()).map(String::as_str) {
+            Some("LlamaForRewardModelWithGating") => Kind::Armorm,
+            Some("LlamaForSequenceClassification") => Kind::Classifier,
+            _ => Kind::Judge,
+        };
+        let kind = kind.unwrap_or(detected);
+        let policy = Policy::load(path, options)?;
+        let shown = path.display();
+        let head = match (kind, &config) {
+            (Kind::Judge, _) => Head::Judge {
+                rubric: rubric.unwrap_or_else(|| DEFAULT_RUBRIC.to_string()),
+                ratings: rating_tokens(&policy)?,
+            },
+            (_, None) => bail!("annotate.kind: {shown} is a GGUF file, which can only be a judge"),
+            (Kind::Armorm, Some(c)) => {
+                let w = Safetensors::open(path)?;
+                let device = policy.model.device();
+                let get = |name: &str| w.tensor(name, device, DType::F32);
+                let n_hidden = c.gating_n_hidden.unwrap_or(3);
+                let gating = (0..=n_hidden)
+                    .map(|i| Ok((get(&format!("gating.layers.{i}.weight"))?, get(&format!("gating.layers.{i}.bias"))?)))
+                    .collect::<Result<Vec<_>>>()?;
+                let regression = get("regression_layer.weight")?;
+                if let Some(n) = c.num_objectives
+                    && regression.dim(0)? != n
+                {
+                    bail!("{shown}: regression_layer has {} objectives, config.json says {n}", regression.dim(0)?);
+                }
+                let text = "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n";
+                Head::Armorm {
+                    regression,
+                    gating,
+                    temperature: c.gating_temperature.unwrap_or(10.0),
+                    logit_scale: get("gating.logit_scale")?.flatten_all()?.to_vec1::<f32>()?[0] as f64,
+                    transform: get("reward_transform_matrix")?,
+                    pattern: policy.encode(text, false)?,
+                    pad: c.pad_token_id,
+                }
+            }
+            (Kind::Classifier, Some(c)) => {
+                let score = Safetensors::open(path)?.tensor("score.weight", policy.model.device(), DType::F32)?;
+                if score.dim(0)? != 1 {
+                    bail!("{shown}: the score head has {} labels; a reward model has one", score.dim(0)?);
+                }
+                Head::Classifier { score, pad: c.pad_token_id }
+            }
+        };
+        Ok(RewardModel { policy, head, kind })
+    }
+
+    /// The longest sequence the model takes.
+    pub fn context(&self) -> usize {
+        self.policy.context()
+    }
+
+    /// The token ids the model scores for one response: the reward model's
+    /// chat template over `[user prompt, assistant response]` without a
+    /// generation prompt (the judge: its rubric as the user turn, and the
+    /// primed assistant turn). Longer than `max_len`: truncated or (None)
+    /// skipped, as `overflow` says; None too when even an empty response
+    /// does not fit.
+    pub fn encode(&self, prompt: &str, response: &str, max_len: usize, overflow: Overflow) -> Result<Option<Vec<u32>>> {
+        let ids = self.render(prompt, response)?;
+        if ids.len() <= max_len {
+            return Ok(Some(ids));
+        }
+        if overflow == Overflow::Skip {
+            return Ok(None);
+        }
+        let words = self.policy.encode(response, false)?;
+        let mut keep = words.len().saturating_sub(ids.len() - max_len);
+        loop {
+            let ids = self.render(prompt, &self.policy.decode(&words[..keep])?)?;
+            if ids.len() <= max_len {
+                return Ok(Some(ids));
+            }
+            if keep == 0 {
+                return Ok(None);
+            }
+            keep = keep.saturating_sub(ids.len() - max_len).min(keep - 1);
+        }
+    }
+
+    fn render(&self, prompt: &str, response: &str) -> Result<Vec<u32>> {
+        let text = match &self.head {
+            Head::Judge { rubric, .. } => {
+                let ask = rubric.replace("{prompt}", prompt).replace("{response}", response);
+                let mut t = self.policy.template.render(&[Turn { role: "user", content: &ask }], true)?;
+                t.push_str(JUDGE_PRIMER);
+                t
+            }
+            _ => self.policy.template.render(
+                &[Turn { role: "user", content: prompt }, Turn { role: "assistant", content: response }],
+                false,
+            )?,
+        };
+        // The template writes the special tokens, as apply_chat_template's
+        // tokenization (no special tokens added) has it.
+        self.policy.encode(&text, false)
+    }
+
+    /// Scores of sequences from [`RewardModel::encode`], run as one packed
+    /// batch.
+    pub fn score(&self, seqs: &[&[u32]]) -> Result<Vec<f64>> {
+        let h = self.policy.model.hidden(seqs, None)?;
+        let device = h.device().clone();
+        // Rows of the packed hidden states, one per sequence.
+        let rows = |at: &dyn Fn(&[u32]) -> Result<usize>| -> Result<Tensor> {
+            let mut start = 0;
+            let mut idx = Vec::with_capacity(seqs.len());
+            for s in seqs {
+                idx.push((start + at(s)?) as u32);
+                start += s.len();
+            }
+            Ok(h.index_select(&Tensor::from_vec(idx, seqs.len(), &device)?, 0)?.to_dtype(DType::F32)?)
+        };
+        let scores = match &self.head {
+            Head::Armorm { regression, gating, temperature, logit_scale, transform, pattern, pad } => {
+                // The published model reads the token before the first pad (the
+                // last one when there is none).
+                let last = rows(&|s| Ok(pad.and_then(|p| s.iter().position(|&t| t == p)).unwrap_or(s.len()).max(1) - 1))?;
+                let gate = rows(&|s| {
+                    s.windows(pattern.len()).rposition(|w| w == pattern.as_slice()).with_context(|| {
+                        "annotate.model: the reward model's chat template does not produce the end of the user turn \
+                         (<|eot_id|><|start_header_id|>assistant<|end_header_id|>), where ArmoRM's gating reads"
+                    })
+                })?;
+                let rewards = last.matmul(&regression.t()?)?;
+                let mut g = gate;
+                for (i, (w, b)) in gating.iter().enumerate() {
+                    g = g.matmul(&w.t()?)?.broadcast_add(b)?;
+                    if i + 1 < gating.len() {
+                        g = g.relu()?;
+                    }
+                }
+                let g = (candle_nn::ops::softmax_last_dim(&(g / *temperature)?)? * *logit_scale)?;
+                (g * rewards.matmul(transform)?)?.sum(D::Minus1)?
+            }
+            Head::Classifier { score, pad } => {
+                // The last token that is not the pad token, as transformers pools.
+                let last = rows(&|s| Ok(s.iter().rposition(|&t| Some(t) != *pad).unwrap_or(0)))?;
+                last.matmul(&score.t()?)?.squeeze(1)?
+            }
+            Head::Judge { ratings, .. } => {
+                let last = rows(&|s| Ok(s.len() - 1))?;
+                let probs = candle_nn::ops::softmax_last_dim(&self.policy.model.logits(&last)?)?.to_vec2::<f32>()?;
+                let expected = probs
+                    .iter()
+                    .map(|p| {
+                        let (mass, sum) = ratings
+                            .iter()
+                            .fold((0f64, 0f64), |(m, s), &(id, v)| (m + p[id as usize] as f64, s + p[id as usize] as f64 * v));
+                        sum / mass
+                    })
+                    .collect();
+                return Ok(expected);
+            }
+        };
+        Ok(scores.to_vec1::<f32>()?.into_iter().map(f64::from).collect())
+    }
+}
+
+/// The judge's rating tokens: each digit 1-9 as a single token, with and
+/// without a leading space.
+fn rating_tokens(policy: &Policy) -> Result<Vec<(u32, f64)>> {
+    let mut out = Vec::new();
+    for d in 1..=9u32 {
+        for text in [format!("{d}"), format!(" {d}")] {
+            if let [id] = policy.encode(&text, false)?[..]
+                && !out.iter().any(|&(i, _)| i == id)
+            {
+                out.push((id, d as f64));
+            }
+        }
+    }
+    if !out.iter().any(|&(_, v)| v == 1.0) || !out.iter().any(|&(_, v)| v == 9.0) {
+        bail!("annotate.model: the judge's tokenizer has no single-token digits to rate with");
+    }
+    Ok(out)
+}
