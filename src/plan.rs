@@ -107,6 +107,10 @@ impl Graph {
             (None, Some(model)) => Some(model_path(model, g.revision.as_deref())?),
             _ => None,
         };
+        let reward = match (&a.import, &a.model) {
+            (None, Some(model)) => Some(model_path(model, a.revision.as_deref())?),
+            _ => None,
+        };
         for spec in &splits {
             let split = Some(spec.name.clone());
             let out_dir = recipe.json_dir(&spec.name);
@@ -170,13 +174,31 @@ impl Graph {
                 ]),
                 BTreeMap::new(),
             ));
-            let files = match &a.import {
-                Some(pattern) => {
-                    BTreeMap::from([("annotate.import".into(), PathBuf::from(pattern.replace("{split}", &spec.name)))])
+            let (params, files) = match &a.import {
+                Some(pattern) => (
+                    BTreeMap::new(),
+                    BTreeMap::from([("annotate.import".into(), PathBuf::from(pattern.replace("{split}", &spec.name)))]),
+                ),
+                None => {
+                    let model = reward.clone().expect("resolved above when annotate.model is set");
+                    let mut files = BTreeMap::from([("annotate.model".into(), model)]);
+                    for (key, path) in
+                        [("annotate.chat_template", &a.chat_template), ("annotate.judge_rubric", &a.judge_rubric)]
+                    {
+                        if let Some(path) = path {
+                            files.insert(key.into(), PathBuf::from(path));
+                        }
+                    }
+                    let params = BTreeMap::from([
+                        ("annotate.kind".into(), json!(a.kind)),
+                        ("annotate.max_length".into(), json!(a.max_length)),
+                        ("annotate.overflow".into(), json!(a.overflow)),
+                        ("annotate.scorer_version".into(), json!(annotate::SCORER_VERSION)),
+                    ]);
+                    (params, files)
                 }
-                None => BTreeMap::new(),
             };
-            let an = push(node(Stage::Annotate, None, vec![p, f], BTreeMap::new(), files));
+            let an = push(node(Stage::Annotate, None, vec![p, f], params, files));
             let b = push(node(
                 Stage::Binarize,
                 None,
@@ -330,12 +352,6 @@ impl<'a> Walk<'a> {
                 bail!("{name}: {} does not exist (needed by {})", path.display(), node.label());
             }
             inputs.insert(name.clone(), self.cache.path_digest(path)?);
-        }
-        if node.stage == Stage::Annotate && !node.files.contains_key("annotate.import") {
-            bail!(
-                "annotate.model: scoring with a reward model is not part of this build of prefgen yet; \
-                 bring scores with annotate.import = \"all_outputs_rm.json\" (or build only up to `filter`)"
-            );
         }
         if node.stage == Stage::Prompts {
             let split = node.split.clone().expect("prompts nodes have a split");

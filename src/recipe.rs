@@ -4,6 +4,7 @@
 //! default and (in `validate`) its check. Unknown keys are errors. Relative
 //! paths are read from the directory prefgen runs in, as make reads them.
 
+use crate::infer::reward::{Kind, Overflow};
 use anyhow::{Context, Result, anyhow, bail};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -98,10 +99,26 @@ pub struct Filter {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Annotate {
-    /// The reward model: a hub model id or a local model folder.
+    /// The reward model: a hub model id, a local model folder, or (for a
+    /// judge) a `.gguf` file.
     pub model: Option<String>,
     /// The hub revision of `model`.
     pub revision: Option<String>,
+    /// `armorm`, `classifier` or `judge`; unset: from `config.json`'s
+    /// `architectures` (a causal LM or a GGUF file is a judge).
+    pub kind: Option<Kind>,
+    /// Longest conversation scored, in tokens; 0 is the model's context.
+    #[serde(default)]
+    pub max_length: usize,
+    /// What happens to a longer one: `truncate` (the response, from the right)
+    /// or `skip` (the row is left out and counted).
+    #[serde(default = "default_overflow")]
+    pub overflow: Overflow,
+    /// A Jinja chat template file that replaces the reward model's own.
+    pub chat_template: Option<String>,
+    /// The judge's rubric, a text file in which `{prompt}` and `{response}`
+    /// are replaced; unset: prefgen's default rubric (ratings 1 to 9).
+    pub judge_rubric: Option<String>,
     /// Sequences scored together; does not change a score beyond float tolerance.
     #[serde(default = "default_rm_batch")]
     pub batch_size: usize,
@@ -147,6 +164,9 @@ fn default_max_tokens() -> u32 {
 }
 fn default_gen_batch() -> usize {
     64
+}
+fn default_overflow() -> Overflow {
+    Overflow::Truncate
 }
 fn default_rm_batch() -> usize {
     16

@@ -11,10 +11,12 @@ use crate::cache::tier::{FILE_MODE, write_atomic_in};
 use crate::cache::{ActionEntry, BuildLock, Cache, KeyMaterial, OutputFile};
 use crate::digest::Digest;
 use crate::formats::pyjson;
-use crate::formats::simpo::{self, DecodeRow, FilteredRow, ScoredRow};
+use crate::formats::simpo::{self, DecodeRow, FilteredRow, ScoredRow, TextLen};
+use crate::infer::reward::RewardModel;
 use crate::infer::sampler::Sampling;
 use crate::infer::{Load, Policy};
-use crate::plan::{Freshness, Graph, Stage, Walk};
+use crate::plan::{Freshness, Graph, Node, Stage, Walk};
+use crate::recipe::Recipe;
 use crate::stages::{Rows, StageOutput, annotate, binarize, export, filter, generate, prompts};
 use anyhow::{Context, Result, bail};
 use serde::de::DeserializeOwned;
@@ -219,8 +221,9 @@ fn read_rows<T: DeserializeOwned + Send + Sync + 'static>(
     }
 }
 
-/// Progress of one node's shards: a bar with prompts done, tokens/s and ETA
-/// on a terminal; otherwise a log line per shard.
+/// Progress of one node's shards: a bar with units done (prompts, or
+/// sequences scored), tokens/s and ETA on a terminal; otherwise a log line
+/// per shard.
 struct Progress {
     bar: Option<indicatif::ProgressBar>,
     started: Instant,
@@ -229,31 +232,30 @@ struct Progress {
 }
 
 impl Progress {
-    fn new(label: &str, prompts: usize) -> Progress {
+    fn new(label: &str, total: usize, unit: &str) -> Progress {
         use std::io::IsTerminal;
         let bar = std::io::stderr().is_terminal().then(|| {
-            let style =
-                indicatif::ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} prompts, {msg}, ETA {eta}")
-                    .expect("the template is valid")
-                    .progress_chars("=> ");
-            indicatif::ProgressBar::new(prompts as u64).with_style(style).with_prefix(label.to_string())
+            let template = format!("{{prefix}} [{{bar:30}}] {{pos}}/{{len}} {unit}, {{msg}}, ETA {{eta}}");
+            let style = indicatif::ProgressStyle::with_template(&template)
+                .expect("the template is valid")
+                .progress_chars("=> ");
+            indicatif::ProgressBar::new(total as u64).with_style(style).with_prefix(label.to_string())
         });
         Progress { bar, started: Instant::now(), tokens: 0.into(), done: 0.into() }
     }
 
-    /// A response finished with `tokens` tokens.
-    fn job_done(&self, tokens: usize) {
+    /// One unit finished with `tokens` tokens.
+    fn unit_done(&self, tokens: usize) {
         self.tokens.set(self.tokens.get() + tokens);
-        self.done.set(self.done.get() + 1);
+        self.cached(1);
         if let Some(bar) = &self.bar {
-            bar.set_position(self.done.get() as u64);
             bar.set_message(format!("{:.1} tokens/s", self.tokens.get() as f64 / self.started.elapsed().as_secs_f64()));
         }
     }
 
-    /// A shard's prompts were found in the cache.
-    fn cached(&self, prompts: usize) {
-        self.done.set(self.done.get() + prompts);
+    /// Units found in the cache.
+    fn cached(&self, units: usize) {
+        self.done.set(self.done.get() + units);
         if let Some(bar) = &self.bar {
             bar.set_position(self.done.get() as u64);
         }
@@ -273,43 +275,134 @@ impl Progress {
     }
 }
 
-/// A loaded policy's files: the model and the chat template replacing its own.
-type PolicyFiles = (PathBuf, Option<PathBuf>);
+/// A loaded model's files: the model and the chat template replacing its own.
+type ModelFiles = (PathBuf, Option<PathBuf>);
 
-/// Policies loaded in this run, by their files.
+/// Models loaded in this run, by their files.
 #[derive(Default)]
 struct Models {
-    loaded: RefCell<HashMap<PolicyFiles, Rc<Policy>>>,
+    policies: RefCell<HashMap<ModelFiles, Rc<Policy>>>,
+    rewards: RefCell<HashMap<ModelFiles, Rc<RewardModel>>>,
 }
 
 impl Models {
-    fn policy(&self, path: &Path, chat_template: Option<&Path>) -> Result<Rc<Policy>> {
-        let id = (path.to_path_buf(), chat_template.map(Path::to_path_buf));
-        if let Some(p) = self.loaded.borrow().get(&id) {
+    fn policy(&self, node: &Node) -> Result<Rc<Policy>> {
+        let files = (node.files["generate.model"].clone(), node.files.get("generate.chat_template").cloned());
+        if let Some(p) = self.policies.borrow().get(&files) {
             return Ok(p.clone());
         }
-        eprintln!("loading {}", path.display());
-        let policy = Rc::new(Policy::load(path, &Load { chat_template, dequantize: false })?);
-        self.loaded.borrow_mut().insert(id, policy.clone());
+        eprintln!("loading {}", files.0.display());
+        let load = Load { chat_template: files.1.as_deref(), dequantize: false };
+        let policy = Rc::new(Policy::load(&files.0, &load)?);
+        self.policies.borrow_mut().insert(files, policy.clone());
         Ok(policy)
+    }
+
+    fn reward(&self, node: &Node, recipe: &Recipe) -> Result<Rc<RewardModel>> {
+        let files = (node.files["annotate.model"].clone(), node.files.get("annotate.chat_template").cloned());
+        if let Some(m) = self.rewards.borrow().get(&files) {
+            return Ok(m.clone());
+        }
+        eprintln!("loading {}", files.0.display());
+        let rubric = match node.files.get("annotate.judge_rubric") {
+            Some(p) => Some(
+                std::fs::read_to_string(p)
+                    .with_context(|| format!("annotate.judge_rubric: cannot read {}", p.display()))?,
+            ),
+            None => None,
+        };
+        let load = Load { chat_template: files.1.as_deref(), dequantize: false };
+        let model = Rc::new(RewardModel::load(&files.0, recipe.annotate.kind, rubric, &load)?);
+        self.rewards.borrow_mut().insert(files, model.clone());
+        Ok(model)
     }
 }
 
-/// Samples a seed's responses shard by shard (fixed slices of the sorted
-/// prompt list). Each shard is its own cache entry, built under its own lock,
-/// so a crash loses at most the shard in flight and processes sharing a cache
-/// split the work.
-fn sample_shards(
+/// What one shard's work produced.
+struct ShardOut<R> {
+    rows: Vec<R>,
+    /// Items left out (too long for the model), counted.
+    skipped: u64,
+    tokens: usize,
+}
+
+/// Runs a node's work shard by shard (fixed slices of its input items). Each
+/// shard is its own cache entry, keyed by the node's parameters and model
+/// files and the shard's items, built under its own lock: a crash loses at
+/// most the shard in flight, and processes sharing a cache split the work.
+/// `units` is how many progress units (`unit`) an item makes.
+fn sharded<T: serde::Serialize, R: serde::Serialize + DeserializeOwned + Send + Sync + TextLen>(
     walk: &Walk,
-    models: &Models,
     idx: usize,
     material: &KeyMaterial,
-    prompts: &[String],
-) -> Result<StageOutput> {
+    items: &[T],
+    shard_size: usize,
+    (units, unit): (&dyn Fn(&T) -> usize, &str),
+    mut work: impl FnMut(&[T], &dyn Fn(usize)) -> Result<ShardOut<R>>,
+) -> Result<(Vec<R>, u64)> {
     let node = &walk.graph.nodes[idx];
-    let g = &walk.graph.recipe.generate;
     let cache = walk.cache;
     let label = node.label();
+    let chunks: Vec<&[T]> = items.chunks(shard_size).collect();
+    let bar = Progress::new(&label, items.iter().map(units).sum(), unit);
+    let mut rows = Vec::with_capacity(items.len());
+    let mut skipped = 0u64;
+    for (i, chunk) in chunks.iter().enumerate() {
+        let mut shard = material.clone();
+        shard.stage = format!("{}-shard", material.stage);
+        shard.inputs.retain(|k, _| node.files.contains_key(k));
+        shard.inputs.insert("items".into(), Digest::of_json(chunk));
+        let key = shard.key();
+        let what = format!("{label} shard {}/{}", i + 1, chunks.len());
+        let cached = |cache: &Cache| -> Result<Option<(Vec<R>, u64)>> {
+            let Some(entry) = cache.get_action(&key)? else { return Ok(None) };
+            let Some(bytes) = cache.get_object(&entry.outputs[0].digest)? else { return Ok(None) };
+            let skipped = entry.stats.get("skipped_too_long").and_then(|v| v.as_u64()).unwrap_or(0);
+            Ok(Some((simpo::parse_rows(&bytes, &what)?, skipped)))
+        };
+        let hit = match cached(cache)? {
+            Some(hit) => Some(hit),
+            None => {
+                let _lock = cache.lock(&key, &what)?;
+                cached(cache)?
+            }
+        };
+        let (shard_rows, shard_skipped) = match hit {
+            Some(hit) => {
+                bar.cached(chunk.iter().map(units).sum());
+                hit
+            }
+            None => {
+                // Still under the shard's lock.
+                let started = Instant::now();
+                let out = work(chunk, &|tokens| bar.unit_done(tokens))?;
+                let secs = started.elapsed().as_secs_f64();
+                let bytes = pyjson::to_vec(&out.rows, simpo::json_size(&out.rows))?;
+                let digest = cache.put_object(&bytes)?;
+                let stats = BTreeMap::from([("skipped_too_long".to_string(), out.skipped.into())]);
+                let file = OutputFile { path: "shard.json".into(), digest, size: bytes.len() as u64 };
+                cache.put_action(&ActionEntry { material: shard, node: what.clone(), outputs: vec![file], stats })?;
+                // Only now is the shard safe from a crash.
+                bar.log(&format!(
+                    "{what}: {} rows, {} tokens in {secs:.1}s ({:.1} tokens/s)",
+                    out.rows.len(),
+                    out.tokens,
+                    out.tokens as f64 / secs
+                ));
+                (out.rows, out.skipped)
+            }
+        };
+        rows.extend(shard_rows);
+        skipped += shard_skipped;
+    }
+    bar.finish();
+    Ok((rows, skipped))
+}
+
+/// Samples a seed's responses, shard by shard.
+fn sample(walk: &Walk, models: &Models, idx: usize, material: &KeyMaterial, prompts: &[String]) -> Result<StageOutput> {
+    let node = &walk.graph.nodes[idx];
+    let g = &walk.graph.recipe.generate;
     let params = generate::Params {
         sampling: Sampling { temperature: g.temperature, top_p: g.top_p },
         max_tokens: g.max_tokens as usize,
@@ -317,78 +410,43 @@ fn sample_shards(
         seed: node.seed.expect("generate nodes have a seed"),
         vllm_compat: g.vllm_compat,
     };
-    let chunks: Vec<&[String]> = prompts.chunks(g.shard_size).collect();
-    let bar = Progress::new(&label, prompts.len());
-    let mut rows = Vec::with_capacity(prompts.len());
-    let mut skipped = 0u64;
-    for (i, chunk) in chunks.iter().enumerate() {
-        // A shard's key: the node's, with the prompt list replaced by the slice.
-        let mut shard = material.clone();
-        shard.stage = "generate-shard".into();
-        shard.inputs.retain(|k, _| !k.starts_with("prompts["));
-        shard.inputs.insert("prompts".into(), Digest::of_json(chunk));
-        let key = shard.key();
-        let what = format!("{label} shard {}/{}", i + 1, chunks.len());
-        let cached = |cache: &Cache| -> Result<Option<(Vec<DecodeRow>, u64)>> {
-            let Some(entry) = cache.get_action(&key)? else { return Ok(None) };
-            let Some(bytes) = cache.get_object(&entry.outputs[0].digest)? else { return Ok(None) };
-            let skipped = entry.stats.get("skipped_too_long").and_then(|v| v.as_u64()).unwrap_or(0);
-            Ok(Some((simpo::parse_rows(&bytes, &what)?, skipped)))
-        };
-        let (shard_rows, shard_skipped) = match cached(cache)? {
-            Some(hit) => {
-                bar.cached(chunk.len());
-                hit
-            }
-            None => {
-                let _lock = cache.lock(&key, &what)?;
-                match cached(cache)? {
-                    Some(hit) => {
-                        bar.cached(chunk.len());
-                        hit
-                    }
-                    None => {
-                        let policy = models.policy(
-                            &node.files["generate.model"],
-                            node.files.get("generate.chat_template").map(PathBuf::as_path),
-                        )?;
-                        let started = Instant::now();
-                        let mut tokens = 0usize;
-                        let (shard_rows, skipped) = generate::sample(chunk, &policy, &params, |n| {
-                            tokens += n;
-                            bar.job_done(n);
-                        })?;
-                        let secs = started.elapsed().as_secs_f64();
-                        let bytes = pyjson::to_vec(&shard_rows, simpo::json_size(&shard_rows))?;
-                        let digest = cache.put_object(&bytes)?;
-                        let mut stats = BTreeMap::new();
-                        stats.insert("skipped_too_long".to_string(), (skipped as u64).into());
-                        let out = OutputFile { path: "shard.json".into(), digest, size: bytes.len() as u64 };
-                        cache.put_action(&ActionEntry {
-                            material: shard,
-                            node: what.clone(),
-                            outputs: vec![out],
-                            stats,
-                        })?;
-                        // Only now is the shard safe from a crash.
-                        bar.log(&format!(
-                            "{what}: {} responses, {tokens} tokens in {secs:.1}s ({:.1} tokens/s)",
-                            shard_rows.len(),
-                            tokens as f64 / secs
-                        ));
-                        (shard_rows, skipped as u64)
-                    }
-                }
-            }
-        };
-        rows.extend(shard_rows);
-        skipped += shard_skipped;
-    }
-    bar.finish();
+    let (rows, skipped) =
+        sharded(walk, idx, material, prompts, g.shard_size, (&|_| 1, "prompts"), |chunk, progress| {
+            let policy = models.policy(node)?;
+            let mut tokens = 0;
+            let (rows, skipped) = generate::sample(chunk, &policy, &params, |n| {
+                tokens += n;
+                progress(n);
+            })?;
+            Ok(ShardOut { rows, skipped: skipped as u64, tokens })
+        })?;
     let n = rows.len();
     Ok(StageOutput::rows(&generate::file_name(params.seed), rows)?
         .stat("responses", n)
         .stat("skipped_too_long", skipped))
+}
+
+/// Scores a split's filtered rows with the reward model, shard by shard.
+fn score(
+    walk: &Walk,
+    models: &Models,
+    idx: usize,
+    material: &KeyMaterial,
+    rows: &[FilteredRow],
+) -> Result<StageOutput> {
+    let node = &walk.graph.nodes[idx];
+    let a = &walk.graph.recipe.annotate;
+    let responses = |r: &FilteredRow| r.all_generated_responses.len();
+    let (scored, skipped) =
+        sharded(walk, idx, material, rows, a.shard_size, (&responses, "responses"), |chunk, progress| {
+            let model = models.reward(node, &walk.graph.recipe)?;
+            let max_length = if a.max_length == 0 { model.context() } else { a.max_length };
+            let params = annotate::Params { max_length, overflow: a.overflow, batch_size: a.batch_size };
+            let out = annotate::score(chunk, &model, &params, progress)?;
+            Ok(ShardOut { rows: out.rows, skipped: out.skipped as u64, tokens: out.tokens })
+        })?;
+    let n = scored.len();
+    Ok(StageOutput::rows(annotate::FILE, scored)?.stat("rows", n).stat("skipped_too_long", skipped))
 }
 
 fn build_node(
@@ -413,7 +471,7 @@ fn build_node(
             let seed = node.seed.expect("generate nodes have a seed");
             match node.files.get("generate.import") {
                 Some(path) => generate::import(&list, path, seed),
-                None => sample_shards(walk, models, idx, material, &list),
+                None => sample(walk, models, idx, material, &list),
             }
         }
         Stage::Filter => {
@@ -428,7 +486,10 @@ fn build_node(
         Stage::Annotate => {
             let set: Arc<Vec<String>> = read_rows(walk, memory, node.deps[0], prompts::FILE)?;
             let rows: Arc<Vec<FilteredRow>> = read_rows(walk, memory, node.deps[1], filter::FILE)?;
-            annotate::import(&set, &rows, &node.files["annotate.import"])
+            match node.files.get("annotate.import") {
+                Some(path) => annotate::import(&set, &rows, path),
+                None => score(walk, models, idx, material, &rows),
+            }
         }
         Stage::Binarize => {
             let rows: Arc<Vec<ScoredRow>> = read_rows(walk, memory, node.deps[0], annotate::FILE)?;

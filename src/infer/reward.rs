@@ -215,7 +215,8 @@ impl RewardModel {
             Head::Armorm { regression, gating, temperature, logit_scale, transform, pattern, pad } => {
                 // The published model reads the token before the first pad (the
                 // last one when there is none).
-                let last = rows(&|s| Ok(pad.and_then(|p| s.iter().position(|&t| t == p)).unwrap_or(s.len()).max(1) - 1))?;
+                let last =
+                    rows(&|s| Ok(pad.and_then(|p| s.iter().position(|&t| t == p)).unwrap_or(s.len()).max(1) - 1))?;
                 let gate = rows(&|s| {
                     s.windows(pattern.len()).rposition(|w| w == pattern.as_slice()).with_context(|| {
                         "annotate.model: the reward model's chat template does not produce the end of the user turn \
@@ -244,9 +245,9 @@ impl RewardModel {
                 let expected = probs
                     .iter()
                     .map(|p| {
-                        let (mass, sum) = ratings
-                            .iter()
-                            .fold((0f64, 0f64), |(m, s), &(id, v)| (m + p[id as usize] as f64, s + p[id as usize] as f64 * v));
+                        let (mass, sum) = ratings.iter().fold((0f64, 0f64), |(m, s), &(id, v)| {
+                            (m + p[id as usize] as f64, s + p[id as usize] as f64 * v)
+                        });
                         sum / mass
                     })
                     .collect();
