@@ -28,7 +28,8 @@ grep -rhoE 'pub (unsafe )?fn cu[A-Za-z0-9_]+' "$cudarc/src/driver/sys" | sed -E 
 gcc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$lib/stubs/libcuda.so" "$lib/stubs/libcuda.c"
 ln -sf libcuda.so "$lib/stubs/libcuda.so.1"
 export LIBRARY_PATH="$lib/stubs:$lib${LIBRARY_PATH:+:$LIBRARY_PATH}" LD_LIBRARY_PATH="$lib/stubs:$lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-cargo build --release --features cuda --target-dir target/cuda-build
+# Built here and run on another host: a portable x86-64 level, not this CPU.
+RUSTFLAGS="-C target-cpu=x86-64-v3" cargo build --release --features cuda --target-dir target/cuda-build
 mkdir -p target/cuda
 strip -o target/cuda/prefgen target/cuda-build/release/prefgen
 gzip -6 -c target/cuda/prefgen > target/cuda/prefgen.gz

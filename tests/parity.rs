@@ -67,3 +67,31 @@ fn tiny_llama3_matches_transformers() {
 fn tiny_gemma2_matches_transformers() {
     matches_transformers("gemma2");
 }
+
+/// Sampled responses of a dense (f32) model at batch sizes 1, 3 and 8: the
+/// linear layers' matmuls see a different number of rows, which could change
+/// float sums and so tokens; they do not here, on this CPU's kernels.
+#[test]
+fn dense_sampled_responses_do_not_depend_on_batch_size() {
+    for name in ["llama3", "gemma2"] {
+        let policy = Policy::load(&fixtures().join(format!("tiny-{name}")), &Load::default()).unwrap();
+        let path = fixtures().join(format!("tiny-{name}-reference.json"));
+        let r: Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+        let run = |batch: usize| {
+            let jobs = r["cases"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|c| {
+                    let prompt = c["prompt"].as_str().unwrap();
+                    let ids = policy.encode(&policy.format_prompt(prompt).unwrap(), false).unwrap();
+                    Job { prompt: ids, stream: Stream::new(42, prompt) }
+                })
+                .collect();
+            engine::generate(&policy, jobs, Sampling { temperature: 1.0, top_p: 0.95 }, 48, batch, |_| {}).unwrap()
+        };
+        let one = run(1);
+        assert_eq!(one, run(3), "{name}: batch 1 vs 3");
+        assert_eq!(one, run(8), "{name}: batch 1 vs 8");
+    }
+}
