@@ -46,6 +46,17 @@ fn kind_name(kind: RepoType) -> &'static str {
     }
 }
 
+/// `org/name@commit` for a path inside a hub cache snapshot
+/// (`.../models--org--name/snapshots/<commit>[/file]`); None for other paths.
+pub fn describe(path: &Path) -> Option<String> {
+    let parts: Vec<&str> = path.iter().filter_map(|c| c.to_str()).collect();
+    let at = parts.iter().position(|c| *c == "snapshots")?;
+    let repo = parts.get(at.checked_sub(1)?)?;
+    let commit = parts.get(at + 1)?;
+    let (_, name) = repo.split_once("--")?;
+    Some(format!("{}@{commit}", name.replacen("--", "/", 1)))
+}
+
 /// Resolves `id@revision` and makes `wanted(files)` available locally: from the
 /// cache when the snapshot holds them, otherwise downloaded into the cache.
 pub fn snapshot(

@@ -1,12 +1,16 @@
 //! prefgen: on-policy preference datasets as a reproducible, cached,
 //! make-style workflow. `main` parses the command line and dispatches.
 
-use anyhow::Result;
+use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use prefgen::cache::{self, Cache};
-use prefgen::plan::{Freshness, Graph, Walk};
+use prefgen::formats::simpo::{self, BinarizedRow};
+use prefgen::lock::{self, Lock};
+use prefgen::plan::{Freshness, Graph, Stage, Walk};
 use prefgen::recipe::Recipe;
 use prefgen::run;
+use prefgen::stages::binarize;
+use prefgen::verify;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -28,11 +32,31 @@ enum Command {
     Run {
         #[command(flatten)]
         recipe: RecipeArgs,
+        /// Refuse to run when an input resolves differently than the recipe's
+        /// lock file records, or when a result differs from it.
+        #[arg(long)]
+        locked: bool,
     },
     /// Show every node as fresh or stale, and why; builds nothing.
     Plan {
         #[command(flatten)]
         recipe: RecipeArgs,
+    },
+    /// Bring the recipe up to date, then compare its binarized rows with a
+    /// published dataset, split by split; exit 1 on any disagreement.
+    Verify {
+        #[command(flatten)]
+        recipe: RecipeArgs,
+        /// The published dataset: a folder (hub-layout parquet or
+        /// `save_to_disk`) or a hub dataset id (`org/name[@revision]`).
+        #[arg(long, value_name = "PATH_OR_HUB_ID")]
+        against: String,
+        /// Largest score difference counted as agreement.
+        #[arg(long, default_value_t = 1e-6)]
+        tolerance: f64,
+        /// As for `run`.
+        #[arg(long)]
+        locked: bool,
     },
     /// Inspect and maintain the cache.
     Cache {
@@ -80,12 +104,45 @@ fn load(args: &RecipeArgs) -> Result<Graph> {
     Graph::new(Recipe::load(&args.recipe, &args.overrides)?)
 }
 
+/// Builds the recipe's targets as `run` does, then writes its lock; with
+/// `locked`, refuses to start when an input resolves differently than the lock
+/// records, and fails when a result differs from it (the lock is left alone).
+fn run_and_lock(graph: &Graph, cache: &Cache, recipe: &RecipeArgs, locked: bool) -> Result<run::Summary> {
+    let lock_path = lock::path_for(&recipe.recipe);
+    let old = Lock::read(&lock_path)?;
+    if locked {
+        let Some(old) = &old else {
+            bail!("--locked: there is no lock file {} (a run without --locked writes it)", lock_path.display());
+        };
+        let selected = graph.select(&recipe.targets)?;
+        let drift = old.drift(&mut Walk::new(graph, cache), &selected)?;
+        if !drift.is_empty() {
+            let lines = drift.join("\n  ");
+            bail!("--locked: the recipe no longer resolves as {} records:\n  {lines}", lock_path.display());
+        }
+    }
+    let summary = run::run(graph, cache, &recipe.targets)?;
+    let mut walk = Walk::new(graph, cache);
+    walk.entries = summary.entries.clone();
+    let now = Lock::current(&mut walk, old.as_ref())?;
+    match (&old, locked) {
+        (Some(old), true) => {
+            let drift = old.drift_after_run(&now);
+            if !drift.is_empty() {
+                bail!("--locked: the run departs from {}:\n  {}", lock_path.display(), drift.join("\n  "));
+            }
+        }
+        _ => now.write(&lock_path)?,
+    }
+    Ok(summary)
+}
+
 fn dispatch(cli: Cli) -> Result<ExitCode> {
     let cache = Cache::open(&cli.cache)?;
     match cli.command {
-        Command::Run { recipe } => {
+        Command::Run { recipe, locked } => {
             let graph = load(&recipe)?;
-            let summary = run::run(&graph, &cache, &recipe.targets)?;
+            let summary = run_and_lock(&graph, &cache, &recipe, locked)?;
             let dir = &graph.recipe.export.dir;
             if summary.built.is_empty() && summary.written == 0 {
                 println!("Everything is fresh ({} nodes): nothing to do.", summary.fresh);
@@ -117,6 +174,52 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
                 }
             }
             eprintln!("{stale} of {} nodes stale", selected.iter().filter(|s| **s).count());
+            let lock_path = lock::path_for(&recipe.recipe);
+            match Lock::read(&lock_path)? {
+                None => println!("lock: none yet ({} is written by `prefgen run`)", lock_path.display()),
+                Some(lock) => {
+                    let drift = lock.drift(&mut Walk::new(&graph, &cache), &selected)?;
+                    if drift.is_empty() {
+                        println!("lock: matches {}", lock_path.display());
+                    }
+                    for line in drift {
+                        println!("lock drift: {line}");
+                    }
+                }
+            }
+        }
+        Command::Verify { recipe, against, tolerance, locked } => {
+            if !recipe.targets.is_empty() {
+                bail!("verify builds the whole recipe; it takes no targets");
+            }
+            let graph = load(&recipe)?;
+            let summary = run_and_lock(&graph, &cache, &recipe, locked)?;
+            let published = verify::read_published(&against)?;
+            let mut results = Vec::new();
+            for (idx, node) in graph.nodes.iter().enumerate().filter(|(_, n)| n.stage == Stage::Binarize) {
+                let split = node.split.clone().expect("binarize nodes have a split");
+                let Some(theirs) = published.get(&split) else {
+                    let names: Vec<&String> = published.keys().collect();
+                    bail!("--against {against}: no split {split:?} (it has {names:?})");
+                };
+                let entry = summary.entries[idx].as_ref().expect("run resolves every node");
+                let out = entry.output(binarize::FILE).expect("binarize writes its rows");
+                let bytes = cache.get_object(&out.digest)?.context("a cache object vanished during verify")?;
+                let ours: Vec<BinarizedRow> = simpo::parse_rows(&bytes, binarize::FILE)?;
+                results.push(verify::compare(&split, &ours, theirs, tolerance));
+            }
+            print!("{}", verify::table(&results, tolerance));
+            let disagree: Vec<&verify::Agreement> = results.iter().filter(|a| !a.agrees()).collect();
+            for a in &disagree {
+                for line in &a.differences {
+                    println!("differs: {line}");
+                }
+            }
+            if !disagree.is_empty() {
+                eprintln!("error: {} of {} splits disagree with {against}", disagree.len(), results.len());
+                return Ok(ExitCode::FAILURE);
+            }
+            println!("Every split agrees with {against}.");
         }
         Command::Cache { command: CacheCommand::Verify } => {
             let s = cache.verify()?;

@@ -8,6 +8,7 @@
 //! node's key (so its card names them all).
 
 use crate::cache::{ActionEntry, Cache, KeyMaterial};
+use crate::digest::Digest;
 use crate::recipe::{Recipe, SplitSpec};
 use crate::stages::{annotate, binarize, export, filter, generate, prompts};
 use anyhow::{Context, Result, bail};
@@ -330,6 +331,28 @@ impl<'a> Walk<'a> {
         &self.resolved[split]
     }
 
+    /// What a node reads from outside the cache, as (recipe key, source,
+    /// digest): its files (models, templates, imports) and, for `prompts`,
+    /// its split's dataset. The source is what a lock shows: `org/name@commit`
+    /// for a hub snapshot, else the path.
+    pub fn externals(&mut self, idx: usize) -> Result<Vec<(String, String, Digest)>> {
+        let node = &self.graph.nodes[idx];
+        let mut out = Vec::new();
+        for (name, path) in &node.files {
+            if !path.exists() {
+                bail!("{name}: {} does not exist (needed by {})", path.display(), node.label());
+            }
+            let source = crate::hub::describe(path).unwrap_or_else(|| path.display().to_string());
+            out.push((name.clone(), source, self.cache.path_digest(path)?));
+        }
+        if node.stage == Stage::Prompts {
+            let split = node.split.clone().expect("prompts nodes have a split");
+            let source = self.source(&split)?;
+            out.push((format!("prompts.dataset[{split}]"), source.describe.clone(), source.identity));
+        }
+        Ok(out)
+    }
+
     /// A node's key material, or the label of a dep whose output is unknown.
     fn material(&mut self, idx: usize) -> Result<std::result::Result<KeyMaterial, String>> {
         let node = &self.graph.nodes[idx];
@@ -347,15 +370,9 @@ impl<'a> Walk<'a> {
                 inputs.insert(format!("{}:{}", dep.label(), out.path), out.digest);
             }
         }
-        for (name, path) in &node.files {
-            if !path.exists() {
-                bail!("{name}: {} does not exist (needed by {})", path.display(), node.label());
-            }
-            inputs.insert(name.clone(), self.cache.path_digest(path)?);
-        }
-        if node.stage == Stage::Prompts {
-            let split = node.split.clone().expect("prompts nodes have a split");
-            inputs.insert("dataset".into(), self.source(&split)?.identity);
+        for (name, _, digest) in self.externals(idx)? {
+            // A split's dataset is keyed as `dataset` (the node names its split).
+            inputs.insert(if name.starts_with("prompts.dataset") { "dataset".into() } else { name }, digest);
         }
         Ok(Ok(KeyMaterial { stage: node.stage.name().into(), version: node.stage.version(), params, inputs }))
     }

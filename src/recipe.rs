@@ -445,6 +445,37 @@ dir = "out"
         Recipe::load(&path, &sets)
     }
 
+    /// Every recipe the project ships loads and validates.
+    #[test]
+    fn shipped_recipes_are_valid() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("recipes");
+        let mut n = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "toml") {
+                Recipe::load(&path, &[]).unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
+                n += 1;
+            }
+        }
+        assert!(n >= 4, "{n} recipes");
+    }
+
+    /// The published-dataset recipes carry the settings SimPO documents.
+    #[test]
+    fn published_recipes_follow_simpo() {
+        for name in ["llama3", "gemma2"] {
+            let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("recipes/{name}-ultrafeedback-armorm.toml"));
+            let r = Recipe::load(&path, &[]).unwrap();
+            let g = &r.generate;
+            assert_eq!(g.seeds, [13, 21, 42, 79, 100]);
+            assert_eq!((g.temperature, g.top_p, g.max_tokens, g.vllm_compat), (0.8, 0.95, 4096, true));
+            assert_eq!(r.annotate.model.as_deref(), Some("RLHFlow/ArmoRM-Llama3-8B-v0.1"));
+            assert!(r.binarize.keep_ties);
+            let splits: Vec<String> = r.splits().iter().map(|s| s.name.clone()).collect();
+            assert_eq!(splits, ["test", "train"]);
+        }
+    }
+
     #[test]
     fn defaults_follow_simpo() {
         let r = load(BASE, &[]).unwrap();

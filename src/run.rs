@@ -42,6 +42,8 @@ pub struct Summary {
     pub fresh: usize,
     /// Files (re)written under `export.dir`.
     pub written: usize,
+    /// Every selected node's entry, by node index.
+    pub entries: Vec<Option<ActionEntry>>,
 }
 
 /// Builds the selected nodes and everything stale that they need.
@@ -91,6 +93,7 @@ fn run_once(graph: &Graph, cache: &Cache, selected: &[bool]) -> Result<Summary> 
         stored.map(|()| built)
     })?;
     summary.written = materialise(graph, cache, &entries, selected, &fresh_objects)?;
+    summary.entries = entries;
     Ok(summary)
 }
 

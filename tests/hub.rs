@@ -118,3 +118,48 @@ fn a_hub_model_id_resolves_through_the_cache_offline() {
         missing.stderr()
     );
 }
+
+/// The lock records the commit a hub id resolved to; when `main` moves,
+/// `plan` shows the drift, `run --locked` refuses, and a plain run updates it.
+#[test]
+fn the_lock_pins_a_hub_revision() {
+    let p = Project::new();
+    model_cache(&p.path("hf"), &fixtures().join("tiny-llama3"));
+    p.write("prompts.jsonl", "{\"prompt\": \"Hi\"}\n");
+    let recipe = p.write(
+        "r.toml",
+        "name = \"locked\"\n[prompts]\ndataset = \"prompts.jsonl\"\n[generate]\nmodel = \"prefgen-test/tiny-llama3\"\nseeds = [1]\ntemperature = 0.0\nmax_tokens = 4\n[annotate]\nimport = \"x.json\"\n[export]\ndir = \"out\"\n",
+    );
+    let r = recipe.to_str().unwrap();
+    let run = |args: &[&str]| {
+        let mut c = p.command(args);
+        c.env("HF_HOME", p.path("hf")).env_remove("HF_HUB_CACHE");
+        Run(c.output().unwrap())
+    };
+    assert!(run(&["run", r, "generate"]).0.status.success());
+    let lock = std::fs::read_to_string(p.path("r.lock")).expect("run writes the lock beside the recipe");
+    let old = "prefgen-test/tiny-llama3@89abcdef0123456789abcdef0123456789abcdef";
+    assert!(lock.contains(old), "{lock}");
+    assert!(lock.contains("generate[train/seed=1]"), "{lock}");
+    assert!(run(&["run", r, "generate", "--locked"]).0.status.success(), "an unchanged recipe runs locked");
+    assert!(run(&["plan", r, "generate"]).stdout().contains("lock: matches"));
+    // `main` moves to a new commit (same files).
+    let repo = p.path("hf/hub/models--prefgen-test--tiny-llama3");
+    let new = "fedcba9876543210fedcba9876543210fedcba98";
+    std::fs::create_dir_all(repo.join("snapshots").join(new)).unwrap();
+    for e in std::fs::read_dir(repo.join("snapshots/89abcdef0123456789abcdef0123456789abcdef")).unwrap() {
+        let e = e.unwrap();
+        let target = std::fs::read_link(e.path()).unwrap();
+        std::os::unix::fs::symlink(target, repo.join("snapshots").join(new).join(e.file_name())).unwrap();
+    }
+    std::fs::write(repo.join("refs/main"), new).unwrap();
+    let plan = run(&["plan", r, "generate"]).stdout();
+    assert!(plan.contains(&format!("lock drift: generate.model: the lock has {old}")), "{plan}");
+    let refused = run(&["run", r, "generate", "--locked"]);
+    assert_ne!(refused.code(), Some(0));
+    assert!(refused.stderr().contains("--locked: the recipe no longer resolves as"), "{}", refused.stderr());
+    assert!(refused.stderr().contains(&format!("prefgen-test/tiny-llama3@{new}")), "{}", refused.stderr());
+    assert_eq!(std::fs::read_to_string(p.path("r.lock")).unwrap(), lock, "a refused run leaves the lock alone");
+    assert!(run(&["run", r, "generate"]).0.status.success());
+    assert!(std::fs::read_to_string(p.path("r.lock")).unwrap().contains(new), "a plain run updates the lock");
+}
