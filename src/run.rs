@@ -510,11 +510,20 @@ fn build_node(
             params.extend(node.params.clone());
             let mut splits = Vec::new();
             for (spec, &b) in graph.splits.iter().zip(&node.deps) {
-                let filter = node.key_deps.iter().copied().find(|&d| {
-                    graph.nodes[d].stage == Stage::Filter && graph.nodes[d].split.as_deref() == Some(&spec.name)
-                });
-                let mut counts = filter.map(|f| entry(f).stats.clone()).unwrap_or_default();
+                let of_split = |stage: Stage| {
+                    node.key_deps
+                        .iter()
+                        .copied()
+                        .find(|&d| graph.nodes[d].stage == stage && graph.nodes[d].split.as_deref() == Some(&spec.name))
+                };
+                let mut counts = of_split(Stage::Filter).map(|f| entry(f).stats.clone()).unwrap_or_default();
                 counts.extend(entry(b).stats.clone());
+                // Every seed skips the same too-long prompts: one seed's count is the split's.
+                for (stage, name) in [(Stage::Generate, "generate"), (Stage::Annotate, "annotate")] {
+                    if let Some(n) = of_split(stage).and_then(|d| entry(d).stats.get("skipped_too_long").cloned()) {
+                        counts.insert(format!("skipped_too_long_{name}"), n);
+                    }
+                }
                 let rows = read_rows(walk, memory, b, binarize::FILE)?;
                 splits.push(export::SplitRows { name: spec.name.clone(), rows, counts });
             }

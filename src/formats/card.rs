@@ -1,7 +1,10 @@
 //! The dataset card (`README.md` in `export.dir`): the hub's YAML front matter,
-//! then the recipe, the cache keys and the counts.
+//! then the counts, plots (`plots/*.png`), the recipe, the lock's digests
+//! and the cache keys.
 
+use crate::formats::plot::{self, BLUE, ORANGE, Series};
 use crate::formats::simpo::BinarizedRow;
+use anyhow::Result;
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::fmt::Write;
@@ -41,7 +44,8 @@ fn count(counts: &BTreeMap<String, Value>, key: &str) -> String {
     counts.get(key).map_or("-".into(), |v| v.to_string())
 }
 
-pub fn render(input: &CardInput) -> String {
+/// The card and its plots, as (path under `export.dir`, bytes).
+pub fn render(input: &CardInput) -> Result<Vec<(String, Vec<u8>)>> {
     let q = |s: &str| serde_json::to_string(s).expect("strings serialise");
     let mut y = String::from("---\n");
     let _ = writeln!(y, "pretty_name: {}", q(input.name));
@@ -69,14 +73,16 @@ pub fn render(input: &CardInput) -> String {
     let _ = writeln!(b, "# {}\n", input.name);
     b.push_str("An on-policy preference dataset built by prefgen: every response was sampled from the policy, scored by the reward model, and the best and worst scored responses kept as `chosen` and `rejected`.\n\n");
     b.push_str("```python\nfrom datasets import load_dataset, load_from_disk\nds = load_dataset(\"parquet\", data_dir=\"data\")   # or: load_from_disk(\"hf\")\n```\n\n");
-    b.push_str("## Counts\n\n| split | prompts | dropped as identical | rows scored | ties (all scores equal) | dropped as ties | rows |\n|---|---|---|---|---|---|---|\n");
+    b.push_str("## Counts\n\n| split | prompts | skipped as too long (generate / annotate) | dropped as identical | rows scored | ties (all scores equal) | dropped as ties | rows |\n|---|---|---|---|---|---|---|---|\n");
     for s in &input.splits {
         let c = &s.counts;
         let _ = writeln!(
             b,
-            "| {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} / {} | {} | {} | {} | {} | {} |",
             s.name,
             count(c, "prompts"),
+            count(c, "skipped_too_long_generate"),
+            count(c, "skipped_too_long_annotate"),
             count(c, "dropped_identical"),
             count(c, "rows_in"),
             count(c, "ties"),
@@ -104,6 +110,55 @@ pub fn render(input: &CardInput) -> String {
             fmt_opt(rl)
         );
     }
+    let mut files = Vec::new();
+    b.push_str("\n## Plots\n\nLengths are in characters. Blue: chosen, orange: rejected.\n");
+    for s in &input.splits {
+        let chosen = |r: &BinarizedRow| r.chosen.get(1).map_or(String::new(), |m| m.content.clone());
+        let rejected = |r: &BinarizedRow| r.rejected.get(1).map_or(String::new(), |m| m.content.clone());
+        let cs: Vec<f64> = s.rows.iter().map(|r| score_of(r, &chosen(r))).collect();
+        let rs: Vec<f64> = s.rows.iter().map(|r| score_of(r, &rejected(r))).collect();
+        let margins: Vec<f64> = cs.iter().zip(&rs).map(|(c, r)| c - r).collect();
+        let cl: Vec<f64> = s.rows.iter().map(|r| chosen(r).chars().count() as f64).collect();
+        let rl: Vec<f64> = s.rows.iter().map(|r| rejected(r).chars().count() as f64).collect();
+        let _ = writeln!(b, "\n### {}\n", s.name);
+        let pair = |a: &[f64], b: &[f64]| {
+            plot::histogram(&[Series { values: a, color: BLUE }, Series { values: b, color: ORANGE }])
+        };
+        let charts = [
+            ("scores", "chosen and rejected scores", pair(&cs, &rs)?),
+            (
+                "margin",
+                "score margin (chosen - rejected)",
+                plot::histogram(&[Series { values: &margins, color: BLUE }])?,
+            ),
+            ("length", "chosen and rejected response lengths", pair(&cl, &rl)?),
+        ];
+        for (file, title, (png, (lo, hi))) in charts {
+            let path = format!("plots/{}-{file}.png", s.name);
+            let _ = writeln!(b, "![{title}]({path})\n\n{title}: 30 bins from {lo:.3} to {hi:.3}.\n");
+            files.push((path, png));
+        }
+        // Per seed: the mean length of the responses in that seed's position.
+        let n = s.rows.first().map_or(0, |r| r.all_generated_responses.len());
+        let per_seed: Vec<f64> = (0..n)
+            .map(|k| {
+                mean(s.rows.iter().filter_map(|r| r.all_generated_responses.get(k)).map(|t| t.chars().count() as f64))
+                    .unwrap_or(0.0)
+            })
+            .collect();
+        let path = format!("plots/{}-seed-length.png", s.name);
+        let seeds: Vec<String> = match input.params.get("generate.seeds").and_then(Value::as_array) {
+            Some(seeds) if seeds.len() == n => seeds.iter().map(Value::to_string).collect(),
+            _ => (1..=n).map(|k| format!("#{k}")).collect(),
+        };
+        let means: Vec<String> = seeds.iter().zip(&per_seed).map(|(seed, m)| format!("{seed}: {m:.1}")).collect();
+        let _ = writeln!(
+            b,
+            "![mean response length per seed]({path})\n\nmean response length per seed ({}).\n",
+            means.join(", ")
+        );
+        files.push((path, plot::bars(&per_seed, BLUE)?));
+    }
     b.push_str("\n## Recipe\n\nEvery parameter that shaped the data (parameters that cannot change it, such as batch sizes, are left out):\n\n```toml\n");
     for (k, v) in &input.params {
         let _ = writeln!(b, "{k} = {v}");
@@ -112,5 +167,6 @@ pub fn render(input: &CardInput) -> String {
     for (label, key) in &input.keys {
         let _ = writeln!(b, "| `{label}` | `{key}` |");
     }
-    b
+    files.insert(0, ("README.md".to_string(), b.into_bytes()));
+    Ok(files)
 }

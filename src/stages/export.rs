@@ -10,7 +10,7 @@ use serde_json::Value;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 
 /// One split's rows and the counts the upstream stages reported.
 pub struct SplitRows {
@@ -46,6 +46,6 @@ pub fn build(
         params,
         keys,
     };
-    out.files.push(("README.md".into(), card::render(&card).into_bytes()));
+    out.files.extend(card::render(&card)?);
     Ok(out)
 }
