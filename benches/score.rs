@@ -34,10 +34,14 @@ fn main() {
     ];
     for (name, path, n) in models {
         let model = RewardModel::load(&path, None, None, &Load::default()).expect("run `make models` first");
-        let seqs: Vec<Vec<u32>> = conversations[..n]
+        // Conversations longer than the model's context are cut, as annotate
+        // cuts them; one whose prompt alone is too long is left out.
+        let seqs: Vec<Vec<u32>> = conversations
             .iter()
-            .map(|(p, r)| model.encode(p, r, model.context(), Overflow::Truncate).unwrap().unwrap())
+            .filter_map(|(p, r)| model.encode(p, r, model.context(), Overflow::Truncate).unwrap())
+            .take(n)
             .collect();
+        let n = seqs.len();
         let tokens: usize = seqs.iter().map(Vec::len).sum();
         let t = Instant::now();
         for s in &seqs {

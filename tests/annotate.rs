@@ -39,14 +39,7 @@ fn armorm_scores_every_response_and_binarize_follows_the_scores() {
             assert!((alone - got).abs() <= 1e-5, "{prompt:?}: {got} in the pipeline, {alone} alone");
         }
     }
-    for row in rows(&p, "out/all_outputs_bin.json") {
-        let scores: Vec<f64> = serde_json::from_value(row["all_rm_scores"].clone()).unwrap();
-        let responses = row["all_generated_responses"].as_array().unwrap();
-        let best = (0..scores.len()).fold(0, |b, i| if scores[i] > scores[b] { i } else { b });
-        let worst = (0..scores.len()).fold(0, |w, i| if scores[i] < scores[w] { i } else { w });
-        assert_eq!(row["chosen"][1]["content"], responses[best]);
-        assert_eq!(row["rejected"][1]["content"], responses[worst]);
-    }
+    assert_binarized_by_scores(&rows(&p, "out/all_outputs_bin.json"));
     // Nothing stale: nothing rebuilt. A scoring parameter: annotate and after.
     assert!(p.ok(&["run", &r]).built().is_empty());
     let plan = p.ok(&["plan", &r, "--set", "annotate.max_length=64"]).stdout();

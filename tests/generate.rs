@@ -178,14 +178,7 @@ fn demo_recipe_runs_end_to_end_with_the_judge() {
         assert!(scores.iter().all(|s| s.is_finite() && (1.0..=9.0).contains(s)), "{scores:?}");
     }
     // chosen = first argmax, rejected = first argmin of those scores.
-    for row in rows(&p, "out/all_outputs_bin.json") {
-        let scores: Vec<f64> = serde_json::from_value(row["all_rm_scores"].clone()).unwrap();
-        let responses = row["all_generated_responses"].as_array().unwrap();
-        let best = (0..scores.len()).fold(0, |b, i| if scores[i] > scores[b] { i } else { b });
-        let worst = (0..scores.len()).fold(0, |w, i| if scores[i] < scores[w] { i } else { w });
-        assert_eq!(row["chosen"][1]["content"], responses[best]);
-        assert_eq!(row["rejected"][1]["content"], responses[worst]);
-    }
+    assert_binarized_by_scores(&rows(&p, "out/all_outputs_bin.json"));
     assert!(p.path("out/data").is_dir() && p.path("out/hf").is_dir() && p.path("out/README.md").is_file());
     // Scoring again from scratch, in batches of one, gives the same scores.
     let again = p.path("cache2");

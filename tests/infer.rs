@@ -1,6 +1,6 @@
 //! Tokenizer and chat-template parity with `transformers`, on references made
-//! by `scripts/make_fixtures.py smollm2` (transformers' own GGUF tokenizer
-//! converter and `apply_chat_template`).
+//! by `scripts/make_fixtures.py smollm2|gemma3` (transformers' own GGUF
+//! tokenizer converter and `apply_chat_template`).
 
 use prefgen::infer::gguf::GgufFile;
 use prefgen::infer::template::{ChatTemplate, Turn};
@@ -8,24 +8,46 @@ use serde_json::Value;
 use std::path::Path;
 
 fn reference() -> Value {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/smollm2_reference.json");
+    fixture("smollm2_reference.json")
+}
+
+fn fixture(name: &str) -> Value {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name);
     serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
 }
 
-#[test]
-fn gguf_tokenizer_matches_transformers() {
-    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+/// The tokenizer rebuilt from a GGUF file's metadata encodes and decodes
+/// every reference string as transformers' GGUF loader does (and, where the
+/// reference has them, adds the same special tokens).
+fn tokenizer_matches(model: &str, reference: &str, min_cases: usize) {
+    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("models").join(model);
     assert!(model.is_file(), "{} is missing: run `make models`", model.display());
     let tok = GgufFile::open(&model).unwrap().tokenizer().unwrap();
-    let cases = reference()["tokenizer"].as_array().unwrap().clone();
-    assert!(cases.len() >= 10);
+    let cases = fixture(reference)["tokenizer"].as_array().unwrap().clone();
+    assert!(cases.len() >= min_cases);
     for case in cases {
         let text = case["text"].as_str().unwrap();
         let want: Vec<u32> = serde_json::from_value(case["ids"].clone()).unwrap();
         let got = tok.encode(text, false).unwrap().get_ids().to_vec();
         assert_eq!(got, want, "ids of {text:?}");
         assert_eq!(tok.decode(&got, true).unwrap(), case["decoded"].as_str().unwrap(), "decoding {text:?}");
+        if let Some(with) = case.get("with_specials") {
+            let with: Vec<u32> = serde_json::from_value(with.clone()).unwrap();
+            assert_eq!(tok.encode(text, true).unwrap().get_ids(), with, "ids of {text:?} with special tokens");
+        }
     }
+}
+
+#[test]
+fn gguf_tokenizer_matches_transformers() {
+    tokenizer_matches("SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2_reference.json", 10);
+}
+
+/// Gemma's sentencepiece vocabulary: merges recovered from the vocabulary
+/// order, byte fallback, whitespace-run tokens, BOS added.
+#[test]
+fn gemma3_tokenizer_matches_transformers() {
+    tokenizer_matches("gemma-3-270m-q4_k_m.gguf", "gemma3_reference.json", 15);
 }
 
 #[test]

@@ -70,7 +70,8 @@ fn ties_are_dropped_by_default_and_counted_in_the_card() {
     let prompts = rows(&out["output_13.json"]).len();
     let identical = prompts - scored.len();
     // Imports skip nothing as too long: "-" for both stages.
-    let line = format!("| train | {prompts} | - / - | {identical} | {} | {ties} | {ties} | {} |", scored.len(), bin.len());
+    let line =
+        format!("| train | {prompts} | - / - | {identical} | {} | {ties} | {ties} | {} |", scored.len(), bin.len());
     assert!(card.contains(&line), "card lacks {line:?}:\n{card}");
     assert!(card.contains("binarize.keep_ties = false"));
     assert!(card.starts_with("---\n") && card.contains("num_examples: "));

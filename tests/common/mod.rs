@@ -185,3 +185,16 @@ pub fn synthetic(p: &Project, n: usize, seeds: &[u64], len: usize) -> PathBuf {
         ),
     )
 }
+
+/// Every binarized row's chosen is its first best-scored response and its
+/// rejected the first worst-scored one (numpy's argmax and argmin).
+pub fn assert_binarized_by_scores(rows: &[serde_json::Value]) {
+    for row in rows {
+        let scores: Vec<f64> = serde_json::from_value(row["all_rm_scores"].clone()).unwrap();
+        let responses = row["all_generated_responses"].as_array().unwrap();
+        let best = (0..scores.len()).fold(0, |b, i| if scores[i] > scores[b] { i } else { b });
+        let worst = (0..scores.len()).fold(0, |w, i| if scores[i] < scores[w] { i } else { w });
+        assert_eq!(row["chosen"][1]["content"], responses[best], "chosen of {:?}", row["prompt"]);
+        assert_eq!(row["rejected"][1]["content"], responses[worst], "rejected of {:?}", row["prompt"]);
+    }
+}
