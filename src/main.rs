@@ -36,6 +36,10 @@ enum Command {
         /// lock file records, or when a result differs from it.
         #[arg(long)]
         locked: bool,
+        /// Build only slice I of N of the stale shards (1-based), as one
+        /// worker of a job array; a run without it then assembles the rest.
+        #[arg(long, value_name = "I/N", value_parser = run::Slice::parse)]
+        shard: Option<run::Slice>,
     },
     /// Show every node as fresh or stale, and why; builds nothing.
     Plan {
@@ -107,7 +111,14 @@ fn load(args: &RecipeArgs) -> Result<Graph> {
 /// Builds the recipe's targets as `run` does, then writes its lock; with
 /// `locked`, refuses to start when an input resolves differently than the lock
 /// records, and fails when a result differs from it (the lock is left alone).
-fn run_and_lock(graph: &Graph, cache: &Cache, recipe: &RecipeArgs, locked: bool) -> Result<run::Summary> {
+/// A `--shard` worker leaves the lock to the run that assembles the shards.
+fn run_and_lock(
+    graph: &Graph,
+    cache: &Cache,
+    recipe: &RecipeArgs,
+    locked: bool,
+    slice: Option<run::Slice>,
+) -> Result<run::Summary> {
     let lock_path = lock::path_for(&recipe.recipe);
     let old = Lock::read(&lock_path)?;
     if locked {
@@ -121,7 +132,10 @@ fn run_and_lock(graph: &Graph, cache: &Cache, recipe: &RecipeArgs, locked: bool)
             bail!("--locked: the recipe no longer resolves as {} records:\n  {lines}", lock_path.display());
         }
     }
-    let summary = run::run(graph, cache, &recipe.targets)?;
+    let summary = run::run(graph, cache, &recipe.targets, slice)?;
+    if slice.is_some() {
+        return Ok(summary);
+    }
     let mut walk = Walk::new(graph, cache);
     walk.entries = summary.entries.clone();
     let now = Lock::current(&mut walk, old.as_ref())?;
@@ -140,9 +154,21 @@ fn run_and_lock(graph: &Graph, cache: &Cache, recipe: &RecipeArgs, locked: bool)
 fn dispatch(cli: Cli) -> Result<ExitCode> {
     let cache = Cache::open(&cli.cache)?;
     match cli.command {
-        Command::Run { recipe, locked } => {
+        Command::Run { recipe, locked, shard } => {
             let graph = load(&recipe)?;
-            let summary = run_and_lock(&graph, &cache, &recipe, locked)?;
+            let summary = run_and_lock(&graph, &cache, &recipe, locked, shard)?;
+            if let Some(slice) = shard {
+                println!(
+                    "Shard {}/{}: built {} nodes, {} fresh; {} left for the other workers. Once every worker is done, \
+                     `prefgen run` without --shard builds the rest and writes the files.",
+                    slice.index + 1,
+                    slice.count,
+                    summary.built.len(),
+                    summary.fresh,
+                    summary.deferred.len()
+                );
+                return Ok(ExitCode::SUCCESS);
+            }
             let dir = &graph.recipe.export.dir;
             if summary.built.is_empty() && summary.written == 0 {
                 println!("Everything is fresh ({} nodes): nothing to do.", summary.fresh);
@@ -193,7 +219,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
                 bail!("verify builds the whole recipe; it takes no targets");
             }
             let graph = load(&recipe)?;
-            let summary = run_and_lock(&graph, &cache, &recipe, locked)?;
+            let summary = run_and_lock(&graph, &cache, &recipe, locked, None)?;
             let published = verify::read_published(&against)?;
             let mut results = Vec::new();
             for (idx, node) in graph.nodes.iter().enumerate().filter(|(_, n)| n.stage == Stage::Binarize) {

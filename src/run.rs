@@ -35,6 +35,39 @@ use std::time::{Instant, SystemTime};
 #[error("cache object {0} of {1} is damaged")]
 struct Damaged(String, String);
 
+/// One worker's part of a job array (`--shard I/N`): the stale shards whose
+/// key falls in slice I of N. Keys are digests, so the slices are
+/// deterministic and even, whatever order workers start in.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Slice {
+    /// 0-based.
+    pub index: u64,
+    pub count: u64,
+}
+
+impl Slice {
+    /// `I/N` with 1 <= I <= N.
+    pub fn parse(text: &str) -> Result<Slice> {
+        let bad = || anyhow::anyhow!("--shard {text:?}: expected I/N with 1 <= I <= N, such as 2/8");
+        let (i, n) = text.split_once('/').ok_or_else(bad)?;
+        let (i, n): (u64, u64) = (i.trim().parse().map_err(|_| bad())?, n.trim().parse().map_err(|_| bad())?);
+        if i == 0 || i > n {
+            return Err(bad());
+        }
+        Ok(Slice { index: i - 1, count: n })
+    }
+
+    fn owns(&self, key: &Digest) -> bool {
+        let head = u64::from_str_radix(&key.to_hex()[..16], 16).expect("digests are hex");
+        head % self.count == self.index
+    }
+}
+
+/// A node whose shards are not all built: the rest belong to other workers.
+#[derive(Debug, thiserror::Error)]
+#[error("{0} of its shards are left to other workers")]
+struct Deferred(usize);
+
 /// What a run did.
 #[derive(Debug, Default)]
 pub struct Summary {
@@ -42,16 +75,21 @@ pub struct Summary {
     pub fresh: usize,
     /// Files (re)written under `export.dir`.
     pub written: usize,
-    /// Every selected node's entry, by node index.
+    /// Every selected node's entry, by node index (None: deferred).
     pub entries: Vec<Option<ActionEntry>>,
+    /// Nodes left for a later run, as a `--shard` worker leaves them.
+    pub deferred: Vec<String>,
 }
 
 /// Builds the selected nodes and everything stale that they need.
-pub fn run(graph: &Graph, cache: &Cache, targets: &[String]) -> Result<Summary> {
+/// With a `slice`, only the stale shards of that slice are built, nodes that
+/// need the other slices' shards are left for a later run, and nothing is
+/// written under `export.dir` (workers of a job array share it).
+pub fn run(graph: &Graph, cache: &Cache, targets: &[String], slice: Option<Slice>) -> Result<Summary> {
     let selected = graph.select(targets)?;
     // A damaged object found mid-run is removed; the next walk rebuilds it.
     for _ in 0..3 {
-        match run_once(graph, cache, &selected) {
+        match run_once(graph, cache, &selected, slice) {
             Err(e) if e.downcast_ref::<Damaged>().is_some() => eprintln!("{e}; rebuilding it"),
             other => return other,
         }
@@ -80,19 +118,21 @@ fn store_all(cache: &Cache, queue: Receiver<Store>) -> Result<()> {
     Ok(())
 }
 
-fn run_once(graph: &Graph, cache: &Cache, selected: &[bool]) -> Result<Summary> {
+fn run_once(graph: &Graph, cache: &Cache, selected: &[bool], slice: Option<Slice>) -> Result<Summary> {
     // A rendezvous: at most one node is being stored while the next is
     // computed, which bounds the bytes held in memory.
     let (queue, pending) = sync_channel::<Store>(0);
     let (mut summary, entries, fresh_objects) = std::thread::scope(|scope| {
         let storer = scope.spawn(|| store_all(cache, pending));
-        let built = build_all(graph, cache, selected, queue);
+        let built = build_all(graph, cache, selected, queue, slice);
         let stored = storer.join().expect("the storing thread does not panic");
         // A build error explains a storing error (the queue closed), not vice versa.
         let built = built?;
         stored.map(|()| built)
     })?;
-    summary.written = materialise(graph, cache, &entries, selected, &fresh_objects)?;
+    if slice.is_none() {
+        summary.written = materialise(graph, cache, &entries, selected, &fresh_objects)?;
+    }
     summary.entries = entries;
     Ok(summary)
 }
@@ -101,14 +141,27 @@ fn run_once(graph: &Graph, cache: &Cache, selected: &[bool]) -> Result<Summary> 
 /// the objects this run wrote.
 type Built = (Summary, Vec<Option<ActionEntry>>, BTreeSet<Digest>);
 
-fn build_all(graph: &Graph, cache: &Cache, selected: &[bool], queue: SyncSender<Store>) -> Result<Built> {
+fn build_all(
+    graph: &Graph,
+    cache: &Cache,
+    selected: &[bool],
+    queue: SyncSender<Store>,
+    slice: Option<Slice>,
+) -> Result<Built> {
     let mut walk = Walk::new(graph, cache);
     let mut summary = Summary::default();
     let mut fresh_objects = BTreeSet::new();
     let mut memory = Outputs::new(graph, selected);
-    let models = Models::default();
+    let models = Models { slice, ..Models::default() };
+    let mut deferred = vec![false; graph.nodes.len()];
     for idx in (0..graph.nodes.len()).filter(|&i| selected[i]) {
-        let label = graph.nodes[idx].label();
+        let node = &graph.nodes[idx];
+        let label = node.label();
+        if node.deps.iter().chain(&node.key_deps).any(|&d| deferred[d]) {
+            deferred[idx] = true;
+            summary.deferred.push(label);
+            continue;
+        }
         let (material, reason) = match walk.freshness(idx)? {
             Freshness::Fresh(entry) => {
                 walk.entries[idx] = Some(entry);
@@ -132,8 +185,15 @@ fn build_all(graph: &Graph, cache: &Cache, selected: &[bool], queue: SyncSender<
         }
         eprintln!("building {label}: {reason}");
         let started = Instant::now();
-        let mut output =
-            build_node(&walk, &memory, &models, idx, &material).with_context(|| format!("building {label}"))?;
+        let mut output = match build_node(&walk, &memory, &models, idx, &material) {
+            Err(e) if e.downcast_ref::<Deferred>().is_some() => {
+                eprintln!("left {label} for later: {e}");
+                deferred[idx] = true;
+                summary.deferred.push(label);
+                continue;
+            }
+            built => built.with_context(|| format!("building {label}"))?,
+        };
         let mut outputs = Vec::with_capacity(output.files.len());
         let mut files = Vec::with_capacity(output.files.len());
         for (path, bytes) in std::mem::take(&mut output.files) {
@@ -281,11 +341,13 @@ impl Progress {
 /// A loaded model's files: the model and the chat template replacing its own.
 type ModelFiles = (PathBuf, Option<PathBuf>);
 
-/// Models loaded in this run, by their files.
+/// Models loaded in this run, by their files, and the slice of shards this
+/// process runs them on.
 #[derive(Default)]
 struct Models {
     policies: RefCell<HashMap<ModelFiles, Rc<Policy>>>,
     rewards: RefCell<HashMap<ModelFiles, Rc<RewardModel>>>,
+    slice: Option<Slice>,
 }
 
 impl Models {
@@ -321,6 +383,15 @@ impl Models {
     }
 }
 
+/// A node's work items, cut into shards of `shard_size`; an item makes
+/// `units(item)` progress units named `unit`.
+struct Items<'a, T> {
+    all: &'a [T],
+    shard_size: usize,
+    units: &'a dyn Fn(&T) -> usize,
+    unit: &'a str,
+}
+
 /// What one shard's work produced.
 struct ShardOut<R> {
     rows: Vec<R>,
@@ -333,23 +404,24 @@ struct ShardOut<R> {
 /// shard is its own cache entry, keyed by the node's parameters and model
 /// files and the shard's items, built under its own lock: a crash loses at
 /// most the shard in flight, and processes sharing a cache split the work.
-/// `units` is how many progress units (`unit`) an item makes.
+/// With a `slice`, shards of other slices are not built; if any is missing,
+/// the node is [`Deferred`].
 fn sharded<T: serde::Serialize, R: serde::Serialize + DeserializeOwned + Send + Sync + TextLen>(
     walk: &Walk,
     idx: usize,
     material: &KeyMaterial,
-    items: &[T],
-    shard_size: usize,
-    (units, unit): (&dyn Fn(&T) -> usize, &str),
+    items: Items<T>,
+    slice: Option<Slice>,
     mut work: impl FnMut(&[T], &dyn Fn(usize)) -> Result<ShardOut<R>>,
 ) -> Result<(Vec<R>, u64)> {
     let node = &walk.graph.nodes[idx];
     let cache = walk.cache;
     let label = node.label();
-    let chunks: Vec<&[T]> = items.chunks(shard_size).collect();
-    let bar = Progress::new(&label, items.iter().map(units).sum(), unit);
-    let mut rows = Vec::with_capacity(items.len());
-    let mut skipped = 0u64;
+    let chunks: Vec<&[T]> = items.all.chunks(items.shard_size).collect();
+    let units = items.units;
+    let bar = Progress::new(&label, items.all.iter().map(units).sum(), items.unit);
+    let mut rows = Vec::with_capacity(items.all.len());
+    let (mut skipped, mut pending) = (0u64, 0);
     for (i, chunk) in chunks.iter().enumerate() {
         let mut shard = material.clone();
         shard.stage = format!("{}-shard", material.stage);
@@ -363,10 +435,16 @@ fn sharded<T: serde::Serialize, R: serde::Serialize + DeserializeOwned + Send + 
             let skipped = entry.stats.get("skipped_too_long").and_then(|v| v.as_u64()).unwrap_or(0);
             Ok(Some((simpo::parse_rows(&bytes, &what)?, skipped)))
         };
+        // Held until the shard is stored, so no other process builds it meanwhile.
+        let mut _lock = None;
         let hit = match cached(cache)? {
             Some(hit) => Some(hit),
+            None if slice.is_some_and(|s| !s.owns(&key)) => {
+                pending += 1;
+                continue;
+            }
             None => {
-                let _lock = cache.lock(&key, &what)?;
+                _lock = Some(cache.lock(&key, &what)?);
                 cached(cache)?
             }
         };
@@ -399,6 +477,9 @@ fn sharded<T: serde::Serialize, R: serde::Serialize + DeserializeOwned + Send + 
         skipped += shard_skipped;
     }
     bar.finish();
+    if pending > 0 {
+        return Err(Deferred(pending).into());
+    }
     Ok((rows, skipped))
 }
 
@@ -413,16 +494,16 @@ fn sample(walk: &Walk, models: &Models, idx: usize, material: &KeyMaterial, prom
         seed: node.seed.expect("generate nodes have a seed"),
         vllm_compat: g.vllm_compat,
     };
-    let (rows, skipped) =
-        sharded(walk, idx, material, prompts, g.shard_size, (&|_| 1, "prompts"), |chunk, progress| {
-            let policy = models.policy(node)?;
-            let mut tokens = 0;
-            let (rows, skipped) = generate::sample(chunk, &policy, &params, |n| {
-                tokens += n;
-                progress(n);
-            })?;
-            Ok(ShardOut { rows, skipped: skipped as u64, tokens })
+    let items = Items { all: prompts, shard_size: g.shard_size, units: &|_| 1, unit: "prompts" };
+    let (rows, skipped) = sharded(walk, idx, material, items, models.slice, |chunk, progress| {
+        let policy = models.policy(node)?;
+        let mut tokens = 0;
+        let (rows, skipped) = generate::sample(chunk, &policy, &params, |n| {
+            tokens += n;
+            progress(n);
         })?;
+        Ok(ShardOut { rows, skipped: skipped as u64, tokens })
+    })?;
     let n = rows.len();
     Ok(StageOutput::rows(&generate::file_name(params.seed), rows)?
         .stat("responses", n)
@@ -440,14 +521,14 @@ fn score(
     let node = &walk.graph.nodes[idx];
     let a = &walk.graph.recipe.annotate;
     let responses = |r: &FilteredRow| r.all_generated_responses.len();
-    let (scored, skipped) =
-        sharded(walk, idx, material, rows, a.shard_size, (&responses, "responses"), |chunk, progress| {
-            let model = models.reward(node, &walk.graph.recipe)?;
-            let max_length = if a.max_length == 0 { model.context() } else { a.max_length };
-            let params = annotate::Params { max_length, overflow: a.overflow, batch_size: a.batch_size };
-            let out = annotate::score(chunk, &model, &params, progress)?;
-            Ok(ShardOut { rows: out.rows, skipped: out.skipped as u64, tokens: out.tokens })
-        })?;
+    let items = Items { all: rows, shard_size: a.shard_size, units: &responses, unit: "responses" };
+    let (scored, skipped) = sharded(walk, idx, material, items, models.slice, |chunk, progress| {
+        let model = models.reward(node, &walk.graph.recipe)?;
+        let max_length = if a.max_length == 0 { model.context() } else { a.max_length };
+        let params = annotate::Params { max_length, overflow: a.overflow, batch_size: a.batch_size };
+        let out = annotate::score(chunk, &model, &params, progress)?;
+        Ok(ShardOut { rows: out.rows, skipped: out.skipped as u64, tokens: out.tokens })
+    })?;
     let n = scored.len();
     Ok(StageOutput::rows(annotate::FILE, scored)?.stat("rows", n).stat("skipped_too_long", skipped))
 }

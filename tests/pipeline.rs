@@ -398,3 +398,46 @@ fn bad_input_fails_with_one_clear_message() {
     fails(&p, &["run", r, "--set", "annotate.import=s.json"], &["s.json: row 5", "5 responses but 4 scores"]);
     assert!(!p.path("out/all_outputs_bin.json").exists(), "nothing downstream of a failure is written");
 }
+
+/// `--shard I/N`: workers of a job array each build their slice of the stale
+/// shards (every shard once, between them) and write no files; a plain run
+/// then builds what is left and writes files identical to an unsharded run.
+#[test]
+fn job_array_workers_split_the_shards() {
+    let p = Project::new();
+    let prompts: Vec<String> = (0..6).map(|i| format!("{{\"prompt\": \"Question number {i}?\"}}")).collect();
+    p.write("prompts.jsonl", &prompts.join("\n"));
+    let r = p.write(
+        "r.toml",
+        &format!(
+            "name = \"array\"\n[prompts]\ndataset = \"prompts.jsonl\"\n[generate]\nmodel = \"{}\"\nseeds = [1, 2]\nmax_tokens = 6\nshard_size = 1\n[annotate]\nmodel = \"{}\"\nshard_size = 1\n[export]\ndir = \"out\"\n",
+            fixtures().join("tiny-llama3").display(),
+            fixtures().join("tiny-armorm").display()
+        ),
+    );
+    let r = r.to_str().unwrap();
+    let clean = p.path("clean-cache");
+    p.ok(&["run", r, "--cache", clean.to_str().unwrap(), "--set", "export.dir=clean"]);
+    let shards = |run: &Run, stage: &str| {
+        run.stderr()
+            .lines()
+            .filter(|l| l.starts_with(stage) && l.contains("] shard ") && l.contains("tokens/s"))
+            .count()
+    };
+    let first = p.ok(&["run", r, "--shard", "1/2"]);
+    assert!(first.stdout().starts_with("Shard 1/2: "), "{}", first.stdout());
+    assert!(!p.path("out").exists(), "a worker writes no files");
+    let second = p.ok(&["run", r, "--shard", "2/2"]);
+    let (g1, g2) = (shards(&first, "generate"), shards(&second, "generate"));
+    assert_eq!(g1 + g2, 12, "6 prompts x 2 seeds, each built once:\n{}\n{}", first.stderr(), second.stderr());
+    assert!(g1 > 0 && g2 > 0, "both workers got shards ({g1}, {g2})");
+    let last = p.ok(&["run", r]);
+    assert_eq!(shards(&last, "generate"), 0, "{}", last.stderr());
+    assert_eq!(shards(&second, "annotate") + shards(&last, "annotate"), 6, "every row scored once");
+    assert!(p.tree("out") == p.tree("clean"), "files differ from an unsharded run");
+    for bad in ["0/2", "3/2", "1", "a/b"] {
+        let out = p.prefgen(&["run", r, "--shard", bad]);
+        assert_ne!(out.code(), Some(0));
+        assert!(out.stderr().contains("expected I/N"), "{}", out.stderr());
+    }
+}
