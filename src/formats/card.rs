@@ -36,6 +36,31 @@ fn fmt_opt(x: Option<f64>) -> String {
     x.map_or("-".into(), |v| format!("{v:.3}"))
 }
 
+/// Per row of a split: the chosen and rejected responses' scores and lengths
+/// (characters), which the card's table and plots both show.
+struct Pairs {
+    chosen_scores: Vec<f64>,
+    rejected_scores: Vec<f64>,
+    chosen_lengths: Vec<f64>,
+    rejected_lengths: Vec<f64>,
+}
+
+impl Pairs {
+    fn of(rows: &[BinarizedRow]) -> Pairs {
+        let side = |pick: fn(&BinarizedRow) -> &[crate::formats::simpo::Message]| -> (Vec<f64>, Vec<f64>) {
+            rows.iter()
+                .map(|r| {
+                    let text = pick(r).get(1).map_or("", |m| m.content.as_str());
+                    (score_of(r, text), text.chars().count() as f64)
+                })
+                .unzip()
+        };
+        let (chosen_scores, chosen_lengths) = side(|r| &r.chosen);
+        let (rejected_scores, rejected_lengths) = side(|r| &r.rejected);
+        Pairs { chosen_scores, rejected_scores, chosen_lengths, rejected_lengths }
+    }
+}
+
 fn score_of(row: &BinarizedRow, text: &str) -> f64 {
     row.all_generated_responses.iter().position(|r| r == text).map_or(f64::NAN, |i| row.all_rm_scores[i])
 }
@@ -91,14 +116,13 @@ pub fn render(input: &CardInput) -> Result<Vec<(String, Vec<u8>)>> {
         );
     }
     b.push_str("\n## Scores and lengths\n\n| split | chosen score (mean) | rejected score (mean) | margin (mean) | chosen length (chars, mean) | rejected length (chars, mean) |\n|---|---|---|---|---|---|\n");
-    for s in &input.splits {
-        let chosen = |r: &BinarizedRow| r.chosen.get(1).map_or(String::new(), |m| m.content.clone());
-        let rejected = |r: &BinarizedRow| r.rejected.get(1).map_or(String::new(), |m| m.content.clone());
-        let cs = mean(s.rows.iter().map(|r| score_of(r, &chosen(r))));
-        let rs = mean(s.rows.iter().map(|r| score_of(r, &rejected(r))));
+    let pairs: Vec<Pairs> = input.splits.iter().map(|s| Pairs::of(s.rows)).collect();
+    for (s, p) in input.splits.iter().zip(&pairs) {
+        let cs = mean(p.chosen_scores.iter().copied());
+        let rs = mean(p.rejected_scores.iter().copied());
         let margin = cs.zip(rs).map(|(c, r)| c - r);
-        let cl = mean(s.rows.iter().map(|r| chosen(r).chars().count() as f64));
-        let rl = mean(s.rows.iter().map(|r| rejected(r).chars().count() as f64));
+        let cl = mean(p.chosen_lengths.iter().copied());
+        let rl = mean(p.rejected_lengths.iter().copied());
         let _ = writeln!(
             b,
             "| {} | {} | {} | {} | {} | {} |",
@@ -112,26 +136,21 @@ pub fn render(input: &CardInput) -> Result<Vec<(String, Vec<u8>)>> {
     }
     let mut files = Vec::new();
     b.push_str("\n## Plots\n\nLengths are in characters. Blue: chosen, orange: rejected.\n");
-    for s in &input.splits {
-        let chosen = |r: &BinarizedRow| r.chosen.get(1).map_or(String::new(), |m| m.content.clone());
-        let rejected = |r: &BinarizedRow| r.rejected.get(1).map_or(String::new(), |m| m.content.clone());
-        let cs: Vec<f64> = s.rows.iter().map(|r| score_of(r, &chosen(r))).collect();
-        let rs: Vec<f64> = s.rows.iter().map(|r| score_of(r, &rejected(r))).collect();
-        let margins: Vec<f64> = cs.iter().zip(&rs).map(|(c, r)| c - r).collect();
-        let cl: Vec<f64> = s.rows.iter().map(|r| chosen(r).chars().count() as f64).collect();
-        let rl: Vec<f64> = s.rows.iter().map(|r| rejected(r).chars().count() as f64).collect();
+    for (s, p) in input.splits.iter().zip(&pairs) {
+        let (cs, rs, cl, rl) = (&p.chosen_scores, &p.rejected_scores, &p.chosen_lengths, &p.rejected_lengths);
+        let margins: Vec<f64> = cs.iter().zip(rs).map(|(c, r)| c - r).collect();
         let _ = writeln!(b, "\n### {}\n", s.name);
         let pair = |a: &[f64], b: &[f64]| {
             plot::histogram(&[Series { values: a, color: BLUE }, Series { values: b, color: ORANGE }])
         };
         let charts = [
-            ("scores", "chosen and rejected scores", pair(&cs, &rs)?),
+            ("scores", "chosen and rejected scores", pair(cs, rs)?),
             (
                 "margin",
                 "score margin (chosen - rejected)",
                 plot::histogram(&[Series { values: &margins, color: BLUE }])?,
             ),
-            ("length", "chosen and rejected response lengths", pair(&cl, &rl)?),
+            ("length", "chosen and rejected response lengths", pair(cl, rl)?),
         ];
         for (file, title, (png, (lo, hi))) in charts {
             let path = format!("plots/{}-{file}.png", s.name);
