@@ -1,9 +1,10 @@
 //! `make bench`: generation throughput on the CPU demo model, SmolLM2-135M-Instruct
 //! (Q4_1 GGUF, `make models`), on MT-Bench's first-turn questions.
 //!
-//! Prompt tokens/s is the prefill of each prompt (one at a time, as the engine
-//! prefills); generated tokens/s is the whole batched run (prefill included)
-//! at each batch size, 32 new tokens per response, temperature 0.8, top-p 0.95.
+//! Prompt tokens/s is the prefill of the prompts, `batch` of them packed in
+//! one forward as the engine admits them; generated tokens/s is the whole
+//! batched run (prefill included) at each batch size, 32 new tokens per
+//! response, temperature 0.8, top-p 0.95.
 //!
 //! Beside it, llama.cpp on the same file and thread count: its
 //! `llama-batched-bench` (built by `scripts/llama-bench.sh` from the source
@@ -16,6 +17,8 @@ use prefgen::infer::sampler::{Sampling, Stream};
 use std::time::Instant;
 
 fn main() {
+    // SAFETY: nothing has started a thread yet.
+    unsafe { prefgen::infer::settle_thread_count() };
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
     let model = root.join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
     let policy = Policy::load(&model, &prefgen::infer::Load::default()).expect("run `make models` first");
@@ -29,7 +32,7 @@ fn main() {
     let encoded: Vec<Vec<u32>> =
         prompts.iter().map(|p| policy.encode(&policy.format_prompt(p).unwrap(), false).unwrap()).collect();
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    println!("\ngeneration, SmolLM2-135M-Instruct Q4_1 (re-quantized to Q8_0), {threads} threads, CPU\n");
+    println!("\ngeneration, SmolLM2-135M-Instruct Q4_1, {threads} threads, CPU\n");
     let llama = llama_cpp_bench();
     println!(
         "| batch | prompts | prompt tokens/s | generated tokens | generated tokens/s | llama.cpp prompt / generated tokens/s | ratio prompt / generated |"
@@ -40,10 +43,11 @@ fn main() {
         let jobs: Vec<&Vec<u32>> = encoded.iter().take(n).collect();
         let t = Instant::now();
         let mut prompt_tokens = 0;
-        for ids in &jobs {
-            let mut cache = policy.model.new_cache();
-            policy.model.forward(&[ids.as_slice()], &mut [&mut cache]).unwrap();
-            prompt_tokens += ids.len();
+        for group in jobs.chunks(batch) {
+            let mut caches: Vec<_> = group.iter().map(|_| policy.model.new_cache()).collect();
+            let inputs: Vec<&[u32]> = group.iter().map(|ids| ids.as_slice()).collect();
+            policy.model.forward(&inputs, &mut caches.iter_mut().collect::<Vec<_>>()).unwrap();
+            prompt_tokens += inputs.iter().map(|i| i.len()).sum::<usize>();
         }
         let prefill = prompt_tokens as f64 / t.elapsed().as_secs_f64();
         let work: Vec<Job> = prompts
@@ -72,9 +76,7 @@ fn llama_cpp_bench() -> Option<std::path::PathBuf> {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
     let built = std::process::Command::new(root.join("scripts/llama-bench.sh")).current_dir(root).output();
     let bin = match built {
-        Ok(o) if o.status.success() => {
-            root.join(String::from_utf8_lossy(&o.stdout).trim()).with_file_name("llama-batched-bench")
-        }
+        Ok(o) if o.status.success() => root.join(String::from_utf8_lossy(&o.stdout).trim()),
         _ => {
             eprintln!("llama.cpp's bench tool could not be built (scripts/llama-bench.sh); its columns stay empty");
             return None;

@@ -13,6 +13,8 @@ use std::path::Path;
 use std::time::Instant;
 
 fn main() {
+    // SAFETY: nothing has started a thread yet.
+    unsafe { prefgen::infer::settle_thread_count() };
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let questions =
         std::fs::read_to_string(root.join("../shared/data/mt_bench_questions.jsonl")).expect("../shared/data");

@@ -93,6 +93,8 @@ enum CacheCommand {
 }
 
 fn main() -> ExitCode {
+    // SAFETY: nothing has started a thread yet.
+    unsafe { prefgen::infer::settle_thread_count() };
     let cli = Cli::parse();
     match dispatch(cli) {
         Ok(code) => code,

@@ -95,3 +95,114 @@ fn dense_sampled_responses_do_not_depend_on_batch_size() {
         assert_eq!(one, run(8), "{name}: batch 1 vs 8");
     }
 }
+
+/// The tiny Llama-3.1 as llama.cpp's converter writes it to GGUF: q and k
+/// permuted for interleaved rotary pairs, the `rope_scaling` stored as
+/// per-frequency divisors in `rope_freqs.weight` (computed here as the
+/// converter computes them), weights in f32. Loaded from that file, the
+/// last-position logits match transformers' on the safetensors model; the
+/// same file without `rope_freqs.weight` does not.
+#[test]
+fn llama31_gguf_rope_freqs_match_transformers() {
+    use candle_core::quantized::{GgmlDType, QTensor, gguf_file};
+    use candle_core::{Device, Tensor};
+    use prefgen::infer::gguf::GgufFile;
+    use prefgen::infer::models::decoder::Decoder;
+
+    let dir = fixtures().join("tiny-llama3");
+    let config: Value = serde_json::from_slice(&std::fs::read(dir.join("config.json")).unwrap()).unwrap();
+    let r: Value =
+        serde_json::from_slice(&std::fs::read(fixtures().join("tiny-llama3-reference.json")).unwrap()).unwrap();
+    let weights = candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu).unwrap();
+    let n = |k: &str| config[k].as_u64().unwrap() as usize;
+    let (n_head, n_kv, head_dim, layers) =
+        (n("num_attention_heads"), n("num_key_value_heads"), n("head_dim"), n("num_hidden_layers"));
+    let rope = &config["rope_parameters"];
+    let f = |k: &str| rope[k].as_f64().unwrap() as f32;
+    let (base, factor, low, high, old) = (
+        f("rope_theta"),
+        f("factor"),
+        f("low_freq_factor"),
+        f("high_freq_factor"),
+        f("original_max_position_embeddings"),
+    );
+    let rope_freqs: Vec<f32> = (0..head_dim / 2)
+        .map(|i| {
+            let wavelen = 2.0 * std::f32::consts::PI / (1.0 / base.powf((2 * i) as f32 / head_dim as f32));
+            if wavelen < old / high {
+                1.0
+            } else if wavelen > old / low {
+                factor
+            } else {
+                let smooth = (old / wavelen - low) / (high - low);
+                1.0 / ((1.0 - smooth) / factor + smooth)
+            }
+        })
+        .collect();
+    // The converter's permute: rows of each head as (2, head_dim / 2), swapped.
+    let permute = |w: &Tensor, heads: usize| {
+        let (rows, cols) = w.dims2().unwrap();
+        w.reshape((heads, 2, rows / heads / 2, cols)).unwrap().transpose(1, 2).unwrap().reshape((rows, cols)).unwrap()
+    };
+    let mut tensors: Vec<(String, Tensor)> = vec![
+        ("token_embd.weight".into(), weights["model.embed_tokens.weight"].clone()),
+        ("output_norm.weight".into(), weights["model.norm.weight"].clone()),
+        ("output.weight".into(), weights["lm_head.weight"].clone()),
+    ];
+    for i in 0..layers {
+        let w = |name: &str| weights[&format!("model.layers.{i}.{name}.weight")].clone();
+        tensors.extend([
+            (format!("blk.{i}.attn_norm.weight"), w("input_layernorm")),
+            (format!("blk.{i}.ffn_norm.weight"), w("post_attention_layernorm")),
+            (format!("blk.{i}.attn_q.weight"), permute(&w("self_attn.q_proj"), n_head)),
+            (format!("blk.{i}.attn_k.weight"), permute(&w("self_attn.k_proj"), n_kv)),
+            (format!("blk.{i}.attn_v.weight"), w("self_attn.v_proj")),
+            (format!("blk.{i}.attn_output.weight"), w("self_attn.o_proj")),
+            (format!("blk.{i}.ffn_gate.weight"), w("mlp.gate_proj")),
+            (format!("blk.{i}.ffn_up.weight"), w("mlp.up_proj")),
+            (format!("blk.{i}.ffn_down.weight"), w("mlp.down_proj")),
+        ]);
+    }
+    use gguf_file::Value as V;
+    let metadata = [
+        ("general.architecture", V::String("llama".into())),
+        ("llama.block_count", V::U32(layers as u32)),
+        ("llama.context_length", V::U32(n("max_position_embeddings") as u32)),
+        ("llama.embedding_length", V::U32(n("hidden_size") as u32)),
+        ("llama.attention.head_count", V::U32(n_head as u32)),
+        ("llama.attention.head_count_kv", V::U32(n_kv as u32)),
+        ("llama.rope.dimension_count", V::U32(head_dim as u32)),
+        ("llama.rope.freq_base", V::F32(base)),
+        ("llama.attention.layer_norm_rms_epsilon", V::F32(config["rms_norm_eps"].as_f64().unwrap() as f32)),
+    ];
+    let tmp = tempfile::tempdir().unwrap();
+    let worst_with = |rope_freqs: Option<&[f32]>| -> f32 {
+        let mut all = tensors.clone();
+        if let Some(freqs) = rope_freqs {
+            all.push(("rope_freqs.weight".into(), Tensor::new(freqs, &Device::Cpu).unwrap()));
+        }
+        let quantized: Vec<(String, QTensor)> =
+            all.iter().map(|(name, t)| (name.clone(), QTensor::quantize(t, GgmlDType::F32).unwrap())).collect();
+        let path = tmp.path().join("tiny-llama31.gguf");
+        let mut out = std::fs::File::create(&path).unwrap();
+        let meta: Vec<(&str, &V)> = metadata.iter().map(|(k, v)| (*k, v)).collect();
+        let refs: Vec<(&str, &QTensor)> = quantized.iter().map(|(k, t)| (k.as_str(), t)).collect();
+        gguf_file::write(&mut out, &meta, &refs).unwrap();
+        drop(out);
+        let model = Decoder::from_gguf(&GgufFile::open(&path).unwrap(), &Device::Cpu, true).unwrap();
+        let mut worst = 0f32;
+        for case in r["cases"].as_array().unwrap() {
+            let ids: Vec<u32> = serde_json::from_value(case["input_ids"].clone()).unwrap();
+            let want: Vec<f32> = serde_json::from_value(case["logits"].clone()).unwrap();
+            let got =
+                model.forward(&[&ids], &mut [&mut model.new_cache()]).unwrap().to_vec2::<f32>().unwrap().remove(0);
+            worst = got.iter().zip(&want).fold(worst, |w, (a, b)| w.max((a - b).abs()));
+        }
+        worst
+    };
+    let worst = worst_with(Some(&rope_freqs));
+    eprintln!("GGUF with rope_freqs: largest last-position logit difference {worst:e}");
+    assert!(worst <= 1e-4, "logits differ by up to {worst:e}");
+    let unscaled = worst_with(None);
+    assert!(unscaled > 1e-3, "without rope_freqs the logits should move, moved {unscaled:e}");
+}

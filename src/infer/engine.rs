@@ -5,7 +5,6 @@
 use super::Policy;
 use super::sampler::{self, Sampling, Stream};
 use anyhow::Result;
-use candle_core::IndexOp;
 
 /// One response to generate.
 pub struct Job {
@@ -43,33 +42,32 @@ pub fn generate(
     let mut waiting: Vec<usize> = (0..jobs.len()).rev().collect();
     let mut active: Vec<Active> = Vec::new();
     loop {
-        // Sequences with the logits of their next token: the running ones after
-        // one decode step, then prompts joining as slots free up (prefilled one
-        // at a time, so no padding).
-        let mut ready: Vec<(Active, Vec<f32>)> = Vec::with_capacity(batch);
-        if !active.is_empty() {
-            let last: Vec<[u32; 1]> =
-                active.iter().map(|a| [*a.out.last().expect("running sequences have a token")]).collect();
-            let inputs: Vec<&[u32]> = last.iter().map(|t| &t[..]).collect();
-            let mut caches: Vec<&mut _> = active.iter_mut().map(|a| &mut a.cache).collect();
-            let rows = model.forward(&inputs, &mut caches)?.to_vec2::<f32>()?;
-            ready.extend(active.drain(..).zip(rows));
-        }
-        while ready.len() < batch.max(1) {
+        // Prompts join as slots free up.
+        while active.len() < batch.max(1) {
             let Some(j) = waiting.pop() else { break };
             if jobs[j].prompt.is_empty() || jobs[j].prompt.len() >= context {
                 results[j] = Some(Outcome::TooLong);
                 progress(0);
                 continue;
             }
-            let mut a = Active { job: j, cache: model.new_cache(), out: Vec::new() };
-            let logits = model.forward(&[&jobs[j].prompt], &mut [&mut a.cache])?;
-            ready.push((a, logits.i(0)?.to_vec1::<f32>()?));
+            active.push(Active { job: j, cache: model.new_cache(), out: Vec::new() });
         }
-        if ready.is_empty() {
+        if active.is_empty() {
             break;
         }
-        for (mut a, row) in ready {
+        // One forward: the running sequences' last tokens and the joining
+        // prompts, packed (no padding), each over its own cache.
+        let feed: Vec<(usize, Option<[u32; 1]>)> = active.iter().map(|a| (a.job, a.out.last().map(|t| [*t]))).collect();
+        let inputs: Vec<&[u32]> = feed
+            .iter()
+            .map(|(j, last)| match last {
+                Some(t) => &t[..],
+                None => &jobs[*j].prompt[..],
+            })
+            .collect();
+        let mut caches: Vec<&mut _> = active.iter_mut().map(|a| &mut a.cache).collect();
+        let rows = model.forward(&inputs, &mut caches)?.to_vec2::<f32>()?;
+        for (mut a, row) in active.drain(..).zip(rows).collect::<Vec<_>>() {
             let tok = sampler::sample(&row, sampling, &mut jobs[a.job].stream);
             let stop = policy.stop.contains(&tok);
             if !stop {

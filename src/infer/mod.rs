@@ -4,6 +4,7 @@
 pub mod engine;
 pub mod gguf;
 pub mod models;
+pub mod qmatmul;
 pub mod reward;
 pub mod sampler;
 pub mod template;
@@ -24,6 +25,20 @@ const END_OF_TURN: [&str; 4] = ["<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|
 /// otherwise the CPU.
 pub fn device() -> Result<Device> {
     Ok(Device::cuda_if_available(0)?)
+}
+
+/// Fixes candle's CPU thread count for the process. Its dense matmul asks
+/// for the count on every call, and without `RAYON_NUM_THREADS` it counts
+/// the physical cores from /proc/cpuinfo each time (3% of decoding time).
+///
+/// # Safety
+/// It sets an environment variable: no other thread may be running.
+pub unsafe fn settle_thread_count() {
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        let n = candle_core::utils::get_num_threads();
+        // SAFETY: the caller's promise, that this process has one thread.
+        unsafe { std::env::set_var("RAYON_NUM_THREADS", n.to_string()) };
+    }
 }
 
 /// How to load a policy.

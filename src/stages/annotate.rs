@@ -11,7 +11,7 @@ use std::path::Path;
 
 pub const VERSION: u32 = 1;
 /// Version of a scored shard's contents (tokenization, heads, batching).
-pub const SCORER_VERSION: u32 = 1;
+pub const SCORER_VERSION: u32 = 2;
 pub const FILE: &str = "all_outputs_rm.json";
 
 /// Scoring parameters of the recipe's `[annotate]`.

@@ -13,7 +13,7 @@ use std::path::Path;
 
 pub const VERSION: u32 = 1;
 /// Version of a sampled shard's contents (the engine, sampler and decoding).
-pub const SAMPLER_VERSION: u32 = 1;
+pub const SAMPLER_VERSION: u32 = 2;
 
 /// The file name a seed's responses are written under.
 pub fn file_name(seed: u64) -> String {

@@ -12,6 +12,7 @@
 //! sums inside attention, and with it the sampled tokens.
 
 use crate::infer::gguf::GgufFile;
+use crate::infer::qmatmul::PackedMatrix;
 use anyhow::{Context, Result, bail};
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
@@ -29,7 +30,10 @@ pub struct Config {
     pub rope_base: f32,
     /// Gemma-3: sliding-window layers rotate with their own base.
     pub rope_local_base: Option<f32>,
-    pub rope_scaling: Option<RopeScaling>,
+    /// Each rotary frequency of the full-attention layers is divided by its
+    /// factor: Llama-3.1's `rope_scaling` (a GGUF file carries the factors
+    /// as `rope_freqs.weight`), or linear scaling (Gemma-3 4B and up).
+    pub rope_factors: Option<Vec<f32>>,
     pub context: usize,
     /// GGUF files store q and k permuted for interleaved rotary pairs;
     /// hub checkpoints rotate the two halves of each head.
@@ -77,7 +81,7 @@ pub enum Activation {
 
 /// Llama-3.1's `rope_scaling` (`rope_type = "llama3"`).
 #[derive(Debug, Clone, serde::Deserialize)]
-pub struct RopeScaling {
+struct RopeScaling {
     pub factor: f32,
     pub low_freq_factor: f32,
     pub high_freq_factor: f32,
@@ -111,8 +115,10 @@ pub struct HubConfig {
     pub tie_word_embeddings: bool,
 }
 
-/// A weight matrix `(out, in)`: quantized, or dense.
+/// A weight matrix `(out, in)`: quantized (repacked for prefgen's kernel,
+/// or as candle runs it), or dense.
 enum Linear {
+    Packed(PackedMatrix),
     Quantized(QMatMul),
     Dense(Tensor),
 }
@@ -120,6 +126,7 @@ enum Linear {
 impl Linear {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         match self {
+            Linear::Packed(p) => x.contiguous()?.apply_op1_no_bwd(p),
             Linear::Quantized(q) => q.forward(x),
             Linear::Dense(w) => x.broadcast_matmul(&w.t()?),
         }
@@ -166,8 +173,9 @@ struct Rope {
 
 impl Rope {
     fn new(cfg: &Config, device: &Device, dtype: DType) -> Result<Rope> {
-        let (cos, sin) = rope_tables(cfg, cfg.rope_base, device, dtype)?;
-        let local = cfg.rope_local_base.map(|base| rope_tables(cfg, base, device, dtype)).transpose()?;
+        let (cos, sin) = rope_tables(cfg, cfg.rope_base, cfg.rope_factors.as_deref(), device, dtype)?;
+        // Gemma-3's sliding layers keep their own base, unscaled.
+        let local = cfg.rope_local_base.map(|base| rope_tables(cfg, base, None, device, dtype)).transpose()?;
         Ok(Rope { cos, sin, local })
     }
 
@@ -181,11 +189,41 @@ impl Rope {
     }
 }
 
-/// One sequence's keys and values, per layer: `(1, n_kv_head, len, head_dim)`.
+/// One sequence's keys and values, per layer: `(n_kv_head, capacity,
+/// head_dim)` buffers whose first `len` positions are filled. They grow by
+/// doubling, so appending a token copies only that token.
 pub struct KvCache {
     layers: Vec<Option<(Tensor, Tensor)>>,
     /// Tokens the cache holds (the next token's position).
     pub len: usize,
+}
+
+impl KvCache {
+    /// Writes layer `li`'s keys and values `(n_kv_head, l, head_dim)` for
+    /// positions `len..len + l` and returns all of them, `(n_kv_head, len +
+    /// l, head_dim)`.
+    fn append(&mut self, li: usize, k: &Tensor, v: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
+        let (pos, end) = (self.len, self.len + k.dim(1)?);
+        let layer = &mut self.layers[li];
+        let capacity = layer.as_ref().map_or(0, |(kb, _)| kb.dim(1).unwrap_or(0));
+        if end > capacity {
+            let (n, _, d) = k.dims3()?;
+            let grown = end.max(2 * capacity).max(64);
+            let buffer = |old: Option<&Tensor>| -> candle_core::Result<Tensor> {
+                let b = Tensor::zeros((n, grown, d), k.dtype(), k.device())?;
+                if let Some(old) = old {
+                    b.slice_set(&old.narrow(1, 0, pos)?.contiguous()?, 1, 0)?;
+                }
+                Ok(b)
+            };
+            let old = layer.take();
+            *layer = Some((buffer(old.as_ref().map(|o| &o.0))?, buffer(old.as_ref().map(|o| &o.1))?));
+        }
+        let (kb, vb) = layer.as_ref().expect("allocated above");
+        kb.slice_set(k, 1, pos)?;
+        vb.slice_set(v, 1, pos)?;
+        Ok((kb.narrow(1, 0, end)?, vb.narrow(1, 0, end)?))
+    }
 }
 
 impl Decoder {
@@ -207,38 +245,58 @@ impl Decoder {
         };
         let u = |key: &str| file.u32(&format!("{arch}.{key}")).map(|v| v as usize);
         let f = |key: &str| file.f32(&format!("{arch}.{key}"));
-        let (hidden, n_head) = (u("embedding_length")?, u("attention.head_count")?);
+        let (hidden, n_head, n_layer) = (u("embedding_length")?, u("attention.head_count")?, u("block_count")?);
         let head_dim = u("attention.key_length").or_else(|_| u("rope.dimension_count")).unwrap_or(hidden / n_head);
         let gemma = family != Family::Llama;
+        let mut reader = std::fs::File::open(&file.path)?;
+        let mut tensor = |name: &str| {
+            file.content
+                .tensor(&mut reader, name, device)
+                .with_context(|| format!("{}: tensor {name}", file.path.display()))
+        };
+        let rope_factors = if file.content.tensor_infos.contains_key("rope_freqs.weight") {
+            let factors = tensor("rope_freqs.weight")?.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?;
+            if factors.len() != head_dim / 2 {
+                bail!(
+                    "{}: rope_freqs.weight does not have head_dim / 2 = {} values",
+                    file.path.display(),
+                    head_dim / 2
+                );
+            }
+            Some(factors)
+        } else {
+            match file.string(&format!("{arch}.rope.scaling.type")).ok().as_deref() {
+                Some("none") => None,
+                None | Some("linear") => {
+                    f("rope.scaling.factor").ok().filter(|&x| x > 0.0).map(|x| vec![x; head_dim / 2])
+                }
+                Some(other) => bail!("{}: rope scaling {other:?} is not supported (linear is)", file.path.display()),
+            }
+        };
         let cfg = Config {
-            n_layer: u("block_count")?,
+            n_layer,
             n_head,
             n_kv_head: u("attention.head_count_kv")?,
             head_dim,
             hidden,
             rms_eps: f("attention.layer_norm_rms_epsilon")?,
             rope_base: f("rope.freq_base").unwrap_or(10_000.0),
-            // llama.cpp keeps Gemma-3's local rotary base implicit.
-            rope_local_base: (family == Family::Gemma3).then_some(10_000.0),
-            rope_scaling: None,
+            // Gemma-3's sliding layers: llama.cpp's default when the file has no base.
+            rope_local_base: (family == Family::Gemma3).then(|| f("rope.freq_base_swa").unwrap_or(10_000.0)),
+            rope_factors,
             context: u("context_length")?,
             // llama.cpp's converter permutes Llama's q and k for interleaved
             // rotary pairs, and leaves Gemma's as the hub has them.
             interleaved_rope: !gemma,
-            // What llama.cpp assumes for `query_pre_attn_scalar`, which GGUF
-            // does not carry: head_dim (Gemma-2 and 3 27B differ; not handled).
-            attn_scale: 1.0 / (head_dim as f64).sqrt(),
+            // GGUF does not carry `query_pre_attn_scalar`; like llama.cpp, the
+            // 27B Gemmas (known by their depth) use hidden / n_head, the rest
+            // head_dim.
+            attn_scale: 1.0 / (gemma_query_scalar(family, n_layer, hidden, n_head, head_dim) as f64).sqrt(),
             embed_scale: gemma.then(|| (hidden as f64).sqrt()),
             attn_softcap: f("attn_logit_softcapping").ok().map(f64::from),
             final_softcap: f("final_logit_softcapping").ok().map(f64::from),
             sliding_window: u("attention.sliding_window").ok().filter(|_| gemma),
             activation: if gemma { Activation::GeluTanh } else { Activation::Silu },
-        };
-        let mut reader = std::fs::File::open(&file.path)?;
-        let mut tensor = |name: &str| {
-            file.content
-                .tensor(&mut reader, name, device)
-                .with_context(|| format!("{}: tensor {name}", file.path.display()))
         };
         // Norm weights: llama.cpp's converter has already folded Gemma's 1 in.
         let dense = |t: QTensor| t.dequantize(device);
@@ -298,11 +356,12 @@ impl Decoder {
         };
         let gemma2 = family == Family::Gemma2;
         let params = hc.rope_scaling.as_ref().or(hc.rope_parameters.as_ref()).filter(|v| !v.is_null());
-        let rope_scaling = match params.map(|v| (v, v.get("rope_type").or(v.get("type")).and_then(|t| t.as_str()))) {
-            Some((v, Some("llama3"))) => Some(serde_json::from_value(v.clone())?),
-            Some((_, None | Some("default"))) | None => None,
-            Some((v, _)) => bail!("{}/config.json: rope scaling {v} is not supported (llama3 is)", dir.display()),
-        };
+        let rope_scaling: Option<RopeScaling> =
+            match params.map(|v| (v, v.get("rope_type").or(v.get("type")).and_then(|t| t.as_str()))) {
+                Some((v, Some("llama3"))) => Some(serde_json::from_value(v.clone())?),
+                Some((_, None | Some("default"))) | None => None,
+                Some((v, _)) => bail!("{}/config.json: rope scaling {v} is not supported (llama3 is)", dir.display()),
+            };
         let rope_theta = hc
             .rope_theta
             .or_else(|| hc.rope_parameters.as_ref().and_then(|p| p["rope_theta"].as_f64()).map(|t| t as f32))
@@ -317,7 +376,7 @@ impl Decoder {
             rms_eps: hc.rms_norm_eps as f32,
             rope_base: rope_theta,
             rope_local_base: None,
-            rope_scaling,
+            rope_factors: rope_scaling.map(|s| s.factors(rope_theta, head_dim)),
             context: hc.max_position_embeddings,
             interleaved_rope: false,
             attn_scale: 1.0 / hc.query_pre_attn_scalar.unwrap_or(head_dim as f64).sqrt(),
@@ -465,29 +524,28 @@ impl Decoder {
                 let ki = rope(&norm(heads(&k, cfg.n_kv_head)?, &blk.k_norm)?)?;
                 let vi = heads(&v, cfg.n_kv_head)?;
                 let (ka, va) = match caches.as_deref_mut() {
-                    Some(caches) => {
-                        let layer = &mut caches[i].layers[li];
-                        let kv = match layer.take() {
-                            None => (ki, vi),
-                            Some((kc, vc)) => (Tensor::cat(&[&kc, &ki], 2)?, Tensor::cat(&[&vc, &vi], 2)?),
-                        };
-                        *layer = Some(kv.clone());
-                        kv
-                    }
-                    None => (ki, vi),
+                    Some(caches) => caches[i].append(li, &ki.squeeze(0)?, &vi.squeeze(0)?)?,
+                    None => (ki.squeeze(0)?, vi.squeeze(0)?),
                 };
-                let rep = cfg.n_head / cfg.n_kv_head;
-                let (kr, vr) = (repeat_kv(&ka, rep)?, repeat_kv(&va, rep)?);
-                let mut att = (qi.matmul(&kr.t()?)? * cfg.attn_scale)?;
+                // Query heads grouped by the key head they share, `(n_kv_head,
+                // rep * l, head_dim)`, so keys and values are never repeated.
+                let (rep, t) = (cfg.n_head / cfg.n_kv_head, pos + l);
+                let qg = qi.reshape((cfg.n_kv_head, rep * l, cfg.head_dim))?;
+                let mut att = (qg.matmul(&ka.t()?)? * cfg.attn_scale)?;
                 if let Some(cap) = cfg.attn_softcap {
                     att = ((att / cap)?.tanh()? * cap)?;
                 }
                 let window = cfg.sliding_window.filter(|_| blk.sliding);
-                if l > 1 || window.is_some_and(|w| pos + l > w) {
-                    att = att.broadcast_add(&attention_mask(l, pos, window, device)?.to_dtype(att.dtype())?)?;
+                if l > 1 || window.is_some_and(|w| t > w) {
+                    let mask = attention_mask(l, pos, window, device)?.to_dtype(att.dtype())?;
+                    att = att.reshape((cfg.n_kv_head, rep, l, t))?.broadcast_add(&mask)?.reshape((
+                        cfg.n_kv_head,
+                        rep * l,
+                        t,
+                    ))?;
                 }
                 let att = candle_nn::ops::softmax_last_dim(&att)?;
-                let o = att.matmul(&vr)?;
+                let o = att.matmul(&va)?.reshape((1, cfg.n_head, l, cfg.head_dim))?;
                 outs.push(o.transpose(1, 2)?.reshape((1, l, cfg.n_head * cfg.head_dim))?);
             }
             let o = blk.wo.forward(&Tensor::cat(&outs, 1)?)?;
@@ -510,14 +568,21 @@ impl Decoder {
     }
 }
 
-/// A quantized weight as a matmul. candle has SIMD kernels for Q4_0, Q8_0
-/// and the K-quants but only scalar code for Q4_1, Q5_0 and Q5_1 (80% of
-/// SmolLM2's decode time went there), so those are re-quantized to Q8_0 at
-/// load: the fast kernel, rows still computed independently, and a weight
-/// change of at most half a Q8_0 step (1/254 of the block's largest weight).
+/// A quantized weight as a matmul. On a CPU with AVX512-VNNI the 4, 5 and
+/// 8-bit block types run in prefgen's packed kernel (`qmatmul`), on the
+/// file's weights as they are. Elsewhere candle runs them; it has SIMD
+/// kernels for Q4_0, Q8_0 and the K-quants but only scalar code for Q4_1,
+/// Q5_0 and Q5_1 (80% of SmolLM2's decode time), so those are re-quantized
+/// to Q8_0 first: a weight change of at most half a Q8_0 step (1/254 of the
+/// block's largest weight).
 fn matmul(t: QTensor, device: &Device, dequantize: bool) -> Result<Linear> {
     if dequantize {
         return Ok(Linear::Dense(t.dequantize(device)?));
+    }
+    if device.is_cpu()
+        && let Some(packed) = PackedMatrix::new(&t)?
+    {
+        return Ok(Linear::Packed(packed));
     }
     let t = match t.dtype() {
         GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1 => {
@@ -573,37 +638,58 @@ impl Safetensors {
     }
 }
 
+impl RopeScaling {
+    /// The divisor of each rotary frequency (what llama.cpp's converter
+    /// stores as `rope_freqs.weight`): long wavelengths are slowed by
+    /// `factor`, short ones kept, and the band between interpolated.
+    fn factors(&self, base: f32, head_dim: usize) -> Vec<f32> {
+        let old = self.original_max_position_embeddings as f32;
+        let (low_wavelen, high_wavelen) = (old / self.low_freq_factor, old / self.high_freq_factor);
+        (0..head_dim / 2)
+            .map(|i| {
+                let wavelen = 2.0 * std::f32::consts::PI * base.powf(2.0 * i as f32 / head_dim as f32);
+                if wavelen > low_wavelen {
+                    self.factor
+                } else if wavelen >= high_wavelen {
+                    let smooth =
+                        (old / wavelen - self.low_freq_factor) / (self.high_freq_factor - self.low_freq_factor);
+                    1.0 / ((1.0 - smooth) / self.factor + smooth)
+                } else {
+                    1.0
+                }
+            })
+            .collect()
+    }
+}
+
+/// What Gemma scales queries by, `query_pre_attn_scalar`, for a GGUF file
+/// (which does not record it): as llama.cpp decides, hidden / n_head for
+/// the 27B models (46 layers for Gemma-2, 62 for Gemma-3), else head_dim.
+fn gemma_query_scalar(family: Family, n_layer: usize, hidden: usize, n_head: usize, head_dim: usize) -> usize {
+    match (family, n_layer) {
+        (Family::Gemma2, 46) | (Family::Gemma3, 62) => hidden / n_head,
+        _ => head_dim,
+    }
+}
+
 /// `(context, head_dim / 2)` cosines and sines of the rotary angles.
-fn rope_tables(cfg: &Config, base: f32, device: &Device, dtype: DType) -> Result<(Tensor, Tensor)> {
+/// Each frequency divided by its factor, when there are factors.
+fn rope_tables(
+    cfg: &Config,
+    base: f32,
+    factors: Option<&[f32]>,
+    device: &Device,
+    dtype: DType,
+) -> Result<(Tensor, Tensor)> {
     let half = cfg.head_dim / 2;
     let mut inv: Vec<f32> = (0..half).map(|i| 1.0 / base.powf(2.0 * i as f32 / cfg.head_dim as f32)).collect();
-    if let Some(s) = &cfg.rope_scaling {
-        // Llama-3.1: long wavelengths are slowed by `factor`, short ones kept,
-        // and the band between interpolated.
-        let old = s.original_max_position_embeddings as f32;
-        let (low_wavelen, high_wavelen) = (old / s.low_freq_factor, old / s.high_freq_factor);
-        for f in inv.iter_mut() {
-            let wavelen = 2.0 * std::f32::consts::PI / *f;
-            if wavelen > low_wavelen {
-                *f /= s.factor;
-            } else if wavelen >= high_wavelen {
-                let smooth = (old / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor);
-                *f = (1.0 - smooth) * *f / s.factor + smooth * *f;
-            }
-        }
+    for (f, factor) in inv.iter_mut().zip(factors.unwrap_or_default()) {
+        *f /= factor;
     }
     let inv = Tensor::from_vec(inv, (1, half), device)?;
     let pos = Tensor::arange(0u32, cfg.context as u32, device)?.to_dtype(DType::F32)?.reshape((cfg.context, 1))?;
     let angles = pos.broadcast_mul(&inv)?;
     Ok((angles.cos()?.to_dtype(dtype)?, angles.sin()?.to_dtype(dtype)?))
-}
-
-fn repeat_kv(x: &Tensor, rep: usize) -> candle_core::Result<Tensor> {
-    if rep == 1 {
-        return Ok(x.clone());
-    }
-    let (b, n, t, d) = x.dims4()?;
-    x.unsqueeze(2)?.expand((b, n, rep, t, d))?.reshape((b, n * rep, t, d))
 }
 
 /// `-inf` where query `i` (at position `pos + i`) must not see key `j`: a
