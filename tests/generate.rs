@@ -132,12 +132,14 @@ fn generation_killed_mid_way_resumes_to_identical_files() {
     assert!(p.tree("out") == p.tree("clean"), "resumed files differ from an uninterrupted run");
 }
 
-/// `prefgen run recipes/demo.toml` as shipped, made small (4 prompts, 2
-/// seeds, short responses) and with absolute paths (the test runs in a
-/// scratch folder), then `extra`.
-fn demo_args(extra: &[&str]) -> Vec<String> {
+/// `prefgen run recipes/demo.toml` as shipped, copied into the scratch
+/// folder (a run writes its lock beside the recipe, and the repository's is
+/// the full demo's), made small (4 prompts, 2 seeds, short responses) and
+/// with absolute paths, then `extra`.
+fn demo_args(p: &Project, extra: &[&str]) -> Vec<String> {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-    let mut args = vec!["run".to_string(), root.join("recipes/demo.toml").display().to_string()];
+    let recipe = p.write("demo.toml", &std::fs::read_to_string(root.join("recipes/demo.toml")).unwrap());
+    let mut args = vec!["run".to_string(), recipe.display().to_string()];
     for set in [
         format!("generate.model={}", smollm2().display()),
         format!("annotate.model={}", smollm2().display()),
@@ -153,7 +155,7 @@ fn demo_args(extra: &[&str]) -> Vec<String> {
 }
 
 fn demo(p: &Project, extra: &[&str]) -> Run {
-    let args = demo_args(extra);
+    let args = demo_args(p, extra);
     p.ok(&args.iter().map(String::as_str).collect::<Vec<_>>())
 }
 
@@ -194,7 +196,7 @@ fn judging_killed_mid_way_resumes_to_identical_files() {
     let one_row = ["--set", "annotate.shard_size=1"];
     demo(&p, &[&one_row[..], &["--cache", clean.to_str().unwrap(), "--set", "export.dir=clean"]].concat());
     // Kill once the first scored shard is in the cache, then resume.
-    let args = demo_args(&[&one_row[..], &["--set", "export.dir=out"]].concat());
+    let args = demo_args(&p, &[&one_row[..], &["--set", "export.dir=out"]].concat());
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut child = p.command(&args).stderr(std::process::Stdio::piped()).spawn().unwrap();
     let stderr = child.stderr.take().unwrap();
