@@ -11,6 +11,7 @@
 //! sequence's own, unpadded KV cache. Padding would change the order of float
 //! sums inside attention, and with it the sampled tokens.
 
+use super::attention::{self, HostKv, HostRope};
 use crate::infer::gguf::GgufFile;
 use crate::infer::qmatmul::PackedMatrix;
 use anyhow::{Context, Result, bail};
@@ -169,6 +170,9 @@ struct Rope {
     cos: Tensor,
     sin: Tensor,
     local: Option<(Tensor, Tensor)>,
+    /// The same tables as slices when attention runs fused on the CPU (f32
+    /// weights there); None where it runs as tensor ops (the GPU).
+    host: Option<HostRope>,
 }
 
 impl Rope {
@@ -176,7 +180,14 @@ impl Rope {
         let (cos, sin) = rope_tables(cfg, cfg.rope_base, cfg.rope_factors.as_deref(), device, dtype)?;
         // Gemma-3's sliding layers keep their own base, unscaled.
         let local = cfg.rope_local_base.map(|base| rope_tables(cfg, base, None, device, dtype)).transpose()?;
-        Ok(Rope { cos, sin, local })
+        let host = if device.is_cpu() && dtype == DType::F32 {
+            let flat = |t: &Tensor| t.flatten_all()?.to_vec1::<f32>();
+            let local = local.as_ref().map(|(c, s)| Ok::<_, candle_core::Error>((flat(c)?, flat(s)?))).transpose()?;
+            Some(HostRope { cos: flat(&cos)?, sin: flat(&sin)?, local })
+        } else {
+            None
+        };
+        Ok(Rope { cos, sin, local, host })
     }
 
     /// The tables for positions `pos..pos + l` of a layer.
@@ -189,11 +200,13 @@ impl Rope {
     }
 }
 
-/// One sequence's keys and values, per layer: `(n_kv_head, capacity,
-/// head_dim)` buffers whose first `len` positions are filled. They grow by
-/// doubling, so appending a token copies only that token.
+/// One sequence's keys and values, per layer: on the CPU as slices for the
+/// fused attention; as tensors elsewhere, `(n_kv_head, capacity, head_dim)`
+/// buffers whose first `len` positions are filled. Both grow by doubling,
+/// so appending a token copies only that token.
 pub struct KvCache {
     layers: Vec<Option<(Tensor, Tensor)>>,
+    host: Vec<HostKv>,
     /// Tokens the cache holds (the next token's position).
     pub len: usize,
 }
@@ -449,7 +462,11 @@ impl Decoder {
     }
 
     pub fn new_cache(&self) -> KvCache {
-        KvCache { layers: (0..self.cfg.n_layer).map(|_| None).collect(), len: 0 }
+        let n = self.cfg.n_layer;
+        match self.rope.host {
+            Some(_) => KvCache { layers: Vec::new(), host: (0..n).map(|_| HostKv::default()).collect(), len: 0 },
+            None => KvCache { layers: (0..n).map(|_| None).collect(), host: Vec::new(), len: 0 },
+        }
     }
 
     /// Appends `tokens[b]` to sequence `b` and returns the logits after each
@@ -466,6 +483,73 @@ impl Decoder {
             .collect();
         let last = Tensor::from_vec(last, tokens.len(), h.device())?;
         self.logits(&h.index_select(&last, 0)?)
+    }
+
+    /// Attention as tensor ops, sequence by sequence (the GPU's path):
+    /// `(1, total, n_head * head_dim)`.
+    #[allow(clippy::too_many_arguments)]
+    fn attention(
+        &self,
+        li: usize,
+        blk: &Block,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        tokens: &[&[u32]],
+        positions: &[usize],
+        mut caches: Option<&mut [&mut KvCache]>,
+    ) -> Result<Tensor> {
+        let cfg = &self.cfg;
+        let device = self.embed.device();
+        let norm = |t: Tensor, w: &Option<Tensor>| match w {
+            Some(w) => candle_nn::ops::rms_norm(&t, w, cfg.rms_eps),
+            None => Ok(t),
+        };
+        let mut outs = Vec::with_capacity(tokens.len());
+        let mut start = 0;
+        for (i, seq) in tokens.iter().enumerate() {
+            let (l, pos, at) = (seq.len(), positions[i], start);
+            start += l;
+            let heads = |t: &Tensor, n: usize| -> candle_core::Result<Tensor> {
+                t.narrow(1, at, l)?.reshape((1, l, n, cfg.head_dim))?.transpose(1, 2)?.contiguous()
+            };
+            let (cos, sin) = self.rope.at(blk.sliding, pos, l)?;
+            let rope = |t: &Tensor| {
+                if cfg.interleaved_rope {
+                    candle_nn::rotary_emb::rope_i(t, &cos, &sin)
+                } else {
+                    candle_nn::rotary_emb::rope(t, &cos, &sin)
+                }
+            };
+            let qi = rope(&norm(heads(q, cfg.n_head)?, &blk.q_norm)?)?;
+            let ki = rope(&norm(heads(k, cfg.n_kv_head)?, &blk.k_norm)?)?;
+            let vi = heads(v, cfg.n_kv_head)?;
+            let (ka, va) = match caches.as_deref_mut() {
+                Some(caches) => caches[i].append(li, &ki.squeeze(0)?, &vi.squeeze(0)?)?,
+                None => (ki.squeeze(0)?, vi.squeeze(0)?),
+            };
+            // Query heads grouped by the key head they share, `(n_kv_head,
+            // rep * l, head_dim)`, so keys and values are never repeated.
+            let (rep, t) = (cfg.n_head / cfg.n_kv_head, pos + l);
+            let qg = qi.reshape((cfg.n_kv_head, rep * l, cfg.head_dim))?;
+            let mut att = (qg.matmul(&ka.t()?)? * cfg.attn_scale)?;
+            if let Some(cap) = cfg.attn_softcap {
+                att = ((att / cap)?.tanh()? * cap)?;
+            }
+            let window = cfg.sliding_window.filter(|_| blk.sliding);
+            if l > 1 || window.is_some_and(|w| t > w) {
+                let mask = attention_mask(l, pos, window, device)?.to_dtype(att.dtype())?;
+                att = att.reshape((cfg.n_kv_head, rep, l, t))?.broadcast_add(&mask)?.reshape((
+                    cfg.n_kv_head,
+                    rep * l,
+                    t,
+                ))?;
+            }
+            let att = candle_nn::ops::softmax_last_dim(&att)?;
+            let o = att.matmul(&va)?.reshape((1, cfg.n_head, l, cfg.head_dim))?;
+            outs.push(o.transpose(1, 2)?.reshape((1, l, cfg.n_head * cfg.head_dim))?);
+        }
+        Ok(Tensor::cat(&outs, 1)?)
     }
 
     /// Logits of final hidden states `(n, hidden)`, `(n, vocab)` in f32.
@@ -497,6 +581,7 @@ impl Decoder {
             Some(c) => c.iter().map(|c| c.len).collect(),
             None => vec![0; tokens.len()],
         };
+        let lens: Vec<usize> = tokens.iter().map(|t| t.len()).collect();
         let norm = |t: Tensor, w: &Option<Tensor>| match w {
             Some(w) => candle_nn::ops::rms_norm(&t, w, cfg.rms_eps),
             None => Ok(t),
@@ -504,51 +589,26 @@ impl Decoder {
         for (li, blk) in self.blocks.iter().enumerate() {
             let h = candle_nn::ops::rms_norm(&x, &blk.attn_norm, cfg.rms_eps)?;
             let (q, k, v) = (blk.wq.forward(&h)?, blk.wk.forward(&h)?, blk.wv.forward(&h)?);
-            let mut outs = Vec::with_capacity(tokens.len());
-            let mut start = 0;
-            for (i, seq) in tokens.iter().enumerate() {
-                let (l, pos, at) = (seq.len(), positions[i], start);
-                start += l;
-                let heads = |t: &Tensor, n: usize| -> candle_core::Result<Tensor> {
-                    t.narrow(1, at, l)?.reshape((1, l, n, cfg.head_dim))?.transpose(1, 2)?.contiguous()
-                };
-                let (cos, sin) = self.rope.at(blk.sliding, pos, l)?;
-                let rope = |t: &Tensor| {
-                    if cfg.interleaved_rope {
-                        candle_nn::rotary_emb::rope_i(t, &cos, &sin)
-                    } else {
-                        candle_nn::rotary_emb::rope(t, &cos, &sin)
-                    }
-                };
-                let qi = rope(&norm(heads(&q, cfg.n_head)?, &blk.q_norm)?)?;
-                let ki = rope(&norm(heads(&k, cfg.n_kv_head)?, &blk.k_norm)?)?;
-                let vi = heads(&v, cfg.n_kv_head)?;
-                let (ka, va) = match caches.as_deref_mut() {
-                    Some(caches) => caches[i].append(li, &ki.squeeze(0)?, &vi.squeeze(0)?)?,
-                    None => (ki.squeeze(0)?, vi.squeeze(0)?),
-                };
-                // Query heads grouped by the key head they share, `(n_kv_head,
-                // rep * l, head_dim)`, so keys and values are never repeated.
-                let (rep, t) = (cfg.n_head / cfg.n_kv_head, pos + l);
-                let qg = qi.reshape((cfg.n_kv_head, rep * l, cfg.head_dim))?;
-                let mut att = (qg.matmul(&ka.t()?)? * cfg.attn_scale)?;
-                if let Some(cap) = cfg.attn_softcap {
-                    att = ((att / cap)?.tanh()? * cap)?;
+            let o = match &self.rope.host {
+                Some(rope) => {
+                    let flat = |t: &Tensor| t.flatten_all()?.to_vec1::<f32>();
+                    let weights = |w: &Option<Tensor>| w.as_ref().map(flat).transpose();
+                    let (q_norm, k_norm) = (weights(&blk.q_norm)?, weights(&blk.k_norm)?);
+                    let layer = attention::Layer {
+                        cfg,
+                        rope,
+                        sliding: blk.sliding,
+                        q_norm: q_norm.as_deref(),
+                        k_norm: k_norm.as_deref(),
+                    };
+                    let mut host: Option<Vec<&mut HostKv>> =
+                        caches.as_deref_mut().map(|c| c.iter_mut().map(|c| &mut c.host[li]).collect());
+                    let out = layer.attend(&lens, &positions, flat(&q)?, flat(&k)?, flat(&v)?, host.as_deref_mut());
+                    Tensor::from_vec(out, (1, total, cfg.n_head * cfg.head_dim), device)?
                 }
-                let window = cfg.sliding_window.filter(|_| blk.sliding);
-                if l > 1 || window.is_some_and(|w| t > w) {
-                    let mask = attention_mask(l, pos, window, device)?.to_dtype(att.dtype())?;
-                    att = att.reshape((cfg.n_kv_head, rep, l, t))?.broadcast_add(&mask)?.reshape((
-                        cfg.n_kv_head,
-                        rep * l,
-                        t,
-                    ))?;
-                }
-                let att = candle_nn::ops::softmax_last_dim(&att)?;
-                let o = att.matmul(&va)?.reshape((1, cfg.n_head, l, cfg.head_dim))?;
-                outs.push(o.transpose(1, 2)?.reshape((1, l, cfg.n_head * cfg.head_dim))?);
-            }
-            let o = blk.wo.forward(&Tensor::cat(&outs, 1)?)?;
+                None => self.attention(li, blk, &q, &k, &v, tokens, &positions, caches.as_deref_mut())?,
+            };
+            let o = blk.wo.forward(&o)?;
             x = (x + norm(o, &blk.post_attn_norm)?)?;
             let h = candle_nn::ops::rms_norm(&x, &blk.ffn_norm, cfg.rms_eps)?;
             let gate = blk.gate.forward(&h)?;
@@ -706,4 +766,48 @@ fn attention_mask(l: usize, pos: usize, window: Option<usize>, device: &Device) 
         })
         .collect();
     Tensor::from_vec(mask, (l, t), device)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The CPU's fused attention and the tensor ops (the GPU's path) give
+    /// the same hidden states: prompts of different lengths packed together
+    /// (the longest past Gemma-2's sliding window of 8), decode steps over
+    /// the caches, and scoring without caches; grouped-query heads,
+    /// soft-capping and sliding layers.
+    #[test]
+    fn fused_attention_matches_the_tensor_ops() {
+        for name in ["tiny-llama3", "tiny-gemma2"] {
+            let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name);
+            let fused = Decoder::from_safetensors(&dir, &Device::Cpu).unwrap();
+            let mut tensors = Decoder::from_safetensors(&dir, &Device::Cpu).unwrap();
+            assert!(fused.rope.host.is_some(), "f32 on the CPU runs the fused attention");
+            tensors.rope.host = None;
+            let prompts: Vec<Vec<u32>> = [3u32, 11, 20]
+                .iter()
+                .enumerate()
+                .map(|(i, &l)| (0..l).map(|t| (t * 7 + i as u32 * 13) % 600).collect())
+                .collect();
+            let run = |m: &Decoder| -> Vec<Vec<f32>> {
+                let flat = |h: Tensor| h.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                let mut caches: Vec<KvCache> = prompts.iter().map(|_| m.new_cache()).collect();
+                let mut inputs = prompts.clone();
+                let mut out = Vec::new();
+                for step in 0..4u32 {
+                    let refs: Vec<&[u32]> = inputs.iter().map(Vec::as_slice).collect();
+                    out.push(flat(m.hidden(&refs, Some(&mut caches.iter_mut().collect::<Vec<_>>())).unwrap()));
+                    inputs = (0..prompts.len() as u32).map(|i| vec![(step * 5 + i) % 600]).collect();
+                }
+                let refs: Vec<&[u32]> = prompts.iter().map(Vec::as_slice).collect();
+                out.push(flat(m.hidden(&refs, None).unwrap()));
+                out
+            };
+            for (step, (a, b)) in run(&fused).iter().zip(run(&tensors)).enumerate() {
+                let worst = a.iter().zip(&b).fold(0f32, |w, (x, y)| w.max((x - y).abs()));
+                assert!(worst <= 1e-4, "{name}, step {step}: hidden states differ by {worst:e}");
+            }
+        }
+    }
 }

@@ -1,3 +1,4 @@
 //! Model architectures, each in its own file.
 
+mod attention;
 pub mod decoder;
