@@ -8,6 +8,27 @@
 
 use super::decoder::Config;
 
+/// Width of the register blocks of the score and output loops.
+const LANES: usize = 16;
+
+/// `acc += x * row` over one block of up to [`LANES`] values; a full
+/// block's fixed size lets the compiler keep `acc` in registers.
+#[inline(always)]
+fn axpy(acc: &mut [f32; LANES], x: f32, row: &[f32]) {
+    match <&[f32; LANES]>::try_from(row) {
+        Ok(row) => {
+            for i in 0..LANES {
+                acc[i] += x * row[i];
+            }
+        }
+        Err(_) => {
+            for (a, r) in acc.iter_mut().zip(row) {
+                *a += x * r;
+            }
+        }
+    }
+}
+
 /// Rotary tables `(context, head_dim / 2)` as the host path reads them.
 pub(super) struct HostRope {
     pub(super) cos: Vec<f32>,
@@ -158,11 +179,16 @@ impl Layer<'_> {
         let lo = window.map_or(0, |w| (p + 1).saturating_sub(w));
         scores.clear();
         scores.resize(p + 1 - lo, 0.0);
-        for (c, &qc) in q.iter().enumerate() {
-            let keys = &kv.keys[(g * d + c) * kv.capacity..][lo..=p];
-            for (s, k) in scores.iter_mut().zip(keys) {
-                *s += qc * k;
+        // Scores sixteen keys at a time, and the output sixteen dimensions
+        // at a time: the block's sums stay in registers across the loop.
+        let keys = &kv.keys[g * d * kv.capacity..(g + 1) * d * kv.capacity];
+        for (block, out) in scores.chunks_mut(LANES).enumerate() {
+            let from = lo + LANES * block;
+            let mut acc = [0f32; LANES];
+            for (c, &qc) in q.iter().enumerate() {
+                axpy(&mut acc, qc, &keys[c * kv.capacity + from..][..out.len()]);
             }
+            out.copy_from_slice(&acc[..out.len()]);
         }
         let scale = cfg.attn_scale as f32;
         for s in scores.iter_mut() {
@@ -177,13 +203,13 @@ impl Layer<'_> {
             *s = (*s - max).exp();
             sum += *s;
         }
-        out.fill(0.0);
-        for (j, s) in (lo..=p).zip(scores.iter()) {
-            let w = s / sum;
-            let at = (j * nkv + g) * d;
-            for (o, v) in out.iter_mut().zip(&kv.values[at..at + d]) {
-                *o += w * v;
+        for (block, out) in out.chunks_mut(LANES).enumerate() {
+            let mut acc = [0f32; LANES];
+            for (j, s) in (lo..=p).zip(scores.iter()) {
+                let at = (j * nkv + g) * d + LANES * block;
+                axpy(&mut acc, s / sum, &kv.values[at..at + out.len()]);
             }
+            out.copy_from_slice(&acc[..out.len()]);
         }
     }
 }
