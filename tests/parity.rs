@@ -206,3 +206,23 @@ fn llama31_gguf_rope_freqs_match_transformers() {
     let unscaled = worst_with(None);
     assert!(unscaled > 1e-3, "without rope_freqs the logits should move, moved {unscaled:e}");
 }
+
+/// Forty 300-token prompts at batch 40 exceed one step's token budget, so
+/// some wait a step to join: every response is still there and the same as
+/// at batch 1.
+#[test]
+fn prompts_over_a_steps_token_budget_join_later_unchanged() {
+    let policy = Policy::load(&fixtures().join("tiny-llama3"), &Load::default()).unwrap();
+    let jobs = || -> Vec<Job> {
+        (0..40u32)
+            .map(|i| Job {
+                prompt: (0..300u32).map(|j| (i * 7 + j * 13) % 600).collect(),
+                stream: Stream::new(7, &i.to_string()),
+            })
+            .collect()
+    };
+    let sampling = Sampling { temperature: 1.0, top_p: 0.95 };
+    let all = engine::generate(&policy, jobs(), sampling, 4, 40, |_| {}).unwrap();
+    assert!(all.iter().all(|o| matches!(o, Outcome::Done(t) if !t.is_empty())));
+    assert_eq!(all, engine::generate(&policy, jobs(), sampling, 4, 1, |_| {}).unwrap());
+}

@@ -6,6 +6,11 @@ use super::Policy;
 use super::sampler::{self, Sampling, Stream};
 use anyhow::Result;
 
+/// Tokens one forward takes at most (a single longer prompt aside): a
+/// batch of 64 prompts of 4,096 tokens prefilled at once would hold
+/// gigabytes of activations.
+const STEP_TOKENS: usize = 8192;
+
 /// One response to generate.
 pub struct Job {
     pub prompt: Vec<u32>,
@@ -42,14 +47,23 @@ pub fn generate(
     let mut waiting: Vec<usize> = (0..jobs.len()).rev().collect();
     let mut active: Vec<Active> = Vec::new();
     loop {
-        // Prompts join as slots free up.
+        // Prompts join as slots free up, as many as the step's token budget
+        // takes (at least one).
+        let mut tokens = active.len();
+        let mut joined = false;
         while active.len() < batch.max(1) {
             let Some(j) = waiting.pop() else { break };
-            if jobs[j].prompt.is_empty() || jobs[j].prompt.len() >= context {
+            let len = jobs[j].prompt.len();
+            if len == 0 || len >= context {
                 results[j] = Some(Outcome::TooLong);
                 progress(0);
                 continue;
             }
+            if joined && tokens + len > STEP_TOKENS {
+                waiting.push(j);
+                break;
+            }
+            (tokens, joined) = (tokens + len, true);
             active.push(Active { job: j, cache: model.new_cache(), out: Vec::new() });
         }
         if active.is_empty() {

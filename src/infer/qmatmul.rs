@@ -26,6 +26,7 @@ const BLOCK: usize = 32;
 /// Bytes of a tile's block before its values: 16 f16 scales, 16 f16 offsets.
 const HEADER: usize = 4 * TILE;
 /// Activation rows a work item takes (prefill): ~100 KB of int8, in L2.
+#[cfg(target_arch = "x86_64")]
 const ROWS: usize = 64;
 
 /// A weight matrix `(n, k)` repacked for [`PackedMatrix::matmul`].
@@ -96,8 +97,22 @@ impl PackedMatrix {
     /// `out (m, n) = x (m, k) @ w^T`.
     pub fn matmul(&self, x: &[f32], out: &mut [f32]) {
         let (n, k) = (self.n, self.k);
+        assert!(
+            x.len().is_multiple_of(k) && out.len() == x.len() / k * n,
+            "matmul shapes: {} x {k} -> {} x {n}",
+            x.len(),
+            out.len()
+        );
+        #[cfg(target_arch = "x86_64")]
+        self.matmul_x86(x, out);
+        #[cfg(not(target_arch = "x86_64"))]
+        unreachable!("packed matrices are built on x86-64 only (see `supported`)");
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    fn matmul_x86(&self, x: &[f32], out: &mut [f32]) {
+        let (n, k) = (self.n, self.k);
         let m = x.len() / k;
-        assert!(x.len() == m * k && out.len() == m * n, "matmul shapes: {} x {k} -> {} x {n}", x.len(), out.len());
         let acts = Activations::quantize(x, k);
         let out_ptr = out.as_mut_ptr() as usize;
         let kb = k / BLOCK;
@@ -188,6 +203,7 @@ fn unpack(dtype: GgmlDType, b: &[u8]) -> (u16, u16, [u8; BLOCK]) {
 
 /// Activation rows quantized per 32-block: `x = d*q`, and `s = d*sum(q)`
 /// for the weights' offsets.
+#[cfg(target_arch = "x86_64")]
 struct Activations {
     k: usize,
     q: Vec<i8>,
@@ -195,6 +211,7 @@ struct Activations {
     s: Vec<f32>,
 }
 
+#[cfg(target_arch = "x86_64")]
 impl Activations {
     /// Quantizes `x`, rows of `k`; long batches (prefill) on every thread.
     fn quantize(x: &[f32], k: usize) -> Activations {
