@@ -501,10 +501,7 @@ impl Decoder {
     ) -> Result<Tensor> {
         let cfg = &self.cfg;
         let device = self.embed.device();
-        let norm = |t: Tensor, w: &Option<Tensor>| match w {
-            Some(w) => candle_nn::ops::rms_norm(&t, w, cfg.rms_eps),
-            None => Ok(t),
-        };
+        let norm = |t: Tensor, w: &Option<Tensor>| optional_norm(t, w, cfg.rms_eps);
         let mut outs = Vec::with_capacity(tokens.len());
         let mut start = 0;
         for (i, seq) in tokens.iter().enumerate() {
@@ -582,10 +579,7 @@ impl Decoder {
             None => vec![0; tokens.len()],
         };
         let lens: Vec<usize> = tokens.iter().map(|t| t.len()).collect();
-        let norm = |t: Tensor, w: &Option<Tensor>| match w {
-            Some(w) => candle_nn::ops::rms_norm(&t, w, cfg.rms_eps),
-            None => Ok(t),
-        };
+        let norm = |t: Tensor, w: &Option<Tensor>| optional_norm(t, w, cfg.rms_eps);
         for (li, blk) in self.blocks.iter().enumerate() {
             let h = candle_nn::ops::rms_norm(&x, &blk.attn_norm, cfg.rms_eps)?;
             let (q, k, v) = (blk.wq.forward(&h)?, blk.wk.forward(&h)?, blk.wv.forward(&h)?);
@@ -625,6 +619,15 @@ impl Decoder {
             }
         }
         Ok(candle_nn::ops::rms_norm(&x.squeeze(0)?, &self.norm, cfg.rms_eps)?)
+    }
+}
+
+/// RMS-normalises `t` by `w` where the architecture has that norm (Gemma's
+/// post norms, Gemma-3's q/k norms); `t` as it is otherwise.
+fn optional_norm(t: Tensor, w: &Option<Tensor>, eps: f32) -> candle_core::Result<Tensor> {
+    match w {
+        Some(w) => candle_nn::ops::rms_norm(&t, w, eps),
+        None => Ok(t),
     }
 }
 
