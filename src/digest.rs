@@ -37,6 +37,10 @@ impl Digest {
         Digest::of(&serde_json::to_vec(value).expect("in-memory values serialise"))
     }
 
+    pub fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+
     pub fn to_hex(&self) -> String {
         self.0.iter().map(|b| format!("{b:02x}")).collect()
     }

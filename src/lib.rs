@@ -2,6 +2,7 @@
 //! these modules, and the tests and benchmarks use them directly.
 
 pub mod cache;
+pub mod cli;
 pub mod digest;
 pub mod formats;
 pub mod hub;

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-const VERSION: u32 = 1;
+const VERSION: u32 = 2;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Lock {
@@ -35,6 +35,9 @@ pub struct Built {
     pub key: String,
     /// Output path -> digest.
     pub outputs: BTreeMap<String, String>,
+    /// The engines that computed it (sampled and scored nodes).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub engines: Vec<String>,
 }
 
 /// Where a recipe's lock lives.
@@ -43,14 +46,32 @@ pub fn path_for(recipe: &Path) -> PathBuf {
 }
 
 impl Lock {
-    pub fn read(path: &Path) -> Result<Option<Lock>> {
+    /// The lock at `path`, if any. One of another version is an error when
+    /// it is `needed` (`--locked`), and otherwise treated as absent (the run
+    /// rewrites it).
+    pub fn read(path: &Path, needed: bool) -> Result<Option<Lock>> {
         match std::fs::read(path) {
             Ok(bytes) => {
+                #[derive(Deserialize)]
+                struct Versioned {
+                    version: u32,
+                }
+                let version = serde_json::from_slice::<Versioned>(&bytes)
+                    .with_context(|| format!("{}: not a prefgen lock", path.display()))?
+                    .version;
+                if version != VERSION {
+                    if needed {
+                        bail!(
+                            "{}: lock version {version}, and this prefgen writes {VERSION}: run without --locked to \
+                             rewrite it",
+                            path.display()
+                        );
+                    }
+                    eprintln!("note: {} is a version {version} lock; this run rewrites it", path.display());
+                    return Ok(None);
+                }
                 let lock: Lock = serde_json::from_slice(&bytes)
                     .with_context(|| format!("{}: not a prefgen lock", path.display()))?;
-                if lock.version != VERSION {
-                    bail!("{}: lock version {} (this prefgen writes {VERSION})", path.display(), lock.version);
-                }
                 Ok(Some(lock))
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
@@ -105,7 +126,9 @@ impl Lock {
                     walk.entries[idx] = Some(entry);
                     b
                 }
-                Freshness::Stale(material, _) => Built { key: material.key().to_hex(), outputs: BTreeMap::new() },
+                Freshness::Stale(material, _) => {
+                    Built { key: material.key().to_hex(), outputs: BTreeMap::new(), engines: vec![] }
+                }
                 Freshness::Blocked(_) => continue,
             };
             out.extend(self.node_drift(&label, &now));
@@ -148,7 +171,16 @@ impl Lock {
         if was.key != now.key {
             Some(format!("{label}: its key differs from the lock's"))
         } else if !now.outputs.is_empty() && was.outputs != now.outputs {
-            Some(format!("{label}: same key, but its outputs differ from the lock's"))
+            let engines = if !now.engines.is_empty() && now.engines != was.engines {
+                format!(
+                    ": another engine computed them ({}; the lock's: {})",
+                    now.engines.join(", "),
+                    if was.engines.is_empty() { "none recorded".to_string() } else { was.engines.join(", ") }
+                )
+            } else {
+                String::new()
+            };
+            Some(format!("{label}: same key, but its outputs differ from the lock's{engines}"))
         } else {
             None
         }
@@ -159,6 +191,7 @@ fn built(entry: &ActionEntry) -> Built {
     Built {
         key: entry.key().to_hex(),
         outputs: entry.outputs.iter().map(|o| (o.path.clone(), o.digest.to_hex())).collect(),
+        engines: entry.engines.clone(),
     }
 }
 
@@ -168,9 +201,14 @@ fn built(entry: &ActionEntry) -> Built {
 fn inputs(walk: &mut Walk, nodes: &[bool]) -> Result<BTreeMap<String, Input>> {
     let mut by_name: BTreeMap<String, Vec<Input>> = BTreeMap::new();
     for idx in (0..walk.graph.nodes.len()).filter(|&i| nodes[i]) {
-        for (name, source, digest) in walk.externals(idx)? {
+        for r in walk.externals(idx)? {
+            // A split's prompt source is named by its split.
+            let name = match (&walk.graph.nodes[idx].spec.split, r.per_split) {
+                (Some(split), true) => format!("{}[{split}]", r.key),
+                _ => r.key,
+            };
             let found = by_name.entry(name).or_default();
-            let input = Input { source, digest: digest.to_hex() };
+            let input = Input { source: r.source, digest: r.digest.to_hex() };
             if !found.contains(&input) {
                 found.push(input);
             }

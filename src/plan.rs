@@ -4,85 +4,40 @@
 //! ```text
 //! prompts[s] -> generate[s/seed=k] (one per seed) -> filter[s] -> annotate[s] -> binarize[s] -> export
 //! ```
-//! for every output split `s`; `export` gathers all splits, and records every
-//! node's key (so its card names them all).
+//! for every output split `s`; `export` gathers all splits and records every
+//! node (so its card names them all). What a node's key holds comes from its
+//! stage (`stages::keyed`); this module never names a recipe key.
 
 use crate::cache::{ActionEntry, Cache, KeyMaterial};
 use crate::digest::Digest;
-use crate::recipe::{Recipe, SplitSpec};
-use crate::stages::{annotate, binarize, export, filter, generate, prompts};
-use anyhow::{Context, Result, bail};
-use serde_json::{Value, json};
+use crate::recipe::{self, Recipe, SplitSpec};
+use crate::stages::export::{Provenance, Recorded};
+use crate::stages::{self, At, External, NodeSpec, Stage, prompts};
+use anyhow::{Context, Result, anyhow, bail};
 use std::collections::BTreeMap;
-use std::path::PathBuf;
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Stage {
-    Prompts,
-    Generate,
-    Filter,
-    Annotate,
-    Binarize,
-    Export,
-}
-
-impl Stage {
-    pub const ALL: [Stage; 6] =
-        [Stage::Prompts, Stage::Generate, Stage::Filter, Stage::Annotate, Stage::Binarize, Stage::Export];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Stage::Prompts => "prompts",
-            Stage::Generate => "generate",
-            Stage::Filter => "filter",
-            Stage::Annotate => "annotate",
-            Stage::Binarize => "binarize",
-            Stage::Export => "export",
-        }
-    }
-
-    /// Bumped in a stage's file when its code changes what it produces.
-    pub fn version(self) -> u32 {
-        match self {
-            Stage::Prompts => prompts::VERSION,
-            Stage::Generate => generate::VERSION,
-            Stage::Filter => filter::VERSION,
-            Stage::Annotate => annotate::VERSION,
-            Stage::Binarize => binarize::VERSION,
-            Stage::Export => export::VERSION,
-        }
-    }
-}
+use std::path::{Path, PathBuf};
 
 /// One node of the DAG.
 #[derive(Debug, Clone)]
 pub struct Node {
-    pub stage: Stage,
-    /// The output split (None for `export`, which gathers them all).
-    pub split: Option<String>,
-    pub seed: Option<u64>,
+    pub spec: NodeSpec,
     /// Indices of the nodes whose outputs this one reads (always earlier ones).
     pub deps: Vec<usize>,
-    /// Earlier nodes whose keys and counts (not outputs) this one records:
-    /// `export` lists every node so the card names every key.
+    /// Earlier nodes that this one records (their keys, counts, sources and
+    /// engines), not reads: `export` lists every node so its card names them.
     pub key_deps: Vec<usize>,
-    /// Recipe key -> value, for every key that can change the output.
-    pub params: BTreeMap<String, Value>,
-    /// Files outside the cache that the node reads (imports, model files), by
-    /// the recipe key that names them.
-    pub files: BTreeMap<String, PathBuf>,
     /// Where its files go under `export.dir`.
     pub out_dir: PathBuf,
 }
 
 impl Node {
+    pub fn stage(&self) -> Stage {
+        self.spec.stage
+    }
+
     /// `filter[train]`, `generate[train/seed=13]`, `export`.
     pub fn label(&self) -> String {
-        match (&self.split, self.seed) {
-            (Some(s), Some(seed)) => format!("{}[{s}/seed={seed}]", self.stage.name()),
-            (Some(s), None) => format!("{}[{s}]", self.stage.name()),
-            _ => self.stage.name().to_string(),
-        }
+        self.spec.label()
     }
 }
 
@@ -96,131 +51,49 @@ pub struct Graph {
 impl Graph {
     pub fn new(recipe: Recipe) -> Result<Graph> {
         let splits = recipe.splits();
+        let (g, a) = (&recipe.generate, &recipe.annotate);
+        // Resolved once: a hub id may mean a call to the hub.
+        let resolve = |key: &str, model: &Option<String>, import: &Option<String>, revision: &Option<String>| match (
+            import, model,
+        ) {
+            (None, Some(model)) => model_path(key, model, revision.as_deref()).map(Some),
+            _ => Ok(None),
+        };
+        let policy = resolve(recipe::generate::model, &g.model, &g.import, &g.revision)?;
+        let reward = resolve(recipe::annotate::model, &a.model, &a.import, &a.revision)?;
         let mut nodes: Vec<Node> = Vec::new();
         let mut push = |n: Node| {
             nodes.push(n);
             nodes.len() - 1
         };
-        let (g, a) = (&recipe.generate, &recipe.annotate);
         let mut export_reads = Vec::new();
-        // Resolved once: a hub id may mean a call to the hub.
-        let policy = match (&g.import, &g.model) {
-            (None, Some(model)) => Some(model_path(model, g.revision.as_deref())?),
-            _ => None,
-        };
-        let reward = match (&a.import, &a.model) {
-            (None, Some(model)) => Some(model_path(model, a.revision.as_deref())?),
-            _ => None,
-        };
         for spec in &splits {
-            let split = Some(spec.name.clone());
+            let at = At { recipe: &recipe, split: &spec.name, policy: policy.as_deref(), reward: reward.as_deref() };
             let out_dir = recipe.json_dir(&spec.name);
-            let node = |stage, seed, deps, params, files| Node {
-                stage,
-                split: split.clone(),
-                seed,
+            let node = |stage, seed, deps| Node {
+                spec: NodeSpec { stage, split: Some(spec.name.clone()), seed, keyed: stages::keyed(stage, &at, seed) },
                 deps,
                 key_deps: vec![],
-                params,
-                files,
                 out_dir: out_dir.clone(),
             };
-            let p = push(node(
-                Stage::Prompts,
-                None,
-                vec![],
-                BTreeMap::from([
-                    ("prompts.column".into(), json!(recipe.prompts.column)),
-                    ("prompts.limit".into(), json!(recipe.prompts.limit)),
-                ]),
-                BTreeMap::new(),
-            ));
-            let mut gens = Vec::new();
-            for &seed in &g.seeds {
-                let (params, files) = match (&g.import, &g.model) {
-                    (Some(pattern), _) => {
-                        let file = PathBuf::from(generate::import_path(pattern, seed, &spec.name));
-                        (
-                            BTreeMap::from([("generate.seed".into(), json!(seed))]),
-                            BTreeMap::from([("generate.import".into(), file)]),
-                        )
-                    }
-                    (None, Some(_)) => {
-                        let path = policy.clone().expect("resolved above when generate.model is set");
-                        let params = BTreeMap::from([
-                            ("generate.seed".into(), json!(seed)),
-                            ("generate.temperature".into(), json!(g.temperature)),
-                            ("generate.top_p".into(), json!(g.top_p)),
-                            ("generate.max_tokens".into(), json!(g.max_tokens)),
-                            ("generate.vllm_compat".into(), json!(g.vllm_compat)),
-                            ("generate.sampler_version".into(), json!(generate::SAMPLER_VERSION)),
-                        ]);
-                        let mut files = BTreeMap::from([("generate.model".into(), path)]);
-                        if let Some(t) = &g.chat_template {
-                            files.insert("generate.chat_template".into(), PathBuf::from(t));
-                        }
-                        (params, files)
-                    }
-                    (None, None) => unreachable!("validation requires generate.model or generate.import"),
-                };
-                gens.push(push(node(Stage::Generate, Some(seed), vec![p], params, files)));
-            }
-            let f = push(node(
-                Stage::Filter,
-                None,
-                gens,
-                BTreeMap::from([
-                    ("generate.seeds".into(), json!(g.seeds)),
-                    ("filter.drop_identical".into(), json!(recipe.filter.drop_identical)),
-                ]),
-                BTreeMap::new(),
-            ));
-            let (params, files) = match &a.import {
-                Some(pattern) => (
-                    BTreeMap::new(),
-                    BTreeMap::from([("annotate.import".into(), PathBuf::from(pattern.replace("{split}", &spec.name)))]),
-                ),
-                None => {
-                    let model = reward.clone().expect("resolved above when annotate.model is set");
-                    let mut files = BTreeMap::from([("annotate.model".into(), model)]);
-                    for (key, path) in
-                        [("annotate.chat_template", &a.chat_template), ("annotate.judge_rubric", &a.judge_rubric)]
-                    {
-                        if let Some(path) = path {
-                            files.insert(key.into(), PathBuf::from(path));
-                        }
-                    }
-                    let params = BTreeMap::from([
-                        ("annotate.kind".into(), json!(a.kind)),
-                        ("annotate.max_length".into(), json!(a.max_length)),
-                        ("annotate.overflow".into(), json!(a.overflow)),
-                        ("annotate.scorer_version".into(), json!(annotate::SCORER_VERSION)),
-                    ]);
-                    (params, files)
-                }
-            };
-            let an = push(node(Stage::Annotate, None, vec![p, f], params, files));
-            let b = push(node(
-                Stage::Binarize,
-                None,
-                vec![an],
-                BTreeMap::from([("binarize.keep_ties".into(), json!(recipe.binarize.keep_ties))]),
-                BTreeMap::new(),
-            ));
-            export_reads.push(b);
+            let p = push(node(Stage::Prompts, None, vec![]));
+            let gens: Vec<usize> =
+                g.seeds.iter().map(|&seed| push(node(Stage::Generate, Some(seed), vec![p]))).collect();
+            let f = push(node(Stage::Filter, None, gens));
+            let an = push(node(Stage::Annotate, None, vec![p, f]));
+            export_reads.push(push(node(Stage::Binarize, None, vec![an])));
         }
         let all: Vec<usize> = (0..nodes.len()).collect();
+        let at = At { recipe: &recipe, split: "", policy: None, reward: None };
         nodes.push(Node {
-            stage: Stage::Export,
-            split: None,
-            seed: None,
+            spec: NodeSpec {
+                stage: Stage::Export,
+                split: None,
+                seed: None,
+                keyed: stages::keyed(Stage::Export, &at, None),
+            },
             deps: export_reads,
             key_deps: all,
-            params: BTreeMap::from([
-                ("name".into(), json!(recipe.name)),
-                ("export.rows_per_file".into(), json!(recipe.export.rows_per_file)),
-            ]),
-            files: BTreeMap::new(),
             out_dir: PathBuf::new(),
         });
         Ok(Graph { recipe, splits, nodes })
@@ -235,7 +108,7 @@ impl Graph {
                 bail!("unknown target {t:?}: the targets are {}", names.join(", "));
             };
             for (i, n) in self.nodes.iter().enumerate() {
-                wanted[i] |= n.stage == stage;
+                wanted[i] |= n.stage() == stage;
             }
         }
         for i in (0..self.nodes.len()).rev() {
@@ -256,44 +129,31 @@ impl Graph {
 
 /// A model as a local path: a `.gguf` file or folder as given, or a hub id
 /// resolved to its snapshot folder in the Hugging Face cache (downloaded
-/// there unless `HF_HUB_OFFLINE` is set).
-fn model_path(model: &str, revision: Option<&str>) -> Result<PathBuf> {
+/// there unless `HF_HUB_OFFLINE` is set). `key` names the recipe key.
+fn model_path(key: &str, model: &str, revision: Option<&str>) -> Result<PathBuf> {
     let path = PathBuf::from(model);
     if path.exists() {
         return Ok(path);
     }
-    if !crate::recipe::looks_like_hub_id(model) {
-        bail!("generate.model: {model} does not exist (a .gguf file, a model folder, or a hub id)");
+    if !recipe::looks_like_hub_id(model) {
+        bail!("{key}: {model} does not exist (a .gguf file, a model folder, or a hub id)");
     }
     let revision = revision.unwrap_or("main");
     let wanted = |files: &[String]| -> Result<Vec<String>> {
-        let wanted: Vec<String> = files
-            .iter()
-            .filter(|f| {
-                matches!(
-                    f.as_str(),
-                    "config.json"
-                        | "generation_config.json"
-                        | "tokenizer.json"
-                        | "tokenizer_config.json"
-                        | "chat_template.jinja"
-                ) || f.ends_with(".safetensors")
-                    || f.as_str() == "model.safetensors.index.json"
-            })
-            .cloned()
-            .collect();
-        if !wanted.iter().any(|f| f == "config.json") {
-            bail!("generate.model: {model}@{revision} has no config.json");
+        let wanted = crate::infer::files::to_download(files);
+        if !wanted.iter().any(|f| f == crate::infer::files::CONFIG) {
+            bail!("{key}: {model}@{revision} has no {}", crate::infer::files::CONFIG);
         }
         Ok(wanted)
     };
-    let (snapshot, _) = crate::hub::snapshot(hf_hub::RepoType::Model, model, revision, wanted)
-        .map_err(|e| anyhow::anyhow!("generate.model: {e:#}"))?;
+    let (snapshot, _) =
+        crate::hub::snapshot(hf_hub::RepoType::Model, model, revision, wanted).map_err(|e| anyhow!("{key}: {e:#}"))?;
     Ok(snapshot.dir)
 }
 
 /// Whether a node's output is in the cache.
 #[derive(Debug)]
+#[allow(clippy::large_enum_variant)] // one per node: its size does not matter
 pub enum Freshness {
     Fresh(ActionEntry),
     /// Its key is known but nothing is cached under it: why.
@@ -302,54 +162,92 @@ pub enum Freshness {
     Blocked(String),
 }
 
+/// One external input as resolved: recipe key, what it is (`org/name@commit`
+/// or a path), its identity digest.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Resolved {
+    pub key: String,
+    pub source: String,
+    pub digest: Digest,
+    /// Whether it is a split's prompt source (the lock names those per split).
+    pub per_split: bool,
+}
+
 /// Walks a graph in order, computing keys from what is known so far.
 pub struct Walk<'a> {
     pub graph: &'a Graph,
     pub cache: &'a Cache,
     /// The entry of each node once known (fresh, or built by the runner).
     pub entries: Vec<Option<ActionEntry>>,
-    resolved: BTreeMap<String, prompts::Resolved>,
+    sources: BTreeMap<String, prompts::Resolved>,
+    externals: Vec<Option<Vec<Resolved>>>,
 }
 
 impl<'a> Walk<'a> {
     pub fn new(graph: &'a Graph, cache: &'a Cache) -> Walk<'a> {
-        Walk { graph, cache, entries: vec![None; graph.nodes.len()], resolved: BTreeMap::new() }
+        Walk {
+            graph,
+            cache,
+            entries: vec![None; graph.nodes.len()],
+            sources: BTreeMap::new(),
+            externals: vec![None; graph.nodes.len()],
+        }
     }
 
     /// The prompt source of a split, resolved once per walk.
-    pub fn source(&mut self, split: &str) -> Result<&prompts::Resolved> {
-        if !self.resolved.contains_key(split) {
-            let spec = self.graph.splits.iter().find(|s| s.name == split).expect("nodes name recipe splits");
-            let r = prompts::resolve(&spec.source, self.cache).with_context(|| format!("prompts for split {split}"))?;
-            self.resolved.insert(split.to_string(), r);
+    fn source(&mut self, split: &str, source: &recipe::PromptSource) -> Result<&prompts::Resolved> {
+        if !self.sources.contains_key(split) {
+            let r = prompts::resolve(source, self.cache).with_context(|| format!("prompts for split {split}"))?;
+            self.sources.insert(split.to_string(), r);
         }
-        Ok(&self.resolved[split])
+        Ok(&self.sources[split])
     }
 
-    /// The prompt source of a split that this walk has already resolved.
-    pub fn resolved(&self, split: &str) -> &prompts::Resolved {
-        &self.resolved[split]
+    /// The resolved files of a split's prompt source (once a walk has keyed it).
+    pub fn source_files(&self, split: &str) -> &[PathBuf] {
+        &self.sources[split].files
     }
 
-    /// What a node reads from outside the cache, as (recipe key, source,
-    /// digest): its files (models, templates, imports) and, for `prompts`,
-    /// its split's dataset. The source is what a lock shows: `org/name@commit`
-    /// for a hub snapshot, else the path.
-    pub fn externals(&mut self, idx: usize) -> Result<Vec<(String, String, Digest)>> {
+    /// What a node reads from outside the cache, resolved once per walk.
+    pub fn externals(&mut self, idx: usize) -> Result<Vec<Resolved>> {
+        if let Some(done) = &self.externals[idx] {
+            return Ok(done.clone());
+        }
         let node = &self.graph.nodes[idx];
         let mut out = Vec::new();
-        for (name, path) in &node.files {
-            if !path.exists() {
-                bail!("{name}: {} does not exist (needed by {})", path.display(), node.label());
-            }
-            let source = crate::hub::describe(path).unwrap_or_else(|| path.display().to_string());
-            out.push((name.clone(), source, self.cache.path_digest(path)?));
+        for (key, external) in &node.spec.keyed.externals {
+            let described = |p: &Path| crate::hub::describe(p).unwrap_or_else(|| p.display().to_string());
+            let exists = |p: &Path| {
+                if p.exists() {
+                    Ok(())
+                } else {
+                    Err(anyhow!("{key}: {} does not exist (needed by {})", p.display(), node.label()))
+                }
+            };
+            let resolved = match external {
+                External::File(p) => {
+                    exists(p)?;
+                    Resolved {
+                        key: key.clone(),
+                        source: described(p),
+                        digest: self.cache.file_digest(p)?,
+                        per_split: false,
+                    }
+                }
+                External::Model(p) => {
+                    exists(p)?;
+                    let digest = self.cache.model_identity(p).map_err(|e| anyhow!("{key}: {e:#}"))?;
+                    Resolved { key: key.clone(), source: described(p), digest, per_split: false }
+                }
+                External::Prompts(source) => {
+                    let split = node.spec.split.clone().expect("prompt sources belong to a split");
+                    let r = self.source(&split, source)?;
+                    Resolved { key: key.clone(), source: r.describe.clone(), digest: r.identity, per_split: true }
+                }
+            };
+            out.push(resolved);
         }
-        if node.stage == Stage::Prompts {
-            let split = node.split.clone().expect("prompts nodes have a split");
-            let source = self.source(&split)?;
-            out.push((format!("prompts.dataset[{split}]"), source.describe.clone(), source.identity));
-        }
+        self.externals[idx] = Some(out.clone());
         Ok(out)
     }
 
@@ -357,24 +255,31 @@ impl<'a> Walk<'a> {
     fn material(&mut self, idx: usize) -> Result<std::result::Result<KeyMaterial, String>> {
         let node = &self.graph.nodes[idx];
         let mut inputs = BTreeMap::new();
-        let params = node.params.clone();
         for &d in &node.key_deps {
-            let dep = &self.graph.nodes[d];
-            let Some(entry) = &self.entries[d] else { return Ok(Err(dep.label())) };
-            inputs.insert(format!("key {}", dep.label()), entry.key());
+            let Some(entry) = &self.entries[d] else { return Ok(Err(self.graph.nodes[d].label())) };
+            let label = self.graph.nodes[d].label();
+            inputs.insert(format!("key {label}"), entry.key());
+            // What it records of a node beyond its key: the engines and the named sources.
+            let engines = entry.engines.clone();
+            let sources: Vec<(String, String)> = self.externals(d)?.into_iter().map(|r| (r.key, r.source)).collect();
+            inputs.insert(format!("provenance {label}"), Digest::of_json(&(engines, sources)));
         }
         for &d in &node.deps {
-            let dep = &self.graph.nodes[d];
-            let Some(entry) = &self.entries[d] else { return Ok(Err(dep.label())) };
+            let Some(entry) = &self.entries[d] else { return Ok(Err(self.graph.nodes[d].label())) };
             for out in &entry.outputs {
-                inputs.insert(format!("{}:{}", dep.label(), out.path), out.digest);
+                inputs.insert(format!("{}:{}", self.graph.nodes[d].label(), out.path), out.digest);
             }
         }
-        for (name, _, digest) in self.externals(idx)? {
-            // A split's dataset is keyed as `dataset` (the node names its split).
-            inputs.insert(if name.starts_with("prompts.dataset") { "dataset".into() } else { name }, digest);
+        for r in self.externals(idx)? {
+            inputs.insert(r.key, r.digest);
         }
-        Ok(Ok(KeyMaterial { stage: node.stage.name().into(), version: node.stage.version(), params, inputs }))
+        let spec = &self.graph.nodes[idx].spec;
+        Ok(Ok(KeyMaterial {
+            stage: spec.stage.name().into(),
+            version: spec.stage.version(),
+            params: spec.keyed.params.clone(),
+            inputs,
+        }))
     }
 
     /// Looks a node up in the cache.
@@ -398,5 +303,20 @@ impl<'a> Walk<'a> {
             }
         };
         Ok(Freshness::Stale(material, reason))
+    }
+
+    /// What node `idx` records of its key deps (all known by then).
+    pub fn provenance(&mut self, idx: usize) -> Result<Provenance> {
+        let mut nodes = Vec::new();
+        for d in self.graph.nodes[idx].key_deps.clone() {
+            let node = &self.graph.nodes[d];
+            let entry = self.entries[d].as_ref().expect("key deps are resolved before their users");
+            let (label, stage, split) = (node.label(), node.stage(), node.spec.split.clone());
+            let (key, params, counts, engines) =
+                (entry.key(), entry.material.params.clone(), entry.counts.clone(), entry.engines.clone());
+            let sources = self.externals(d)?.into_iter().map(|r| (r.key, r.source, r.digest)).collect();
+            nodes.push(Recorded { label, stage, split, key, params, counts, engines, sources });
+        }
+        Ok(Provenance { nodes })
     }
 }

@@ -124,6 +124,14 @@ fn value(arr: &dyn Array, i: usize) -> Result<Value> {
     })
 }
 
+/// `--tolerance`: a finite number >= 0.
+pub fn parse_tolerance(text: &str) -> Result<f64> {
+    match text.trim().parse::<f64>() {
+        Ok(t) if t.is_finite() && t >= 0.0 => Ok(t),
+        _ => bail!("{text:?}: expected a finite number >= 0, such as 1e-6"),
+    }
+}
+
 /// One split's agreement.
 #[derive(Debug, Default)]
 pub struct Agreement {

@@ -60,7 +60,8 @@ fn hub_prompts_are_read_sorted_and_unique() {
     let snap = fixtures()
         .join("hf_home/hub/datasets--prefgen-test--tiny_prefs/snapshots/0123456789abcdef0123456789abcdef01234567");
     let files = [snap.join("data/test_prefs-00000-of-00001.parquet")];
-    let out = prefgen::stages::prompts::build(&files, "messages", 0).unwrap();
+    let section = prefgen::recipe::Prompts { column: "messages".into(), ..Default::default() };
+    let out = prefgen::stages::prompts::build(&files, &section).unwrap();
     let prompts: Vec<String> = prefgen::formats::simpo::parse_rows(&out.files[0].1, "prompts").unwrap();
     assert_eq!(prompts, ["test_prefs prompt 0", "test_prefs prompt 1", "test_prefs prompt 2"]);
 }

@@ -1,6 +1,7 @@
 //! Action keys and entries.
 
 use crate::digest::Digest;
+use crate::stages::Counts;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -71,7 +72,16 @@ pub struct ActionEntry {
     pub node: String,
     pub outputs: Vec<OutputFile>,
     /// Counts the stage reported (rows dropped, ties, ...), for the card.
-    pub stats: BTreeMap<String, Value>,
+    pub counts: Counts,
+    /// The engines that computed it (device, dtype, kernels, prefgen
+    /// version), for sampled and scored outputs. Not in the key: see the
+    /// README's "Engines".
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub engines: Vec<String>,
+    /// The shard entries it was assembled from, so `cache gc` keeps them
+    /// while it is reachable.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub parts: Vec<Digest>,
 }
 
 impl ActionEntry {

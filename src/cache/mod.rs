@@ -6,52 +6,63 @@
 //! ```text
 //! CACHEDIR.TAG, .gitignore   so backup tools and git leave it alone
 //! objects-v1/ab/<digest>     artifacts                  (in every tier)
-//! actions-v1/ab/<key>        action entries, JSON       (in every tier)
-//! refs-v1/<node>             key of a node's last build (local: explains `plan`)
+//! actions-v2/ab/<key>        action entries, JSON       (in every tier)
+//! refs-v1/<node>             key of a node's last build (local: explains `plan`, roots `gc`)
 //! stat-v1/<path>             remembered file digests    (local)
 //! locks/<key>.lock           one builder per key        (local)
 //! tmp/                       writes in progress
 //! ```
 
 mod action;
-mod maintain;
+mod folder;
+pub mod gc;
+mod lock;
+mod stat;
 pub mod tier;
+pub mod verify;
 
 pub use action::{ActionEntry, KeyMaterial, OutputFile};
+pub use lock::BuildLock;
 
 use crate::digest::Digest;
-use anyhow::{Context, Result};
-use serde::{Deserialize, Serialize};
-use std::fs::File;
+use anyhow::{Context, Result, bail};
+use folder::FolderTier;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime};
-use tier::{Bucket, FILE_MODE, FolderTier, Tier, write_atomic_in};
+use std::time::SystemTime;
+use tier::{Bucket, FILE_MODE, Tier, write_atomic_in};
 
 /// The cache root when neither `--cache` nor `PREFGEN_CACHE` names one.
 pub const DEFAULT_ROOT: &str = "cache";
+const TAG: &str = "CACHEDIR.TAG";
+const REFS: &str = "refs-v1";
+const LOCKS: &str = "locks";
+const TMP: &str = "tmp";
 
 pub struct Cache {
     root: PathBuf,
     local: FolderTier,
 }
 
-/// An exclusive claim on building one action key; released on drop.
-pub struct BuildLock {
-    _file: File,
-}
-
 impl Cache {
-    /// Opens (creating if needed) the cache at `root`.
+    /// Opens the cache at `root`, creating it if needed (commands that build).
     pub fn open(root: &Path) -> Result<Cache> {
         let ctx = || format!("cannot create the cache at {}", root.display());
         std::fs::create_dir_all(root).with_context(ctx)?;
         let tag: &[u8] =
             b"Signature: 8a477f597d28d172789f06886806bc55\n# prefgen cache: content-addressed, safe to delete.\n";
-        for (name, body) in [("CACHEDIR.TAG", tag), (".gitignore", b"*\n")] {
+        for (name, body) in [(TAG, tag), (".gitignore", b"*\n")] {
             if !root.join(name).exists() {
-                write_atomic_in(&root.join("tmp"), &root.join(name), body, FILE_MODE).with_context(ctx)?;
+                write_atomic_in(&root.join(TMP), &root.join(name), body, FILE_MODE).with_context(ctx)?;
             }
+        }
+        Ok(Cache { root: root.to_path_buf(), local: FolderTier::new(root) })
+    }
+
+    /// Opens an existing cache (commands that only inspect or clean it).
+    pub fn open_existing(root: &Path) -> Result<Cache> {
+        if !root.join(TAG).is_file() {
+            bail!("there is no prefgen cache at {} (give --cache or PREFGEN_CACHE the cache's folder)", root.display());
         }
         Ok(Cache { root: root.to_path_buf(), local: FolderTier::new(root) })
     }
@@ -60,21 +71,36 @@ impl Cache {
         &self.root
     }
 
-    /// Stores an artifact and returns its digest (a no-op when already present).
+    fn unwritable(&self, e: impl std::fmt::Display) -> anyhow::Error {
+        anyhow::anyhow!("cannot write to the cache at {}: {e}", self.local.describe())
+    }
+
+    /// Stores an artifact and returns its digest.
     pub fn put_object(&self, bytes: &[u8]) -> Result<Digest> {
         let digest = Digest::of(bytes);
         self.store_object(&digest, bytes)?;
         Ok(digest)
     }
 
-    /// Stores an artifact whose digest the caller has computed from `bytes`.
+    /// Stores an artifact whose digest the caller computed from `bytes`.
+    /// An object already there is compared byte for byte (a damaged one is
+    /// replaced) and marked as just used, so a `gc` running meanwhile keeps
+    /// it: afterwards the object holds exactly `bytes`.
     pub fn store_object(&self, digest: &Digest, bytes: &[u8]) -> Result<()> {
-        if self.local.size(Bucket::Objects, digest)? != Some(bytes.len() as u64) {
-            self.local
-                .put(Bucket::Objects, digest, bytes)
-                .with_context(|| format!("cannot write to the cache at {}", self.local.describe()))?;
+        match self.local.get(Bucket::Objects, digest)? {
+            Some(existing) if existing == bytes => {
+                let path = self.local.blob_path(Bucket::Objects, digest);
+                // Best effort: an object of another user's keeps its time.
+                let _ = std::fs::File::open(&path).and_then(|f| f.set_modified(SystemTime::now()));
+                return Ok(());
+            }
+            Some(_) => {
+                eprintln!("warning: cache object {} is damaged; replacing it", digest.short());
+                self.local.remove(Bucket::Objects, digest).map_err(|e| self.unwritable(e))?;
+            }
+            None => {}
         }
-        Ok(())
+        self.local.put(Bucket::Objects, digest, bytes).map_err(|e| self.unwritable(e))
     }
 
     /// An artifact's bytes, verified against its digest. A damaged object is
@@ -91,10 +117,10 @@ impl Cache {
         Ok(Some(bytes))
     }
 
-    /// Places a verified object at `dest` (atomically): a hard link to the
-    /// read-only object when the file system allows (true), otherwise a copy
-    /// (false). `trusted` skips re-verifying an object this process has just
-    /// written. A damaged object is removed and reported as `None`.
+    /// Places an object at `dest` (atomically): a hard link to the read-only
+    /// object when the file system allows (true), otherwise a copy (false).
+    /// Unless `trusted` (this process stored those very bytes), the object is
+    /// verified first; a damaged one is removed and reported as `None`.
     pub fn materialise(&self, digest: &Digest, dest: &Path, tmp_dir: &Path, trusted: bool) -> Result<Option<bool>> {
         if !trusted && self.get_object(digest)?.is_none() {
             return Ok(None);
@@ -103,7 +129,11 @@ impl Cache {
         let tmp = tmp_dir.join(format!("link-{}-{}", std::process::id(), digest.to_hex()));
         let _ = std::fs::remove_file(&tmp);
         if std::fs::hard_link(self.local.blob_path(Bucket::Objects, digest), &tmp).is_ok() {
-            std::fs::rename(&tmp, dest)?;
+            // Renaming a link onto another link of the same inode does
+            // nothing and leaves the temporary: remove it either way.
+            let renamed = std::fs::rename(&tmp, dest);
+            let _ = std::fs::remove_file(&tmp);
+            renamed?;
             return Ok(Some(true));
         }
         // Another file system (EXDEV), or no link support: copy.
@@ -148,11 +178,15 @@ impl Cache {
         }
     }
 
+    /// Forgets the entry under `key` (found unusable), so the key is rebuilt.
+    pub fn remove_action(&self, key: &Digest) -> Result<()> {
+        self.local.remove(Bucket::Actions, key).map_err(|e| self.unwritable(e))
+    }
+
     /// Records what building `entry`'s key produced.
     pub fn put_action(&self, entry: &ActionEntry) -> Result<()> {
         let bytes = serde_json::to_vec_pretty(entry).expect("entries serialise");
-        self.local.put(Bucket::Actions, &entry.key(), &bytes)?;
-        Ok(())
+        self.local.put(Bucket::Actions, &entry.key(), &bytes).map_err(|e| self.unwritable(e))
     }
 
     /// The entry of the last build of a node (named by recipe and node), which
@@ -171,91 +205,21 @@ impl Cache {
     /// Remembers `key` as the last build of `node`.
     pub fn set_last_build(&self, node: &str, key: &Digest) -> Result<()> {
         let path = self.ref_path(node);
-        std::fs::create_dir_all(path.parent().expect("ref paths have a parent"))?;
-        write_atomic_in(&self.root.join("tmp"), &path, key.to_hex().as_bytes(), FILE_MODE)?;
-        Ok(())
+        std::fs::create_dir_all(path.parent().expect("ref paths have a parent")).map_err(|e| self.unwritable(e))?;
+        write_atomic_in(&self.root.join(TMP), &path, key.to_hex().as_bytes(), FILE_MODE).map_err(|e| self.unwritable(e))
     }
 
     fn ref_path(&self, node: &str) -> PathBuf {
-        self.root.join("refs-v1").join(Digest::of(node.as_bytes()).to_hex())
+        self.root.join(REFS).join(Digest::of(node.as_bytes()).to_hex())
     }
 
     /// Claims the right to build `key`, waiting while another process holds it.
-    /// The lock files are never removed: removing one would let two processes
-    /// hold "the same" lock on different inodes.
     pub fn lock(&self, key: &Digest, what: &str) -> Result<BuildLock> {
-        let dir = self.root.join("locks");
-        std::fs::create_dir_all(&dir)?;
-        let file = File::options()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(dir.join(format!("{}.lock", key.to_hex())))?;
-        match file.try_lock() {
-            Ok(()) => {}
-            Err(std::fs::TryLockError::WouldBlock) => {
-                eprintln!("waiting for another prefgen process that is building {what}");
-                file.lock()?;
-            }
-            Err(std::fs::TryLockError::Error(e)) => return Err(e.into()),
-        }
-        Ok(BuildLock { _file: file })
-    }
-
-    /// The digest of a file's contents, or of a folder's files (names and
-    /// contents), each remembered as `file_digest` remembers it.
-    pub fn path_digest(&self, path: &Path) -> Result<Digest> {
-        if !path.is_dir() {
-            return self.file_digest(path);
-        }
-        let mut parts = Vec::new();
-        for rel in crate::hub::list_files(path)? {
-            let file = path.join(&rel);
-            // A hub snapshot links each file to blobs/<sha256 or git sha>: the
-            // hub's own record of its contents, free to read.
-            let identity = match std::fs::read_link(&file) {
-                Ok(target) if target.parent().and_then(|p| p.file_name()).is_some_and(|n| n == "blobs") => {
-                    target.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
-                }
-                _ => self.file_digest(&file)?.to_hex(),
-            };
-            parts.push((identity, rel));
-        }
-        Ok(Digest::of_json(&parts))
-    }
-
-    /// The digest of a file's contents, remembered by path, size and
-    /// modification time so large inputs are not re-hashed on every run.
-    pub fn file_digest(&self, path: &Path) -> Result<Digest> {
-        #[derive(Serialize, Deserialize, PartialEq)]
-        struct Stat {
-            path: PathBuf,
-            size: u64,
-            mtime_ns: u128,
-            digest: Digest,
-        }
-        let abs = std::path::absolute(path)?;
-        let meta = std::fs::metadata(&abs).with_context(|| format!("cannot read {}", path.display()))?;
-        let mtime = meta.modified()?;
-        let mtime_ns = mtime.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_nanos();
-        let memo = self.root.join("stat-v1").join(Digest::of(abs.as_os_str().as_encoded_bytes()).to_hex());
-        if let Ok(bytes) = std::fs::read(&memo)
-            && let Ok(stat) = serde_json::from_slice::<Stat>(&bytes)
-            && stat.path == abs
-            && stat.size == meta.len()
-            && stat.mtime_ns == mtime_ns
-        {
-            return Ok(stat.digest);
-        }
-        let digest = Digest::of_file(&abs).with_context(|| format!("cannot read {}", path.display()))?;
-        // A file modified within the clock's resolution of now could change again
-        // without its mtime moving (git's "racily clean" problem): don't remember it.
-        let settled = SystemTime::now().duration_since(mtime).is_ok_and(|age| age > Duration::from_secs(2));
-        if settled {
-            std::fs::create_dir_all(memo.parent().expect("memo paths have a parent"))?;
-            let stat = Stat { path: abs, size: meta.len(), mtime_ns, digest };
-            write_atomic_in(&self.root.join("tmp"), &memo, &serde_json::to_vec(&stat)?, FILE_MODE)?;
-        }
-        Ok(digest)
+        let dir = self.root.join(LOCKS);
+        std::fs::create_dir_all(&dir).map_err(|e| self.unwritable(e))?;
+        lock::acquire(&dir.join(format!("{}.lock", key.to_hex())), || {
+            eprintln!("waiting for another prefgen process that is building {what}")
+        })
+        .map_err(|e| self.unwritable(e))
     }
 }

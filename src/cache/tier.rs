@@ -7,7 +7,7 @@
 
 use crate::digest::Digest;
 use std::io::{self, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 /// The kinds of blob a tier holds; the versioned folder names let a format
 /// change start a new bucket instead of misreading an old one.
@@ -23,9 +23,17 @@ impl Bucket {
     pub fn dir_name(self) -> &'static str {
         match self {
             Bucket::Objects => "objects-v1",
-            Bucket::Actions => "actions-v1",
+            Bucket::Actions => "actions-v2",
         }
     }
+}
+
+/// A blob as a tier lists it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Blob {
+    pub name: Digest,
+    pub size: u64,
+    pub modified: std::time::SystemTime,
 }
 
 /// One storage tier.
@@ -40,94 +48,8 @@ pub trait Tier: Send + Sync {
     fn put(&self, bucket: Bucket, name: &Digest, bytes: &[u8]) -> io::Result<()>;
     /// Removes a blob; removing a missing blob is not an error.
     fn remove(&self, bucket: Bucket, name: &Digest) -> io::Result<()>;
-    /// Every blob in a bucket, with its size.
-    fn list(&self, bucket: Bucket) -> io::Result<Vec<(Digest, u64)>>;
-}
-
-/// A folder on a local or shared disk.
-pub struct FolderTier {
-    root: PathBuf,
-}
-
-impl FolderTier {
-    pub fn new(root: &Path) -> FolderTier {
-        FolderTier { root: root.to_path_buf() }
-    }
-
-    fn path(&self, bucket: Bucket, name: &Digest) -> PathBuf {
-        let hex = name.to_hex();
-        self.root.join(bucket.dir_name()).join(&hex[..2]).join(&hex)
-    }
-
-    /// Where a blob lives on disk.
-    pub fn blob_path(&self, bucket: Bucket, name: &Digest) -> PathBuf {
-        self.path(bucket, name)
-    }
-
-    fn tmp_dir(&self) -> PathBuf {
-        self.root.join("tmp")
-    }
-}
-
-impl Tier for FolderTier {
-    fn describe(&self) -> String {
-        self.root.display().to_string()
-    }
-
-    fn get(&self, bucket: Bucket, name: &Digest) -> io::Result<Option<Vec<u8>>> {
-        match std::fs::read(self.path(bucket, name)) {
-            Ok(bytes) => Ok(Some(bytes)),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e),
-        }
-    }
-
-    fn size(&self, bucket: Bucket, name: &Digest) -> io::Result<Option<u64>> {
-        match std::fs::metadata(self.path(bucket, name)) {
-            Ok(m) => Ok(Some(m.len())),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e),
-        }
-    }
-
-    fn put(&self, bucket: Bucket, name: &Digest, bytes: &[u8]) -> io::Result<()> {
-        let dest = self.path(bucket, name);
-        std::fs::create_dir_all(dest.parent().expect("blob paths have a parent"))?;
-        let mode = if bucket == Bucket::Objects { OBJECT_MODE } else { FILE_MODE };
-        write_atomic_in(&self.tmp_dir(), &dest, bytes, mode)
-    }
-
-    fn remove(&self, bucket: Bucket, name: &Digest) -> io::Result<()> {
-        match std::fs::remove_file(self.path(bucket, name)) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
-            _ => Ok(()),
-        }
-    }
-
-    fn list(&self, bucket: Bucket) -> io::Result<Vec<(Digest, u64)>> {
-        let mut out = Vec::new();
-        let dir = self.root.join(bucket.dir_name());
-        let fans = match std::fs::read_dir(&dir) {
-            Ok(it) => it,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
-            Err(e) => return Err(e),
-        };
-        for fan in fans {
-            let fan = fan?;
-            if !fan.file_type()?.is_dir() {
-                continue;
-            }
-            for entry in std::fs::read_dir(fan.path())? {
-                let entry = entry?;
-                // Anything not named by a digest is not ours (an editor's backup, say).
-                if let Some(d) = entry.file_name().to_str().and_then(|n| n.parse::<Digest>().ok()) {
-                    out.push((d, entry.metadata()?.len()));
-                }
-            }
-        }
-        out.sort();
-        Ok(out)
-    }
+    /// Every blob in a bucket, with its size and modification time.
+    fn list(&self, bucket: Bucket) -> io::Result<Vec<Blob>>;
 }
 
 /// Writes `bytes` to `dest` through a temporary file in `tmp_dir` (same file

@@ -13,8 +13,30 @@ use std::fmt::Write;
 pub struct CardSplit<'a> {
     pub name: &'a str,
     pub rows: &'a [BinarizedRow],
-    /// Counts from the stages: prompts, dropped_identical, ties, dropped_ties, ...
-    pub counts: BTreeMap<String, Value>,
+    pub counts: SplitCounts,
+}
+
+/// A split's counts from the stages (None: the stage did not count it).
+#[derive(Debug, Clone, Default)]
+pub struct SplitCounts {
+    pub prompts: Option<u64>,
+    pub skipped_generate: Option<u64>,
+    pub skipped_annotate: Option<u64>,
+    pub dropped_identical: Option<u64>,
+    pub rows_in: Option<u64>,
+    pub ties: Option<u64>,
+    pub dropped_ties: Option<u64>,
+}
+
+/// Something the data was made from: a model, a template, an import.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Source {
+    /// The recipe key that names it.
+    pub key: String,
+    /// `org/name@commit` for the hub, else the path.
+    pub source: String,
+    /// Its identity digest in the action keys.
+    pub digest: String,
 }
 
 /// Everything the card shows.
@@ -23,6 +45,12 @@ pub struct CardInput<'a> {
     pub splits: Vec<CardSplit<'a>>,
     /// Recipe key -> value, for every key that shaped the data.
     pub params: BTreeMap<String, Value>,
+    /// The seeds, in the order of each row's responses.
+    pub seeds: Vec<u64>,
+    /// The models and files the data came from.
+    pub sources: Vec<Source>,
+    /// (stage, engine) for every engine that sampled or scored.
+    pub engines: Vec<(String, String)>,
     /// Node label -> action key.
     pub keys: Vec<(String, String)>,
 }
@@ -65,8 +93,8 @@ fn score_of(row: &BinarizedRow, text: &str) -> f64 {
     row.all_generated_responses.iter().position(|r| r == text).map_or(f64::NAN, |i| row.all_rm_scores[i])
 }
 
-fn count(counts: &BTreeMap<String, Value>, key: &str) -> String {
-    counts.get(key).map_or("-".into(), |v| v.to_string())
+fn count(n: Option<u64>) -> String {
+    n.map_or("-".into(), |v| v.to_string())
 }
 
 /// The card and its plots, as (path under `export.dir`, bytes).
@@ -98,6 +126,17 @@ pub fn render(input: &CardInput) -> Result<Vec<(String, Vec<u8>)>> {
     let _ = writeln!(b, "# {}\n", input.name);
     b.push_str("An on-policy preference dataset built by prefgen: every response was sampled from the policy, scored by the reward model, and the best and worst scored responses kept as `chosen` and `rejected`.\n\n");
     b.push_str("```python\nfrom datasets import load_dataset, load_from_disk\nds = load_dataset(\"parquet\", data_dir=\"data\")   # or: load_from_disk(\"hf\")\n```\n\n");
+    b.push_str("## Made from\n\n| recipe key | source | digest |\n|---|---|---|\n");
+    for s in &input.sources {
+        let _ = writeln!(b, "| `{}` | `{}` | `{}` |", s.key, s.source, &s.digest[..12.min(s.digest.len())]);
+    }
+    if !input.engines.is_empty() {
+        b.push_str("\nComputed by:\n\n");
+        for (stage, engine) in &input.engines {
+            let _ = writeln!(b, "- {stage}: {engine}");
+        }
+    }
+    b.push('\n');
     b.push_str("## Counts\n\n| split | prompts | skipped as too long (generate / annotate) | dropped as identical | rows scored | ties (all scores equal) | dropped as ties | rows |\n|---|---|---|---|---|---|---|---|\n");
     for s in &input.splits {
         let c = &s.counts;
@@ -105,13 +144,13 @@ pub fn render(input: &CardInput) -> Result<Vec<(String, Vec<u8>)>> {
             b,
             "| {} | {} | {} / {} | {} | {} | {} | {} | {} |",
             s.name,
-            count(c, "prompts"),
-            count(c, "skipped_too_long_generate"),
-            count(c, "skipped_too_long_annotate"),
-            count(c, "dropped_identical"),
-            count(c, "rows_in"),
-            count(c, "ties"),
-            count(c, "dropped_ties"),
+            count(c.prompts),
+            count(c.skipped_generate),
+            count(c.skipped_annotate),
+            count(c.dropped_identical),
+            count(c.rows_in),
+            count(c.ties),
+            count(c.dropped_ties),
             s.rows.len()
         );
     }
@@ -166,8 +205,8 @@ pub fn render(input: &CardInput) -> Result<Vec<(String, Vec<u8>)>> {
             })
             .collect();
         let path = format!("plots/{}-seed-length.png", s.name);
-        let seeds: Vec<String> = match input.params.get("generate.seeds").and_then(Value::as_array) {
-            Some(seeds) if seeds.len() == n => seeds.iter().map(Value::to_string).collect(),
+        let seeds: Vec<String> = match &input.seeds {
+            seeds if seeds.len() == n => seeds.iter().map(u64::to_string).collect(),
             _ => (1..=n).map(|k| format!("#{k}")).collect(),
         };
         let means: Vec<String> = seeds.iter().zip(&per_seed).map(|(seed, m)| format!("{seed}: {m:.1}")).collect();

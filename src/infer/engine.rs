@@ -4,7 +4,6 @@
 
 use super::Policy;
 use super::sampler::{self, Sampling, Stream};
-use anyhow::Result;
 
 /// Tokens one forward takes at most (a single longer prompt aside): a
 /// batch of 64 prompts of 4,096 tokens prefilled at once would hold
@@ -15,6 +14,16 @@ const STEP_TOKENS: usize = 8192;
 pub struct Job {
     pub prompt: Vec<u32>,
     pub stream: Stream,
+}
+
+/// Why generation stopped short.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// The model gave a NaN or infinite logit for job `job` at token `position`.
+    #[error("a non-finite logit ({value}) at token {position} of response {job}")]
+    NonFinite { job: usize, position: usize, value: f32 },
+    #[error(transparent)]
+    Model(#[from] anyhow::Error),
 }
 
 /// How a response ended.
@@ -35,7 +44,7 @@ pub fn generate(
     max_tokens: usize,
     batch: usize,
     mut progress: impl FnMut(usize),
-) -> Result<Vec<Outcome>> {
+) -> Result<Vec<Outcome>, EngineError> {
     struct Active {
         job: usize,
         cache: crate::infer::models::decoder::KvCache,
@@ -80,9 +89,10 @@ pub fn generate(
             })
             .collect();
         let mut caches: Vec<&mut _> = active.iter_mut().map(|a| &mut a.cache).collect();
-        let rows = model.forward(&inputs, &mut caches)?.to_vec2::<f32>()?;
+        let rows = model.forward(&inputs, &mut caches)?.to_vec2::<f32>().map_err(anyhow::Error::from)?;
         for (mut a, row) in active.drain(..).zip(rows).collect::<Vec<_>>() {
-            let tok = sampler::sample(&row, sampling, &mut jobs[a.job].stream);
+            let tok = sampler::sample(&row, sampling, &mut jobs[a.job].stream)
+                .map_err(|value| EngineError::NonFinite { job: a.job, position: a.out.len(), value })?;
             let stop = policy.stop.contains(&tok);
             if !stop {
                 a.out.push(tok);

@@ -2,6 +2,7 @@
 //! and the batched decoding engine.
 
 pub mod engine;
+pub mod files;
 pub mod gguf;
 pub mod models;
 pub mod qmatmul;
@@ -99,13 +100,12 @@ impl Policy {
             let text = std::fs::read_to_string(&p).with_context(|| format!("{}: cannot read {name}", dir.display()))?;
             serde_json::from_str(&text).with_context(|| format!("{}: {name} is not JSON", dir.display()))
         };
-        let config = read("config.json")?;
-        let tokenizer = Tokenizer::from_file(dir.join("tokenizer.json"))
-            .map_err(|e| anyhow::anyhow!("{}: cannot load tokenizer.json: {e}", dir.display()))?;
-        let tc = read("tokenizer_config.json")?;
+        let config = read(files::CONFIG)?;
+        let tokenizer = Tokenizer::from_file(dir.join(files::TOKENIZER))
+            .map_err(|e| anyhow::anyhow!("{}: cannot load {}: {e}", dir.display(), files::TOKENIZER))?;
+        let tc = read(files::TOKENIZER_CONFIG)?;
         let token = |v: &serde_json::Value| v.as_str().or_else(|| v["content"].as_str()).unwrap_or("").to_string();
-        // Newer snapshots keep the template in its own file.
-        let separate = template.or_else(|| std::fs::read_to_string(dir.join("chat_template.jinja")).ok());
+        let separate = template.or_else(|| std::fs::read_to_string(dir.join(files::CHAT_TEMPLATE)).ok());
         let source = match (&tc["chat_template"], separate) {
             (_, Some(t)) => t,
             (template, None) => match template {
@@ -120,7 +120,7 @@ impl Policy {
             },
         };
         let template = ChatTemplate::new(&source, &token(&tc["bos_token"]), &token(&tc["eos_token"]))?;
-        let eos = match read("generation_config.json") {
+        let eos = match read(files::GENERATION_CONFIG) {
             Ok(g) => g["eos_token_id"].clone(),
             Err(_) => config["eos_token_id"].clone(),
         };
@@ -165,5 +165,10 @@ impl Policy {
     /// The longest sequence (prompt and response) the model takes.
     pub fn context(&self) -> usize {
         self.model.cfg.context
+    }
+
+    /// What computes its outputs (see [`Decoder::engine`]).
+    pub fn engine(&self) -> String {
+        self.model.engine()
     }
 }

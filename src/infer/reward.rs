@@ -89,7 +89,7 @@ impl RewardModel {
     pub fn load(path: &Path, kind: Option<Kind>, rubric: Option<String>, options: &Load) -> Result<RewardModel> {
         let config: Option<HeadConfig> = match path.is_dir() {
             true => {
-                let p = path.join("config.json");
+                let p = path.join(super::files::CONFIG);
                 let text = std::fs::read_to_string(&p).with_context(|| format!("cannot read {}", p.display()))?;
                 Some(serde_json::from_str(&text).with_context(|| format!("{}", p.display()))?)
             }
@@ -148,6 +148,16 @@ impl RewardModel {
     /// The longest sequence the model takes.
     pub fn context(&self) -> usize {
         self.policy.context()
+    }
+
+    /// What computes its scores: the backbone's engine and the kind of head.
+    pub fn engine(&self) -> String {
+        let kind = match self.kind {
+            Kind::Armorm => "armorm",
+            Kind::Classifier => "classifier",
+            Kind::Judge => "judge",
+        };
+        format!("{}, {kind} head", self.policy.engine())
     }
 
     /// The token ids the model scores for one response: the reward model's

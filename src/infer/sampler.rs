@@ -59,8 +59,16 @@ pub fn argmax(logits: &[f32]) -> u32 {
 
 /// Draws one token. Probabilities are computed in f64 from `logits / T`;
 /// top-p keeps the most probable tokens (ties by lower id) until their mass
-/// reaches `top_p`, the token that crosses it included.
-pub fn sample(logits: &[f32], s: Sampling, stream: &mut Stream) -> u32 {
+/// reaches `top_p`, the token that crosses it included. A NaN or infinite
+/// logit is returned as the error: no token can be drawn honestly.
+pub fn sample(logits: &[f32], s: Sampling, stream: &mut Stream) -> Result<u32, f32> {
+    if let Some(bad) = logits.iter().find(|x| !x.is_finite()) {
+        return Err(*bad);
+    }
+    Ok(draw(logits, s, stream))
+}
+
+fn draw(logits: &[f32], s: Sampling, stream: &mut Stream) -> u32 {
     if s.temperature == 0.0 {
         return argmax(logits);
     }
@@ -126,7 +134,7 @@ mod tests {
         let mut a = Stream::new(7, "p");
         let mut b = a.clone();
         let s = Sampling { temperature: 1.0, top_p: 0.9 };
-        let draws: Vec<u32> = (0..200).map(|_| sample(&logits, s, &mut a)).collect();
+        let draws: Vec<u32> = (0..200).map(|_| sample(&logits, s, &mut a).unwrap()).collect();
         // Reference: a full sort.
         let reference = |st: &mut Stream| {
             let mut p: Vec<(u32, f64)> =
@@ -162,16 +170,29 @@ mod tests {
     fn greedy_top_p_and_temperature() {
         let logits = [1.0, 5.0, 5.0, 0.0];
         let mut s = Stream::new(0, "");
-        assert_eq!(sample(&logits, Sampling { temperature: 0.0, top_p: 1.0 }, &mut s), 1);
+        assert_eq!(sample(&logits, Sampling { temperature: 0.0, top_p: 1.0 }, &mut s), Ok(1));
         // A tiny nucleus keeps only the most probable token (the lower id of a tie).
         for _ in 0..20 {
-            assert_eq!(sample(&logits, Sampling { temperature: 1.0, top_p: 0.01 }, &mut s), 1);
+            assert_eq!(sample(&logits, Sampling { temperature: 1.0, top_p: 0.01 }, &mut s), Ok(1));
         }
         // The full distribution at a high temperature reaches every token.
         let mut seen = [false; 4];
         for _ in 0..400 {
-            seen[sample(&logits, Sampling { temperature: 50.0, top_p: 1.0 }, &mut s) as usize] = true;
+            seen[sample(&logits, Sampling { temperature: 50.0, top_p: 1.0 }, &mut s).unwrap() as usize] = true;
         }
         assert_eq!(seen, [true; 4]);
+    }
+
+    /// A NaN or infinite logit is never turned into a token, greedy or sampled.
+    #[test]
+    fn non_finite_logits_are_refused() {
+        let mut s = Stream::new(0, "");
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            for temperature in [0.0, 1.0] {
+                let logits = [1.0, bad, 0.5];
+                let got = sample(&logits, Sampling { temperature, top_p: 0.9 }, &mut s);
+                assert!(got.is_err_and(|v| v.is_nan() == bad.is_nan()), "{bad} at T={temperature}: {got:?}");
+            }
+        }
     }
 }

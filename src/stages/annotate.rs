@@ -1,25 +1,85 @@
 //! `annotate`: one score per response, as SimPO's `all_outputs_rm.json`:
 //! scored with a reward model, or imported (published or precomputed scores).
 
-use super::StageOutput;
 use super::generate::preview;
+use super::{At, ByShard, Counts, External, Keyed, Models, NodeSpec, ShardOut, StageOutput, Work};
 use crate::formats::simpo::{self, FilteredRow, ScoredRow};
-use crate::infer::reward::{Overflow, RewardModel};
-use anyhow::{Result, bail};
-use std::collections::HashMap;
+use crate::infer::reward::RewardModel;
+use crate::recipe::{self, Recipe};
+use anyhow::{Result, anyhow, bail};
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
+use std::sync::Arc;
 
-pub const VERSION: u32 = 1;
-/// Version of a scored shard's contents (tokenization, heads, batching).
-pub const SCORER_VERSION: u32 = 2;
+/// Bumped when tokenization, the heads or batching change what a score is.
+pub const VERSION: u32 = 3;
 pub const FILE: &str = "all_outputs_rm.json";
 
-/// Scoring parameters of the recipe's `[annotate]`.
-pub struct Params {
-    /// Longest conversation in tokens (already resolved from 0 to the context).
-    pub max_length: usize,
-    pub overflow: Overflow,
-    pub batch_size: usize,
+/// What an annotate node keys: the imported file, or the scoring
+/// parameters, the reward model, its template and the judge's rubric.
+pub fn keyed(at: &At) -> Keyed {
+    let a = &at.recipe.annotate;
+    let mut externals = BTreeMap::new();
+    let params = match &a.import {
+        Some(pattern) => {
+            externals
+                .insert(recipe::annotate::import.into(), External::File(pattern.replace("{split}", at.split).into()));
+            BTreeMap::new()
+        }
+        None => {
+            let model = at.reward.expect("the planner resolves annotate.model when it is set");
+            externals.insert(recipe::annotate::model.into(), External::Model(model.to_path_buf()));
+            for (key, path) in
+                [(recipe::annotate::chat_template, &a.chat_template), (recipe::annotate::judge_rubric, &a.judge_rubric)]
+            {
+                if let Some(path) = path {
+                    externals.insert(key.into(), External::File(path.into()));
+                }
+            }
+            a.keyed()
+        }
+    };
+    Keyed { params, externals }
+}
+
+/// An annotate node's work: its scores imported, or its rows scored shard
+/// by shard.
+pub fn work<'a>(
+    spec: &'a NodeSpec,
+    recipe: &'a Recipe,
+    prompt_set: &[String],
+    rows: Arc<Vec<FilteredRow>>,
+    models: &'a dyn Models,
+) -> Result<Work<'a>> {
+    if let Some(path) = spec.external(recipe::annotate::import) {
+        return Ok(Work::Whole(import(prompt_set, &rows, path)?));
+    }
+    let a = &recipe.annotate;
+    let model = spec.external(recipe::annotate::model).expect("a scoring node keys its model");
+    let template = spec.external(recipe::annotate::chat_template);
+    let rubric = spec.external(recipe::annotate::judge_rubric);
+    let shards = ByShard::new(
+        rows,
+        a.shard_size,
+        ("responses", |r: &FilteredRow| r.all_generated_responses.len()),
+        move |chunk, progress| {
+            let rm = models.reward(model, a.kind, template, rubric)?;
+            let max_length = if a.max_length == 0 { rm.context() } else { a.max_length };
+            let out = score(chunk, &rm, max_length, a, progress)
+                .map_err(|e| anyhow!("annotate.model {}: {e}", model.display()))?;
+            let counts = Counts { skipped_too_long: Some(out.skipped as u64), ..Counts::default() };
+            Ok(ShardOut { rows: out.rows, counts, tokens: out.tokens, engine: rm.engine() })
+        },
+        |rows, counts| {
+            let counts = Counts {
+                rows: Some(rows.len() as u64),
+                skipped_too_long: Some(counts.skipped_too_long.unwrap_or(0)),
+                ..Counts::default()
+            };
+            StageOutput::rows(FILE, rows, counts)
+        },
+    );
+    Ok(Work::Sharded(Box::new(shards)))
 }
 
 /// What a shard of rows scored to.
@@ -33,14 +93,20 @@ pub struct Scored {
 
 /// Scores every response of `rows`, longest conversations first, `batch_size`
 /// at a time; `progress(tokens)` is called per sequence scored. A row with a
-/// conversation that does not fit (`skip`, or a prompt too long to truncate
-/// around) is left out and counted.
-pub fn score(rows: &[FilteredRow], model: &RewardModel, p: &Params, mut progress: impl FnMut(usize)) -> Result<Scored> {
+/// conversation longer than `max_length` tokens that cannot be cut
+/// (`skip`, or a prompt too long to truncate around) is left out and counted.
+pub fn score(
+    rows: &[FilteredRow],
+    model: &RewardModel,
+    max_length: usize,
+    a: &recipe::Annotate,
+    mut progress: impl FnMut(usize),
+) -> Result<Scored> {
     let mut seqs: Vec<(usize, usize, Vec<u32>)> = Vec::new();
     let mut fits = vec![true; rows.len()];
     for (r, row) in rows.iter().enumerate() {
         for (k, response) in row.all_generated_responses.iter().enumerate() {
-            match model.encode(&row.prompt, response, p.max_length, p.overflow)? {
+            match model.encode(&row.prompt, response, max_length, a.overflow)? {
                 Some(ids) => seqs.push((r, k, ids)),
                 None => fits[r] = false,
             }
@@ -52,12 +118,13 @@ pub fn score(rows: &[FilteredRow], model: &RewardModel, p: &Params, mut progress
     seqs.sort_by(|a, b| b.2.len().cmp(&a.2.len()).then((a.0, a.1).cmp(&(b.0, b.1))));
     let mut scores: Vec<Vec<f64>> = rows.iter().map(|r| vec![f64::NAN; r.all_generated_responses.len()]).collect();
     let mut tokens = 0;
-    for batch in seqs.chunks(p.batch_size.max(1)) {
+    for batch in seqs.chunks(a.batch_size.max(1)) {
         let ids: Vec<&[u32]> = batch.iter().map(|(_, _, ids)| ids.as_slice()).collect();
         for ((r, k, ids), s) in batch.iter().zip(model.score(&ids)?) {
             if !s.is_finite() {
                 bail!(
-                    "the reward model gave a non-finite score ({s}) for a response to {:?}",
+                    "a non-finite score ({s}) for response {} of {:?}: the weights or the activations overflowed",
+                    k + 1,
                     preview(&rows[*r].prompt)
                 );
             }
@@ -120,6 +187,7 @@ pub fn import(prompt_set: &[String], rows: &[FilteredRow], path: &Path) -> Resul
             all_rm_scores: scored.all_rm_scores.clone(),
         });
     }
-    let (n, unused) = (out.len(), by_prompt.len());
-    Ok(StageOutput::rows(FILE, out)?.stat("rows", n).stat("import_rows_unused", unused))
+    let counts =
+        Counts { rows: Some(out.len() as u64), import_rows_unused: Some(by_prompt.len() as u64), ..Counts::default() };
+    StageOutput::rows(FILE, out, counts)
 }

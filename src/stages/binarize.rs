@@ -1,8 +1,9 @@
 //! `binarize`: chosen = the first best-scored response, rejected = the first
 //! worst (numpy's `argmax`/`argmin`, NaN winning both as in numpy).
 
-use super::StageOutput;
+use super::{At, Counts, Keyed, StageOutput};
 use crate::formats::simpo::{BinarizedRow, Message, ScoredRow};
+use crate::recipe;
 use anyhow::Result;
 
 pub const VERSION: u32 = 1;
@@ -30,7 +31,13 @@ fn pair(prompt: &str, response: &str) -> Vec<Message> {
     ]
 }
 
-pub fn build(rows: &[ScoredRow], keep_ties: bool) -> Result<StageOutput> {
+/// `[binarize]`'s keyed values.
+pub fn keyed(at: &At) -> Keyed {
+    Keyed { params: at.recipe.binarize.keyed(), externals: Default::default() }
+}
+
+pub fn build(rows: &[ScoredRow], section: &recipe::Binarize) -> Result<StageOutput> {
+    let keep_ties = section.keep_ties;
     let rows_in = rows.len();
     let mut ties = 0usize;
     let mut out = Vec::with_capacity(rows.len());
@@ -55,12 +62,14 @@ pub fn build(rows: &[ScoredRow], keep_ties: bool) -> Result<StageOutput> {
             rejected,
         });
     }
-    let kept = out.len();
-    Ok(StageOutput::rows(FILE, out)?
-        .stat("rows_in", rows_in)
-        .stat("ties", ties)
-        .stat("dropped_ties", if keep_ties { 0 } else { ties })
-        .stat("rows", kept))
+    let counts = Counts {
+        rows_in: Some(rows_in as u64),
+        ties: Some(ties as u64),
+        dropped_ties: Some(if keep_ties { 0 } else { ties as u64 }),
+        rows: Some(out.len() as u64),
+        ..Counts::default()
+    };
+    StageOutput::rows(FILE, out, counts)
 }
 
 #[cfg(test)]
@@ -86,11 +95,11 @@ mod tests {
         let rows = vec![row(vec![1.0, 1.0]), row(vec![0.5, 2.0])];
         let parse =
             |out: &StageOutput| crate::formats::simpo::parse_rows::<BinarizedRow>(&out.files[0].1, "binarize").unwrap();
-        let dropped = build(&rows, false).unwrap();
+        let dropped = build(&rows, &recipe::Binarize { keep_ties: false }).unwrap();
         let kept = parse(&dropped);
-        assert_eq!((kept.len(), &dropped.stats["ties"]), (1, &serde_json::json!(1)));
+        assert_eq!((kept.len(), dropped.counts.ties), (1, Some(1)));
         assert_eq!(kept[0].chosen[1].content, "b");
         assert_eq!(kept[0].rejected[1].content, "a");
-        assert_eq!(parse(&build(&rows, true).unwrap()).len(), 2);
+        assert_eq!(parse(&build(&rows, &recipe::Binarize { keep_ties: true }).unwrap()).len(), 2);
     }
 }

@@ -1,50 +1,126 @@
 //! `export`: the files users load, from every split's binarized rows: hub-layout
 //! parquet, a `load_from_disk` folder and the dataset card.
 
-use super::StageOutput;
-use crate::formats::card::{self, CardInput, CardSplit};
+use super::{At, Counts, Keyed, Stage, StageOutput, generate};
+use crate::digest::Digest;
+use crate::formats::card::{self, CardInput, CardSplit, Source, SplitCounts};
 use crate::formats::simpo::BinarizedRow;
 use crate::formats::{hf_disk, hub_parquet};
+use crate::recipe::{self, Recipe};
 use anyhow::Result;
-use serde_json::Value;
+use serde_json::{Value, json};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-pub const VERSION: u32 = 2;
+pub const VERSION: u32 = 3;
 
-/// One split's rows and the counts the upstream stages reported.
-pub struct SplitRows {
-    pub name: String,
-    pub rows: Arc<Vec<BinarizedRow>>,
-    pub counts: BTreeMap<String, Value>,
+/// The recipe's name (the card's title) and `[export]`'s keyed values.
+pub fn keyed(at: &At) -> Keyed {
+    let mut params = at.recipe.export.keyed();
+    params.insert(recipe::top::name.into(), json!(at.recipe.name));
+    Keyed { params, externals: Default::default() }
 }
 
-pub fn build(
-    name: &str,
-    splits: &[SplitRows],
-    rows_per_file: usize,
-    params: BTreeMap<String, Value>,
-    keys: Vec<(String, String)>,
-) -> Result<StageOutput> {
+/// What one node of the recipe recorded, as the card reports it.
+#[derive(Debug, Clone)]
+pub struct Recorded {
+    pub label: String,
+    pub stage: Stage,
+    pub split: Option<String>,
+    pub key: Digest,
+    /// Its keyed parameter values, by recipe key.
+    pub params: BTreeMap<String, Value>,
+    pub counts: Counts,
+    /// The engines that computed it (sampled and scored nodes).
+    pub engines: Vec<String>,
+    /// What it read from outside: (recipe key, source, digest).
+    pub sources: Vec<(String, String, Digest)>,
+}
+
+/// Every other node of the recipe, in graph order.
+#[derive(Debug, Clone, Default)]
+pub struct Provenance {
+    pub nodes: Vec<Recorded>,
+}
+
+impl Provenance {
+    fn of(&self, stage: Stage, split: &str) -> Option<&Recorded> {
+        self.nodes.iter().find(|n| n.stage == stage && n.split.as_deref() == Some(split))
+    }
+}
+
+/// `splits` holds each output split's binarized rows, in the recipe's split order.
+pub fn build(recipe: &Recipe, splits: &[Arc<Vec<BinarizedRow>>], provenance: Provenance) -> Result<StageOutput> {
+    let names: Vec<String> = recipe.splits().into_iter().map(|s| s.name).collect();
+    let rows_per_file = recipe.export.rows_per_file;
     let mut out = StageOutput::default();
-    let pairs: Vec<(&str, &[BinarizedRow])> = splits.iter().map(|s| (s.name.as_str(), s.rows.as_slice())).collect();
+    let pairs: Vec<(&str, &[BinarizedRow])> =
+        names.iter().map(String::as_str).zip(splits.iter().map(|s| s.as_slice())).collect();
     // The two encodings are independent: write them on two cores.
     let (parquet, arrow) = std::thread::scope(|scope| {
         let arrow = scope.spawn(|| hf_disk::write(&pairs, rows_per_file));
         let parquet: Result<Vec<_>> =
-            splits.iter().map(|s| hub_parquet::write_split(&s.name, &s.rows, rows_per_file)).collect();
+            pairs.iter().map(|(name, rows)| hub_parquet::write_split(name, rows, rows_per_file)).collect();
         (parquet, arrow.join().expect("writing Arrow does not panic"))
     });
     out.files.extend(parquet?.into_iter().flatten());
     out.files.extend(arrow?);
-    for s in splits {
-        out.stats.insert(format!("rows.{}", s.name), s.rows.len().into());
+    for (name, rows) in &pairs {
+        out.counts.split_rows.insert(name.to_string(), rows.len() as u64);
+    }
+    let count = |stage, split: &str, pick: fn(&Counts) -> Option<u64>| {
+        provenance.of(stage, split).and_then(|n| pick(&n.counts))
+    };
+    let card_splits = pairs
+        .iter()
+        .map(|(name, rows)| CardSplit {
+            name,
+            rows,
+            counts: SplitCounts {
+                prompts: count(Stage::Filter, name, |c| c.prompts),
+                // Every seed skips the same too-long prompts: one seed's count is the split's.
+                skipped_generate: count(Stage::Generate, name, |c| c.skipped_too_long),
+                skipped_annotate: count(Stage::Annotate, name, |c| c.skipped_too_long),
+                dropped_identical: count(Stage::Filter, name, |c| c.dropped_identical),
+                rows_in: count(Stage::Binarize, name, |c| c.rows_in),
+                ties: count(Stage::Binarize, name, |c| c.ties),
+                dropped_ties: count(Stage::Binarize, name, |c| c.dropped_ties),
+            },
+        })
+        .collect();
+    let mut params = BTreeMap::new();
+    for n in &provenance.nodes {
+        params.extend(n.params.clone());
+    }
+    params.remove(generate::SEED);
+    params.extend(keyed(&At { recipe, split: "", policy: None, reward: None }).params);
+    // What the data came from: each source once, in graph order.
+    let mut sources: Vec<Source> = Vec::new();
+    for n in &provenance.nodes {
+        for (key, source, digest) in &n.sources {
+            let s = Source { key: key.clone(), source: source.clone(), digest: digest.to_hex() };
+            if !sources.contains(&s) {
+                sources.push(s);
+            }
+        }
+    }
+    let mut engines: Vec<(String, String)> = Vec::new();
+    for n in &provenance.nodes {
+        for e in &n.engines {
+            let pair = (n.stage.name().to_string(), e.clone());
+            if !engines.contains(&pair) {
+                engines.push(pair);
+            }
+        }
     }
     let card = CardInput {
-        name,
-        splits: splits.iter().map(|s| CardSplit { name: &s.name, rows: &s.rows, counts: s.counts.clone() }).collect(),
+        name: &recipe.name,
+        splits: card_splits,
         params,
-        keys,
+        seeds: recipe.generate.seeds.clone(),
+        sources,
+        engines,
+        keys: provenance.nodes.iter().map(|n| (n.label.clone(), n.key.to_hex())).collect(),
     };
     out.files.extend(card::render(&card)?);
     Ok(out)

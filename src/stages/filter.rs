@@ -1,15 +1,25 @@
 //! `filter`: combine the seeds' responses in recipe seed order (SimPO used
 //! directory-listing order) and drop prompts whose responses are all identical.
 
-use super::StageOutput;
+use super::{At, Counts, Keyed, StageOutput};
 use crate::formats::simpo::{DecodeRow, FilteredRow};
+use crate::recipe;
 use anyhow::{Result, bail};
+use serde_json::json;
 
 pub const VERSION: u32 = 1;
 pub const FILE: &str = "all_outputs.json";
 
+/// `[filter]`'s keyed values, and the seed order its rows follow.
+pub fn keyed(at: &At) -> Keyed {
+    let mut params = at.recipe.filter.keyed();
+    params.insert(recipe::generate::seeds.into(), json!(at.recipe.generate.seeds));
+    Keyed { params, externals: Default::default() }
+}
+
 /// `per_seed` holds each seed's rows in recipe seed order, all over one prompt list.
-pub fn build(per_seed: &[&[DecodeRow]], drop_identical: bool) -> Result<StageOutput> {
+pub fn build(per_seed: &[&[DecodeRow]], section: &recipe::Filter) -> Result<StageOutput> {
+    let drop_identical = section.drop_identical;
     let Some(first) = per_seed.first() else { bail!("filter needs at least one seed") };
     let mut rows = Vec::with_capacity(first.len());
     let mut identical = 0usize;
@@ -29,12 +39,14 @@ pub fn build(per_seed: &[&[DecodeRow]], drop_identical: bool) -> Result<StageOut
         }
         rows.push(FilteredRow { prompt: row.prompt.clone(), all_generated_responses: responses });
     }
-    let kept = rows.len();
-    Ok(StageOutput::rows(FILE, rows)?
-        .stat("prompts", first.len())
-        .stat("identical", identical)
-        .stat("dropped_identical", if drop_identical { identical } else { 0 })
-        .stat("rows", kept))
+    let counts = Counts {
+        prompts: Some(first.len() as u64),
+        identical: Some(identical as u64),
+        dropped_identical: Some(if drop_identical { identical as u64 } else { 0 }),
+        rows: Some(rows.len() as u64),
+        ..Counts::default()
+    };
+    StageOutput::rows(FILE, rows, counts)
 }
 
 #[cfg(test)]
@@ -57,12 +69,13 @@ mod tests {
     fn drops_rows_identical_across_seeds_and_keeps_seed_order() {
         let parse =
             |out: &StageOutput| crate::formats::simpo::parse_rows::<FilteredRow>(&out.files[0].1, "filter").unwrap();
-        let out = build(&[&seed(&["a", "x"]), &seed(&["b", "x"]), &seed(&["a", "x"])], true).unwrap();
+        let section = |drop_identical| recipe::Filter { drop_identical };
+        let out = build(&[&seed(&["a", "x"]), &seed(&["b", "x"]), &seed(&["a", "x"])], &section(true)).unwrap();
         let rows = parse(&out);
         assert_eq!(rows.len(), 1);
         assert_eq!(rows[0].all_generated_responses, ["a", "b", "a"]);
-        assert_eq!(out.stats["dropped_identical"], 1);
-        let kept = build(&[&seed(&["a", "x"]), &seed(&["b", "x"])], false).unwrap();
+        assert_eq!(out.counts.dropped_identical, Some(1));
+        let kept = build(&[&seed(&["a", "x"]), &seed(&["b", "x"])], &section(false)).unwrap();
         assert_eq!(parse(&kept).len(), 2);
     }
 }

@@ -2,18 +2,87 @@
 //! `output_{seed}.json`: sampled from the policy, or imported from decode
 //! files users bring.
 
-use super::StageOutput;
+use super::{At, ByShard, Counts, External, Keyed, Models, NodeSpec, ShardOut, StageOutput, Work};
 use crate::formats::simpo::{self, DecodeRow};
 use crate::infer::Policy;
-use crate::infer::engine::{self, Job, Outcome};
+use crate::infer::engine::{self, EngineError, Job, Outcome};
 use crate::infer::sampler::{Sampling, Stream};
-use anyhow::{Result, bail};
-use std::collections::HashMap;
+use crate::recipe::{self, Recipe};
+use anyhow::{Result, anyhow, bail};
+use serde_json::json;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
+use std::sync::Arc;
 
-pub const VERSION: u32 = 1;
-/// Version of a sampled shard's contents (the engine, sampler and decoding).
-pub const SAMPLER_VERSION: u32 = 2;
+/// Bumped when the engine, the sampler or decoding change what a response is.
+pub const VERSION: u32 = 3;
+/// The node's seed in its key (one node per seed of `generate.seeds`).
+pub const SEED: &str = "generate.seed";
+
+/// What a generate node keys: its seed, and the imported file, or the
+/// sampling parameters, the policy and its template.
+pub fn keyed(at: &At, seed: u64) -> Keyed {
+    let g = &at.recipe.generate;
+    let mut params = BTreeMap::from([(SEED.to_string(), json!(seed))]);
+    let mut externals = BTreeMap::new();
+    match &g.import {
+        Some(pattern) => {
+            externals
+                .insert(recipe::generate::import.into(), External::File(import_path(pattern, seed, at.split).into()));
+        }
+        None => {
+            params.extend(g.keyed());
+            let policy = at.policy.expect("the planner resolves generate.model when it is set");
+            externals.insert(recipe::generate::model.into(), External::Model(policy.to_path_buf()));
+            if let Some(t) = &g.chat_template {
+                externals.insert(recipe::generate::chat_template.into(), External::File(t.into()));
+            }
+        }
+    }
+    Keyed { params, externals }
+}
+
+/// A generate node's work: its decode file imported, or its prompts sampled
+/// shard by shard.
+pub fn work<'a>(
+    spec: &'a NodeSpec,
+    recipe: &'a Recipe,
+    prompts: Arc<Vec<String>>,
+    models: &'a dyn Models,
+) -> Result<Work<'a>> {
+    let seed = spec.seed.expect("generate nodes have a seed");
+    if let Some(path) = spec.external(recipe::generate::import) {
+        return Ok(Work::Whole(import(&prompts, path, seed)?));
+    }
+    let g = &recipe.generate;
+    let model = spec.external(recipe::generate::model).expect("a sampling node keys its model");
+    let template = spec.external(recipe::generate::chat_template);
+    let shards = ByShard::new(
+        prompts,
+        g.shard_size,
+        ("prompts", |_| 1),
+        move |chunk, progress| {
+            let policy = models.policy(model, template)?;
+            let mut tokens = 0;
+            let (rows, skipped) = sample(chunk, &policy, g, seed, |n| {
+                tokens += n;
+                progress(n);
+            })
+            .map_err(|e| anyhow!("generate.model {}: {e}", model.display()))?;
+            let counts = Counts { skipped_too_long: Some(skipped as u64), ..Counts::default() };
+            Ok(ShardOut { rows, counts, tokens, engine: policy.engine() })
+        },
+        move |rows, counts| {
+            let counts = Counts {
+                responses: Some(rows.len() as u64),
+                skipped_too_long: Some(counts.skipped_too_long.unwrap_or(0)),
+                ..Counts::default()
+            };
+            StageOutput::rows(&file_name(seed), rows, counts)
+        },
+    );
+    Ok(Work::Sharded(Box::new(shards)))
+}
 
 /// The file name a seed's responses are written under.
 pub fn file_name(seed: u64) -> String {
@@ -50,17 +119,8 @@ pub fn import(prompts: &[String], path: &Path, seed: u64) -> Result<StageOutput>
         bail!("{shown}: no response for {missing} of {} prompts (first: {:?})", prompts.len(), preview(&prompts[i]));
     }
     let rows: Vec<DecodeRow> = by_prompt.into_iter().flatten().collect();
-    let n = rows.len();
-    Ok(StageOutput::rows(&file_name(seed), rows)?.stat("responses", n))
-}
-
-/// Sampling parameters of the recipe's `[generate]`.
-pub struct Params {
-    pub sampling: Sampling,
-    pub max_tokens: usize,
-    pub batch_size: usize,
-    pub seed: u64,
-    pub vllm_compat: bool,
+    let counts = Counts { responses: Some(rows.len() as u64), ..Counts::default() };
+    StageOutput::rows(&file_name(seed), rows, counts)
 }
 
 /// Samples one response per prompt. Prompts that leave no room in the model's
@@ -68,17 +128,28 @@ pub struct Params {
 pub fn sample(
     prompts: &[String],
     policy: &Policy,
-    p: &Params,
+    g: &recipe::Generate,
+    seed: u64,
     progress: impl FnMut(usize),
 ) -> Result<(Vec<DecodeRow>, usize)> {
     let mut formatted = Vec::with_capacity(prompts.len());
     let mut jobs = Vec::with_capacity(prompts.len());
     for prompt in prompts {
         let text = policy.format_prompt(prompt)?;
-        jobs.push(Job { prompt: policy.encode(&text, p.vllm_compat)?, stream: Stream::new(p.seed, prompt) });
+        jobs.push(Job { prompt: policy.encode(&text, g.vllm_compat)?, stream: Stream::new(seed, prompt) });
         formatted.push(text);
     }
-    let outcomes = engine::generate(policy, jobs, p.sampling, p.max_tokens, p.batch_size, progress)?;
+    let sampling = Sampling { temperature: g.temperature, top_p: g.top_p };
+    let outcomes = engine::generate(policy, jobs, sampling, g.max_tokens as usize, g.batch_size, progress).map_err(
+        |e| match e {
+            EngineError::NonFinite { job, position, value } => anyhow!(
+                "a non-finite logit ({value}) at token {position} of the response to {:?}: the weights or the \
+                 activations overflowed",
+                preview(&prompts[job])
+            ),
+            EngineError::Model(e) => e,
+        },
+    )?;
     let mut rows = Vec::with_capacity(prompts.len());
     let mut skipped = 0;
     for ((prompt, format_prompt), outcome) in prompts.iter().zip(formatted).zip(outcomes) {

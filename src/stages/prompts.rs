@@ -1,18 +1,27 @@
 //! `prompts`: a dataset split's column, de-duplicated and sorted by code point
 //! (Python's `sorted(set(...))`; UTF-8 byte order is code point order).
 
-use super::StageOutput;
+use super::{At, Counts, External, Keyed, StageOutput};
 use crate::cache::Cache;
 use crate::digest::Digest;
 use crate::formats::table::{self, Cell};
 use crate::hub;
-use crate::recipe::PromptSource;
+use crate::recipe::{self, PromptSource};
 use anyhow::{Result, anyhow, bail};
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 pub const VERSION: u32 = 1;
 pub const FILE: &str = "prompts.json";
+
+/// `[prompts]`'s keyed values, and the split's source, keyed by what it holds.
+pub fn keyed(at: &At) -> Keyed {
+    let spec = at.recipe.splits().into_iter().find(|s| s.name == at.split).expect("nodes name recipe splits");
+    Keyed {
+        params: at.recipe.prompts.keyed(),
+        externals: BTreeMap::from([(recipe::prompts::dataset.to_string(), External::Prompts(spec.source))]),
+    }
+}
 
 /// A prompt source resolved to files, with an identity for the action key.
 pub struct Resolved {
@@ -100,7 +109,8 @@ fn prompt_of(cell: Cell, file: &Path, row: usize, column: &str) -> Result<String
 }
 
 /// Builds the sorted prompt set from the source files.
-pub fn build(files: &[PathBuf], column: &str, limit: usize) -> Result<StageOutput> {
+pub fn build(files: &[PathBuf], section: &recipe::Prompts) -> Result<StageOutput> {
+    let (column, limit) = (section.column.as_str(), section.limit);
     let mut set = BTreeSet::new();
     let mut rows = 0usize;
     for file in files {
@@ -116,7 +126,13 @@ pub fn build(files: &[PathBuf], column: &str, limit: usize) -> Result<StageOutpu
     let unique = set.len();
     let take = if limit == 0 { unique } else { limit.min(unique) };
     let prompts: Vec<String> = set.into_iter().take(take).collect();
-    Ok(StageOutput::rows(FILE, prompts)?.stat("source_rows", rows).stat("unique_prompts", unique).stat("prompts", take))
+    let counts = Counts {
+        source_rows: Some(rows as u64),
+        unique_prompts: Some(unique as u64),
+        prompts: Some(take as u64),
+        ..Counts::default()
+    };
+    StageOutput::rows(FILE, prompts, counts)
 }
 
 #[cfg(test)]
@@ -153,9 +169,10 @@ mod tests {
         ];
         std::fs::write(&f, rows.join("\n")).unwrap();
         let parse = |out: StageOutput| crate::formats::simpo::parse_rows::<String>(&out.files[0].1, "prompts").unwrap();
-        assert_eq!(parse(build(std::slice::from_ref(&f), "prompt", 0).unwrap()), ["Z", "a", "b", "é"]);
-        assert_eq!(parse(build(std::slice::from_ref(&f), "prompt", 2).unwrap()), ["Z", "a"]);
-        let e = build(&[f], "question", 0).err().expect("no such column").to_string();
+        let section = |column: &str, limit| recipe::Prompts { column: column.into(), limit, ..Default::default() };
+        assert_eq!(parse(build(std::slice::from_ref(&f), &section("prompt", 0)).unwrap()), ["Z", "a", "b", "é"]);
+        assert_eq!(parse(build(std::slice::from_ref(&f), &section("prompt", 2)).unwrap()), ["Z", "a"]);
+        let e = build(&[f], &section("question", 0)).err().expect("no such column").to_string();
         assert!(e.contains("p.jsonl: line 1 has no column \"question\""), "{e}");
     }
 }

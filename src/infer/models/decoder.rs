@@ -12,6 +12,7 @@
 //! sums inside attention, and with it the sampled tokens.
 
 use super::attention::{self, HostKv, HostRope};
+use crate::infer::files;
 use crate::infer::gguf::GgufFile;
 use crate::infer::qmatmul::PackedMatrix;
 use anyhow::{Context, Result, bail};
@@ -130,6 +131,16 @@ impl Linear {
             Linear::Packed(p) => x.contiguous()?.apply_op1_no_bwd(p),
             Linear::Quantized(q) => q.forward(x),
             Linear::Dense(w) => x.broadcast_matmul(&w.t()?),
+        }
+    }
+
+    /// Which kernel computes it, for the engine a result records.
+    fn kernel(&self) -> String {
+        match self {
+            Linear::Packed(_) => "prefgen int8 (avx512-vnni)".into(),
+            Linear::Quantized(QMatMul::QTensor(t)) => format!("candle {:?}", t.dtype()).to_lowercase(),
+            Linear::Quantized(_) => "candle dense".into(),
+            Linear::Dense(w) => format!("dense {:?}", w.dtype()).to_lowercase(),
         }
     }
 }
@@ -353,8 +364,8 @@ impl Decoder {
     /// file, or shards listed by `model.safetensors.index.json`), in f32 on
     /// the CPU and bf16 on a GPU.
     pub fn from_safetensors(dir: &Path, device: &Device) -> Result<Decoder> {
-        let text = std::fs::read_to_string(dir.join("config.json"))
-            .with_context(|| format!("{}: no config.json", dir.display()))?;
+        let text = std::fs::read_to_string(dir.join(files::CONFIG))
+            .with_context(|| format!("{}: no {}", dir.display(), files::CONFIG))?;
         let hc: HubConfig = serde_json::from_str(&text).with_context(|| format!("{}/config.json", dir.display()))?;
         let family = match hc.architectures.first().map(String::as_str) {
             // Reward models are a Llama backbone with their own heads.
@@ -450,6 +461,23 @@ impl Decoder {
         };
         let rope = Rope::new(&cfg, device, dtype)?;
         Ok(Decoder { cfg, embed, blocks, norm: norm("model.norm.weight")?, head, rope })
+    }
+
+    /// What computes this model's outputs: prefgen's version, the device,
+    /// the activations' dtype and the matmul kernels. Results record it.
+    pub fn engine(&self) -> String {
+        let mut kernels: Vec<String> = self
+            .blocks
+            .iter()
+            .flat_map(|b| [&b.wq, &b.wk, &b.wv, &b.wo, &b.gate, &b.up, &b.down])
+            .chain(&self.head)
+            .map(Linear::kernel)
+            .collect();
+        kernels.sort();
+        kernels.dedup();
+        let device = if self.device().is_cuda() { "cuda" } else { "cpu" };
+        let dtype = format!("{:?}", self.dtype()).to_lowercase();
+        format!("prefgen {} {device} {dtype}, matmuls: {}", env!("CARGO_PKG_VERSION"), kernels.join(" + "))
     }
 
     /// The device and dtype the weights live in.
@@ -664,26 +692,7 @@ pub(crate) struct Safetensors {
 
 impl Safetensors {
     pub(crate) fn open(dir: &Path) -> Result<Safetensors> {
-        let index = dir.join("model.safetensors.index.json");
-        let paths: Vec<std::path::PathBuf> = if index.is_file() {
-            let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&index)?)?;
-            let mut names: Vec<String> = v["weight_map"]
-                .as_object()
-                .with_context(|| format!("{}: no weight_map", index.display()))?
-                .values()
-                .filter_map(|f| f.as_str().map(str::to_string))
-                .collect();
-            names.sort();
-            names.dedup();
-            names.into_iter().map(|n| dir.join(n)).collect()
-        } else {
-            vec![dir.join("model.safetensors")]
-        };
-        for p in &paths {
-            if !p.is_file() {
-                bail!("{}: missing weights file {}", dir.display(), p.display());
-            }
-        }
+        let paths = crate::infer::files::weight_files(dir)?;
         // SAFETY: the files are only read; a file truncated under us is the
         // same hazard as for any reader of a hub snapshot.
         let files = unsafe { candle_core::safetensors::MmapedSafetensors::multi(&paths)? };

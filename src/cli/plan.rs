@@ -1,0 +1,45 @@
+//! `prefgen plan`: every node fresh or stale, and why; the lock's drift.
+
+use super::RecipeArgs;
+use crate::cache::Cache;
+use crate::lock::{self, Lock};
+use crate::plan::{Freshness, Walk};
+use anyhow::Result;
+use std::path::Path;
+use std::process::ExitCode;
+
+pub fn plan(cache: &Path, args: RecipeArgs) -> Result<ExitCode> {
+    let cache = Cache::open(cache)?;
+    let graph = args.graph()?;
+    let selected = graph.select(&args.targets)?;
+    let mut walk = Walk::new(&graph, &cache);
+    let mut stale = 0;
+    for idx in (0..graph.nodes.len()).filter(|&i| selected[i]) {
+        let label = graph.nodes[idx].label();
+        match walk.freshness(idx)? {
+            Freshness::Fresh(entry) => {
+                println!("fresh  {label}  {}", entry.key().short());
+                walk.entries[idx] = Some(entry);
+            }
+            Freshness::Stale(_, why) | Freshness::Blocked(why) => {
+                stale += 1;
+                println!("stale  {label}  {why}");
+            }
+        }
+    }
+    eprintln!("{stale} of {} nodes stale", selected.iter().filter(|s| **s).count());
+    let lock_path = lock::path_for(&args.recipe);
+    match Lock::read(&lock_path, false)? {
+        None => println!("lock: none yet ({} is written by `prefgen run`)", lock_path.display()),
+        Some(lock) => {
+            let drift = lock.drift(&mut Walk::new(&graph, &cache), &selected)?;
+            if drift.is_empty() {
+                println!("lock: matches {}", lock_path.display());
+            }
+            for line in drift {
+                println!("lock drift: {line}");
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,244 @@
+//! Executing a plan: the build loop. Each stale node is built under a lock
+//! on its key, from inputs kept in memory or read (verified) from the
+//! cache; sharded work goes through `shards`, storing through `store`, and
+//! the outputs are placed under `export.dir` by `materialise`.
+
+mod materialise;
+mod memory;
+mod models;
+mod progress;
+mod shards;
+mod store;
+
+pub use materialise::INCOMPLETE;
+pub use shards::Slice;
+
+use crate::cache::{ActionEntry, Cache, OutputFile};
+use crate::digest::Digest;
+use crate::plan::{Freshness, Graph, Walk};
+use crate::stages::{self, Inputs, Rows, Stage, Work};
+use anyhow::{Context, Result, bail};
+use memory::Memory;
+use shards::ShardRun;
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::sync::mpsc::{SyncSender, sync_channel};
+use std::time::Instant;
+use store::Store;
+
+/// How a pass over the graph ended.
+pub(crate) enum Pass<T> {
+    Done(T),
+    /// A cache object or entry failed verification while being read; it
+    /// was removed, so walking the graph again rebuilds what it held.
+    Damaged(String),
+}
+
+/// How a run goes.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Options {
+    /// Build only this slice of the stale shards, and write no files.
+    pub slice: Option<Slice>,
+    /// Replace files in `export.dir` that prefgen did not write.
+    pub overwrite: bool,
+}
+
+/// What a run did.
+#[derive(Debug, Default)]
+pub struct Summary {
+    pub built: Vec<String>,
+    pub fresh: usize,
+    /// Files (re)written under `export.dir`.
+    pub written: usize,
+    /// Every selected node's entry, by node index (None: deferred).
+    pub entries: Vec<Option<ActionEntry>>,
+    /// Nodes left for a later run, as a `--shard` worker leaves them.
+    pub deferred: Vec<String>,
+}
+
+/// Builds the selected nodes and everything stale that they need. With a
+/// slice, only the stale shards of that slice are built, nodes that need
+/// the other slices' shards are left for a later run, and nothing is
+/// written under `export.dir` (workers of a job array share it).
+pub fn run(graph: &Graph, cache: &Cache, targets: &[String], options: Options) -> Result<Summary> {
+    let selected = graph.select(targets)?;
+    if options.slice.is_none() {
+        materialise::check_dir(std::path::Path::new(&graph.recipe.export.dir), cache)?;
+    }
+    for _ in 0..3 {
+        match run_once(graph, cache, &selected, options)? {
+            Pass::Done(summary) => return Ok(summary),
+            Pass::Damaged(what) => eprintln!("{what}; rebuilding it"),
+        }
+    }
+    bail!("cache objects keep failing verification: is the disk under {} healthy?", cache.root().display())
+}
+
+fn run_once(graph: &Graph, cache: &Cache, selected: &[bool], options: Options) -> Result<Pass<Summary>> {
+    // A rendezvous: at most one node is being stored while the next is
+    // computed, which bounds the bytes held in memory.
+    let (queue, pending) = sync_channel::<Store>(0);
+    let built = std::thread::scope(|scope| {
+        let storer = scope.spawn(|| store::store_all(cache, pending));
+        let built = build_all(graph, cache, selected, queue, options.slice);
+        let stored = storer.join().expect("the storing thread does not panic");
+        // A build error explains a storing error (the queue closed), not vice versa.
+        let built = built?;
+        stored.map(|()| built)
+    })?;
+    let (mut summary, entries, trusted) = match built {
+        Pass::Done(b) => b,
+        Pass::Damaged(what) => return Ok(Pass::Damaged(what)),
+    };
+    if options.slice.is_none() {
+        match materialise::materialise(graph, cache, &entries, selected, &trusted, options.overwrite)? {
+            Pass::Done(written) => summary.written = written,
+            Pass::Damaged(what) => return Ok(Pass::Damaged(what)),
+        }
+    }
+    summary.entries = entries;
+    Ok(Pass::Done(summary))
+}
+
+/// What `build_all` resolved: the summary, every selected node's entry, and
+/// the objects this run stored.
+type Built = (Summary, Vec<Option<ActionEntry>>, BTreeSet<Digest>);
+
+fn build_all(
+    graph: &Graph,
+    cache: &Cache,
+    selected: &[bool],
+    queue: SyncSender<Store>,
+    slice: Option<Slice>,
+) -> Result<Pass<Built>> {
+    let mut walk = Walk::new(graph, cache);
+    let mut summary = Summary::default();
+    let mut stored = BTreeSet::new();
+    let mut memory = Memory::new(graph, selected);
+    let models = models::Models::default();
+    let mut deferred = vec![false; graph.nodes.len()];
+    for idx in (0..graph.nodes.len()).filter(|&i| selected[i]) {
+        let node = &graph.nodes[idx];
+        let label = node.label();
+        if node.deps.iter().chain(&node.key_deps).any(|&d| deferred[d]) {
+            deferred[idx] = true;
+            summary.deferred.push(label);
+            continue;
+        }
+        let (material, reason) = match walk.freshness(idx)? {
+            Freshness::Fresh(entry) => {
+                walk.entries[idx] = Some(entry);
+                summary.fresh += 1;
+                memory.done(idx);
+                continue;
+            }
+            Freshness::Stale(material, reason) => (material, reason),
+            Freshness::Blocked(why) => unreachable!("inputs are built before {label}: {why}"),
+        };
+        let key = material.key();
+        let lock = cache.lock(&key, &label)?;
+        // Another process may have built it while we waited for the lock.
+        if let Some(entry) = cache.get_action(&key)?
+            && cache.has_outputs(&entry)?
+        {
+            walk.entries[idx] = Some(entry);
+            summary.fresh += 1;
+            memory.done(idx);
+            continue;
+        }
+        eprintln!("building {label}: {reason}");
+        let started = Instant::now();
+        let inputs = match inputs(&mut walk, &memory, idx)? {
+            Pass::Done(inputs) => inputs,
+            Pass::Damaged(what) => return Ok(Pass::Damaged(what)),
+        };
+        let built = stages::work(&node.spec, &graph.recipe, inputs, &models)
+            .and_then(|work| match work {
+                Work::Whole(output) => Ok(ShardRun::Done { output, engines: vec![], parts: vec![] }),
+                Work::Sharded(shards) => {
+                    let externals = node.spec.keyed.externals.keys().map(String::as_str).collect();
+                    shards::run(cache, &label, &material, &externals, shards, slice)
+                }
+            })
+            .with_context(|| format!("building {label}"))?;
+        let (mut output, engines, parts) = match built {
+            ShardRun::Done { output, engines, parts } => (output, engines, parts),
+            ShardRun::Deferred(n) => {
+                eprintln!("left {label} for later: {n} of its shards are left to other workers");
+                deferred[idx] = true;
+                summary.deferred.push(label);
+                continue;
+            }
+        };
+        let mut outputs = Vec::with_capacity(output.files.len());
+        let mut files = Vec::with_capacity(output.files.len());
+        for (path, bytes) in std::mem::take(&mut output.files) {
+            let digest = Digest::of(&bytes);
+            stored.insert(digest);
+            outputs.push(OutputFile { path, digest, size: bytes.len() as u64 });
+            files.push(Arc::new(bytes));
+        }
+        let entry = ActionEntry { material, node: label.clone(), outputs, counts: output.counts, engines, parts };
+        let counts = entry.counts.describe();
+        let counts = if counts.is_empty() { counts } else { format!(" ({counts})") };
+        eprintln!("built {label} in {:.2}s{counts}", started.elapsed().as_secs_f64());
+        memory.keep(idx, output.rows, &label);
+        walk.entries[idx] = Some(entry.clone());
+        memory.done(idx);
+        summary.built.push(label);
+        let store = Store { entry, files, ref_name: graph.ref_name(idx), lock };
+        if queue.send(store).is_err() {
+            break; // the storing thread failed; its error is reported
+        }
+    }
+    Ok(Pass::Done((summary, walk.entries, stored)))
+}
+
+/// The inputs of node `idx`: each dependency's rows, handed over in memory
+/// when this run built it, else parsed from its cache object (verified);
+/// and what its stage needs besides.
+fn inputs(walk: &mut Walk, memory: &Memory, idx: usize) -> Result<Pass<Inputs>> {
+    let graph = walk.graph;
+    let node = &graph.nodes[idx];
+    let mut deps = Vec::with_capacity(node.deps.len());
+    for &d in &node.deps {
+        if let Some(rows) = memory.get(d) {
+            deps.push(rows.clone());
+            continue;
+        }
+        let entry = walk.entries[d].as_ref().expect("deps are resolved before their users");
+        let [out] = &entry.outputs[..] else {
+            walk.cache.remove_action(&entry.key())?;
+            return Ok(Pass::Damaged(format!(
+                "the cached entry of {} names {} outputs",
+                entry.node,
+                entry.outputs.len()
+            )));
+        };
+        let Some(bytes) = walk.cache.get_object(&out.digest)? else {
+            return Ok(Pass::Damaged(format!("cache object {} of {} is damaged", out.digest.short(), entry.node)));
+        };
+        match Rows::parse(graph.nodes[d].stage(), &bytes, &format!("{} of {}", out.path, entry.node)) {
+            Ok(rows) => deps.push(rows),
+            Err(e) => {
+                // An entry naming bytes that are not its stage's rows: forget it.
+                walk.cache.remove_action(&entry.key())?;
+                return Ok(Pass::Damaged(format!("the cached output of {} is unusable ({e:#})", entry.node)));
+            }
+        }
+    }
+    let provenance = match node.stage() {
+        Stage::Export => Some(walk.provenance(idx)?),
+        _ => None,
+    };
+    let source_files = match (node.stage(), &node.spec.split) {
+        (Stage::Prompts, Some(split)) => {
+            for r in walk.externals(idx)?.iter().filter(|r| r.per_split) {
+                eprintln!("reading prompts for {split} from {}", r.source);
+            }
+            walk.source_files(split).to_vec()
+        }
+        _ => Vec::new(),
+    };
+    Ok(Pass::Done(Inputs { deps, source_files, provenance }))
+}

@@ -1,0 +1,64 @@
+//! Models loaded in this run, by their files: loaded when a shard first
+//! needs one (a run whose shards are all cached loads nothing), once.
+
+use crate::infer::reward::{Kind, RewardModel};
+use crate::infer::{Load, Policy};
+use crate::recipe;
+use crate::stages;
+use anyhow::{Context, Result};
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+
+/// A loaded model's files: the model and the chat template replacing its own.
+type Files = (PathBuf, Option<PathBuf>);
+
+#[derive(Default)]
+pub struct Models {
+    policies: RefCell<HashMap<Files, Rc<Policy>>>,
+    rewards: RefCell<HashMap<Files, Rc<RewardModel>>>,
+}
+
+impl stages::Models for Models {
+    fn policy(&self, model: &Path, chat_template: Option<&Path>) -> Result<Rc<Policy>> {
+        let files = (model.to_path_buf(), chat_template.map(Path::to_path_buf));
+        if let Some(p) = self.policies.borrow().get(&files) {
+            return Ok(p.clone());
+        }
+        eprintln!("loading {}", model.display());
+        let load = Load { chat_template, dequantize: false };
+        let policy =
+            Policy::load(model, &load).with_context(|| format!("{} {}", recipe::generate::model, model.display()))?;
+        let policy = Rc::new(policy);
+        self.policies.borrow_mut().insert(files, policy.clone());
+        Ok(policy)
+    }
+
+    fn reward(
+        &self,
+        model: &Path,
+        kind: Option<Kind>,
+        chat_template: Option<&Path>,
+        rubric: Option<&Path>,
+    ) -> Result<Rc<RewardModel>> {
+        let files = (model.to_path_buf(), chat_template.map(Path::to_path_buf));
+        if let Some(m) = self.rewards.borrow().get(&files) {
+            return Ok(m.clone());
+        }
+        eprintln!("loading {}", model.display());
+        let rubric = match rubric {
+            Some(p) => Some(
+                std::fs::read_to_string(p)
+                    .with_context(|| format!("{}: cannot read {}", recipe::annotate::judge_rubric, p.display()))?,
+            ),
+            None => None,
+        };
+        let load = Load { chat_template, dequantize: false };
+        let rm = RewardModel::load(model, kind, rubric, &load)
+            .with_context(|| format!("{} {}", recipe::annotate::model, model.display()))?;
+        let rm = Rc::new(rm);
+        self.rewards.borrow_mut().insert(files, rm.clone());
+        Ok(rm)
+    }
+}
