@@ -109,6 +109,10 @@ fn a_hub_model_id_resolves_through_the_cache_offline() {
     // The model's identity is stable: nothing to rebuild.
     let second = run(&["run", recipe.to_str().unwrap(), "generate"]);
     assert!(second.built().is_empty(), "{}", second.stderr());
+    // A local copy of the snapshot is the same model: its key is the same.
+    let local = format!("generate.model={}", fixtures().join("tiny-llama3").display());
+    let plan = run(&["plan", recipe.to_str().unwrap(), "generate", "--set", &local]).stdout();
+    assert!(plan.lines().any(|l| l.starts_with("fresh  generate[train/seed=1]")), "{plan}");
     // A revision the cache lacks is a clear offline error.
     let missing = run(&["run", recipe.to_str().unwrap(), "generate", "--set", "generate.revision=v9"]);
     assert!(

@@ -320,22 +320,6 @@ fn two_processes_share_a_cache_without_building_anything_twice() {
     assert!(p.ok(&["cache", "verify"]).stdout().contains("No damage found"));
 }
 
-#[test]
-fn gc_removes_only_unreferenced_objects() {
-    let p = Project::new();
-    let recipe = p.write("r.toml", &simpo_recipe());
-    let r = recipe.to_str().unwrap();
-    p.ok(&["run", r]);
-    let stray = prefgen::cache::Cache::open(&p.path("cache")).unwrap().put_object(b"nobody references this").unwrap();
-    let dry = p.ok(&["cache", "gc", "--dry-run"]);
-    assert!(dry.stdout().contains("Would remove 1 unreferenced objects"), "{}", dry.stdout());
-    let gc = p.ok(&["cache", "gc"]);
-    assert!(gc.stdout().contains("Removed 1 unreferenced objects"), "{}", gc.stdout());
-    let hex = stray.to_hex();
-    assert!(!p.path("cache/objects-v1").join(&hex[..2]).join(&hex).exists());
-    assert!(p.ok(&["run", r]).built().is_empty());
-}
-
 /// Runs a failing command: one clear line on stderr, non-zero exit, cache intact.
 fn fails(p: &Project, args: &[&str], expect: &[&str]) {
     let run = p.prefgen(args);

@@ -202,9 +202,13 @@ impl Cache {
         }
     }
 
-    /// Remembers `key` as the last build of `node`.
+    /// Remembers `key` as the last build of `node` (built or found fresh:
+    /// what the recipe last used, which `gc` keeps). Unchanged, nothing is written.
     pub fn set_last_build(&self, node: &str, key: &Digest) -> Result<()> {
         let path = self.ref_path(node);
+        if std::fs::read_to_string(&path).is_ok_and(|k| k.trim() == key.to_hex()) {
+            return Ok(());
+        }
         std::fs::create_dir_all(path.parent().expect("ref paths have a parent")).map_err(|e| self.unwritable(e))?;
         write_atomic_in(&self.root.join(TMP), &path, key.to_hex().as_bytes(), FILE_MODE).map_err(|e| self.unwritable(e))
     }

@@ -127,6 +127,7 @@ fn build_all(
         }
         let (material, reason) = match walk.freshness(idx)? {
             Freshness::Fresh(entry) => {
+                cache.set_last_build(&graph.ref_name(idx), &entry.key())?;
                 walk.entries[idx] = Some(entry);
                 summary.fresh += 1;
                 memory.done(idx);
@@ -141,6 +142,7 @@ fn build_all(
         if let Some(entry) = cache.get_action(&key)?
             && cache.has_outputs(&entry)?
         {
+            cache.set_last_build(&graph.ref_name(idx), &entry.key())?;
             walk.entries[idx] = Some(entry);
             summary.fresh += 1;
             memory.done(idx);

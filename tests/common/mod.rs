@@ -198,3 +198,66 @@ pub fn assert_binarized_by_scores(rows: &[serde_json::Value]) {
         assert_eq!(row["rejected"][1]["content"], responses[worst], "rejected of {:?}", row["prompt"]);
     }
 }
+
+/// A recipe over the tiny random-weight fixtures: `n` short prompts,
+/// tiny-llama3 sampling two seeds, tiny-armorm scoring; `extra` lines are
+/// appended to the sections they name (`[generate]\nshard_size = 1`).
+pub fn tiny_recipe(p: &Project, n: usize, extra: &str) -> PathBuf {
+    let prompts: Vec<String> = (0..n).map(|i| format!("{{\"prompt\": \"Question number {i}?\"}}")).collect();
+    p.write("prompts.jsonl", &prompts.join("\n"));
+    let mut text = format!(
+        "name = \"tiny\"\n[prompts]\ndataset = \"prompts.jsonl\"\n[generate]\nmodel = \"{}\"\nseeds = [1, 2]\nmax_tokens = 6\n[annotate]\nmodel = \"{}\"\n[export]\ndir = \"out\"\n",
+        fixtures().join("tiny-llama3").display(),
+        fixtures().join("tiny-armorm").display()
+    );
+    for block in extra.split("\n[").filter(|b| !b.trim().is_empty()) {
+        let block = block.trim_start_matches('[');
+        let (section, lines) = block.split_once("]\n").expect("extra blocks are [section]\\nlines");
+        for line in lines.lines().filter(|l| !l.trim().is_empty()) {
+            let start =
+                text.find(&format!("[{section}]\n")).expect("the tiny recipe has the section") + section.len() + 3;
+            let end = text[start..].find("\n[").map_or(text.len(), |e| start + e + 1);
+            let key = format!("{} =", line.split('=').next().unwrap().trim());
+            match text[start..end].find(&key) {
+                Some(at) => {
+                    let at = start + at;
+                    let eol = at + text[at..].find('\n').unwrap();
+                    text.replace_range(at..eol, line);
+                }
+                None => text.insert_str(start, &format!("{line}\n")),
+            }
+        }
+    }
+    p.write("tiny.toml", &text)
+}
+
+/// Sets a file's modification time `secs` into the past (as if it had been
+/// written then), without opening it for writing.
+pub fn age(path: &Path, secs: u64) {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+    let then = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() - secs;
+    let t = libc::timespec { tv_sec: then as libc::time_t, tv_nsec: 0 };
+    // SAFETY: a valid C path and two timespecs, as utimensat(2) takes.
+    let rc = unsafe { libc::utimensat(libc::AT_FDCWD, c.as_ptr(), [t, t].as_ptr(), libc::AT_SYMLINK_NOFOLLOW) };
+    assert_eq!(rc, 0, "utimensat {}", path.display());
+}
+
+/// Every regular file under `dir` (recursively).
+pub fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else { continue };
+        for e in entries {
+            let path = e.unwrap().path();
+            if path.is_dir() {
+                stack.push(path);
+            } else {
+                out.push(path);
+            }
+        }
+    }
+    out.sort();
+    out
+}
