@@ -22,8 +22,7 @@ fn main() {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
     let model = root.join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
     let policy = Policy::load(&model, &prefgen::infer::Load::default()).expect("run `make models` first");
-    let questions =
-        std::fs::read_to_string(root.join("../shared/data/mt_bench_questions.jsonl")).expect("../shared/data");
+    let questions = std::fs::read_to_string(root.join("benches/data/mt_bench_questions.jsonl")).expect("benches/data");
     let prompts: Vec<String> = questions
         .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())

@@ -16,8 +16,7 @@ fn main() {
     // SAFETY: nothing has started a thread yet.
     unsafe { prefgen::infer::settle_thread_count() };
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let questions =
-        std::fs::read_to_string(root.join("../shared/data/mt_bench_questions.jsonl")).expect("../shared/data");
+    let questions = std::fs::read_to_string(root.join("benches/data/mt_bench_questions.jsonl")).expect("benches/data");
     let turns: Vec<(String, String)> = questions
         .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds prefgen with CUDA on a machine without a GPU (`make build-cuda`), as
-# ../shared/CUDA_BUILD.md describes: the CUDA 13.0 toolkit from PyPI (the GPU
+# follows: the CUDA 13.0 toolkit from PyPI (the GPU
 # machines' driver is CUDA 13.0, so newer nvcc makes PTX it cannot load), a
 # stub libcuda.so for the linker (the real driver is loaded on the GPU
 # machine), sm_90 kernels for H100/H200. Output: target/cuda/prefgen (stripped,

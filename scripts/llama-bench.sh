@@ -9,18 +9,13 @@ bin=$root/build/bin/llama-batched-bench
 if [ ! -x "$bin" ]; then
   mkdir -p "$root"
   if [ ! -d "$root/src" ]; then
-    # The sdist's URL from the registry's JSON API (pip would build it to read metadata).
-    url=$(python3 - "$VERSION" <<'PY'
-import json, sys, urllib.parse, urllib.request
-api = "https://pypi.org/pypi/llama-cpp-python/json"
-meta = json.load(urllib.request.urlopen(api))
-print(urllib.parse.urljoin(api, next(u["url"] for u in meta["releases"][sys.argv[1]] if u["packagetype"] == "sdist")))
-PY
-)
-    curl -sfL "$url" -o "$root/sdist.tar.gz"
-    tar xzf "$root/sdist.tar.gz" -C "$root"
+    # The sdist through pip (`--no-binary` for this package only: `:all:`
+    # would build cmake from source too).
+    python3 -m pip download --quiet --disable-pip-version-check --no-deps --no-binary llama-cpp-python \
+      -d "$root/sdist" "llama-cpp-python==$VERSION" >&2
+    tar xzf "$root"/sdist/llama_cpp_python-"$VERSION".tar.gz -C "$root"
     mv "$root/llama_cpp_python-$VERSION/vendor/llama.cpp" "$root/src"
-    rm -rf "$root/llama_cpp_python-$VERSION" "$root/sdist.tar.gz"
+    rm -rf "$root/llama_cpp_python-$VERSION" "$root/sdist"
   fi
   command -v cmake >/dev/null || python3 -m pip install --quiet --disable-pip-version-check cmake >&2
   # No AMX: a CPU that reports it under a hypervisor may not grant the tile

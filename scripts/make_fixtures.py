@@ -8,6 +8,8 @@
     python3 scripts/make_fixtures.py llama3     # a tiny random-weight Llama-3 and its
                                                 # greedy tokens and logits (torch, transformers)
     python3 scripts/make_fixtures.py gemma2     # the same for a tiny Gemma-2
+    python3 scripts/make_fixtures.py decode     # decoded text under each clean_up_tokenization_spaces
+                                                # setting, and a cut UTF-8 sequence (transformers)
 
 Everything is seeded, so re-running reproduces the committed files.
 """
@@ -254,7 +256,7 @@ def train_tokenizer(specials):
 
     texts = []
     for name in ("mt_bench_questions.jsonl", "vicuna_bench_questions.jsonl"):
-        with open(os.path.join(ROOT, "..", "..", "..", "shared", "data", name)) as f:
+        with open(os.path.join(ROOT, "..", "..", "benches", "data", name)) as f:
             for line in f:
                 q = json.loads(line)
                 texts.extend(q.get("turns") or [q.get("text", "")])
@@ -472,6 +474,42 @@ def reward_fixtures():
     dump(os.path.join(ROOT, "tiny-classifier-reference.json"), {"cases": cases})
 
 
+def decode_fixture():
+    """How transformers decodes the tiny Llama-3 tokenizer's ids under each
+    `clean_up_tokenization_spaces` setting, and a response cut inside a
+    UTF-8 sequence (tokenizer only: needs transformers, not torch)."""
+    import shutil
+    import tempfile
+    from transformers import AutoTokenizer
+
+    src = os.path.join(ROOT, "tiny-llama3")
+    texts = ["Hello , world . Isn 't it ? I 'm here ! We 're , you 've", "Explain 量子计算 ."]
+    settings = [
+        {},
+        {"clean_up_tokenization_spaces": False},
+        {"clean_up_tokenization_spaces": True},
+        {"clean_up_tokenization_spaces": True, "clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output": True},
+    ]
+    cases = []
+    for setting in settings:
+        with tempfile.TemporaryDirectory() as d:
+            for f in ("tokenizer.json", "tokenizer_config.json"):
+                shutil.copy(os.path.join(src, f), d)
+            with open(os.path.join(d, "tokenizer_config.json")) as f:
+                config = json.load(f)
+            config.update(setting)
+            with open(os.path.join(d, "tokenizer_config.json"), "w") as f:
+                json.dump(config, f)
+            tok = AutoTokenizer.from_pretrained(d)
+            for text in texts:
+                ids = tok.encode(text, add_special_tokens=False)
+                # Cut inside the last multi-byte character: drop tokens until the text changes mid-character.
+                cuts = [ids[:k] for k in range(len(ids) - 1, 0, -1) if tok.decode(ids[:k]).endswith("\ufffd")]
+                for case_ids in [ids] + cuts[:1]:
+                    cases.append({"config": setting, "ids": case_ids, "text": tok.decode(case_ids, skip_special_tokens=True)})
+    dump(os.path.join(ROOT, "decode-reference.json"), {"tokenizer": "tiny-llama3", "cases": cases})
+
+
 if __name__ == "__main__":
     import sys
 
@@ -485,6 +523,8 @@ if __name__ == "__main__":
         gemma3_fixture()
     elif sys.argv[1:] == ["gemma2"]:
         gemma2_fixture()
+    elif sys.argv[1:] == ["decode"]:
+        decode_fixture()
     else:
         simpo_fixture()
         hub_fixture()

@@ -129,6 +129,7 @@ fn generation_killed_mid_way_resumes_to_identical_files() {
     let resumed = p.ok(&["run", &r, "generate", "--set", "generate.shard_size=1"]);
     let sampled = resumed.stderr().matches("tokens/s)").count();
     assert!(sampled < 15, "the resumed run sampled every shard again:\n{}", resumed.stderr());
+    assert!(sampled > 0, "the kill landed after every shard was stored:\n{}", resumed.stderr());
     assert!(p.tree("out") == p.tree("clean"), "resumed files differ from an uninterrupted run");
 }
 
@@ -207,5 +208,6 @@ fn judging_killed_mid_way_resumes_to_identical_files() {
     let resumed = p.ok(&args);
     let scored = resumed.stderr().matches("annotate[train] shard").count();
     assert!(scored < 4, "the resumed run scored every shard again:\n{}", resumed.stderr());
+    assert!(scored > 0, "the kill landed after every shard was scored:\n{}", resumed.stderr());
     assert!(p.tree("out") == p.tree("clean"), "resumed files differ from an uninterrupted run");
 }

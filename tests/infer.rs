@@ -76,3 +76,35 @@ fn chat_templates_render_as_transformers() {
         assert_eq!(got, case["text"].as_str().unwrap(), "{name} on {:?}", case["messages"]);
     }
 }
+
+/// Response text is decoded as transformers decodes it, under each
+/// `clean_up_tokenization_spaces` setting of `tokenizer_config.json` (it
+/// cleans a BPE tokenizer's text only when forced), and a response cut
+/// inside a UTF-8 sequence ends in U+FFFD (`make_fixtures.py decode`).
+#[test]
+fn decoding_follows_transformers() {
+    let reference = fixture("decode-reference.json");
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-llama3");
+    let cases = reference["cases"].as_array().unwrap();
+    let mut cleaned = 0;
+    let mut cut = 0;
+    for case in cases {
+        let dir = tempfile::tempdir().unwrap();
+        for e in std::fs::read_dir(&src).unwrap() {
+            let e = e.unwrap();
+            std::fs::copy(e.path(), dir.path().join(e.file_name())).unwrap();
+        }
+        let path = dir.path().join("tokenizer_config.json");
+        let mut config: serde_json::Map<String, Value> =
+            serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        config.extend(case["config"].as_object().unwrap().clone());
+        std::fs::write(&path, serde_json::to_vec(&config).unwrap()).unwrap();
+        let policy = prefgen::infer::Policy::load(dir.path(), &Default::default()).unwrap();
+        let ids: Vec<u32> = serde_json::from_value(case["ids"].clone()).unwrap();
+        let want = case["text"].as_str().unwrap();
+        assert_eq!(policy.decode(&ids).unwrap(), want, "under {}", case["config"]);
+        cleaned += usize::from(want.contains("world."));
+        cut += usize::from(want.ends_with('\u{fffd}'));
+    }
+    assert!(cleaned > 0 && cut > 0, "the reference has cleaned-up and cut cases");
+}

@@ -239,10 +239,20 @@ fn a_run_killed_mid_way_resumes_to_identical_bytes() {
         .unwrap();
     assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
     let full = started.elapsed();
+    // One kill at a known point: the fifth seed built, so the first four are stored.
+    let mut child = p.command(&["run", r]).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    let reached = std::io::BufRead::lines(stderr).any(|l| l.unwrap().starts_with("building filter[train]"));
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    assert!(reached, "the run ended before filter");
+    let stored = files_under(&p.path("cache/actions-v2")).len();
+    assert!((5..10).contains(&stored), "the kill landed mid-run: {stored} of 10 entries stored");
+    // And a few at arbitrary points.
     for fraction in [0.2, 0.45, 0.7] {
         let mut child = p.command(&["run", r]).stderr(std::process::Stdio::null()).spawn().unwrap();
         std::thread::sleep(full.mul_f64(fraction));
-        child.kill().unwrap(); // SIGKILL
+        child.kill().unwrap();
         child.wait().unwrap();
     }
     p.ok(&["run", r]);
@@ -315,6 +325,9 @@ fn two_processes_share_a_cache_without_building_anything_twice() {
     built.sort();
     built.dedup();
     assert_eq!(total, built.len(), "a node was built twice:\n{}\n{}", a.stderr(), b.stderr());
+    // They ran at the same time: one waited for a node the other was building.
+    let waited = |r: &Run| r.stderr().contains("waiting for another prefgen process that is building");
+    assert!(waited(&a) || waited(&b), "the two runs did not overlap:\n{}\n{}", a.stderr(), b.stderr());
     assert_eq!(total, 10);
     assert!(p.tree("out-a") == p.tree("out-b"));
     assert!(p.ok(&["cache", "verify"]).stdout().contains("No damage found"));

@@ -42,6 +42,24 @@ pub unsafe fn settle_thread_count() {
     }
 }
 
+/// transformers' `clean_up_tokenization`, replacement for replacement.
+fn clean_up_tokenization(text: &str) -> String {
+    [
+        (" .", "."),
+        (" ?", "?"),
+        (" !", "!"),
+        (" ,", ","),
+        (" ' ", "'"),
+        (" n't", "n't"),
+        (" 'm", "'m"),
+        (" 's", "'s"),
+        (" 've", "'ve"),
+        (" 're", "'re"),
+    ]
+    .iter()
+    .fold(text.to_string(), |t, (from, to)| t.replace(from, to))
+}
+
 /// How to load a policy.
 #[derive(Debug, Default, Clone)]
 pub struct Load<'a> {
@@ -59,6 +77,8 @@ pub struct Policy {
     template: ChatTemplate,
     /// Token ids that end a response (not part of its text).
     pub stop: Vec<u32>,
+    /// Whether decoding applies `clean_up_tokenization_spaces`.
+    clean_up: bool,
 }
 
 impl Policy {
@@ -87,7 +107,8 @@ impl Policy {
         };
         let template = ChatTemplate::new(&source, &bos, &file.token(eos_id)?)?;
         let model = Decoder::from_gguf(&file, &device()?, options.dequantize)?;
-        Ok(Policy::assemble(model, tokenizer, template, vec![eos_id]))
+        // transformers' GGUF tokenizers keep its default: no clean-up.
+        Ok(Policy::assemble(model, tokenizer, template, vec![eos_id], false))
     }
 
     /// A folder as a hub snapshot holds it: `config.json`, `tokenizer.json`,
@@ -128,11 +149,24 @@ impl Policy {
             serde_json::Value::Array(ids) => ids.iter().filter_map(|i| i.as_u64()).map(|i| i as u32).collect(),
             v => v.as_u64().map(|i| vec![i as u32]).unwrap_or_default(),
         };
+        // As transformers decodes: `clean_up_tokenization_spaces` (default
+        // false), which it skips for BPE tokenizers (it would strip real
+        // spaces before punctuation) unless forced.
+        let flag = |key: &str| tc[key].as_bool().unwrap_or(false);
+        let bpe = matches!(tokenizer.get_model(), tokenizers::ModelWrapper::BPE(_));
+        let clean_up = flag("clean_up_tokenization_spaces")
+            && (!bpe || flag("clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output"));
         let model = Decoder::from_safetensors(dir, &device()?)?;
-        Ok(Policy::assemble(model, tokenizer, template, stop))
+        Ok(Policy::assemble(model, tokenizer, template, stop, clean_up))
     }
 
-    fn assemble(model: Decoder, tokenizer: Tokenizer, template: ChatTemplate, mut stop: Vec<u32>) -> Policy {
+    fn assemble(
+        model: Decoder,
+        tokenizer: Tokenizer,
+        template: ChatTemplate,
+        mut stop: Vec<u32>,
+        clean_up: bool,
+    ) -> Policy {
         for marker in END_OF_TURN {
             if let Some(id) = tokenizer.token_to_id(marker)
                 && !stop.contains(&id)
@@ -140,7 +174,7 @@ impl Policy {
                 stop.push(id);
             }
         }
-        Policy { model, tokenizer, template, stop }
+        Policy { model, tokenizer, template, stop, clean_up }
     }
 
     /// The prompt as the model sees it: its chat template over one user turn,
@@ -157,9 +191,12 @@ impl Policy {
         Ok(enc.get_ids().to_vec())
     }
 
-    /// Response text as `transformers` decodes it with `skip_special_tokens=True`.
+    /// Response text as `transformers` decodes it with `skip_special_tokens=True`:
+    /// a UTF-8 sequence cut short becomes U+FFFD, and spaces are cleaned up
+    /// where the tokenizer's config says so.
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
-        self.tokenizer.decode(ids, true).map_err(|e| anyhow::anyhow!("detokenizing: {e}"))
+        let text = self.tokenizer.decode(ids, true).map_err(|e| anyhow::anyhow!("detokenizing: {e}"))?;
+        Ok(if self.clean_up { clean_up_tokenization(&text) } else { text })
     }
 
     /// The longest sequence (prompt and response) the model takes.
