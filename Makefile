@@ -59,7 +59,7 @@ build-cuda:
 ## fixtures: regenerate the committed test fixtures (the model references need torch and transformers)
 fixtures: models
 	$(PYTHON) scripts/make_fixtures.py
-	for f in smollm2 llama3 gemma2 gemma3 reward; do $(PYTHON) scripts/make_fixtures.py $$f; done
+	for f in smollm2 llama3 gemma2 gemma3 reward decode; do $(PYTHON) scripts/make_fixtures.py $$f; done
 
 .PHONY: pydeps
 pydeps:

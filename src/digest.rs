@@ -19,15 +19,9 @@ impl Digest {
     /// Digest of a file's bytes, streamed (model and dataset files can be large).
     pub fn of_file(path: &Path) -> std::io::Result<Digest> {
         let mut hasher = blake3::Hasher::new();
-        let mut file = std::fs::File::open(path)?;
-        let mut buf = vec![0u8; 1 << 20];
-        loop {
-            let n = file.read(&mut buf)?;
-            if n == 0 {
-                break;
-            }
-            hasher.update(&buf[..n]);
-        }
+        stream(path, |chunk| {
+            hasher.update(chunk);
+        })?;
         Ok(Digest(*hasher.finalize().as_bytes()))
     }
 
@@ -48,6 +42,19 @@ impl Digest {
     /// The first 12 hex digits, for messages and tables.
     pub fn short(&self) -> String {
         self.to_hex()[..12].to_string()
+    }
+}
+
+/// Feeds a file's bytes to `consume`, a megabyte at a time.
+pub fn stream(path: &Path, mut consume: impl FnMut(&[u8])) -> std::io::Result<()> {
+    let mut file = std::fs::File::open(path)?;
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            return Ok(());
+        }
+        consume(&buf[..n]);
     }
 }
 

@@ -9,7 +9,6 @@ use crate::infer::files;
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 use sha2::Digest as _;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
@@ -42,15 +41,7 @@ fn size_mtime(path: &Path) -> std::io::Result<(u64, u128)> {
 
 fn sha256_of(path: &Path) -> std::io::Result<String> {
     let mut hasher = sha2::Sha256::new();
-    let mut file = std::fs::File::open(path)?;
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = file.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-    }
+    crate::digest::stream(path, |chunk| hasher.update(chunk))?;
     Ok(hasher.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }
 
