@@ -36,7 +36,7 @@ fn armorm_scores_every_response_and_binarize_follows_the_scores() {
         for (response, got) in row["all_generated_responses"].as_array().unwrap().iter().zip(&scores) {
             let ids = model.encode(prompt, response.as_str().unwrap(), 512, Overflow::Truncate).unwrap().unwrap();
             let alone = model.score(&[&ids]).unwrap()[0];
-            assert!((alone - got).abs() <= 1e-5, "{prompt:?}: {got} in the pipeline, {alone} alone");
+            assert_eq!(alone.to_bits(), got.to_bits(), "{prompt:?}: {got} in the pipeline, {alone} alone");
         }
     }
     assert_binarized_by_scores(&rows(&p, "out/all_outputs_bin.json"));
@@ -45,6 +45,23 @@ fn armorm_scores_every_response_and_binarize_follows_the_scores() {
     let plan = p.ok(&["plan", &r, "--set", "annotate.max_length=64"]).stdout();
     assert!(plan.contains("annotate.max_length changed (0 -> 64)"), "{plan}");
     assert!(plan.lines().any(|l| l.contains("filter[train]") && l.contains("fresh")), "{plan}");
+}
+
+/// The scored file is byte for byte the same at any batch size, so a run
+/// resumed with another batch size, or a teammate's, matches.
+#[test]
+fn scores_do_not_depend_on_the_batch_size() {
+    let p = Project::new();
+    let r = recipe(&p);
+    p.ok(&["run", &r, "annotate", "--set", "annotate.batch_size=2", "--set", "export.dir=b2"]);
+    let other = p.path("other-cache");
+    let set = ["--set", "annotate.batch_size=16", "--set", "export.dir=b16"];
+    p.ok(&[&["run", &r, "annotate", "--cache", other.to_str().unwrap()][..], &set].concat());
+    let (a, b) = (
+        std::fs::read(p.path("b2/all_outputs_rm.json")).unwrap(),
+        std::fs::read(p.path("b16/all_outputs_rm.json")).unwrap(),
+    );
+    assert!(a == b, "all_outputs_rm.json differs between batch sizes 2 and 16");
 }
 
 /// Skipped conversations: their rows are left out and counted; truncated

@@ -1,6 +1,7 @@
 //! Model inference: loading a policy, chat templates, tokenizers, sampling
 //! and the batched decoding engine.
 
+pub mod dense;
 pub mod engine;
 pub mod files;
 pub mod gguf;

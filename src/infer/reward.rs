@@ -5,7 +5,7 @@
 //! score is its expected rating). All three share the decoder backbone of
 //! generation and score sequences of different lengths packed in one batch.
 
-use super::models::decoder::Safetensors;
+use super::models::decoder::{Linear, Safetensors};
 use super::template::Turn;
 use super::{Load, Policy};
 use anyhow::{Context, Result, bail};
@@ -42,19 +42,22 @@ helpfulness, correctness and clarity. Use a scale from 1 (useless or wrong) to 9
 single digit.\n\n[Request]\n{prompt}\n\n[Response]\n{response}";
 pub const JUDGE_PRIMER: &str = "Rating:";
 
+/// The heads' weights run as the backbone's linear layers do, so a score
+/// does not depend on the sequences scored beside it.
 enum Head {
     Armorm {
-        regression: Tensor,
-        gating: Vec<(Tensor, Tensor)>,
+        regression: Linear,
+        gating: Vec<(Linear, Tensor)>,
         temperature: f64,
         logit_scale: f64,
-        transform: Tensor,
+        /// `reward_transform_matrix`, transposed: rewards (m, objectives) to (m, dims).
+        transform: Linear,
         /// The ids of `<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n`.
         pattern: Vec<u32>,
         pad: Option<u32>,
     },
     Classifier {
-        score: Tensor,
+        score: Linear,
         pad: Option<u32>,
     },
     Judge {
@@ -115,7 +118,10 @@ impl RewardModel {
                 let get = |name: &str| w.tensor(name, device, DType::F32);
                 let n_hidden = c.gating_n_hidden.unwrap_or(3);
                 let gating = (0..=n_hidden)
-                    .map(|i| Ok((get(&format!("gating.layers.{i}.weight"))?, get(&format!("gating.layers.{i}.bias"))?)))
+                    .map(|i| {
+                        let w = Linear::dense(get(&format!("gating.layers.{i}.weight"))?)?;
+                        Ok((w, get(&format!("gating.layers.{i}.bias"))?))
+                    })
                     .collect::<Result<Vec<_>>>()?;
                 let regression = get("regression_layer.weight")?;
                 if let Some(n) = c.num_objectives
@@ -125,11 +131,11 @@ impl RewardModel {
                 }
                 let text = "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n";
                 Head::Armorm {
-                    regression,
+                    regression: Linear::dense(regression)?,
                     gating,
                     temperature: c.gating_temperature.unwrap_or(10.0),
                     logit_scale: get("gating.logit_scale")?.flatten_all()?.to_vec1::<f32>()?[0] as f64,
-                    transform: get("reward_transform_matrix")?,
+                    transform: Linear::dense(get("reward_transform_matrix")?.t()?.contiguous()?)?,
                     pattern: policy.encode(text, false)?,
                     pad: c.pad_token_id,
                 }
@@ -139,7 +145,7 @@ impl RewardModel {
                 if score.dim(0)? != 1 {
                     bail!("{shown}: the score head has {} labels; a reward model has one", score.dim(0)?);
                 }
-                Head::Classifier { score, pad: c.pad_token_id }
+                Head::Classifier { score: Linear::dense(score)?, pad: c.pad_token_id }
             }
         };
         Ok(RewardModel { policy, head, kind })
@@ -233,21 +239,21 @@ impl RewardModel {
                          (<|eot_id|><|start_header_id|>assistant<|end_header_id|>), where ArmoRM's gating reads"
                     })
                 })?;
-                let rewards = last.matmul(&regression.t()?)?;
+                let rewards = regression.forward(&last)?;
                 let mut g = gate;
                 for (i, (w, b)) in gating.iter().enumerate() {
-                    g = g.matmul(&w.t()?)?.broadcast_add(b)?;
+                    g = w.forward(&g)?.broadcast_add(b)?;
                     if i + 1 < gating.len() {
                         g = g.relu()?;
                     }
                 }
                 let g = (candle_nn::ops::softmax_last_dim(&(g / *temperature)?)? * *logit_scale)?;
-                (g * rewards.matmul(transform)?)?.sum(D::Minus1)?
+                (g * transform.forward(&rewards)?)?.sum(D::Minus1)?
             }
             Head::Classifier { score, pad } => {
                 // The last token that is not the pad token, as transformers pools.
                 let last = rows(&|s| Ok(s.iter().rposition(|&t| Some(t) != *pad).unwrap_or(0)))?;
-                last.matmul(&score.t()?)?.squeeze(1)?
+                score.forward(&last)?.squeeze(1)?
             }
             Head::Judge { ratings, .. } => {
                 let last = rows(&|s| Ok(s.len() - 1))?;

@@ -12,6 +12,7 @@
 //! sums inside attention, and with it the sampled tokens.
 
 use super::attention::{self, HostKv, HostRope};
+use crate::infer::dense::DenseMatrix;
 use crate::infer::files;
 use crate::infer::gguf::GgufFile;
 use crate::infer::qmatmul::PackedMatrix;
@@ -119,19 +120,30 @@ pub struct HubConfig {
 
 /// A weight matrix `(out, in)`: quantized (repacked for prefgen's kernel,
 /// or as candle runs it), or dense.
-enum Linear {
+pub(crate) enum Linear {
     Packed(PackedMatrix),
     Quantized(QMatMul),
+    /// f32 on the CPU: every row computed alike, whatever the batch.
+    Rows(DenseMatrix),
+    /// On the GPU: cuBLAS.
     Dense(Tensor),
 }
 
 impl Linear {
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+    /// `x (..., in)` to `(..., out)`.
+    pub(crate) fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         match self {
             Linear::Packed(p) => x.contiguous()?.apply_op1_no_bwd(p),
             Linear::Quantized(q) => q.forward(x),
+            Linear::Rows(d) => x.contiguous()?.apply_op1_no_bwd(d),
             Linear::Dense(w) => x.broadcast_matmul(&w.t()?),
         }
+    }
+
+    /// A dense weight `(out, in)`: prefgen's row-exact kernel on the CPU,
+    /// a tensor matmul on the GPU.
+    pub(crate) fn dense(w: Tensor) -> candle_core::Result<Linear> {
+        Ok(if w.device().is_cpu() { Linear::Rows(DenseMatrix::new(&w)?) } else { Linear::Dense(w) })
     }
 
     /// Which kernel computes it, for the engine a result records.
@@ -140,6 +152,7 @@ impl Linear {
             Linear::Packed(_) => "prefgen int8 (avx512-vnni)".into(),
             Linear::Quantized(QMatMul::QTensor(t)) => format!("candle {:?}", t.dtype()).to_lowercase(),
             Linear::Quantized(_) => "candle dense".into(),
+            Linear::Rows(_) => "prefgen f32 (row-exact)".into(),
             Linear::Dense(w) => format!("dense {:?}", w.dtype()).to_lowercase(),
         }
     }
@@ -418,7 +431,7 @@ impl Decoder {
             let w = get(name)?;
             Ok(if gemma2 { (w + 1.0)? } else { w })
         };
-        let dense = |name: &str| -> Result<Linear> { Ok(Linear::Dense(get(name)?)) };
+        let dense = |name: &str| -> Result<Linear> { Ok(Linear::dense(get(name)?)?) };
         let mut blocks = Vec::with_capacity(cfg.n_layer);
         for i in 0..cfg.n_layer {
             let p = format!("model.layers.{i}");
@@ -455,7 +468,7 @@ impl Decoder {
         let embed = get("model.embed_tokens.weight")?;
         let tied = hc.tie_word_embeddings || gemma2;
         let head = match (tied, weights.has("lm_head.weight")) {
-            (true, _) => Some(Linear::Dense(embed.clone())),
+            (true, _) => Some(Linear::dense(embed.clone())?),
             (false, true) => Some(dense("lm_head.weight")?),
             (false, false) => None,
         };
@@ -668,7 +681,7 @@ fn optional_norm(t: Tensor, w: &Option<Tensor>, eps: f32) -> candle_core::Result
 /// block's largest weight).
 fn matmul(t: QTensor, device: &Device, dequantize: bool) -> Result<Linear> {
     if dequantize {
-        return Ok(Linear::Dense(t.dequantize(device)?));
+        return Ok(Linear::dense(t.dequantize(device)?)?);
     }
     if device.is_cpu()
         && let Some(packed) = PackedMatrix::new(&t)?

@@ -1,0 +1,223 @@
+//! Dense f32 matmuls on the CPU whose every output is one fixed sequence of
+//! operations, whatever the number of rows computed beside it: a response
+//! or a score does not depend on its batch.
+//!
+//! BLAS-style kernels (candle's gemm) pick their blocking, and so the order
+//! of the sums, from the matrix shapes, so a row's result changes with the
+//! number of rows in the batch. Here `y[i][j] = x[i] . w[j]` is always the
+//! same: 16 lanes, lane `l` summing the products `x[k] * w[k]` of every
+//! `k = l (mod 16)` in order (a multiply, then an add: no fused
+//! multiply-add, so every CPU rounds alike), then the lanes added in a fixed
+//! tree. Blocks of rows share each load of `w[j]`, and the work is split
+//! by rows and columns only, never along `k`.
+
+use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
+
+const LANES: usize = 16;
+/// Activation rows that share a load of a weight row.
+const ROWS: usize = 4;
+/// Output columns a work item takes: 16 weight rows, reused over a row block.
+const COLS: usize = 16;
+/// Activation rows a work item takes.
+const ROW_BLOCK: usize = 64;
+
+/// A weight matrix `(n, k)` on the CPU in f32, for `x (m, k) @ w^T`.
+pub struct DenseMatrix {
+    n: usize,
+    k: usize,
+    /// Contiguous, f32, on the CPU (shared with the model, not copied).
+    w: Tensor,
+}
+
+impl DenseMatrix {
+    /// A 2-D tensor `(n, k)` (made contiguous f32 on the CPU if it is not).
+    pub fn new(w: &Tensor) -> candle_core::Result<DenseMatrix> {
+        let (n, k) = w.dims2()?;
+        let w = w.to_device(&candle_core::Device::Cpu)?.to_dtype(candle_core::DType::F32)?.contiguous()?;
+        Ok(DenseMatrix { n, k, w })
+    }
+
+    /// `out (m, n) = x (m, k) @ w^T`.
+    pub fn matmul(&self, x: &[f32], out: &mut [f32]) {
+        let (storage, layout) = self.w.storage_and_layout();
+        let candle_core::Storage::Cpu(CpuStorage::F32(data)) = &*storage else {
+            unreachable!("DenseMatrix::new keeps f32 weights on the CPU")
+        };
+        let (start, end) = layout.contiguous_offsets().expect("DenseMatrix::new keeps the weights contiguous");
+        self.matmul_with(&data[start..end], x, out);
+    }
+
+    fn matmul_with(&self, w: &[f32], x: &[f32], out: &mut [f32]) {
+        let (n, k) = (self.n, self.k);
+        assert!(
+            k > 0 && x.len().is_multiple_of(k) && out.len() == x.len() / k * n,
+            "matmul shapes: {} x {k} -> {} x {n}",
+            x.len(),
+            out.len()
+        );
+        let m = x.len() / k;
+        let tiles = n.div_ceil(COLS);
+        let blocks = m.div_ceil(ROW_BLOCK);
+        let out_ptr = out.as_mut_ptr() as usize;
+        let item = |i: usize| {
+            let (rows, t) = (i / tiles * ROW_BLOCK..((i / tiles + 1) * ROW_BLOCK).min(m), i % tiles);
+            let cols = t * COLS..((t + 1) * COLS).min(n);
+            // SAFETY: work items write disjoint (row, column) cells of `out`,
+            // which outlives the call.
+            let out = unsafe { std::slice::from_raw_parts_mut(out_ptr as *mut f32, m * n) };
+            block(w, x, out, k, n, rows, cols);
+        };
+        let items = blocks * tiles;
+        if m * n * k < 1 << 16 {
+            (0..items).for_each(item);
+        } else {
+            candle_core::utils::barrier_pool().execute_chunked(items, |range| range.for_each(item));
+        }
+    }
+}
+
+/// The products of one row block and one column range.
+fn block(
+    w: &[f32],
+    x: &[f32],
+    out: &mut [f32],
+    k: usize,
+    n: usize,
+    rows: std::ops::Range<usize>,
+    cols: std::ops::Range<usize>,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU has AVX2; the code is the same, only wider.
+        return unsafe { block_avx2(w, x, out, k, n, rows, cols) };
+    }
+    block_any(w, x, out, k, n, rows, cols)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn block_avx2(
+    w: &[f32],
+    x: &[f32],
+    out: &mut [f32],
+    k: usize,
+    n: usize,
+    rows: std::ops::Range<usize>,
+    cols: std::ops::Range<usize>,
+) {
+    block_any(w, x, out, k, n, rows, cols)
+}
+
+#[inline(always)]
+fn block_any(
+    w: &[f32],
+    x: &[f32],
+    out: &mut [f32],
+    k: usize,
+    n: usize,
+    rows: std::ops::Range<usize>,
+    cols: std::ops::Range<usize>,
+) {
+    let mut r = rows.start;
+    while r < rows.end {
+        let take = ROWS.min(rows.end - r);
+        for j in cols.clone() {
+            let wj = &w[j * k..(j + 1) * k];
+            let mut acc = [[0f32; LANES]; ROWS];
+            let whole = k / LANES * LANES;
+            for c in (0..whole).step_by(LANES) {
+                let wc = &wj[c..c + LANES];
+                for (i, a) in acc.iter_mut().enumerate().take(take) {
+                    let xc = &x[(r + i) * k + c..][..LANES];
+                    for l in 0..LANES {
+                        a[l] += xc[l] * wc[l];
+                    }
+                }
+            }
+            for (i, a) in acc.iter_mut().enumerate().take(take) {
+                let xr = &x[(r + i) * k..(r + i + 1) * k];
+                for c in whole..k {
+                    a[c - whole] += xr[c] * wj[c];
+                }
+                out[(r + i) * n + j] = reduce(a);
+            }
+        }
+        r += take;
+    }
+}
+
+/// The lanes added in a fixed tree: (l, l + 8), then (l, l + 4), ...
+#[inline(always)]
+fn reduce(a: &[f32; LANES]) -> f32 {
+    let mut v = *a;
+    let mut width = LANES / 2;
+    while width > 0 {
+        for l in 0..width {
+            v[l] += v[l + width];
+        }
+        width /= 2;
+    }
+    v[0]
+}
+
+impl CustomOp1 for DenseMatrix {
+    fn name(&self) -> &'static str {
+        "dense-matmul"
+    }
+
+    /// `x (..., k)` to `(..., n)`.
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let CpuStorage::F32(data) = storage else { candle_core::bail!("dense matmul takes f32 activations") };
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("dense matmul takes contiguous activations")
+        };
+        let mut dims = layout.dims().to_vec();
+        if dims.last() != Some(&self.k) {
+            candle_core::bail!("dense matmul: activations {dims:?} do not end in {}", self.k);
+        }
+        let x = &data[start..end];
+        let mut out = vec![0f32; x.len() / self.k * self.n];
+        self.matmul(x, &mut out);
+        *dims.last_mut().expect("checked above") = self.n;
+        Ok((CpuStorage::F32(out), Shape::from(dims)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn values(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed;
+        (0..n)
+            .map(|_| {
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 23) as f32) - 1.0
+            })
+            .collect()
+    }
+
+    /// Every row is bit for bit the same alone as in any batch, whichever
+    /// path (AVX2 or not) runs, and close to an f64 reference.
+    #[test]
+    fn rows_do_not_depend_on_the_batch() {
+        let (n, k, m) = (37, 203, 70); // partial tiles, a k tail, more rows than a block
+        let w = values(n * k, 1);
+        let dense = DenseMatrix::new(&Tensor::from_vec(w.clone(), (n, k), &candle_core::Device::Cpu).unwrap()).unwrap();
+        let x = values(m * k, 2);
+        let mut all = vec![0.0; m * n];
+        dense.matmul(&x, &mut all);
+        let mut portable = vec![0.0; m * n];
+        block_any(&w, &x, &mut portable, k, n, 0..m, 0..n);
+        assert!(all.iter().zip(&portable).all(|(a, b)| a.to_bits() == b.to_bits()), "the AVX2 path rounds otherwise");
+        for i in 0..m {
+            let mut one = vec![0.0; n];
+            dense.matmul(&x[i * k..(i + 1) * k], &mut one);
+            assert!(one.iter().zip(&all[i * n..]).all(|(a, b)| a.to_bits() == b.to_bits()), "row {i}");
+            for j in 0..n {
+                let want: f64 = (0..k).map(|c| x[i * k + c] as f64 * w[j * k + c] as f64).sum();
+                assert!((one[j] as f64 - want).abs() < 1e-4, "({i}, {j}): {} vs {want}", one[j]);
+            }
+        }
+    }
+}
