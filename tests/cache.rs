@@ -130,3 +130,51 @@ fn a_damaged_object_a_rebuild_reproduces_never_reaches_the_export() {
     assert!(std::fs::read(p.path("out/all_outputs_bin.json")).unwrap() == good, "the export holds damaged bytes");
     assert!(p.ok(&["cache", "verify"]).stdout().contains("No damage found"));
 }
+
+/// Two runs started together on one cache split a node's shards between
+/// them (neither waits idle for the other), build each shard once, and end
+/// with the same files.
+#[test]
+fn two_runs_on_one_cache_split_the_shards() {
+    let p = Project::new();
+    let recipe = tiny_recipe(&p, 30, "[generate]\nshard_size = 1\nmax_tokens = 32\n[annotate]\nshard_size = 1");
+    let r = recipe.to_str().unwrap();
+    let spawn = |dir: &str| {
+        let mut c = p.command(&["run", r, "--set", dir]);
+        c.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped());
+        c.spawn().unwrap()
+    };
+    let (a, b) = (spawn("export.dir=out-a"), spawn("export.dir=out-b"));
+    let (a, b) = (Run(a.wait_with_output().unwrap()), Run(b.wait_with_output().unwrap()));
+    assert!(a.0.status.success() && b.0.status.success(), "{}\n{}", a.stderr(), b.stderr());
+    let shards = |run: &Run, stage: &str| {
+        let mut built: Vec<String> = run
+            .stderr()
+            .lines()
+            .filter(|l| l.starts_with(stage) && l.contains("tokens/s)"))
+            .map(|l| l.split(':').next().unwrap().to_string())
+            .collect();
+        built.sort();
+        built
+    };
+    for (stage, total) in [("generate", 60), ("annotate", 30)] {
+        let (mine, theirs) = (shards(&a, stage), shards(&b, stage));
+        assert!(
+            !mine.is_empty() && !theirs.is_empty(),
+            "{stage}: one run built every shard ({} / {})",
+            mine.len(),
+            theirs.len()
+        );
+        let mut all = [mine, theirs].concat();
+        all.sort();
+        all.dedup();
+        assert_eq!(all.len(), total, "{stage}: every shard built exactly once");
+        assert_eq!(shards(&a, stage).len() + shards(&b, stage).len(), total, "{stage}: a shard was built twice");
+    }
+    let mut nodes: Vec<String> = a.built().into_iter().chain(b.built()).collect();
+    let n = nodes.len();
+    nodes.sort();
+    nodes.dedup();
+    assert_eq!(n, nodes.len(), "a node was built twice");
+    assert!(p.tree("out-a") == p.tree("out-b"));
+}

@@ -240,7 +240,12 @@ fn a_run_killed_mid_way_resumes_to_identical_bytes() {
     assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
     let full = started.elapsed();
     // One kill at a known point: the fifth seed built, so the first four are stored.
-    let mut child = p.command(&["run", r]).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let mut child = p
+        .command(&["run", r])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
     let stderr = std::io::BufReader::new(child.stderr.take().unwrap());
     let reached = std::io::BufRead::lines(stderr).any(|l| l.unwrap().starts_with("building filter[train]"));
     child.kill().unwrap(); // SIGKILL
@@ -250,7 +255,12 @@ fn a_run_killed_mid_way_resumes_to_identical_bytes() {
     assert!((5..10).contains(&stored), "the kill landed mid-run: {stored} of 10 entries stored");
     // And a few at arbitrary points.
     for fraction in [0.2, 0.45, 0.7] {
-        let mut child = p.command(&["run", r]).stderr(std::process::Stdio::null()).spawn().unwrap();
+        let mut child = p
+            .command(&["run", r])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
         std::thread::sleep(full.mul_f64(fraction));
         child.kill().unwrap();
         child.wait().unwrap();

@@ -48,6 +48,19 @@ pub fn acquire(path: &Path, waiting: impl Fn()) -> io::Result<BuildLock> {
     }
 }
 
+/// Takes the lock at `path` if nobody holds it.
+pub fn try_acquire(path: &Path) -> io::Result<Option<BuildLock>> {
+    loop {
+        let file = open(path)?;
+        match file.try_lock() {
+            Ok(()) if names(path, &file)? => return Ok(Some(BuildLock { _file: file })),
+            Ok(()) => continue,
+            Err(std::fs::TryLockError::WouldBlock) => return Ok(None),
+            Err(std::fs::TryLockError::Error(e)) => return Err(e),
+        }
+    }
+}
+
 /// Whether nobody holds the lock file at `path`.
 pub fn is_free(path: &Path) -> io::Result<bool> {
     match File::options().write(true).open(path)?.try_lock() {

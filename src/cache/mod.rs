@@ -217,13 +217,22 @@ impl Cache {
         self.root.join(REFS).join(Digest::of(node.as_bytes()).to_hex())
     }
 
-    /// Claims the right to build `key`, waiting while another process holds it.
-    pub fn lock(&self, key: &Digest, what: &str) -> Result<BuildLock> {
+    fn lock_path(&self, key: &Digest) -> Result<PathBuf> {
         let dir = self.root.join(LOCKS);
         std::fs::create_dir_all(&dir).map_err(|e| self.unwritable(e))?;
-        lock::acquire(&dir.join(format!("{}.lock", key.to_hex())), || {
+        Ok(dir.join(format!("{}.lock", key.to_hex())))
+    }
+
+    /// Claims the right to build `key`, waiting while another process holds it.
+    pub fn lock(&self, key: &Digest, what: &str) -> Result<BuildLock> {
+        lock::acquire(&self.lock_path(key)?, || {
             eprintln!("waiting for another prefgen process that is building {what}")
         })
         .map_err(|e| self.unwritable(e))
+    }
+
+    /// Claims the right to build `key` if no other process holds it.
+    pub fn try_lock(&self, key: &Digest) -> Result<Option<BuildLock>> {
+        lock::try_acquire(&self.lock_path(key)?).map_err(|e| self.unwritable(e))
     }
 }

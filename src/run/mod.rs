@@ -13,10 +13,10 @@ mod store;
 pub use materialise::INCOMPLETE;
 pub use shards::Slice;
 
-use crate::cache::{ActionEntry, Cache, OutputFile};
+use crate::cache::{ActionEntry, BuildLock, Cache, OutputFile};
 use crate::digest::Digest;
 use crate::plan::{Freshness, Graph, Walk};
-use crate::stages::{self, Inputs, Rows, Stage, Work};
+use crate::stages::{self, Inputs, Rows, Stage, StageOutput, Work};
 use anyhow::{Context, Result, bail};
 use memory::Memory;
 use shards::ShardRun;
@@ -137,35 +137,50 @@ fn build_all(
             Freshness::Blocked(why) => unreachable!("inputs are built before {label}: {why}"),
         };
         let key = material.key();
-        let lock = cache.lock(&key, &label)?;
-        // Another process may have built it while we waited for the lock.
-        if let Some(entry) = cache.get_action(&key)?
-            && cache.has_outputs(&entry)?
-        {
-            cache.set_last_build(&graph.ref_name(idx), &entry.key())?;
-            walk.entries[idx] = Some(entry);
-            summary.fresh += 1;
-            memory.done(idx);
-            continue;
-        }
         eprintln!("building {label}: {reason}");
         let started = Instant::now();
         let inputs = match inputs(&mut walk, &memory, idx)? {
             Pass::Done(inputs) => inputs,
             Pass::Damaged(what) => return Ok(Pass::Damaged(what)),
         };
-        let built = stages::work(&node.spec, &graph.recipe, inputs, &models)
-            .and_then(|work| match work {
-                Work::Whole(output) => Ok(ShardRun::Done { output, engines: vec![], parts: vec![] }),
-                Work::Sharded(shards) => {
-                    let externals = node.spec.keyed.externals.keys().map(String::as_str).collect();
-                    shards::run(cache, &label, &material, &externals, shards, slice)
+        let context = || format!("building {label}");
+        let work = stages::work(&node.spec, &graph.recipe, inputs, &models).with_context(context)?;
+        // The node's lock is taken to build a whole node, and after a sharded
+        // node's shards (each under its own lock), so processes on one cache
+        // share those shards rather than wait for each other.
+        let outcome = match work {
+            Work::Whole(build) => {
+                let lock = cache.lock(&key, &label)?;
+                match built_meanwhile(cache, &key)? {
+                    Some(entry) => Outcome::Meanwhile(entry),
+                    None => Outcome::Built(build().with_context(context)?, vec![], vec![], lock),
                 }
-            })
-            .with_context(|| format!("building {label}"))?;
-        let (mut output, engines, parts) = match built {
-            ShardRun::Done { output, engines, parts } => (output, engines, parts),
-            ShardRun::Deferred(n) => {
+            }
+            Work::Sharded(shards) => {
+                let externals = node.spec.keyed.externals.keys().map(String::as_str).collect();
+                match shards::run(cache, &label, &material, &externals, shards, slice).with_context(context)? {
+                    ShardRun::Done { output, engines, parts } => {
+                        let lock = cache.lock(&key, &label)?;
+                        match built_meanwhile(cache, &key)? {
+                            Some(entry) => Outcome::Meanwhile(entry),
+                            None => Outcome::Built(output, engines, parts, lock),
+                        }
+                    }
+                    ShardRun::Deferred(n) => Outcome::Deferred(n),
+                }
+            }
+        };
+        let (mut output, engines, parts, lock) = match outcome {
+            Outcome::Built(output, engines, parts, lock) => (output, engines, parts, lock),
+            Outcome::Meanwhile(entry) => {
+                eprintln!("{label} was built by another process meanwhile");
+                cache.set_last_build(&graph.ref_name(idx), &entry.key())?;
+                walk.entries[idx] = Some(entry);
+                summary.fresh += 1;
+                memory.done(idx);
+                continue;
+            }
+            Outcome::Deferred(n) => {
                 eprintln!("left {label} for later: {n} of its shards are left to other workers");
                 deferred[idx] = true;
                 summary.deferred.push(label);
@@ -194,6 +209,22 @@ fn build_all(
         }
     }
     Ok(Pass::Done((summary, walk.entries, stored)))
+}
+
+/// How building one node ended.
+enum Outcome {
+    /// Its output, the engines that computed it, its shards' keys, and the
+    /// lock held until it is stored.
+    Built(StageOutput, Vec<String>, Vec<Digest>, BuildLock),
+    /// Another process stored it first.
+    Meanwhile(ActionEntry),
+    /// This many of its shards belong to other workers.
+    Deferred(usize),
+}
+
+/// The entry of `key`, if another process stored it (with its outputs).
+fn built_meanwhile(cache: &Cache, key: &Digest) -> Result<Option<ActionEntry>> {
+    Ok(cache.get_action(key)?.filter(|e| cache.has_outputs(e).unwrap_or(false)))
 }
 
 /// The inputs of node `idx`: each dependency's rows, handed over in memory

@@ -5,7 +5,7 @@
 //! split the work. With a [`Slice`], shards of other slices are left alone.
 
 use super::progress::Progress;
-use crate::cache::{ActionEntry, Cache, KeyMaterial, OutputFile};
+use crate::cache::{ActionEntry, BuildLock, Cache, KeyMaterial, OutputFile};
 use crate::digest::Digest;
 use crate::stages::{Shards, StageOutput};
 use anyhow::Result;
@@ -54,95 +54,122 @@ pub enum ShardRun {
 const SHARD_FILE: &str = "shard.json";
 
 /// Runs `shards` of the node whose key material is `material` and whose
-/// external inputs are named `externals`.
+/// external inputs are named `externals`. A shard another process is
+/// building is left for later, so processes on one cache share a node's
+/// shards; only when nothing else is left does this one wait for it.
 pub fn run(
     cache: &Cache,
     label: &str,
     material: &KeyMaterial,
     externals: &BTreeSet<&str>,
-    mut shards: Box<dyn Shards + '_>,
+    shards: Box<dyn Shards + '_>,
     slice: Option<Slice>,
 ) -> Result<ShardRun> {
     let n = shards.count();
     let bar = Progress::new(label, (0..n).map(|i| shards.units(i)).sum(), shards.unit());
-    let (mut engines, mut parts, mut pending) = (Vec::new(), Vec::with_capacity(n), 0);
-    for i in 0..n {
-        // Keyed by the node's parameters and external inputs and the shard's
-        // own items (not the node's whole input, so shards survive a change
-        // elsewhere in the list).
-        let mut key_material = material.clone();
-        key_material.stage = format!("{}-shard", material.stage);
-        key_material.inputs.retain(|k, _| externals.contains(k.as_str()));
-        key_material.inputs.insert("items".into(), shards.items_digest(i));
-        let key = key_material.key();
-        let what = format!("{label} shard {}/{n}", i + 1);
-        let cached = |shards: &mut Box<dyn Shards + '_>| -> Result<Option<ActionEntry>> {
-            let Some(entry) = cache.get_action(&key)? else { return Ok(None) };
-            let Some(bytes) = entry.outputs.first().map(|o| cache.get_object(&o.digest)).transpose()?.flatten() else {
-                return Ok(None);
-            };
-            match shards.cached(i, &bytes, &entry.counts, &what) {
-                Ok(()) => Ok(Some(entry)),
-                Err(e) => {
-                    eprintln!("warning: the cached {what} is unusable ({e:#}); building it again");
-                    cache.remove_action(&key)?;
-                    Ok(None)
-                }
-            }
-        };
-        // Held until the shard is stored, so no other process builds it meanwhile.
-        let mut _lock = None;
-        let hit = match cached(&mut shards)? {
-            Some(hit) => Some(hit),
-            None if slice.is_some_and(|s| !s.owns(&key)) => {
-                pending += 1;
-                continue;
-            }
-            None => {
-                _lock = Some(cache.lock(&key, &what)?);
-                cached(&mut shards)?
-            }
-        };
-        let entry = match hit {
-            Some(entry) => {
-                bar.cached(shards.units(i));
-                entry
-            }
-            None => {
-                let started = Instant::now();
-                let built = shards.build(i, &|tokens| bar.unit_done(tokens))?;
-                let secs = started.elapsed().as_secs_f64();
-                let digest = cache.put_object(&built.bytes)?;
-                let file = OutputFile { path: SHARD_FILE.into(), digest, size: built.bytes.len() as u64 };
-                let entry = ActionEntry {
-                    material: key_material,
-                    node: what.clone(),
-                    outputs: vec![file],
-                    counts: built.counts,
-                    engines: vec![built.engine],
-                    parts: vec![],
-                };
-                cache.put_action(&entry)?;
-                // Only now is the shard safe from a crash.
-                bar.log(&format!(
-                    "{what}: {} rows, {} tokens in {secs:.1}s ({:.1} tokens/s)",
-                    built.rows,
-                    built.tokens,
-                    built.tokens as f64 / secs
-                ));
-                entry
-            }
-        };
-        for e in entry.engines {
-            if !engines.contains(&e) {
-                engines.push(e);
-            }
+    let mut node = Node { cache, shards, bar };
+    // Keyed by the node's parameters and external inputs and the shard's
+    // own items (not the node's whole input, so shards survive a change
+    // elsewhere in the list).
+    let materials: Vec<KeyMaterial> = (0..n)
+        .map(|i| {
+            let mut m = material.clone();
+            m.stage = format!("{}-shard", material.stage);
+            m.inputs.retain(|k, _| externals.contains(k.as_str()));
+            m.inputs.insert("items".into(), node.shards.items_digest(i));
+            m
+        })
+        .collect();
+    let mut entries: Vec<Option<ActionEntry>> = vec![None; n];
+    let mut pending = 0;
+    let mut busy = Vec::new();
+    let what = |i: usize| format!("{label} shard {}/{n}", i + 1);
+    for (i, m) in materials.iter().enumerate() {
+        let key = m.key();
+        if let Some(hit) = node.cached(&key, i, &what(i))? {
+            entries[i] = Some(hit);
+        } else if slice.is_some_and(|s| !s.owns(&key)) {
+            pending += 1;
+        } else if let Some(lock) = cache.try_lock(&key)? {
+            entries[i] = Some(node.build(m, i, &what(i), lock)?);
+        } else {
+            busy.push(i); // another process is building it: take the next one
         }
-        parts.push(key);
     }
-    drop(bar);
+    for i in busy {
+        let lock = cache.lock(&materials[i].key(), &what(i))?;
+        entries[i] = Some(node.build(&materials[i], i, &what(i), lock)?);
+    }
+    drop(node.bar);
     if pending > 0 {
         return Ok(ShardRun::Deferred(pending));
     }
-    Ok(ShardRun::Done { output: shards.assemble()?, engines, parts })
+    let mut engines = Vec::new();
+    for e in entries.iter().flatten().flat_map(|e| &e.engines) {
+        if !engines.contains(e) {
+            engines.push(e.clone());
+        }
+    }
+    let parts = materials.iter().map(KeyMaterial::key).collect();
+    Ok(ShardRun::Done { output: node.shards.assemble()?, engines, parts })
+}
+
+/// A node's shards as they are worked through.
+struct Node<'c, 's> {
+    cache: &'c Cache,
+    shards: Box<dyn Shards + 's>,
+    bar: Progress,
+}
+
+impl Node<'_, '_> {
+    /// Shard `i` from the cache, if it is there and usable (an unusable
+    /// entry is removed, so the shard is built again).
+    fn cached(&mut self, key: &Digest, i: usize, what: &str) -> Result<Option<ActionEntry>> {
+        let Some(entry) = self.cache.get_action(key)? else { return Ok(None) };
+        let object = entry.outputs.first().map(|o| self.cache.get_object(&o.digest)).transpose()?.flatten();
+        let Some(bytes) = object else { return Ok(None) };
+        match self.shards.cached(i, &bytes, &entry.counts, what) {
+            Ok(()) => {
+                self.bar.cached(self.shards.units(i));
+                Ok(Some(entry))
+            }
+            Err(e) => {
+                eprintln!("warning: the cached {what} is unusable ({e:#}); building it again");
+                self.cache.remove_action(key)?;
+                Ok(None)
+            }
+        }
+    }
+
+    /// Builds and stores shard `i` under its `lock`, unless another process
+    /// stored it before the lock was ours.
+    fn build(&mut self, material: &KeyMaterial, i: usize, what: &str, _lock: BuildLock) -> Result<ActionEntry> {
+        let key = material.key();
+        if let Some(hit) = self.cached(&key, i, what)? {
+            return Ok(hit);
+        }
+        let started = Instant::now();
+        let bar = &self.bar;
+        let built = self.shards.build(i, &|tokens| bar.unit_done(tokens))?;
+        let secs = started.elapsed().as_secs_f64();
+        let digest = self.cache.put_object(&built.bytes)?;
+        let file = OutputFile { path: SHARD_FILE.into(), digest, size: built.bytes.len() as u64 };
+        let entry = ActionEntry {
+            material: material.clone(),
+            node: what.to_string(),
+            outputs: vec![file],
+            counts: built.counts,
+            engines: vec![built.engine],
+            parts: vec![],
+        };
+        self.cache.put_action(&entry)?;
+        // Only now is the shard safe from a crash.
+        self.bar.log(&format!(
+            "{what}: {} rows, {} tokens in {secs:.1}s ({:.1} tokens/s)",
+            built.rows,
+            built.tokens,
+            built.tokens as f64 / secs
+        ));
+        Ok(entry)
+    }
 }

@@ -47,12 +47,12 @@ pub fn keyed(at: &At) -> Keyed {
 pub fn work<'a>(
     spec: &'a NodeSpec,
     recipe: &'a Recipe,
-    prompt_set: &[String],
+    prompt_set: Arc<Vec<String>>,
     rows: Arc<Vec<FilteredRow>>,
     models: &'a dyn Models,
 ) -> Result<Work<'a>> {
     if let Some(path) = spec.external(recipe::annotate::import) {
-        return Ok(Work::Whole(import(prompt_set, &rows, path)?));
+        return Ok(Work::whole(move || import(&prompt_set, &rows, path)));
     }
     let a = &recipe.annotate;
     let model = spec.external(recipe::annotate::model).expect("a scoring node keys its model");

@@ -52,7 +52,7 @@ pub fn work<'a>(
 ) -> Result<Work<'a>> {
     let seed = spec.seed.expect("generate nodes have a seed");
     if let Some(path) = spec.external(recipe::generate::import) {
-        return Ok(Work::Whole(import(&prompts, path, seed)?));
+        return Ok(Work::whole(move || import(&prompts, path, seed)));
     }
     let g = &recipe.generate;
     let model = spec.external(recipe::generate::model).expect("a sampling node keys its model");

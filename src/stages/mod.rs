@@ -392,6 +392,12 @@ impl<'a, T: Serialize, R: Row> ByShard<'a, T, R> {
     }
 }
 
+impl Work<'_> {
+    fn whole<'a>(build: impl FnOnce() -> Result<StageOutput> + 'a) -> Work<'a> {
+        Work::Whole(Box::new(build))
+    }
+}
+
 impl<T: Serialize, R: Row> Shards for ByShard<'_, T, R> {
     fn count(&self) -> usize {
         self.done.len()
@@ -444,10 +450,9 @@ impl<T: Serialize, R: Row> Shards for ByShard<'_, T, R> {
 }
 
 /// How a node's output is made.
-#[allow(clippy::large_enum_variant)] // one per node: its size does not matter
 pub enum Work<'a> {
-    /// At once, from its inputs.
-    Whole(StageOutput),
+    /// At once, from its inputs (when the runner holds the node's lock).
+    Whole(Box<dyn FnOnce() -> Result<StageOutput> + 'a>),
     /// Shard by shard, then assembled.
     Sharded(Box<dyn Shards + 'a>),
 }
@@ -467,19 +472,24 @@ pub fn work<'a>(spec: &'a NodeSpec, recipe: &'a Recipe, inputs: Inputs, models: 
     let what = spec.label();
     let deps = &inputs.deps;
     Ok(match spec.stage {
-        Stage::Prompts => Work::Whole(prompts::build(&inputs.source_files, &recipe.prompts)?),
+        Stage::Prompts => Work::whole(move || prompts::build(&inputs.source_files, &recipe.prompts)),
         Stage::Generate => generate::work(spec, recipe, deps[0].get(&what), models)?,
         Stage::Filter => {
             let per_seed: Vec<Arc<Vec<DecodeRow>>> = deps.iter().map(|d| d.get(&what)).collect();
-            let slices: Vec<&[DecodeRow]> = per_seed.iter().map(|r| r.as_slice()).collect();
-            Work::Whole(filter::build(&slices, &recipe.filter)?)
+            Work::whole(move || {
+                let slices: Vec<&[DecodeRow]> = per_seed.iter().map(|r| r.as_slice()).collect();
+                filter::build(&slices, &recipe.filter)
+            })
         }
-        Stage::Annotate => annotate::work(spec, recipe, &deps[0].get(&what), deps[1].get(&what), models)?,
-        Stage::Binarize => Work::Whole(binarize::build(&deps[0].get(&what), &recipe.binarize)?),
+        Stage::Annotate => annotate::work(spec, recipe, deps[0].get(&what), deps[1].get(&what), models)?,
+        Stage::Binarize => {
+            let rows: Arc<Vec<ScoredRow>> = deps[0].get(&what);
+            Work::whole(move || binarize::build(&rows, &recipe.binarize))
+        }
         Stage::Export => {
             let provenance = inputs.provenance.expect("the runner gives export its provenance");
             let splits: Vec<Arc<Vec<BinarizedRow>>> = deps.iter().map(|d| d.get(&what)).collect();
-            Work::Whole(export::build(recipe, &splits, provenance)?)
+            Work::whole(move || export::build(recipe, &splits, provenance))
         }
     })
 }
