@@ -114,16 +114,31 @@ pub fn snapshot(
 }
 
 /// Every file under `dir`, as sorted relative paths with `/` separators.
+/// Symbolic links are followed (a snapshot's entries link into `blobs/`),
+/// each real folder once: a link back to a folder on its own path is a loop,
+/// and an error naming it.
 pub fn list_files(dir: &Path) -> Result<Vec<String>> {
+    use std::os::unix::fs::MetadataExt;
+    let id = |p: &Path| -> Result<(u64, u64)> {
+        let m = std::fs::metadata(p).with_context(|| format!("cannot read {}", p.display()))?;
+        Ok((m.dev(), m.ino()))
+    };
     let mut out = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
+    let mut seen = std::collections::HashSet::from([id(dir)?]);
+    // Each folder with the folders on its path (its ancestors), for loops.
+    let mut stack = vec![(dir.to_path_buf(), vec![id(dir)?])];
+    while let Some((d, path)) = stack.pop() {
         for entry in std::fs::read_dir(&d).with_context(|| format!("cannot list {}", d.display()))? {
-            let path = entry?.path();
-            // Snapshot entries are symlinks into blobs/: follow them.
-            if path.is_dir() {
-                stack.push(path);
-            } else if let Ok(rel) = path.strip_prefix(dir) {
+            let p = entry?.path();
+            if p.is_dir() {
+                let folder = id(&p)?;
+                if path.contains(&folder) {
+                    bail!("{}: a symbolic link loop (it leads back to a folder above it)", p.display());
+                }
+                if seen.insert(folder) {
+                    stack.push((p, [path.as_slice(), &[folder]].concat()));
+                }
+            } else if let Ok(rel) = p.strip_prefix(dir) {
                 out.push(rel.to_string_lossy().replace('\\', "/"));
             }
         }

@@ -16,10 +16,28 @@ use std::path::{Path, PathBuf};
 /// The rows of a published dataset, by split, in file order.
 pub type Splits = BTreeMap<String, Vec<BinarizedRow>>;
 
-/// Reads a published dataset: a folder with hub-layout `data/<split>-*.parquet`
-/// (or `<split>-*.parquet` anywhere below it), a `save_to_disk` folder
-/// (`<split>/*.arrow`), or a hub dataset id (through the hub cache).
-pub fn read_published(against: &str) -> Result<Splits> {
+/// How a published dataset's files are laid out.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Layout {
+    /// `data/<split>-*.parquet` (or `<split>-*.parquet` anywhere below).
+    HubParquet,
+    /// A `save_to_disk` folder: `<split>/*.arrow`.
+    SavedToDisk,
+}
+
+impl Layout {
+    pub fn describe(self) -> &'static str {
+        match self {
+            Layout::HubParquet => "hub-layout parquet (<split>-*.parquet)",
+            Layout::SavedToDisk => "a save_to_disk folder (<split>/*.arrow)",
+        }
+    }
+}
+
+/// Reads a published dataset: a folder with hub-layout parquet, or else a
+/// `save_to_disk` folder (one layout, never both: prefgen's own `export.dir`
+/// holds the same rows in each), or a hub dataset id (through the hub cache).
+pub fn read_published(against: &str) -> Result<(Splits, Layout)> {
     let path = Path::new(against);
     let dir = if path.exists() {
         path.to_path_buf()
@@ -30,18 +48,22 @@ pub fn read_published(against: &str) -> Result<Splits> {
     } else {
         bail!("--against: {against} is neither a local folder nor a hub dataset id");
     };
+    let files = crate::hub::list_files(&dir)?;
+    let layout = if files.iter().any(|f| f.ends_with(".parquet")) { Layout::HubParquet } else { Layout::SavedToDisk };
     let mut splits: BTreeMap<String, Vec<PathBuf>> = BTreeMap::new();
-    for rel in crate::hub::list_files(&dir)? {
+    for rel in files {
         let p = Path::new(&rel);
         let name = p.file_name().and_then(|n| n.to_str()).unwrap_or_default();
-        let split = match p.extension().and_then(|e| e.to_str()) {
+        let split = match (layout, p.extension().and_then(|e| e.to_str())) {
             // data/train-00000-of-00001.parquet, data/test_prefs-...parquet
-            Some("parquet") => name.split('-').next().unwrap_or_default().to_string(),
+            (Layout::HubParquet, Some("parquet")) => name.split('-').next().unwrap_or_default().to_string(),
             // save_to_disk: train/data-00000-of-00001.arrow
-            Some("arrow") => match p.parent().and_then(|d| d.file_name()).and_then(|n| n.to_str()) {
-                Some(split) => split.to_string(),
-                None => continue,
-            },
+            (Layout::SavedToDisk, Some("arrow")) => {
+                match p.parent().and_then(|d| d.file_name()).and_then(|n| n.to_str()) {
+                    Some(split) => split.to_string(),
+                    None => continue,
+                }
+            }
             _ => continue,
         };
         splits.entry(split).or_default().push(dir.join(p));
@@ -49,7 +71,7 @@ pub fn read_published(against: &str) -> Result<Splits> {
     if splits.is_empty() {
         bail!("--against: {} holds no .parquet or .arrow files", dir.display());
     }
-    splits
+    let splits = splits
         .into_iter()
         .map(|(split, mut files)| {
             files.sort();
@@ -58,13 +80,14 @@ pub fn read_published(against: &str) -> Result<Splits> {
                 for (n, row) in read_rows(f)?.into_iter().enumerate() {
                     rows.push(
                         serde_json::from_value(Value::Object(row))
-                            .with_context(|| format!("{}: row {n} lacks the preference columns", f.display()))?,
+                            .with_context(|| format!("{}: row {} lacks the preference columns", f.display(), n + 1))?,
                     );
                 }
             }
             Ok((split, rows))
         })
-        .collect()
+        .collect::<Result<Splits>>()?;
+    Ok((splits, layout))
 }
 
 /// Every row of a `.parquet` or Arrow IPC stream (`.arrow`) file as JSON.
@@ -169,7 +192,7 @@ pub fn compare(split: &str, ours: &[BinarizedRow], published: &[BinarizedRow], t
     };
     let shown = |m: &[Message]| preview(&m.last().map(|m| m.content.clone()).unwrap_or_default());
     for (n, theirs) in published.iter().enumerate() {
-        let at = format!("{split} row {n} (prompt {:?})", preview(&theirs.prompt));
+        let at = format!("{split} row {} (prompt {:?})", n + 1, preview(&theirs.prompt));
         let Some(mine) = by_prompt.get(theirs.prompt.as_str()) else {
             note(&mut a, format!("{at}: not among the recipe's rows"));
             continue;
@@ -201,6 +224,10 @@ pub fn compare(split: &str, ours: &[BinarizedRow], published: &[BinarizedRow], t
                 a.differences.push(format!("{at}: {name} differs: ours {:?}, published {:?}", shown(m), shown(t)));
             }
         }
+    }
+    if a.ours != a.published {
+        let line = format!("{split}: {} rows here, {} published", a.ours, a.published);
+        note(&mut a, line);
     }
     if a.common < a.ours {
         let theirs: std::collections::HashSet<&str> = published.iter().map(|r| r.prompt.as_str()).collect();

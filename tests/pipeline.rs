@@ -396,13 +396,13 @@ fn bad_input_fails_with_one_clear_message() {
     fails(
         &p,
         &["run", r, "--set", "generate.import=g/output_{seed}.json"],
-        &["g/output_13.json: row 3", "not in the recipe's prompt set"],
+        &["g/output_13.json: row 4", "not in the recipe's prompt set"],
     );
     let mut scored: Vec<serde_json::Value> =
         serde_json::from_slice(&std::fs::read(fixtures().join("simpo/scores.json")).unwrap()).unwrap();
     scored[5]["all_rm_scores"].as_array_mut().unwrap().pop();
     p.write("s.json", &serde_json::to_string(&scored).unwrap());
-    fails(&p, &["run", r, "--set", "annotate.import=s.json"], &["s.json: row 5", "5 responses but 4 scores"]);
+    fails(&p, &["run", r, "--set", "annotate.import=s.json"], &["s.json: row 6", "5 responses but 4 scores"]);
     assert!(!p.path("out/all_outputs_bin.json").exists(), "nothing downstream of a failure is written");
 }
 

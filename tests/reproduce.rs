@@ -48,8 +48,12 @@ fn verify_agrees_with_the_dataset_the_recipe_reproduces() {
     assert!(table.contains("| train | 300 / 300 / 300 | 300 / 300 |"), "{table}");
     assert!(table.contains("| test | 40 / 40 / 40 | 40 / 40 |"), "{table}");
     assert!(table.contains("Every split agrees"), "{table}");
-    // The export itself is what the published files hold, row for row.
-    assert!(p.path("out/data/train-00000-of-00001.parquet").is_file());
+    // The export itself is what the published files hold, row for row, read
+    // in one layout though it holds two.
+    assert!(p.path("out/data/train-00000-of-00001.parquet").is_file() && p.path("out/hf/train").is_dir());
+    let own = p.ok(&["verify", &r, "--against", "out"]).stdout();
+    assert!(own.contains("Reading out as hub-layout parquet") && own.contains("| train | 300 / 300 / 300 |"), "{own}");
+    assert!(own.contains("Every split agrees"), "{own}");
 }
 
 #[test]
@@ -63,7 +67,7 @@ fn verify_names_the_row_that_differs() {
         text.contains("| train | 300 / 300 / 300 | 300 / 300 | 300 / 300 (0.000e0) | 299 / 300 | 299 / 300 |"),
         "{text}"
     );
-    assert!(text.contains("differs: train row 17 (prompt"), "{text}");
+    assert!(text.contains("differs: train row 18 (prompt"), "{text}");
     assert!(text.contains("chosen differs"), "{text}");
     assert!(out.stderr().contains("1 of 2 splits disagree"), "{}", out.stderr());
 }

@@ -16,7 +16,7 @@
 mod action;
 mod folder;
 pub mod gc;
-mod lock;
+pub mod lock;
 mod stat;
 pub mod tier;
 pub mod verify;

@@ -68,8 +68,10 @@ impl Cache {
         // without its mtime moving (git's "racily clean" problem): don't remember it.
         let mtime = SystemTime::UNIX_EPOCH + Duration::from_nanos(mtime_ns as u64);
         if SystemTime::now().duration_since(mtime).is_ok_and(|age| age > Duration::from_secs(2)) {
-            std::fs::create_dir_all(memo_path.parent().expect("memo paths have a parent"))?;
-            write_atomic_in(&self.root.join("tmp"), &memo_path, &serde_json::to_vec(&memo)?, FILE_MODE)?;
+            std::fs::create_dir_all(memo_path.parent().expect("memo paths have a parent"))
+                .map_err(|e| self.unwritable(e))?;
+            write_atomic_in(&self.root.join("tmp"), &memo_path, &serde_json::to_vec(&memo)?, FILE_MODE)
+                .map_err(|e| self.unwritable(e))?;
         }
         Ok(memo)
     }

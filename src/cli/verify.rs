@@ -35,7 +35,8 @@ pub fn verify(cache: &Path, args: Args) -> Result<ExitCode> {
     let graph = args.recipe.graph()?;
     let summary = super::run::build_and_lock(&graph, &cache, &args.recipe, args.locked, Options::default())?;
     let against = &args.against;
-    let published = verify::read_published(against)?;
+    let (published, layout) = verify::read_published(against)?;
+    println!("Reading {against} as {}.", layout.describe());
     let mut results = Vec::new();
     for (idx, node) in graph.nodes.iter().enumerate().filter(|(_, n)| n.stage() == Stage::Binarize) {
         let split = node.spec.split.clone().expect("binarize nodes have a split");

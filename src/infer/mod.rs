@@ -88,12 +88,15 @@ impl Policy {
         let template = options
             .chat_template
             .map(|p| {
-                std::fs::read_to_string(p)
-                    .with_context(|| format!("generate.chat_template: cannot read {}", p.display()))
+                std::fs::read_to_string(p).with_context(|| format!("cannot read the chat template {}", p.display()))
             })
             .transpose()?;
+        let origin = || match options.chat_template {
+            Some(p) => format!("the chat template {}", p.display()),
+            None => format!("the chat template of {}", path.display()),
+        };
         if path.is_dir() {
-            return Policy::from_folder(path, template);
+            return Policy::from_folder(path, template, origin);
         }
         if path.extension().and_then(|e| e.to_str()) != Some("gguf") {
             bail!("generate.model: {} is neither a .gguf file nor a model folder", path.display());
@@ -106,7 +109,7 @@ impl Policy {
             Some(t) => t,
             None => file.chat_template().context("set generate.chat_template to give it one")?,
         };
-        let template = ChatTemplate::new(&source, &bos, &file.token(eos_id)?)?;
+        let template = ChatTemplate::new(&source, &bos, &file.token(eos_id)?).with_context(origin)?;
         let model = Decoder::from_gguf(&file, &device()?, options.dequantize)?;
         // transformers' GGUF tokenizers keep its default: no clean-up.
         Ok(Policy::assemble(model, tokenizer, template, vec![eos_id], false))
@@ -116,7 +119,7 @@ impl Policy {
     /// `tokenizer_config.json` (with `chat_template`), `generation_config.json`
     /// (its `eos_token_id`, one or a list, is where generation stops) and
     /// `*.safetensors`.
-    fn from_folder(dir: &Path, template: Option<String>) -> Result<Policy> {
+    fn from_folder(dir: &Path, template: Option<String>, origin: impl Fn() -> String) -> Result<Policy> {
         let read = |name: &str| -> Result<serde_json::Value> {
             let p = dir.join(name);
             let text = std::fs::read_to_string(&p).with_context(|| format!("{}: cannot read {name}", dir.display()))?;
@@ -141,7 +144,8 @@ impl Policy {
                 _ => bail!("{}: no chat_template.jinja, and tokenizer_config.json has no chat_template", dir.display()),
             },
         };
-        let template = ChatTemplate::new(&source, &token(&tc["bos_token"]), &token(&tc["eos_token"]))?;
+        let template =
+            ChatTemplate::new(&source, &token(&tc["bos_token"]), &token(&tc["eos_token"])).with_context(origin)?;
         let eos = match read(files::GENERATION_CONFIG) {
             Ok(g) => g["eos_token_id"].clone(),
             Err(_) => config["eos_token_id"].clone(),

@@ -32,8 +32,7 @@ impl ChatTemplate {
         env.set_lstrip_blocks(true);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function("raise_exception", raise_exception);
-        env.add_template_owned("chat", source.to_string())
-            .map_err(|e| anyhow!("the model's chat template does not compile: {e}"))?;
+        env.add_template_owned("chat", source.to_string()).map_err(|e| anyhow!("it does not compile: {e}"))?;
         Ok(ChatTemplate { env, bos_token: bos_token.into(), eos_token: eos_token.into() })
     }
 

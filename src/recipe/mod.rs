@@ -223,7 +223,11 @@ impl Recipe {
     pub fn load(path: &Path, overrides: &[String]) -> Result<Recipe> {
         let shown = path.display();
         let text = std::fs::read_to_string(path).with_context(|| format!("cannot read recipe {shown}"))?;
-        let recipe: Recipe = toml::from_str(&text).map_err(|e| toml_error(&shown.to_string(), &text, &e))?;
+        let parsed = toml::de::Deserializer::parse(&text).map_err(|e| toml_error(&shown.to_string(), &text, &e, ""))?;
+        let recipe: Recipe = serde_path_to_error::deserialize(parsed).map_err(|e| {
+            let key = e.path().to_string();
+            toml_error(&shown.to_string(), &text, e.inner(), &key)
+        })?;
         let recipe = if overrides.is_empty() {
             recipe
         } else {
@@ -231,8 +235,15 @@ impl Recipe {
             for item in overrides {
                 apply_override(&mut table, item)?;
             }
-            Recipe::deserialize(toml::Value::Table(table))
-                .map_err(|e| anyhow!("{shown}: with --set {}: {}", overrides.join(" --set "), e.message().trim()))?
+            serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
+                let key = e.path().to_string();
+                let set = overrides.iter().find(|o| o.split('=').next() == Some(key.as_str()));
+                let origin = set.map_or_else(
+                    || format!("{shown}: with --set {}", overrides.join(" --set ")),
+                    |o| format!("--set {o}"),
+                );
+                anyhow!("{origin}: {}", plain(e.inner().message(), &key))
+            })?
         };
         recipe.validate().map_err(|(key, msg)| {
             let origin = if overrides.iter().any(|o| o.split('=').next() == Some(key)) {
@@ -440,9 +451,9 @@ fn apply_override(table: &mut toml::Table, item: &str) -> Result<()> {
     Ok(())
 }
 
-/// One line for a TOML error: `file:line:col: message`.
-fn toml_error(file: &str, text: &str, e: &toml::de::Error) -> anyhow::Error {
-    let msg = e.message().trim().replace('\n', " ");
+/// One line for a TOML error: `file:line:col: key: message`.
+fn toml_error(file: &str, text: &str, e: &toml::de::Error, key: &str) -> anyhow::Error {
+    let msg = plain(e.message(), key);
     match e.span() {
         Some(span) => {
             let (line, col) = line_col(text, span.start);
@@ -450,6 +461,26 @@ fn toml_error(file: &str, text: &str, e: &toml::de::Error) -> anyhow::Error {
         }
         None => anyhow!("{file}: {msg}"),
     }
+}
+
+/// A deserializer's message in a user's words: the key first (`.` is the
+/// whole recipe), and types as TOML names them, not as Rust does.
+fn plain(message: &str, key: &str) -> String {
+    let mut msg = message.trim().replace('\n', " ");
+    for (rust, toml) in [
+        ("expected u32", "expected a whole number >= 0"),
+        ("expected u64", "expected a whole number >= 0"),
+        ("expected usize", "expected a whole number >= 0"),
+        ("expected f64", "expected a number"),
+        ("expected a sequence", "expected an array"),
+        ("expected a map", "expected a table"),
+    ] {
+        msg = msg.replace(rust, toml);
+    }
+    if let Some(at) = msg.find("expected struct ") {
+        msg.replace_range(at.., "expected a table");
+    }
+    if key.is_empty() || key == "." { msg } else { format!("{key}: {msg}") }
 }
 
 fn line_col(text: &str, offset: usize) -> (usize, usize) {
@@ -549,9 +580,17 @@ dir = "out"
     }
 
     #[test]
-    fn wrong_type_names_line() {
+    fn wrong_type_names_line_and_key_in_toml_terms() {
         let e = load(&BASE.replace("[1, 2]", "\"1, 2\""), &[]).unwrap_err().to_string();
-        assert!(e.contains("r.toml:7:"), "{e}");
+        assert!(e.contains("r.toml:7:") && e.contains("generate.seeds: invalid type") && e.contains("array"), "{e}");
+        let e =
+            load(&BASE.replace("[export]\ndir = \"out\"", "").replace("name = \"t\"", "name = \"t\"\nexport = 5"), &[])
+                .unwrap_err()
+                .to_string();
+        assert!(e.contains("export: invalid type: integer `5`, expected a table"), "{e}");
+        assert!(!e.contains("struct"), "Rust's words reach the user: {e}");
+        let e = load(BASE, &["prompts.limit=-3"]).unwrap_err().to_string();
+        assert!(e.contains("--set prompts.limit=-3: prompts.limit:") && e.contains("whole number"), "{e}");
     }
 
     #[test]

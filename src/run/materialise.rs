@@ -58,6 +58,7 @@ fn stat(path: &Path) -> Option<FileStat> {
 
 const MANIFEST: &str = ".prefgen/manifest.json";
 const TMP: &str = ".prefgen/tmp";
+const LOCK: &str = ".prefgen/lock";
 /// Present while the folder is being updated.
 pub const INCOMPLETE: &str = "PREFGEN_INCOMPLETE";
 
@@ -114,6 +115,12 @@ pub fn materialise(
     let unwritable = |e: &dyn std::fmt::Display| {
         anyhow::anyhow!("{} {}: cannot write there: {e}", recipe::export::dir, dir.display())
     };
+    // One process at a time places files here (runs sharing a cache may share an export.dir).
+    std::fs::create_dir_all(dir.join(TMP)).map_err(|e| unwritable(&e))?;
+    let _lock = crate::cache::lock::acquire(&dir.join(LOCK), || {
+        eprintln!("waiting for another prefgen process that is writing {}", dir.display())
+    })
+    .map_err(|e| unwritable(&e))?;
     let old: Manifest =
         std::fs::read(dir.join(MANIFEST)).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
     // First decide everything, so a refusal leaves the folder untouched.
@@ -195,7 +202,6 @@ pub fn materialise(
         }
         return Ok(Pass::Done(0));
     }
-    std::fs::create_dir_all(dir.join(TMP)).map_err(|e| unwritable(&e))?;
     let note = format!(
         "prefgen is replacing the files of this folder (process {}); until this file is gone they may mix two builds.\n",
         std::process::id()

@@ -199,6 +199,9 @@ fn build_all(
         let counts = entry.counts.describe();
         let counts = if counts.is_empty() { counts } else { format!(" ({counts})") };
         eprintln!("built {label} in {:.2}s{counts}", started.elapsed().as_secs_f64());
+        if entry.counts.rows == Some(0) {
+            eprintln!("warning: {label} kept no rows ({}): the dataset will be empty", entry.counts.describe());
+        }
         memory.keep(idx, output.rows, &label);
         walk.entries[idx] = Some(entry.clone());
         memory.done(idx);

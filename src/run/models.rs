@@ -11,6 +11,14 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
+/// What a failed load was: `generate.model m (with generate.chat_template t)`.
+fn loading(model_key: &str, model: &Path, template_key: &str, template: Option<&Path>) -> String {
+    match template {
+        Some(t) => format!("{model_key} {} (with {template_key} {})", model.display(), t.display()),
+        None => format!("{model_key} {}", model.display()),
+    }
+}
+
 /// A loaded model's files: the model and the chat template replacing its own.
 type Files = (PathBuf, Option<PathBuf>);
 
@@ -28,8 +36,8 @@ impl stages::Models for Models {
         }
         eprintln!("loading {}", model.display());
         let load = Load { chat_template, dequantize: false };
-        let policy =
-            Policy::load(model, &load).with_context(|| format!("{} {}", recipe::generate::model, model.display()))?;
+        let policy = Policy::load(model, &load)
+            .with_context(|| loading(recipe::generate::model, model, recipe::generate::chat_template, chat_template))?;
         let policy = Rc::new(policy);
         self.policies.borrow_mut().insert(files, policy.clone());
         Ok(policy)
@@ -56,7 +64,7 @@ impl stages::Models for Models {
         };
         let load = Load { chat_template, dequantize: false };
         let rm = RewardModel::load(model, kind, rubric, &load)
-            .with_context(|| format!("{} {}", recipe::annotate::model, model.display()))?;
+            .with_context(|| loading(recipe::annotate::model, model, recipe::annotate::chat_template, chat_template))?;
         let rm = Rc::new(rm);
         self.rewards.borrow_mut().insert(files, rm.clone());
         Ok(rm)

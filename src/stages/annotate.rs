@@ -70,12 +70,21 @@ pub fn work<'a>(
             let counts = Counts { skipped_too_long: Some(out.skipped as u64), ..Counts::default() };
             Ok(ShardOut { rows: out.rows, counts, tokens: out.tokens, engine: rm.engine() })
         },
-        |rows, counts| {
-            let counts = Counts {
-                rows: Some(rows.len() as u64),
-                skipped_too_long: Some(counts.skipped_too_long.unwrap_or(0)),
-                ..Counts::default()
-            };
+        move |rows, counts| {
+            let skipped = counts.skipped_too_long.unwrap_or(0);
+            if rows.is_empty() && skipped > 0 {
+                let limit = match a.max_length {
+                    0 => "the reward model's context".to_string(),
+                    n => format!("{} = {n} tokens", recipe::annotate::max_length),
+                };
+                bail!(
+                    "every one of the {skipped} rows has a conversation longer than {limit}, so none was scored; \
+                     raise {} (0 is the model's context) or set {} = \"truncate\"",
+                    recipe::annotate::max_length,
+                    recipe::annotate::overflow
+                );
+            }
+            let counts = Counts { rows: Some(rows.len() as u64), skipped_too_long: Some(skipped), ..Counts::default() };
             StageOutput::rows(FILE, rows, counts)
         },
     );
@@ -155,7 +164,8 @@ pub fn import(prompt_set: &[String], rows: &[FilteredRow], path: &Path) -> Resul
     let shown = path.display();
     let imported: Vec<ScoredRow> = simpo::read_rows(path)?;
     let mut by_prompt: HashMap<&str, (usize, &ScoredRow)> = HashMap::with_capacity(imported.len());
-    for (n, row) in imported.iter().enumerate() {
+    // Rows are numbered from 1 in messages, as lines are.
+    for (n, row) in (1..).zip(&imported) {
         if row.all_rm_scores.len() != row.all_generated_responses.len() {
             bail!(
                 "{shown}: row {n}: {} responses but {} scores",

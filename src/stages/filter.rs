@@ -28,7 +28,7 @@ pub fn build(per_seed: &[&[DecodeRow]], section: &recipe::Filter) -> Result<Stag
         for seed_rows in per_seed {
             match seed_rows.get(i) {
                 Some(r) if r.prompt == row.prompt => responses.push(r.generated_text.clone()),
-                _ => bail!("the seeds' responses are not over the same prompts (row {i})"),
+                _ => bail!("the seeds' responses are not over the same prompts (row {})", i + 1),
             }
         }
         if responses.iter().all(|r| *r == responses[0]) {

@@ -73,11 +73,12 @@ pub fn work<'a>(
             Ok(ShardOut { rows, counts, tokens, engine: policy.engine() })
         },
         move |rows, counts| {
-            let counts = Counts {
-                responses: Some(rows.len() as u64),
-                skipped_too_long: Some(counts.skipped_too_long.unwrap_or(0)),
-                ..Counts::default()
-            };
+            let skipped = counts.skipped_too_long.unwrap_or(0);
+            if rows.is_empty() && skipped > 0 {
+                bail!("every one of the {skipped} prompts is too long for the policy's context, so none was answered");
+            }
+            let counts =
+                Counts { responses: Some(rows.len() as u64), skipped_too_long: Some(skipped), ..Counts::default() };
             StageOutput::rows(&file_name(seed), rows, counts)
         },
     );
@@ -102,7 +103,8 @@ pub fn import(prompts: &[String], path: &Path, seed: u64) -> Result<StageOutput>
     let rows: Vec<DecodeRow> = simpo::read_rows(path)?;
     let wanted: HashMap<&str, usize> = prompts.iter().enumerate().map(|(i, p)| (p.as_str(), i)).collect();
     let mut by_prompt: Vec<Option<DecodeRow>> = vec![None; prompts.len()];
-    for (n, row) in rows.into_iter().enumerate() {
+    // Rows are numbered from 1 in messages, as lines are.
+    for (n, row) in (1..).zip(rows) {
         let Some(&i) = wanted.get(row.prompt.as_str()) else {
             bail!("{shown}: row {n}: prompt {:?} is not in the recipe's prompt set", preview(&row.prompt));
         };

@@ -115,7 +115,7 @@ pub fn build(files: &[PathBuf], section: &recipe::Prompts) -> Result<StageOutput
     let mut rows = 0usize;
     for file in files {
         for (i, cell) in table::read_column(file, column)?.into_iter().enumerate() {
-            set.insert(prompt_of(cell, file, i, column)?);
+            set.insert(prompt_of(cell, file, i + 1, column)?);
             rows += 1;
         }
     }

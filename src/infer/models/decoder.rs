@@ -116,6 +116,36 @@ pub struct HubConfig {
     pub max_position_embeddings: usize,
     #[serde(default)]
     pub tie_word_embeddings: bool,
+    pub vocab_size: Option<usize>,
+}
+
+impl HubConfig {
+    /// Sizes that cannot describe a model, named by their key.
+    fn check(&self) -> std::result::Result<(), String> {
+        let sizes = [
+            ("hidden_size", self.hidden_size),
+            ("num_hidden_layers", self.num_hidden_layers),
+            ("num_attention_heads", self.num_attention_heads),
+            ("max_position_embeddings", self.max_position_embeddings),
+        ];
+        for (key, v) in sizes.into_iter().chain(self.head_dim.map(|d| ("head_dim", d))) {
+            if v == 0 {
+                return Err(format!("{key} is 0; it must be > 0"));
+            }
+        }
+        if let Some(kv) = self.num_key_value_heads
+            && (kv == 0 || !self.num_attention_heads.is_multiple_of(kv))
+        {
+            return Err(format!(
+                "num_key_value_heads is {kv}; it must divide num_attention_heads ({})",
+                self.num_attention_heads
+            ));
+        }
+        if self.head_dim.is_none() && !self.hidden_size.is_multiple_of(self.num_attention_heads) {
+            return Err("hidden_size is not a multiple of num_attention_heads, and there is no head_dim".into());
+        }
+        Ok(())
+    }
 }
 
 /// A weight matrix `(out, in)`: quantized (repacked for prefgen's kernel,
@@ -380,6 +410,8 @@ impl Decoder {
         let text = std::fs::read_to_string(dir.join(files::CONFIG))
             .with_context(|| format!("{}: no {}", dir.display(), files::CONFIG))?;
         let hc: HubConfig = serde_json::from_str(&text).with_context(|| format!("{}/config.json", dir.display()))?;
+        let config = dir.join(files::CONFIG);
+        hc.check().map_err(|why| anyhow::anyhow!("{}: {why}", config.display()))?;
         let family = match hc.architectures.first().map(String::as_str) {
             // Reward models are a Llama backbone with their own heads.
             Some("LlamaForCausalLM" | "LlamaForRewardModelWithGating" | "LlamaForSequenceClassification") => {
@@ -387,8 +419,9 @@ impl Decoder {
             }
             Some("Gemma2ForCausalLM") => Family::Gemma2,
             other => bail!(
-                "{}: architecture {other:?} is not supported (LlamaForCausalLM and Gemma2ForCausalLM are)",
-                dir.display()
+                "{}: architecture {} is not supported (LlamaForCausalLM and Gemma2ForCausalLM are)",
+                config.display(),
+                other.unwrap_or("(none given)")
             ),
         };
         let gemma2 = family == Family::Gemma2;
@@ -432,6 +465,21 @@ impl Decoder {
             Ok(if gemma2 { (w + 1.0)? } else { w })
         };
         let dense = |name: &str| -> Result<Linear> { Ok(Linear::dense(get(name)?)?) };
+        // The attention projections as config.json sizes them: else the
+        // first forward fails on a shape, naming neither file nor key.
+        let (q, kv) = (cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim);
+        let projection = |name: &str, rows: usize, cols: usize| -> Result<Linear> {
+            let w = get(name)?;
+            if w.dims2()? != (rows, cols) {
+                bail!(
+                    "{}: {name} is {:?}, but hidden_size, num_attention_heads, num_key_value_heads and head_dim \
+                     make it {rows} x {cols}",
+                    config.display(),
+                    w.dims()
+                );
+            }
+            Ok(Linear::dense(w)?)
+        };
         let mut blocks = Vec::with_capacity(cfg.n_layer);
         for i in 0..cfg.n_layer {
             let p = format!("model.layers.{i}");
@@ -455,10 +503,10 @@ impl Decoder {
                 k_norm: None,
                 sliding,
                 attn_norm: norm(&format!("{p}.input_layernorm.weight"))?,
-                wq: dense(&format!("{p}.self_attn.q_proj.weight"))?,
-                wk: dense(&format!("{p}.self_attn.k_proj.weight"))?,
-                wv: dense(&format!("{p}.self_attn.v_proj.weight"))?,
-                wo: dense(&format!("{p}.self_attn.o_proj.weight"))?,
+                wq: projection(&format!("{p}.self_attn.q_proj.weight"), q, cfg.hidden)?,
+                wk: projection(&format!("{p}.self_attn.k_proj.weight"), kv, cfg.hidden)?,
+                wv: projection(&format!("{p}.self_attn.v_proj.weight"), kv, cfg.hidden)?,
+                wo: projection(&format!("{p}.self_attn.o_proj.weight"), cfg.hidden, q)?,
                 ffn_norm,
                 gate: dense(&format!("{p}.mlp.gate_proj.weight"))?,
                 up: dense(&format!("{p}.mlp.up_proj.weight"))?,
@@ -466,6 +514,17 @@ impl Decoder {
             });
         }
         let embed = get("model.embed_tokens.weight")?;
+        let (vocab, width) = embed.dims2()?;
+        if width != cfg.hidden {
+            bail!(
+                "{}: hidden_size is {}, but model.embed_tokens.weight is {vocab} x {width}",
+                config.display(),
+                cfg.hidden
+            );
+        }
+        if let Some(v) = hc.vocab_size.filter(|&v| v != vocab) {
+            bail!("{}: vocab_size is {v}, but model.embed_tokens.weight has {vocab} rows", config.display());
+        }
         let tied = hc.tie_word_embeddings || gemma2;
         let head = match (tied, weights.has("lm_head.weight")) {
             (true, _) => Some(Linear::dense(embed.clone())?),
