@@ -139,14 +139,7 @@ fn two_runs_on_one_cache_split_the_shards() {
     let p = Project::new();
     let recipe = tiny_recipe(&p, 30, "[generate]\nshard_size = 1\nmax_tokens = 32\n[annotate]\nshard_size = 1");
     let r = recipe.to_str().unwrap();
-    let spawn = |dir: &str| {
-        let mut c = p.command(&["run", r, "--set", dir]);
-        c.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped());
-        c.spawn().unwrap()
-    };
-    let (a, b) = (spawn("export.dir=out-a"), spawn("export.dir=out-b"));
-    let (a, b) = (Run(a.wait_with_output().unwrap()), Run(b.wait_with_output().unwrap()));
-    assert!(a.0.status.success() && b.0.status.success(), "{}\n{}", a.stderr(), b.stderr());
+    let (a, b) = p.run_two_at_once(r, ["out-a", "out-b"]);
     let shards = |run: &Run, stage: &str| {
         let mut built: Vec<String> = run
             .stderr()

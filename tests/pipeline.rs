@@ -322,14 +322,7 @@ fn two_processes_share_a_cache_without_building_anything_twice() {
     let p = Project::new();
     let recipe = synthetic(&p, 2000, &SEEDS, 800);
     let r = recipe.to_str().unwrap();
-    let spawn = |dir: &str| {
-        let mut c = p.command(&["run", r, "--set", dir]);
-        c.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
-        c.spawn().unwrap()
-    };
-    let (a, b) = (spawn("export.dir=out-a"), spawn("export.dir=out-b"));
-    let (a, b) = (Run(a.wait_with_output().unwrap()), Run(b.wait_with_output().unwrap()));
-    assert!(a.0.status.success() && b.0.status.success(), "{}\n{}", a.stderr(), b.stderr());
+    let (a, b) = p.run_two_at_once(r, ["out-a", "out-b"]);
     let mut built: Vec<String> = a.built().into_iter().chain(b.built()).collect();
     let total = built.len();
     built.sort();

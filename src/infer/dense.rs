@@ -12,6 +12,7 @@
 //! by rows and columns only, never along `k`.
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
+use std::ops::Range;
 
 const LANES: usize = 16;
 /// Activation rows that share a load of a weight row.
@@ -58,14 +59,10 @@ impl DenseMatrix {
         let m = x.len() / k;
         let tiles = n.div_ceil(COLS);
         let blocks = m.div_ceil(ROW_BLOCK);
-        let out_ptr = out.as_mut_ptr() as usize;
+        let job = Job { w, x, out: out.as_mut_ptr() as usize, k, n, m };
         let item = |i: usize| {
             let (rows, t) = (i / tiles * ROW_BLOCK..((i / tiles + 1) * ROW_BLOCK).min(m), i % tiles);
-            let cols = t * COLS..((t + 1) * COLS).min(n);
-            // SAFETY: work items write disjoint (row, column) cells of `out`,
-            // which outlives the call.
-            let out = unsafe { std::slice::from_raw_parts_mut(out_ptr as *mut f32, m * n) };
-            block(w, x, out, k, n, rows, cols);
+            job.block(rows, t * COLS..((t + 1) * COLS).min(n));
         };
         let items = blocks * tiles;
         if m * n * k < 1 << 16 {
@@ -76,73 +73,66 @@ impl DenseMatrix {
     }
 }
 
-/// The products of one row block and one column range.
-fn block(
-    w: &[f32],
-    x: &[f32],
-    out: &mut [f32],
+/// One matmul: `out (m, n) = x (m, k) @ w (n, k)^T`, in blocks of rows and columns.
+struct Job<'a> {
+    w: &'a [f32],
+    x: &'a [f32],
+    /// The output's address: blocks write disjoint cells of it.
+    out: usize,
     k: usize,
     n: usize,
-    rows: std::ops::Range<usize>,
-    cols: std::ops::Range<usize>,
-) {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: the CPU has AVX2; the code is the same, only wider.
-        return unsafe { block_avx2(w, x, out, k, n, rows, cols) };
+    m: usize,
+}
+
+impl Job<'_> {
+    /// The products of one row block and one column range.
+    fn block(&self, rows: Range<usize>, cols: Range<usize>) {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU has AVX2; the code is the same, only wider.
+            return unsafe { self.block_avx2(rows, cols) };
+        }
+        self.block_any(rows, cols)
     }
-    block_any(w, x, out, k, n, rows, cols)
-}
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-fn block_avx2(
-    w: &[f32],
-    x: &[f32],
-    out: &mut [f32],
-    k: usize,
-    n: usize,
-    rows: std::ops::Range<usize>,
-    cols: std::ops::Range<usize>,
-) {
-    block_any(w, x, out, k, n, rows, cols)
-}
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    fn block_avx2(&self, rows: Range<usize>, cols: Range<usize>) {
+        self.block_any(rows, cols)
+    }
 
-#[inline(always)]
-fn block_any(
-    w: &[f32],
-    x: &[f32],
-    out: &mut [f32],
-    k: usize,
-    n: usize,
-    rows: std::ops::Range<usize>,
-    cols: std::ops::Range<usize>,
-) {
-    let mut r = rows.start;
-    while r < rows.end {
-        let take = ROWS.min(rows.end - r);
-        for j in cols.clone() {
-            let wj = &w[j * k..(j + 1) * k];
-            let mut acc = [[0f32; LANES]; ROWS];
-            let whole = k / LANES * LANES;
-            for c in (0..whole).step_by(LANES) {
-                let wc = &wj[c..c + LANES];
-                for (i, a) in acc.iter_mut().enumerate().take(take) {
-                    let xc = &x[(r + i) * k + c..][..LANES];
-                    for l in 0..LANES {
-                        a[l] += xc[l] * wc[l];
+    #[inline(always)]
+    fn block_any(&self, rows: Range<usize>, cols: Range<usize>) {
+        let (w, x, k, n) = (self.w, self.x, self.k, self.n);
+        // SAFETY: blocks write disjoint (row, column) cells of the output,
+        // which outlives the matmul.
+        let out = unsafe { std::slice::from_raw_parts_mut(self.out as *mut f32, self.m * n) };
+        let mut r = rows.start;
+        while r < rows.end {
+            let take = ROWS.min(rows.end - r);
+            for j in cols.clone() {
+                let wj = &w[j * k..(j + 1) * k];
+                let mut acc = [[0f32; LANES]; ROWS];
+                let whole = k / LANES * LANES;
+                for c in (0..whole).step_by(LANES) {
+                    let wc = &wj[c..c + LANES];
+                    for (i, a) in acc.iter_mut().enumerate().take(take) {
+                        let xc = &x[(r + i) * k + c..][..LANES];
+                        for l in 0..LANES {
+                            a[l] += xc[l] * wc[l];
+                        }
                     }
                 }
-            }
-            for (i, a) in acc.iter_mut().enumerate().take(take) {
-                let xr = &x[(r + i) * k..(r + i + 1) * k];
-                for c in whole..k {
-                    a[c - whole] += xr[c] * wj[c];
+                for (i, a) in acc.iter_mut().enumerate().take(take) {
+                    let xr = &x[(r + i) * k..(r + i + 1) * k];
+                    for c in whole..k {
+                        a[c - whole] += xr[c] * wj[c];
+                    }
+                    out[(r + i) * n + j] = reduce(a);
                 }
-                out[(r + i) * n + j] = reduce(a);
             }
+            r += take;
         }
-        r += take;
     }
 }
 
@@ -160,26 +150,37 @@ fn reduce(a: &[f32; LANES]) -> f32 {
     v[0]
 }
 
+/// A CPU matmul as a candle op: contiguous f32 activations `(..., k)` to
+/// `(..., n)` through `matmul(x, out)`. Both of prefgen's kernels run so.
+pub(crate) fn forward_rows(
+    name: &str,
+    (k, n): (usize, usize),
+    storage: &CpuStorage,
+    layout: &Layout,
+    matmul: impl FnOnce(&[f32], &mut [f32]),
+) -> candle_core::Result<(CpuStorage, Shape)> {
+    let CpuStorage::F32(data) = storage else { candle_core::bail!("{name} takes f32 activations") };
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        candle_core::bail!("{name} takes contiguous activations")
+    };
+    let mut dims = layout.dims().to_vec();
+    if dims.last() != Some(&k) {
+        candle_core::bail!("{name}: activations {dims:?} do not end in {k}");
+    }
+    let x = &data[start..end];
+    let mut out = vec![0f32; x.len() / k * n];
+    matmul(x, &mut out);
+    *dims.last_mut().expect("checked above") = n;
+    Ok((CpuStorage::F32(out), Shape::from(dims)))
+}
+
 impl CustomOp1 for DenseMatrix {
     fn name(&self) -> &'static str {
         "dense-matmul"
     }
 
-    /// `x (..., k)` to `(..., n)`.
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let CpuStorage::F32(data) = storage else { candle_core::bail!("dense matmul takes f32 activations") };
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("dense matmul takes contiguous activations")
-        };
-        let mut dims = layout.dims().to_vec();
-        if dims.last() != Some(&self.k) {
-            candle_core::bail!("dense matmul: activations {dims:?} do not end in {}", self.k);
-        }
-        let x = &data[start..end];
-        let mut out = vec![0f32; x.len() / self.k * self.n];
-        self.matmul(x, &mut out);
-        *dims.last_mut().expect("checked above") = self.n;
-        Ok((CpuStorage::F32(out), Shape::from(dims)))
+        forward_rows(self.name(), (self.k, self.n), storage, layout, |x, out| self.matmul(x, out))
     }
 }
 
@@ -207,8 +208,8 @@ mod tests {
         let x = values(m * k, 2);
         let mut all = vec![0.0; m * n];
         dense.matmul(&x, &mut all);
-        let mut portable = vec![0.0; m * n];
-        block_any(&w, &x, &mut portable, k, n, 0..m, 0..n);
+        let mut portable = vec![0f32; m * n];
+        Job { w: &w, x: &x, out: portable.as_mut_ptr() as usize, k, n, m }.block_any(0..m, 0..n);
         assert!(all.iter().zip(&portable).all(|(a, b)| a.to_bits() == b.to_bits()), "the AVX2 path rounds otherwise");
         for i in 0..m {
             let mut one = vec![0.0; n];

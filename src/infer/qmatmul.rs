@@ -363,21 +363,8 @@ impl CustomOp1 for PackedMatrix {
         "packed-qmatmul"
     }
 
-    /// `x (..., k)` to `(..., n)`.
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let CpuStorage::F32(data) = storage else { candle_core::bail!("packed matmul takes f32 activations") };
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("packed matmul takes contiguous activations")
-        };
-        let mut dims = layout.dims().to_vec();
-        if dims.last() != Some(&self.k) {
-            candle_core::bail!("packed matmul: activations {dims:?} do not end in {}", self.k);
-        }
-        let x = &data[start..end];
-        let mut out = vec![0f32; x.len() / self.k * self.n];
-        self.matmul(x, &mut out);
-        *dims.last_mut().expect("checked above") = self.n;
-        Ok((CpuStorage::F32(out), Shape::from(dims)))
+        super::dense::forward_rows(self.name(), (self.k, self.n), storage, layout, |x, out| self.matmul(x, out))
     }
 }
 

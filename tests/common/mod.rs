@@ -60,6 +60,20 @@ impl Project {
         c
     }
 
+    /// Two `run`s of `recipe` started together on this project's cache, one
+    /// into each export folder; both must succeed.
+    pub fn run_two_at_once(&self, recipe: &str, dirs: [&str; 2]) -> (Run, Run) {
+        let spawn = |dir: &str| {
+            let mut c = self.command(&["run", recipe, "--set", &format!("export.dir={dir}")]);
+            c.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
+            c.spawn().expect("prefgen starts")
+        };
+        let (a, b) = (spawn(dirs[0]), spawn(dirs[1]));
+        let (a, b) = (Run(a.wait_with_output().unwrap()), Run(b.wait_with_output().unwrap()));
+        assert!(a.0.status.success() && b.0.status.success(), "{}\n{}", a.stderr(), b.stderr());
+        (a, b)
+    }
+
     pub fn prefgen(&self, args: &[&str]) -> Run {
         Run(self.command(args).output().expect("prefgen runs"))
     }
