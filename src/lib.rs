@@ -3,6 +3,7 @@
 
 pub mod cache;
 pub mod cli;
+pub mod config;
 pub mod digest;
 pub mod formats;
 pub mod hub;

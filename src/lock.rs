@@ -121,7 +121,7 @@ impl Lock {
         for idx in (0..walk.graph.nodes.len()).filter(|&i| selected[i]) {
             let label = walk.graph.nodes[idx].label();
             let now = match walk.freshness(idx)? {
-                Freshness::Fresh(entry) => {
+                Freshness::Fresh(entry, _) => {
                     let b = built(&entry);
                     walk.entries[idx] = Some(entry);
                     b

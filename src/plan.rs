@@ -8,7 +8,7 @@
 //! node (so its card names them all). What a node's key holds comes from its
 //! stage (`stages::keyed`); this module never names a recipe key.
 
-use crate::cache::{ActionEntry, Cache, KeyMaterial};
+use crate::cache::{ActionEntry, Cache, Found, KeyMaterial};
 use crate::digest::Digest;
 use crate::recipe::{self, Recipe, SplitSpec};
 use crate::stages::export::{Provenance, Recorded};
@@ -155,7 +155,8 @@ fn model_path(key: &str, model: &str, revision: Option<&str>) -> Result<PathBuf>
 #[derive(Debug)]
 #[allow(clippy::large_enum_variant)] // one per node: its size does not matter
 pub enum Freshness {
-    Fresh(ActionEntry),
+    /// Cached, and where it was found.
+    Fresh(ActionEntry, Found),
     /// Its key is known but nothing is cached under it: why.
     Stale(KeyMaterial, String),
     /// Its key cannot be known yet: an input is itself stale.
@@ -289,10 +290,10 @@ impl<'a> Walk<'a> {
             Err(dep) => return Ok(Freshness::Blocked(format!("needs {dep}, which is stale"))),
         };
         let key = material.key();
-        if let Some(entry) = self.cache.get_action(&key)?
+        if let Some((entry, found)) = self.cache.lookup(&key)?
             && self.cache.has_outputs(&entry)?
         {
-            return Ok(Freshness::Fresh(entry));
+            return Ok(Freshness::Fresh(entry, found));
         }
         let reason = match self.cache.last_build(&self.graph.ref_name(idx))? {
             None => "never built".to_string(),

@@ -82,6 +82,9 @@ pub struct ActionEntry {
     /// while it is reachable.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub parts: Vec<Digest>,
+    /// Set when the entry was pushed with a signing key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signature: Option<super::sign::Signature>,
 }
 
 impl ActionEntry {

@@ -159,3 +159,33 @@ impl Cache {
         Ok(self.local.get(Bucket::Actions, key)?.and_then(|b| serde_json::from_slice::<ActionEntry>(&b).ok()))
     }
 }
+
+impl super::Remote {
+    /// `gc` for a writable remote: objects none of its entries names, older
+    /// than the grace period, are removed; entries never are (a remote has
+    /// no last builds to keep them by). Returns what went and how many objects stayed.
+    pub fn gc(&self, o: GcOptions) -> Result<(Removed, usize)> {
+        let mut named = BTreeSet::new();
+        for blob in self.tier().list(Bucket::Actions)? {
+            if let Some(entry) = self
+                .tier()
+                .get(Bucket::Actions, &blob.name)?
+                .and_then(|b| serde_json::from_slice::<ActionEntry>(&b).ok())
+            {
+                named.extend(entry.outputs.iter().map(|out| out.digest));
+            }
+        }
+        let (mut removed, mut kept) = (Removed::default(), 0);
+        for blob in self.tier().list(Bucket::Objects)? {
+            if named.contains(&blob.name) || !older(blob.modified, o.grace) {
+                kept += 1;
+            } else {
+                removed.add(blob.size);
+                if !o.dry_run {
+                    self.tier().remove(Bucket::Objects, &blob.name)?;
+                }
+            }
+        }
+        Ok((removed, kept))
+    }
+}

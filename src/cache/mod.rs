@@ -17,12 +17,17 @@ mod action;
 mod folder;
 pub mod gc;
 pub mod lock;
+pub mod remote;
+mod s3;
+pub mod sign;
 mod stat;
 pub mod tier;
+pub mod transfer;
 pub mod verify;
 
 pub use action::{ActionEntry, KeyMaterial, OutputFile};
 pub use lock::BuildLock;
+pub use remote::Remote;
 
 use crate::digest::Digest;
 use anyhow::{Context, Result, bail};
@@ -42,6 +47,18 @@ const TMP: &str = "tmp";
 pub struct Cache {
     root: PathBuf,
     local: FolderTier,
+    /// Shared tiers, read through in order after the local one.
+    remotes: Vec<Remote>,
+    /// Upload each entry (and its objects) to the writable remotes as it is stored.
+    push: bool,
+}
+
+/// Where a lookup found an entry.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Found {
+    Local,
+    /// On this remote (and now copied into the local cache).
+    Remote(String),
 }
 
 impl Cache {
@@ -56,7 +73,34 @@ impl Cache {
                 write_atomic_in(&root.join(TMP), &root.join(name), body, FILE_MODE).with_context(ctx)?;
             }
         }
-        Ok(Cache { root: root.to_path_buf(), local: FolderTier::new(root) })
+        Ok(Cache { root: root.to_path_buf(), local: FolderTier::new(root), remotes: vec![], push: false })
+    }
+
+    /// The remotes to read through, in order; one whose layout this prefgen
+    /// does not know, or that cannot be reached, is set aside with a warning.
+    pub fn with_remotes(mut self, remotes: Vec<Remote>) -> Cache {
+        for r in &remotes {
+            if let Err(e) = r.check_layout(false) {
+                r.fail(&e);
+            }
+        }
+        self.remotes = remotes;
+        self
+    }
+
+    /// Uploads each stored entry and its objects to the writable remotes.
+    pub fn push_as_stored(mut self, push: bool) -> Cache {
+        self.push = push;
+        self
+    }
+
+    pub fn remotes(&self) -> &[Remote] {
+        &self.remotes
+    }
+
+    /// The remotes still in use this run.
+    fn live(&self) -> impl Iterator<Item = &Remote> {
+        self.remotes.iter().filter(|r| !r.is_down())
     }
 
     /// Opens an existing cache (commands that only inspect or clean it).
@@ -64,7 +108,7 @@ impl Cache {
         if !root.join(TAG).is_file() {
             bail!("there is no prefgen cache at {} (give --cache or PREFGEN_CACHE the cache's folder)", root.display());
         }
-        Ok(Cache { root: root.to_path_buf(), local: FolderTier::new(root) })
+        Ok(Cache { root: root.to_path_buf(), local: FolderTier::new(root), remotes: vec![], push: false })
     }
 
     pub fn root(&self) -> &Path {
@@ -103,10 +147,22 @@ impl Cache {
         self.local.put(Bucket::Objects, digest, bytes).map_err(|e| self.unwritable(e))
     }
 
-    /// An artifact's bytes, verified against its digest. A damaged object is
-    /// removed and reported as absent, so it is rebuilt and never served.
+    /// An artifact's bytes, verified against its digest: from the local
+    /// tier, else from the first remote that has it (then kept locally). A
+    /// damaged object is removed and reported as absent, so it is rebuilt
+    /// and never served.
     pub fn get_object(&self, digest: &Digest) -> Result<Option<Vec<u8>>> {
         let Some(bytes) = self.local.get(Bucket::Objects, digest)? else {
+            for r in self.live() {
+                match r.get_object(digest) {
+                    Ok(Some(bytes)) => {
+                        self.store_object(digest, &bytes)?;
+                        return Ok(Some(bytes));
+                    }
+                    Ok(None) => {}
+                    Err(e) => r.fail(&e),
+                }
+            }
             return Ok(None);
         };
         if Digest::of(&bytes) != *digest {
@@ -122,7 +178,8 @@ impl Cache {
     /// Unless `trusted` (this process stored those very bytes), the object is
     /// verified first; a damaged one is removed and reported as `None`.
     pub fn materialise(&self, digest: &Digest, dest: &Path, tmp_dir: &Path, trusted: bool) -> Result<Option<bool>> {
-        if !trusted && self.get_object(digest)?.is_none() {
+        let local = self.local.size(Bucket::Objects, digest)?.is_some();
+        if (!trusted || !local) && self.get_object(digest)?.is_none() {
             return Ok(None);
         }
         std::fs::create_dir_all(tmp_dir)?;
@@ -152,30 +209,55 @@ impl Cache {
         }
     }
 
-    /// Whether every output of an entry is present with its recorded size
-    /// (cheap: a stat per file; contents are verified when read).
+    /// Whether every output of an entry is present with its recorded size,
+    /// locally or on a remote (cheap: a stat or a HEAD per file; contents
+    /// are verified when read).
     pub fn has_outputs(&self, entry: &ActionEntry) -> Result<bool> {
-        for out in &entry.outputs {
-            if self.local.size(Bucket::Objects, &out.digest)? != Some(out.size) {
-                return Ok(false);
+        'outputs: for out in &entry.outputs {
+            if self.local.size(Bucket::Objects, &out.digest)? == Some(out.size) {
+                continue;
             }
+            for r in self.live() {
+                match r.has_object(&out.digest) {
+                    Ok(true) => continue 'outputs,
+                    Ok(false) => {}
+                    Err(e) => r.fail(&e),
+                }
+            }
+            return Ok(false);
         }
         Ok(true)
     }
 
     /// The action entry stored under `key`, if any and if readable.
     pub fn get_action(&self, key: &Digest) -> Result<Option<ActionEntry>> {
-        let Some(bytes) = self.local.get(Bucket::Actions, key)? else {
-            return Ok(None);
-        };
-        match serde_json::from_slice::<ActionEntry>(&bytes) {
-            Ok(entry) if entry.key() == *key => Ok(Some(entry)),
-            _ => {
-                eprintln!("warning: action entry {} is damaged; removing it so it is rebuilt", key.short());
-                self.local.remove(Bucket::Actions, key)?;
-                Ok(None)
+        Ok(self.lookup(key)?.map(|(entry, _)| entry))
+    }
+
+    /// The entry under `key` and where it was found: the local tier, else
+    /// the first remote that has a valid, trusted one (copied locally).
+    pub fn lookup(&self, key: &Digest) -> Result<Option<(ActionEntry, Found)>> {
+        if let Some(bytes) = self.local.get(Bucket::Actions, key)? {
+            match serde_json::from_slice::<ActionEntry>(&bytes) {
+                Ok(entry) if entry.key() == *key => return Ok(Some((entry, Found::Local))),
+                _ => {
+                    eprintln!("warning: action entry {} is damaged; removing it so it is rebuilt", key.short());
+                    self.local.remove(Bucket::Actions, key)?;
+                }
             }
         }
+        for r in self.live() {
+            match r.get_entry(key) {
+                Ok(Some(entry)) => {
+                    let bytes = serde_json::to_vec_pretty(&entry).expect("entries serialise");
+                    self.local.put(Bucket::Actions, key, &bytes).map_err(|e| self.unwritable(e))?;
+                    return Ok(Some((entry, Found::Remote(r.url.clone()))));
+                }
+                Ok(None) => {}
+                Err(e) => r.fail(&e),
+            }
+        }
+        Ok(None)
     }
 
     /// Forgets the entry under `key` (found unusable), so the key is rebuilt.
@@ -183,10 +265,24 @@ impl Cache {
         self.local.remove(Bucket::Actions, key).map_err(|e| self.unwritable(e))
     }
 
-    /// Records what building `entry`'s key produced.
+    /// Records what building `entry`'s key produced (and, when pushing as
+    /// stored, uploads it with its objects; a remote that fails is set aside).
     pub fn put_action(&self, entry: &ActionEntry) -> Result<()> {
         let bytes = serde_json::to_vec_pretty(entry).expect("entries serialise");
-        self.local.put(Bucket::Actions, &entry.key(), &bytes).map_err(|e| self.unwritable(e))
+        self.local.put(Bucket::Actions, &entry.key(), &bytes).map_err(|e| self.unwritable(e))?;
+        if self.push {
+            for r in self.live().filter(|r| r.writable) {
+                if let Err(e) = transfer::push_entry(self, r, entry) {
+                    r.fail(&e);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// An object's bytes from the local tier only (verified), for uploads.
+    pub fn local_object(&self, digest: &Digest) -> Result<Option<Vec<u8>>> {
+        Ok(self.local.get(Bucket::Objects, digest)?.filter(|b| Digest::of(b) == *digest))
     }
 
     /// The entry of the last build of a node (named by recipe and node), which

@@ -1,11 +1,13 @@
 //! Storage tiers: where blobs (objects and action entries) physically live.
 //!
 //! The cache above only ever calls `Tier`, so a shared folder or a remote
-//! object store can stand behind the local folder without the runner knowing
+//! object store stands behind the local folder without the runner knowing
 //! (sccache's `Storage` shape). A tier stores bytes; it never judges them:
 //! verification is the cache's job, so it applies to every tier alike.
+//! Every tier lays its blobs out alike (`Bucket::path`).
 
 use crate::digest::Digest;
+use anyhow::Result;
 use std::io::{self, Write};
 use std::path::Path;
 
@@ -17,6 +19,8 @@ pub enum Bucket {
     Objects,
     /// Action entries, named by their action key.
     Actions,
+    /// A remote's one layout marker (its name is ignored).
+    Layout,
 }
 
 impl Bucket {
@@ -24,6 +28,18 @@ impl Bucket {
         match self {
             Bucket::Objects => "objects-v1",
             Bucket::Actions => "actions-v2",
+            Bucket::Layout => "",
+        }
+    }
+
+    /// Where a blob lives below a tier's root: `objects-v1/ab/<digest>`.
+    pub fn path(self, name: &Digest) -> String {
+        match self {
+            Bucket::Layout => "prefgen-layout.json".into(),
+            _ => {
+                let hex = name.to_hex();
+                format!("{}/{}/{hex}", self.dir_name(), &hex[..2])
+            }
         }
     }
 }
@@ -36,33 +52,42 @@ pub struct Blob {
     pub modified: std::time::SystemTime,
 }
 
-/// One storage tier.
+/// One storage tier. Errors name the tier and the blob.
 pub trait Tier: Send + Sync {
-    /// Where the tier is, for messages.
+    /// Where the tier is, for messages (never a credential).
     fn describe(&self) -> String;
     /// The blob's bytes, or None when the tier lacks it.
-    fn get(&self, bucket: Bucket, name: &Digest) -> io::Result<Option<Vec<u8>>>;
+    fn get(&self, bucket: Bucket, name: &Digest) -> Result<Option<Vec<u8>>>;
     /// The blob's size, or None when the tier lacks it; reads nothing else.
-    fn size(&self, bucket: Bucket, name: &Digest) -> io::Result<Option<u64>>;
+    fn size(&self, bucket: Bucket, name: &Digest) -> Result<Option<u64>>;
     /// Stores a blob so that readers see all of it or none of it.
-    fn put(&self, bucket: Bucket, name: &Digest, bytes: &[u8]) -> io::Result<()>;
+    fn put(&self, bucket: Bucket, name: &Digest, bytes: &[u8]) -> Result<()>;
+    /// Stores a blob unless the tier has one of that name (the first writer
+    /// wins); true when this call stored it.
+    fn create(&self, bucket: Bucket, name: &Digest, bytes: &[u8]) -> Result<bool>;
     /// Removes a blob; removing a missing blob is not an error.
-    fn remove(&self, bucket: Bucket, name: &Digest) -> io::Result<()>;
+    fn remove(&self, bucket: Bucket, name: &Digest) -> Result<()>;
     /// Every blob in a bucket, with its size and modification time.
-    fn list(&self, bucket: Bucket) -> io::Result<Vec<Blob>>;
+    fn list(&self, bucket: Bucket) -> Result<Vec<Blob>>;
 }
 
 /// Writes `bytes` to `dest` through a temporary file in `tmp_dir` (same file
 /// system), fsynced before the rename, so a crash leaves the old file or the
 /// new one, never a torn one. `mode` is applied through the umask.
 pub fn write_atomic_in(tmp_dir: &Path, dest: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
+    let tmp = write_temp(tmp_dir, bytes, mode)?;
+    tmp.persist(dest).map_err(|e| e.error)?;
+    Ok(())
+}
+
+/// `bytes` in a fsynced temporary file of `tmp_dir`, to be persisted.
+pub fn write_temp(tmp_dir: &Path, bytes: &[u8], mode: u32) -> io::Result<tempfile::NamedTempFile> {
     use std::os::unix::fs::PermissionsExt;
     std::fs::create_dir_all(tmp_dir)?;
     let mut tmp = tempfile::Builder::new().permissions(std::fs::Permissions::from_mode(mode)).tempfile_in(tmp_dir)?;
     tmp.write_all(bytes)?;
     tmp.as_file().sync_all()?;
-    tmp.persist(dest).map_err(|e| e.error)?;
-    Ok(())
+    Ok(tmp)
 }
 
 /// Mode of cache objects: read-only, because exports are hard links to them

@@ -75,3 +75,34 @@ impl Cache {
         Ok(None)
     }
 }
+
+impl super::Remote {
+    /// `verify` for a remote: every object fetched and re-hashed, every
+    /// entry re-read (and its signature checked, with trusted keys) and its
+    /// outputs looked for. Nothing on the remote is changed.
+    pub fn verify(&self) -> Result<VerifySummary> {
+        let mut s = VerifySummary::default();
+        for blob in self.tier().list(Bucket::Objects)? {
+            s.objects += 1;
+            s.bytes += blob.size;
+            if self.get_object(&blob.name)?.is_none() {
+                s.damaged.push(blob.name);
+            }
+        }
+        for blob in self.tier().list(Bucket::Actions)? {
+            s.actions += 1;
+            let Some(entry) = self.get_entry(&blob.name)? else {
+                s.damaged_actions.push((blob.name, "it is damaged or not trusted (see the warning above)".into()));
+                continue;
+            };
+            for out in &entry.outputs {
+                if !self.has_object(&out.digest)? {
+                    s.damaged_actions
+                        .push((blob.name, format!("its output {} ({}) is missing", out.path, out.digest.short())));
+                    break;
+                }
+            }
+        }
+        Ok(s)
+    }
+}

@@ -5,7 +5,8 @@ pub mod plan;
 pub mod run;
 pub mod verify;
 
-use crate::cache::DEFAULT_ROOT;
+use crate::cache::{Cache, Remote};
+use crate::config::{Flags, RemoteSpec, Settings};
 use crate::plan::Graph;
 use crate::recipe::Recipe;
 use anyhow::Result;
@@ -18,11 +19,58 @@ use std::process::ExitCode;
 #[derive(Parser)]
 #[command(name = "prefgen", version, about)]
 pub struct Cli {
-    /// The cache folder.
-    #[arg(long, global = true, env = "PREFGEN_CACHE", default_value = DEFAULT_ROOT)]
-    pub cache: PathBuf,
+    /// The local cache folder (default: prefgen.toml's `cache.dir`, else ./cache).
+    #[arg(long, global = true, env = "PREFGEN_CACHE")]
+    pub cache: Option<PathBuf>,
+    /// The configuration file (default: ./prefgen.toml when there is one).
+    #[arg(long, global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// One more remote to read through and push to: `s3://bucket/prefix` or a
+    /// folder; with `cache verify` and `cache gc`, the remote they work on.
+    #[arg(long, global = true, env = "PREFGEN_REMOTE", value_name = "URL")]
+    pub remote: Option<String>,
+    /// Ignore every remote (prefgen.toml's, --remote's, PREFGEN_REMOTE's).
+    #[arg(long, global = true)]
+    pub no_remote: bool,
     #[command(subcommand)]
     pub command: Command,
+}
+
+impl Cli {
+    fn flags(&self) -> Flags {
+        Flags {
+            config: self.config.clone(),
+            cache: self.cache.clone(),
+            remote: self.remote.clone(),
+            no_remote: self.no_remote,
+        }
+    }
+}
+
+/// Where this invocation's caches are, opened.
+pub struct Caches {
+    pub settings: Settings,
+}
+
+impl Caches {
+    fn new(cli: &Cli) -> Result<Caches> {
+        Ok(Caches { settings: Settings::resolve(&cli.flags())? })
+    }
+
+    /// The local cache (created if needed) with the remotes to read through.
+    pub fn open(&self) -> Result<Cache> {
+        Ok(Cache::open(&self.settings.cache_dir)?.with_remotes(self.remotes(|_| true)?))
+    }
+
+    /// The local cache, which must exist (commands that inspect or clean).
+    pub fn open_existing(&self) -> Result<Cache> {
+        Cache::open_existing(&self.settings.cache_dir)
+    }
+
+    /// The configured remotes that `keep` keeps, opened.
+    pub fn remotes(&self, keep: impl Fn(&RemoteSpec) -> bool) -> Result<Vec<Remote>> {
+        self.settings.remotes.iter().filter(|r| keep(r)).map(Remote::open).collect()
+    }
 }
 
 #[derive(Subcommand)]
@@ -62,10 +110,12 @@ impl RecipeArgs {
 
 /// Runs a parsed command line.
 pub fn dispatch(cli: Cli) -> Result<ExitCode> {
+    let caches = Caches::new(&cli)?;
+    let remote = cli.remote.clone().filter(|_| !cli.no_remote);
     match cli.command {
-        Command::Run(args) => run::run(&cli.cache, args),
-        Command::Plan(args) => plan::plan(&cli.cache, args),
-        Command::Verify(args) => verify::verify(&cli.cache, args),
-        Command::Cache { command } => cache::cache(&cli.cache, command),
+        Command::Run(args) => run::run(&caches, args),
+        Command::Plan(args) => plan::plan(&caches, args),
+        Command::Verify(args) => verify::verify(&caches, args),
+        Command::Cache { command } => cache::cache(&caches, remote.as_deref(), command),
     }
 }

@@ -1,15 +1,17 @@
 //! `prefgen plan`: every node fresh or stale, and why; the lock's drift.
 
-use super::RecipeArgs;
-use crate::cache::Cache;
+use super::{Caches, RecipeArgs};
+use crate::cache::Found;
 use crate::lock::{self, Lock};
 use crate::plan::{Freshness, Walk};
 use anyhow::Result;
-use std::path::Path;
 use std::process::ExitCode;
 
-pub fn plan(cache: &Path, args: RecipeArgs) -> Result<ExitCode> {
-    let cache = Cache::open(cache)?;
+pub fn plan(caches: &Caches, args: RecipeArgs) -> Result<ExitCode> {
+    let cache = caches.open()?;
+    for r in cache.remotes().iter().filter(|r| r.trusts_everyone()) {
+        println!("note: remote {} has no trusted_keys: it serves entries from anyone who can write to it", r.url);
+    }
     let graph = args.graph()?;
     let selected = graph.select(&args.targets)?;
     let mut walk = Walk::new(&graph, &cache);
@@ -17,8 +19,12 @@ pub fn plan(cache: &Path, args: RecipeArgs) -> Result<ExitCode> {
     for idx in (0..graph.nodes.len()).filter(|&i| selected[i]) {
         let label = graph.nodes[idx].label();
         match walk.freshness(idx)? {
-            Freshness::Fresh(entry) => {
-                println!("fresh  {label}  {}", entry.key().short());
+            Freshness::Fresh(entry, found) => {
+                let at = match found {
+                    Found::Local => String::new(),
+                    Found::Remote(url) => format!(" (remote {url})"),
+                };
+                println!("fresh  {label}  {}{at}", entry.key().short());
                 walk.entries[idx] = Some(entry);
             }
             Freshness::Stale(_, why) | Freshness::Blocked(why) => {

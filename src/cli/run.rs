@@ -1,12 +1,11 @@
 //! `prefgen run`: build what is stale, then write the lock.
 
-use super::RecipeArgs;
+use super::{Caches, RecipeArgs};
 use crate::cache::Cache;
 use crate::lock::{self, Lock};
 use crate::plan::{Graph, Walk};
 use crate::run::{self, Options, Slice, Summary};
 use anyhow::{Result, bail};
-use std::path::Path;
 use std::process::ExitCode;
 
 #[derive(clap::Args)]
@@ -24,10 +23,17 @@ pub struct Args {
     /// Replace files in `export.dir` that prefgen did not write.
     #[arg(long)]
     pub overwrite: bool,
+    /// Upload each shard and node to the writable remotes as it is stored,
+    /// so workers elsewhere see it.
+    #[arg(long)]
+    pub push: bool,
 }
 
-pub fn run(cache: &Path, args: Args) -> Result<ExitCode> {
-    let cache = Cache::open(cache)?;
+pub fn run(caches: &Caches, args: Args) -> Result<ExitCode> {
+    let cache = caches.open()?.push_as_stored(args.push);
+    if args.push && !cache.remotes().iter().any(|r| r.writable) {
+        anyhow::bail!("--push: no writable remote (give --remote URL, or `write = true` to one in prefgen.toml)");
+    }
     let graph = args.recipe.graph()?;
     let options = Options { slice: args.shard, overwrite: args.overwrite };
     let summary = build_and_lock(&graph, &cache, &args.recipe, args.locked, options)?;

@@ -1,14 +1,12 @@
 //! `prefgen verify`: bring the recipe up to date, then compare its
 //! binarized rows with a published dataset.
 
-use super::RecipeArgs;
-use crate::cache::Cache;
+use super::{Caches, RecipeArgs};
 use crate::formats::simpo::{self, BinarizedRow};
 use crate::run::Options;
 use crate::stages::{Stage, binarize};
 use crate::verify;
 use anyhow::{Context, Result, bail};
-use std::path::Path;
 use std::process::ExitCode;
 
 #[derive(clap::Args)]
@@ -27,11 +25,11 @@ pub struct Args {
     pub locked: bool,
 }
 
-pub fn verify(cache: &Path, args: Args) -> Result<ExitCode> {
+pub fn verify(caches: &Caches, args: Args) -> Result<ExitCode> {
     if !args.recipe.targets.is_empty() {
         bail!("verify builds the whole recipe; it takes no targets");
     }
-    let cache = Cache::open(cache)?;
+    let cache = caches.open()?;
     let graph = args.recipe.graph()?;
     let summary = super::run::build_and_lock(&graph, &cache, &args.recipe, args.locked, Options::default())?;
     let against = &args.against;

@@ -126,7 +126,7 @@ fn build_all(
             continue;
         }
         let (material, reason) = match walk.freshness(idx)? {
-            Freshness::Fresh(entry) => {
+            Freshness::Fresh(entry, _) => {
                 cache.set_last_build(&graph.ref_name(idx), &entry.key())?;
                 walk.entries[idx] = Some(entry);
                 summary.fresh += 1;
@@ -195,7 +195,15 @@ fn build_all(
             outputs.push(OutputFile { path, digest, size: bytes.len() as u64 });
             files.push(Arc::new(bytes));
         }
-        let entry = ActionEntry { material, node: label.clone(), outputs, counts: output.counts, engines, parts };
+        let entry = ActionEntry {
+            material,
+            node: label.clone(),
+            outputs,
+            counts: output.counts,
+            engines,
+            parts,
+            signature: None,
+        };
         let counts = entry.counts.describe();
         let counts = if counts.is_empty() { counts } else { format!(" ({counts})") };
         eprintln!("built {label} in {:.2}s{counts}", started.elapsed().as_secs_f64());

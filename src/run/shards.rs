@@ -161,6 +161,7 @@ impl Node<'_, '_> {
             counts: built.counts,
             engines: vec![built.engine],
             parts: vec![],
+            signature: None,
         };
         self.cache.put_action(&entry)?;
         // Only now is the shard safe from a crash.

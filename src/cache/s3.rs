@@ -1,0 +1,192 @@
+//! An S3-compatible bucket as a tier, through the Arrow project's
+//! `object_store` crate (SigV4, conditional puts, multipart, retries with
+//! backoff). Credentials, region and endpoint come from the standard AWS
+//! environment and, where it lacks them, the profile files, as the AWS CLI
+//! reads them; they never appear in a message.
+
+use super::tier::{Blob, Bucket, Tier};
+use crate::config::RemoteSpec;
+use crate::digest::Digest;
+use anyhow::{Result, anyhow, bail};
+use futures::StreamExt;
+use object_store::aws::{AmazonS3, AmazonS3Builder};
+use object_store::path::Path as StorePath;
+use object_store::{
+    BackoffConfig, ClientOptions, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, RetryConfig,
+    WriteMultipart,
+};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Objects above this size go up in parts of this size.
+const PART: usize = 16 << 20;
+
+pub struct S3Tier {
+    url: String,
+    prefix: String,
+    store: AmazonS3,
+    runtime: tokio::runtime::Runtime,
+}
+
+/// One profile of an AWS INI file (`[name]` or `[profile name]`).
+fn profile(path: Option<PathBuf>, name: &str) -> BTreeMap<String, String> {
+    let Some(text) = path.and_then(|p| std::fs::read_to_string(p).ok()) else { return BTreeMap::new() };
+    let mut out = BTreeMap::new();
+    let mut inside = false;
+    for line in text.lines().map(str::trim) {
+        if let Some(header) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+            let header = header.trim();
+            inside = header == name || header.strip_prefix("profile ").map(str::trim) == Some(name);
+        } else if inside && let Some((k, v)) = line.split_once('=') {
+            out.insert(k.trim().to_ascii_lowercase(), v.trim().to_string());
+        }
+    }
+    out
+}
+
+fn aws_file(var: &str, default: &str) -> Option<PathBuf> {
+    std::env::var_os(var)
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".aws").join(default)))
+}
+
+impl S3Tier {
+    /// `s3://bucket/prefix`.
+    pub fn open(spec: &RemoteSpec) -> Result<S3Tier> {
+        let url = spec.url.trim_end_matches('/').to_string();
+        let rest = url.strip_prefix("s3://").ok_or_else(|| anyhow!("{url}: not an s3:// URL"))?;
+        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        if bucket.is_empty() {
+            bail!("{url}: no bucket (write s3://bucket/prefix)");
+        }
+        let name = std::env::var("AWS_PROFILE").unwrap_or_else(|_| "default".into());
+        let credentials = profile(aws_file("AWS_SHARED_CREDENTIALS_FILE", "credentials"), &name);
+        let config = profile(aws_file("AWS_CONFIG_FILE", "config"), &name);
+        let mut b = AmazonS3Builder::from_env().with_bucket_name(bucket);
+        let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        if env("AWS_ACCESS_KEY_ID").is_none()
+            && let (Some(id), Some(secret)) =
+                (credentials.get("aws_access_key_id"), credentials.get("aws_secret_access_key"))
+        {
+            b = b.with_access_key_id(id).with_secret_access_key(secret);
+            if let Some(token) = credentials.get("aws_session_token") {
+                b = b.with_token(token);
+            }
+        }
+        let region = env("AWS_REGION").or(env("AWS_DEFAULT_REGION")).or(config.get("region").cloned());
+        b = b.with_region(region.unwrap_or_else(|| "us-east-1".into()));
+        let endpoint = env("AWS_ENDPOINT_URL_S3").or(env("AWS_ENDPOINT_URL")).or(config.get("endpoint_url").cloned());
+        if let Some(endpoint) = &endpoint {
+            b = b.with_endpoint(endpoint);
+        }
+        let timeout = Duration::from_secs(spec.timeout_secs.max(1));
+        let client = ClientOptions::new()
+            .with_timeout(timeout)
+            .with_connect_timeout(timeout.min(Duration::from_secs(5)))
+            .with_allow_http(endpoint.as_deref().is_some_and(|e| e.starts_with("http://")));
+        b = b.with_client_options(client).with_retry(RetryConfig {
+            backoff: BackoffConfig::default(),
+            max_retries: spec.retries,
+            retry_timeout: timeout * (spec.retries as u32 + 1),
+        });
+        let store = b.build().map_err(|e| anyhow!("{url}: {e}"))?;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .map_err(|e| anyhow!("{url}: cannot start the S3 client: {e}"))?;
+        Ok(S3Tier { url: url.clone(), prefix: prefix.trim_matches('/').to_string(), store, runtime })
+    }
+
+    fn path(&self, bucket: Bucket, name: &Digest) -> StorePath {
+        let p = bucket.path(name);
+        StorePath::from(if self.prefix.is_empty() { p } else { format!("{}/{p}", self.prefix) })
+    }
+
+    fn err(&self, what: &str, path: &StorePath, e: object_store::Error) -> anyhow::Error {
+        anyhow!("{}: cannot {what} {path}: {e}", self.url)
+    }
+}
+
+impl Tier for S3Tier {
+    fn describe(&self) -> String {
+        self.url.clone()
+    }
+
+    fn get(&self, bucket: Bucket, name: &Digest) -> Result<Option<Vec<u8>>> {
+        let path = self.path(bucket, name);
+        self.runtime.block_on(async {
+            match self.store.get(&path).await {
+                Ok(r) => Ok(Some(r.bytes().await.map_err(|e| self.err("read", &path, e))?.to_vec())),
+                Err(object_store::Error::NotFound { .. }) => Ok(None),
+                Err(e) => Err(self.err("read", &path, e)),
+            }
+        })
+    }
+
+    fn size(&self, bucket: Bucket, name: &Digest) -> Result<Option<u64>> {
+        let path = self.path(bucket, name);
+        match self.runtime.block_on(self.store.head(&path)) {
+            Ok(meta) => Ok(Some(meta.size)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(self.err("read", &path, e)),
+        }
+    }
+
+    fn put(&self, bucket: Bucket, name: &Digest, bytes: &[u8]) -> Result<()> {
+        let path = self.path(bucket, name);
+        let data = bytes::Bytes::copy_from_slice(bytes);
+        self.runtime
+            .block_on(async {
+                if data.len() <= PART {
+                    self.store.put(&path, PutPayload::from(data)).await.map(|_| ())
+                } else {
+                    let upload = self.store.put_multipart(&path).await?;
+                    let mut w = WriteMultipart::new_with_chunk_size(upload, PART);
+                    w.put(data);
+                    w.finish().await.map(|_| ())
+                }
+            })
+            .map_err(|e| self.err("write", &path, e))
+    }
+
+    fn create(&self, bucket: Bucket, name: &Digest, bytes: &[u8]) -> Result<bool> {
+        let path = self.path(bucket, name);
+        let opts = PutOptions { mode: PutMode::Create, ..Default::default() };
+        let payload = PutPayload::from(bytes::Bytes::copy_from_slice(bytes));
+        match self.runtime.block_on(self.store.put_opts(&path, payload, opts)) {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::AlreadyExists { .. }) => Ok(false),
+            Err(e) => Err(self.err("write", &path, e)),
+        }
+    }
+
+    fn remove(&self, bucket: Bucket, name: &Digest) -> Result<()> {
+        let path = self.path(bucket, name);
+        match self.runtime.block_on(self.store.delete(&path)) {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(self.err("remove", &path, e)),
+        }
+    }
+
+    fn list(&self, bucket: Bucket) -> Result<Vec<Blob>> {
+        let dir = StorePath::from(if self.prefix.is_empty() {
+            bucket.dir_name().to_string()
+        } else {
+            format!("{}/{}", self.prefix, bucket.dir_name())
+        });
+        let metas: Vec<_> = self.runtime.block_on(self.store.list(Some(&dir)).collect());
+        let mut out = Vec::new();
+        for meta in metas {
+            let meta = meta.map_err(|e| self.err("list", &dir, e))?;
+            if let Some(name) = meta.location.filename().and_then(|n| n.parse::<Digest>().ok()) {
+                let modified =
+                    std::time::UNIX_EPOCH + Duration::from_millis(meta.last_modified.timestamp_millis().max(0) as u64);
+                out.push(Blob { name, size: meta.size, modified });
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+}
