@@ -14,6 +14,8 @@ use crate::config::RemoteSpec;
 use crate::digest::Digest;
 use anyhow::{Context, Result, bail};
 use std::path::PathBuf;
+use std::collections::HashSet;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 /// The layout this prefgen writes; a remote marked newer is left alone.
@@ -36,6 +38,9 @@ pub struct Remote {
     signer: Option<SecretKey>,
     /// Set once a request failed: the run goes on without it.
     down: AtomicBool,
+    /// Objects and entries found damaged or untrusted in this run: never
+    /// offered again (a HEAD would still find them).
+    rejected: Mutex<HashSet<Digest>>,
     pub traffic: Traffic,
 }
 
@@ -67,6 +72,7 @@ impl Remote {
             trusted,
             signer,
             down: AtomicBool::new(false),
+            rejected: Mutex::default(),
             traffic: Traffic::default(),
         };
         Ok(remote)
@@ -134,13 +140,25 @@ impl Remote {
         let bytes = zstd::decode_all(packed.as_slice()).unwrap_or_default();
         if Digest::of(&bytes) != *digest {
             eprintln!("warning: remote {}: object {} is damaged; not used", self.url, digest.short());
+            self.reject(digest);
             return Ok(None);
         }
         Ok(Some(bytes))
     }
 
+    fn reject(&self, name: &Digest) {
+        self.rejected.lock().expect("not poisoned").insert(*name);
+    }
+
+    fn rejected(&self, name: &Digest) -> bool {
+        self.rejected.lock().expect("not poisoned").contains(name)
+    }
+
     /// Whether the remote has the object (a HEAD, not a read).
     pub fn has_object(&self, digest: &Digest) -> Result<bool> {
+        if self.rejected(digest) {
+            return Ok(false);
+        }
         let found = self.tier.size(Bucket::Objects, digest)?.is_some();
         self.count(0, 0);
         Ok(found)
@@ -160,6 +178,9 @@ impl Remote {
     /// The entry under `key`, if the remote has it, it parses, its key
     /// matches, and (with trusted keys) a trusted key signed it.
     pub fn get_entry(&self, key: &Digest) -> Result<Option<ActionEntry>> {
+        if self.rejected(key) {
+            return Ok(None);
+        }
         let found = self.tier.get(Bucket::Actions, key)?;
         self.count(found.as_ref().map_or(0, Vec::len), 0);
         let Some(bytes) = found else { return Ok(None) };
@@ -167,6 +188,7 @@ impl Remote {
             Ok(e) if e.key() == *key => e,
             _ => {
                 eprintln!("warning: remote {}: entry {} is damaged; not used", self.url, key.short());
+                self.reject(key);
                 return Ok(None);
             }
         };
@@ -174,6 +196,7 @@ impl Remote {
             && let Some(why) = sign::distrust(&entry, trusted)
         {
             eprintln!("warning: remote {}: entry {} is not trusted ({why}); not used", self.url, key.short());
+            self.reject(key);
             return Ok(None);
         }
         Ok(Some(entry))

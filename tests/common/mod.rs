@@ -275,3 +275,65 @@ pub fn files_under(dir: &Path) -> Vec<PathBuf> {
     out.sort();
     out
 }
+
+/// An S3-compatible server (moto's, from PyPI) on 127.0.0.1, stopped on drop.
+pub struct S3Server {
+    pub port: u16,
+    child: std::process::Child,
+}
+
+impl S3Server {
+    /// Starts the server and creates `bucket`.
+    pub fn start(bucket: &str) -> S3Server {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let child = Command::new("python3")
+            .args(["-m", "moto.server", "-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("python3 -m moto.server (`make setup` installs moto[server])");
+        let server = S3Server { port, child };
+        let started = std::time::Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(started.elapsed().as_secs() < 30, "the S3 server did not start on port {port}");
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        server.python(&format!("s3.create_bucket(Bucket={bucket:?})"));
+        server
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// The AWS environment a client of this server gets.
+    pub fn env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("AWS_ACCESS_KEY_ID", "testing".into()),
+            ("AWS_SECRET_ACCESS_KEY", "testing-secret-never-printed".into()),
+            ("AWS_REGION", "us-east-1".into()),
+            ("AWS_ENDPOINT_URL", self.endpoint()),
+        ]
+    }
+
+    /// Runs Python with `s3`, a boto3 client of this server, defined.
+    pub fn python(&self, code: &str) -> String {
+        let setup = format!(
+            "import boto3\ns3 = boto3.client('s3', endpoint_url='{}', aws_access_key_id='testing', aws_secret_access_key='x', region_name='us-east-1')\n",
+            self.endpoint()
+        );
+        python(&["-c", &format!("{setup}{code}")])
+    }
+
+    /// Stops the server now.
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
