@@ -46,9 +46,10 @@ demo: setup
 test: pydeps models
 	$(CARGO) test
 
-## bench: post-processing and export at the published datasets' size; generation and scoring throughput
-bench: models
+## bench: post-processing and export at the published datasets' size; sharing it through S3; generation and scoring throughput
+bench: pydeps models
 	$(NATIVE) $(CARGO) bench --bench pipeline
+	$(NATIVE) $(CARGO) bench --bench remote
 	$(NATIVE) $(CARGO) bench --bench generate
 	$(NATIVE) $(CARGO) bench --bench score
 

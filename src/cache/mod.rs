@@ -98,6 +98,13 @@ impl Cache {
         &self.remotes
     }
 
+    /// One line per remote that served this process (on stderr).
+    pub fn report_traffic(&self) {
+        for line in self.remotes.iter().filter_map(Remote::traffic_line) {
+            eprintln!("{line}");
+        }
+    }
+
     /// The remotes still in use this run.
     fn live(&self) -> impl Iterator<Item = &Remote> {
         self.remotes.iter().filter(|r| !r.is_down())

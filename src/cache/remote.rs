@@ -13,8 +13,8 @@ use super::tier::{Bucket, Tier};
 use crate::config::RemoteSpec;
 use crate::digest::Digest;
 use anyhow::{Context, Result, bail};
-use std::path::PathBuf;
 use std::collections::HashSet;
+use std::path::PathBuf;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
@@ -211,6 +211,16 @@ impl Remote {
         let created = self.tier.create(Bucket::Actions, &entry.key(), &bytes)?;
         self.count(0, if created { bytes.len() } else { 0 });
         Ok(created)
+    }
+
+    /// `remote URL: N requests, X MB down, Y MB up`, when it served any.
+    pub fn traffic_line(&self) -> Option<String> {
+        let t = &self.traffic;
+        let n = t.requests.load(Ordering::Relaxed);
+        let mb = |a: &AtomicU64| a.load(Ordering::Relaxed) as f64 / 1e6;
+        (n > 0).then(|| {
+            format!("remote {}: {n} requests, {:.1} MB down, {:.1} MB up", self.url, mb(&t.bytes_down), mb(&t.bytes_up))
+        })
     }
 
     /// The tier itself, for `cache verify` and `cache gc` with `--remote`.

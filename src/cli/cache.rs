@@ -134,6 +134,9 @@ pub fn cache(caches: &Caches, remote: Option<&str>, command: Command) -> Result<
                 let moved =
                     transfer::push(&cache, r, &entries).map_err(|e| anyhow!("cache push to {}: {e:#}", r.url))?;
                 println!("{}.", moved.describe(&format!("Pushed to {}:", r.url)));
+                if let Some(line) = r.traffic_line() {
+                    eprintln!("{line}");
+                }
             }
             missing_nodes(&missing, "push")
         }
@@ -148,6 +151,7 @@ pub fn cache(caches: &Caches, remote: Option<&str>, command: Command) -> Result<
                 bail!("cache pull: remote {} failed (see the warning above)", r.url);
             }
             println!("{}.", moved?.describe("Pulled"));
+            cache.report_traffic();
             missing_nodes(&missing, "pull")
         }
         Command::Keygen { name, out } => {

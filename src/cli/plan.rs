@@ -34,6 +34,7 @@ pub fn plan(caches: &Caches, args: RecipeArgs) -> Result<ExitCode> {
         }
     }
     eprintln!("{stale} of {} nodes stale", selected.iter().filter(|s| **s).count());
+    cache.report_traffic();
     let lock_path = lock::path_for(&args.recipe);
     match Lock::read(&lock_path, false)? {
         None => println!("lock: none yet ({} is written by `prefgen run`)", lock_path.display()),

@@ -37,6 +37,7 @@ pub fn run(caches: &Caches, args: Args) -> Result<ExitCode> {
     let graph = args.recipe.graph()?;
     let options = Options { slice: args.shard, overwrite: args.overwrite };
     let summary = build_and_lock(&graph, &cache, &args.recipe, args.locked, options)?;
+    cache.report_traffic();
     if let Some(slice) = args.shard {
         println!(
             "Shard {}/{}: built {} nodes, {} fresh; {} left for the other workers. Once every worker is done, \
