@@ -38,7 +38,8 @@ fn main() {
     let a = common::Project::new();
     let r = common::synthetic(&a, prompts, &seeds, 1000).display().to_string();
     a.ok(&["run", &r]);
-    let artifacts: u64 = common::files_under(&a.path("cache/objects-v1")).iter().map(|f| f.metadata().unwrap().len()).sum();
+    let artifacts: u64 =
+        common::files_under(&a.path("cache/objects-v1")).iter().map(|f| f.metadata().unwrap().len()).sum();
     let decode: u64 = common::files_under(&a.path("syn/gens")).iter().map(|f| f.metadata().unwrap().len()).sum();
     let (push, pushed) = timed(&a, &["cache", "push", &r, "--remote", remote]);
     let b = common::Project::new();

@@ -12,5 +12,6 @@ pub mod lock;
 pub mod plan;
 pub mod recipe;
 pub mod run;
+pub mod slurm;
 pub mod stages;
 pub mod verify;

@@ -114,18 +114,17 @@ impl Lock {
 
     /// How the `selected` nodes depart from this lock as far as can be known
     /// without building: inputs that resolve differently, and nodes whose key
-    /// (or, for fresh nodes, outputs) differ. Walks the graph as `plan` does.
-    pub fn drift(&self, walk: &mut Walk, selected: &[bool]) -> Result<Vec<String>> {
-        let now = inputs(walk, selected)?;
+    /// (or, for fresh nodes, outputs) differ: `survey` is the walk's
+    /// [`Walk::survey`] of the selected nodes.
+    pub fn drift(&self, walk: &mut Walk, survey: &[Option<Freshness>]) -> Result<Vec<String>> {
+        let selected: Vec<bool> = survey.iter().map(Option::is_some).collect();
+        let now = inputs(walk, &selected)?;
         let mut out = self.input_drift(&now, !selected.contains(&false));
-        for idx in (0..walk.graph.nodes.len()).filter(|&i| selected[i]) {
+        for (idx, freshness) in survey.iter().enumerate() {
+            let Some(freshness) = freshness else { continue };
             let label = walk.graph.nodes[idx].label();
-            let now = match walk.freshness(idx)? {
-                Freshness::Fresh(entry, _) => {
-                    let b = built(&entry);
-                    walk.entries[idx] = Some(entry);
-                    b
-                }
+            let now = match freshness {
+                Freshness::Fresh(entry, _) => built(entry),
                 Freshness::Stale(material, _) => {
                     Built { key: material.key().to_hex(), outputs: BTreeMap::new(), engines: vec![] }
                 }

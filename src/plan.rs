@@ -289,12 +289,53 @@ impl<'a> Walk<'a> {
             Ok(m) => m,
             Err(dep) => return Ok(Freshness::Blocked(format!("needs {dep}, which is stale"))),
         };
-        let key = material.key();
-        if let Some((entry, found)) = self.cache.lookup(&key)?
-            && self.cache.has_outputs(&entry)?
-        {
+        let hit = self.cache.lookup_built(&[material.key()])?.pop().flatten();
+        self.judge(idx, material, hit)
+    }
+
+    /// Looks every selected node up, as `freshness` would in order, but a
+    /// wave at a time: the nodes whose inputs are all decided are looked up
+    /// together, so the round trips to a remote overlap. Fresh nodes'
+    /// entries are kept in `entries`; unselected nodes are `None`.
+    pub fn survey(&mut self, selected: &[bool]) -> Result<Vec<Option<Freshness>>> {
+        let n = self.graph.nodes.len();
+        let mut out: Vec<Option<Freshness>> = (0..n).map(|_| None).collect();
+        loop {
+            let ready: Vec<usize> = (0..n)
+                .filter(|&i| selected[i] && out[i].is_none())
+                .filter(|&i| {
+                    let node = &self.graph.nodes[i];
+                    node.deps.iter().chain(&node.key_deps).all(|&d| out[d].is_some())
+                })
+                .collect();
+            if ready.is_empty() {
+                return Ok(out);
+            }
+            let mut asked = Vec::new();
+            for idx in ready {
+                match self.material(idx)? {
+                    Ok(m) => asked.push((idx, m)),
+                    Err(dep) => out[idx] = Some(Freshness::Blocked(format!("needs {dep}, which is stale"))),
+                }
+            }
+            let keys: Vec<Digest> = asked.iter().map(|(_, m)| m.key()).collect();
+            let hits = self.cache.lookup_built(&keys)?;
+            for ((idx, material), hit) in asked.into_iter().zip(hits) {
+                let freshness = self.judge(idx, material, hit)?;
+                if let Freshness::Fresh(entry, _) = &freshness {
+                    self.entries[idx] = Some(entry.clone());
+                }
+                out[idx] = Some(freshness);
+            }
+        }
+    }
+
+    /// Fresh when the lookup found it; otherwise stale, and why.
+    fn judge(&self, idx: usize, material: KeyMaterial, hit: Option<(ActionEntry, Found)>) -> Result<Freshness> {
+        if let Some((entry, found)) = hit {
             return Ok(Freshness::Fresh(entry, found));
         }
+        let key = material.key();
         let reason = match self.cache.last_build(&self.graph.ref_name(idx))? {
             None => "never built".to_string(),
             Some(old) if old.key() == key => "its output is missing from the cache".to_string(),

@@ -75,6 +75,20 @@ fn a_teammate_downloads_what_was_pushed_instead_of_building_it() {
     assert_eq!(lines.len(), 7);
     assert!(lines.iter().all(|l| l.starts_with("fresh") && l.ends_with("(remote s3://team/prefgen)")), "{lines:?}");
     assert!(plan.stdout().contains("note: remote s3://team/prefgen has no trusted_keys"), "{}", plan.stdout());
+    // Lookups by key only, bounded by the nodes asked about: the layout
+    // marker, each node's entry and a HEAD per output (no listing, no
+    // repeat for the lock's drift).
+    let requests: usize = plan
+        .stderr()
+        .lines()
+        .find_map(|l| l.strip_prefix("remote s3://team/prefgen: ")?.split(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no traffic line: {}", plan.stderr()));
+    let outputs: usize = b
+        .tree("cache/actions-v2")
+        .values()
+        .map(|e| serde_json::from_slice::<serde_json::Value>(e).unwrap()["outputs"].as_array().unwrap().len())
+        .sum();
+    assert!(requests <= 1 + lines.len() + outputs, "{requests} requests for {} nodes, {outputs} outputs", lines.len());
     let run = ok(on(&b, &s3, &["run", &rb, "--remote", REMOTE]));
     assert!(run.built().is_empty(), "{}", run.stderr());
     assert!(b.tree("out") == a.tree("out"), "the downloaded exports differ");
@@ -287,4 +301,17 @@ fn teammates_share_a_folder_tier() {
     assert!(run.stderr().contains("is not trusted (it is unsigned)"), "{}", run.stderr());
     assert!(run.built().contains(&"binarize[train]".to_string()), "{}", run.stderr());
     assert!(c.tree("out") == a.tree("out"));
+}
+
+#[test]
+fn a_remote_of_a_newer_layout_is_left_alone() {
+    let s3 = S3Server::start("team");
+    s3.python("s3.put_object(Bucket='team', Key='prefgen/prefgen-layout.json', Body=b'{\"layout\": 99}')");
+    let (a, ra) = built("");
+    let plan = ok(on(&a, &s3, &["plan", &ra, "--remote", REMOTE]));
+    assert!(plan.stderr().contains("its layout is 99, which this prefgen does not know"), "{}", plan.stderr());
+    let push = fails(on(&a, &s3, &["cache", "push", &ra, "--remote", REMOTE]));
+    assert!(push.stderr().contains("left alone"), "{}", push.stderr());
+    let keys = s3.python("print(len(s3.list_objects_v2(Bucket='team').get('Contents', [])))");
+    assert_eq!(keys.trim(), "1", "nothing was written beside the marker");
 }

@@ -1,9 +1,9 @@
 //! A folder tier: the local cache, or a shared folder (NFS, Lustre) that
 //! teammates with different users and umasks write to.
 
-use super::tier::{Blob, Bucket, FILE_MODE, OBJECT_MODE, Tier, write_atomic_in, write_temp};
+use super::tier::{Blob, Bucket, FILE_MODE, OBJECT_MODE, Tier, Version, write_atomic_in, write_temp};
 use crate::digest::Digest;
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use std::io;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -70,6 +70,30 @@ impl FolderTier {
         }
         Ok(tmp)
     }
+}
+
+/// A record on a folder is a folder of generations, `<record>/<generation>`,
+/// each created once (a hard link never replaces), so a compare-and-swap is
+/// creating the next generation; readers take the highest. Generation 0
+/// stays until the record is removed, so a second creation always fails.
+fn generation_name(generation: u64) -> String {
+    format!("{generation:020}")
+}
+
+/// The highest generation in a record's folder.
+fn latest_generation(dir: &Path) -> io::Result<Option<u64>> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(it) => it,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let mut latest = None;
+    for entry in entries {
+        if let Some(g) = entry?.file_name().to_str().and_then(|n| n.parse::<u64>().ok()) {
+            latest = latest.max(Some(g));
+        }
+    }
+    Ok(latest)
 }
 
 impl Tier for FolderTier {
@@ -159,5 +183,56 @@ impl Tier for FolderTier {
         }
         out.sort();
         Ok(out)
+    }
+
+    fn read_record(&self, bucket: Bucket, name: &Digest) -> Result<Option<(Vec<u8>, Version)>> {
+        let dir = self.blob_path(bucket, name);
+        // A generation can be pruned between listing and reading: list again.
+        for _ in 0..16 {
+            let Some(generation) = latest_generation(&dir).with_context(|| self.err("read", bucket, name))? else {
+                return Ok(None);
+            };
+            match std::fs::read(dir.join(generation_name(generation))) {
+                Ok(bytes) => return Ok(Some((bytes, Version(generation.to_string())))),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(e).with_context(|| self.err("read", bucket, name)),
+            }
+        }
+        bail!("{}: it changes faster than it can be read", self.err("read", bucket, name))
+    }
+
+    fn swap_record(
+        &self,
+        bucket: Bucket,
+        name: &Digest,
+        expected: Option<&Version>,
+        bytes: &[u8],
+    ) -> Result<Option<Version>> {
+        let dir = self.blob_path(bucket, name);
+        let next = match expected {
+            None => 0,
+            Some(v) => v.0.parse::<u64>().with_context(|| self.err("update", bucket, name))? + 1,
+        };
+        let path = dir.join(generation_name(next));
+        let swapped = self.make_dirs(&path).and_then(|()| match self.temp(bucket, bytes)?.persist_noclobber(&path) {
+            Ok(_) => Ok(true),
+            // Another writer's generation, or the record was removed meanwhile.
+            Err(e) if matches!(e.error.kind(), io::ErrorKind::AlreadyExists | io::ErrorKind::NotFound) => Ok(false),
+            Err(e) => Err(e.error),
+        });
+        if !swapped.with_context(|| self.err("update", bucket, name))? {
+            return Ok(None);
+        }
+        // Older generations were pruned, so `next` could be recreated by a
+        // writer that read long ago: it then lies below the latest, is
+        // never read, and is taken back.
+        if latest_generation(&dir).ok().flatten().is_some_and(|g| g > next) {
+            let _ = std::fs::remove_file(&path);
+            return Ok(None);
+        }
+        for old in (1..next.saturating_sub(1)).rev().take(4) {
+            let _ = std::fs::remove_file(dir.join(generation_name(old)));
+        }
+        Ok(Some(Version(next.to_string())))
     }
 }

@@ -16,7 +16,9 @@
 mod action;
 mod folder;
 pub mod gc;
+pub mod lease;
 pub mod lock;
+pub mod parallel;
 pub mod remote;
 mod s3;
 pub mod sign;
@@ -267,6 +269,17 @@ impl Cache {
         Ok(None)
     }
 
+    /// For each key, its entry and where it was found, if every output is
+    /// there too (what makes a node fresh); the keys are looked up
+    /// concurrently, so asking about many costs about one round trip each
+    /// per [`parallel::WORKERS`] keys.
+    pub fn lookup_built(&self, keys: &[Digest]) -> Result<Vec<Option<(ActionEntry, Found)>>> {
+        parallel::map(keys, |key| match self.lookup(key)? {
+            Some((entry, found)) if self.has_outputs(&entry)? => Ok(Some((entry, found))),
+            _ => Ok(None),
+        })
+    }
+
     /// Forgets the entry under `key` (found unusable), so the key is rebuilt.
     pub fn remove_action(&self, key: &Digest) -> Result<()> {
         self.local.remove(Bucket::Actions, key).map_err(|e| self.unwritable(e))
@@ -332,6 +345,17 @@ impl Cache {
             eprintln!("waiting for another prefgen process that is building {what}")
         })
         .map_err(|e| self.unwritable(e))
+    }
+
+    /// Leases of `period` on the tier every worker sees: the first writable
+    /// remote, else this cache's own folder (shared by the workers when it
+    /// is on a shared file system).
+    pub fn leases(&self, period: std::time::Duration) -> lease::Leases {
+        let tier = match self.live().find(|r| r.writable) {
+            Some(r) => r.shared_tier(),
+            None => std::sync::Arc::new(FolderTier::shared(&self.root)),
+        };
+        lease::Leases::new(tier, period)
     }
 
     /// Claims the right to build `key` if no other process holds it.

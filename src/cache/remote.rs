@@ -15,8 +15,8 @@ use crate::digest::Digest;
 use anyhow::{Context, Result, bail};
 use std::collections::HashSet;
 use std::path::PathBuf;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 /// The layout this prefgen writes; a remote marked newer is left alone.
 const LAYOUT: u64 = 1;
@@ -31,7 +31,7 @@ pub struct Traffic {
 
 pub struct Remote {
     pub url: String,
-    tier: Box<dyn Tier>,
+    tier: Arc<dyn Tier>,
     pub writable: bool,
     /// None: every writer is trusted.
     trusted: Option<Vec<PublicKey>>,
@@ -47,13 +47,13 @@ pub struct Remote {
 impl Remote {
     /// Opens the remote `spec` names: `s3://...`, `file:///...` or a folder.
     pub fn open(spec: &RemoteSpec) -> Result<Remote> {
-        let tier: Box<dyn Tier> = if spec.url.starts_with("s3://") {
-            Box::new(S3Tier::open(spec)?)
+        let tier: Arc<dyn Tier> = if spec.url.starts_with("s3://") {
+            Arc::new(S3Tier::open(spec)?)
         } else if let Some(scheme) = spec.url.split_once("://").map(|(s, _)| s).filter(|s| *s != "file") {
             bail!("remote {}: the {scheme}:// scheme is not supported (s3:// or a folder are)", spec.url);
         } else {
             let dir = PathBuf::from(spec.url.strip_prefix("file://").unwrap_or(&spec.url));
-            Box::new(FolderTier::shared(&dir))
+            Arc::new(FolderTier::shared(&dir))
         };
         let trusted = match spec.trusted_keys.as_slice() {
             [] => None,
@@ -226,5 +226,10 @@ impl Remote {
     /// The tier itself, for `cache verify` and `cache gc` with `--remote`.
     pub fn tier(&self) -> &dyn Tier {
         self.tier.as_ref()
+    }
+
+    /// The tier, for leases (held by their heartbeat threads).
+    pub fn shared_tier(&self) -> Arc<dyn Tier> {
+        self.tier.clone()
     }
 }

@@ -4,7 +4,7 @@
 //! environment and, where it lacks them, the profile files, as the AWS CLI
 //! reads them; they never appear in a message.
 
-use super::tier::{Blob, Bucket, Tier};
+use super::tier::{Blob, Bucket, Tier, Version};
 use crate::config::RemoteSpec;
 use crate::digest::Digest;
 use anyhow::{Result, anyhow, bail};
@@ -13,7 +13,7 @@ use object_store::aws::{AmazonS3, AmazonS3Builder};
 use object_store::path::Path as StorePath;
 use object_store::{
     BackoffConfig, ClientOptions, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, RetryConfig,
-    WriteMultipart,
+    UpdateVersion, WriteMultipart,
 };
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -188,5 +188,47 @@ impl Tier for S3Tier {
         }
         out.sort();
         Ok(out)
+    }
+
+    fn read_record(&self, bucket: Bucket, name: &Digest) -> Result<Option<(Vec<u8>, Version)>> {
+        let path = self.path(bucket, name);
+        self.runtime.block_on(async {
+            match self.store.get(&path).await {
+                Ok(r) => {
+                    let tag = r.meta.e_tag.clone().ok_or_else(|| anyhow!("{}: {path} has no ETag", self.url))?;
+                    let bytes = r.bytes().await.map_err(|e| self.err("read", &path, e))?;
+                    Ok(Some((bytes.to_vec(), Version(tag))))
+                }
+                Err(object_store::Error::NotFound { .. }) => Ok(None),
+                Err(e) => Err(self.err("read", &path, e)),
+            }
+        })
+    }
+
+    fn swap_record(
+        &self,
+        bucket: Bucket,
+        name: &Digest,
+        expected: Option<&Version>,
+        bytes: &[u8],
+    ) -> Result<Option<Version>> {
+        let path = self.path(bucket, name);
+        // If-None-Match: * to create, If-Match: the ETag read to update.
+        let mode = match expected {
+            None => PutMode::Create,
+            Some(v) => PutMode::Update(UpdateVersion { e_tag: Some(v.0.clone()), version: None }),
+        };
+        let payload = PutPayload::from(bytes::Bytes::copy_from_slice(bytes));
+        match self.runtime.block_on(self.store.put_opts(&path, payload, PutOptions { mode, ..Default::default() })) {
+            Ok(r) => {
+                Ok(Some(Version(r.e_tag.ok_or_else(|| anyhow!("{}: {path} was written without an ETag", self.url))?)))
+            }
+            Err(
+                object_store::Error::AlreadyExists { .. }
+                | object_store::Error::Precondition { .. }
+                | object_store::Error::NotFound { .. },
+            ) => Ok(None),
+            Err(e) => Err(self.err("update", &path, e)),
+        }
     }
 }

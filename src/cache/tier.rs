@@ -21,6 +21,9 @@ pub enum Bucket {
     Actions,
     /// A remote's one layout marker (its name is ignored).
     Layout,
+    /// Claims on shards being built, named by the shard's key: records
+    /// that change in place (`read_record`, `swap_record`).
+    Leases,
 }
 
 impl Bucket {
@@ -29,6 +32,7 @@ impl Bucket {
             Bucket::Objects => "objects-v1",
             Bucket::Actions => "actions-v2",
             Bucket::Layout => "",
+            Bucket::Leases => "leases-v1",
         }
     }
 
@@ -69,7 +73,23 @@ pub trait Tier: Send + Sync {
     fn remove(&self, bucket: Bucket, name: &Digest) -> Result<()>;
     /// Every blob in a bucket, with its size and modification time.
     fn list(&self, bucket: Bucket) -> Result<Vec<Blob>>;
+    /// A record's bytes and its version (which changes with every write).
+    fn read_record(&self, bucket: Bucket, name: &Digest) -> Result<Option<(Vec<u8>, Version)>>;
+    /// Writes a record if it is still at `expected` (None: if there is
+    /// none), a compare-and-swap: the new version, or None when another
+    /// writer got there first.
+    fn swap_record(
+        &self,
+        bucket: Bucket,
+        name: &Digest,
+        expected: Option<&Version>,
+        bytes: &[u8],
+    ) -> Result<Option<Version>>;
 }
+
+/// A record's version as its tier tells it (an ETag, a generation).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Version(pub String);
 
 /// Writes `bytes` to `dest` through a temporary file in `tmp_dir` (same file
 /// system), fsynced before the rename, so a crash leaves the old file or the

@@ -3,16 +3,12 @@
 //! entries last and only where absent, so an interrupted push never leaves
 //! an entry naming a missing object, and the next push completes it.
 
-use super::{ActionEntry, Cache, Remote};
+use super::{ActionEntry, Cache, Remote, parallel};
 use crate::digest::Digest;
 use anyhow::{Context, Result, bail};
 use std::collections::BTreeSet;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
-
-/// Uploads (or downloads) at once.
-const WORKERS: usize = 8;
 
 /// What a push or pull moved.
 #[derive(Debug, Default)]
@@ -39,30 +35,6 @@ impl Moved {
             self.entries_present,
             self.seconds
         )
-    }
-}
-
-/// Runs `each` over `items` on [`WORKERS`] threads; the first error stops
-/// the rest and is returned.
-fn in_parallel<T: Sync>(items: &[T], each: impl Fn(&T) -> Result<()> + Sync) -> Result<()> {
-    let next = AtomicUsize::new(0);
-    let failed: Mutex<Option<anyhow::Error>> = Mutex::new(None);
-    std::thread::scope(|s| {
-        for _ in 0..WORKERS.min(items.len()) {
-            s.spawn(|| {
-                while failed.lock().expect("not poisoned").is_none() {
-                    let i = next.fetch_add(1, Ordering::Relaxed);
-                    let Some(item) = items.get(i) else { break };
-                    if let Err(e) = each(item) {
-                        failed.lock().expect("not poisoned").get_or_insert(e);
-                    }
-                }
-            });
-        }
-    });
-    match failed.into_inner().expect("not poisoned") {
-        Some(e) => Err(e),
-        None => Ok(()),
     }
 }
 
@@ -94,7 +66,7 @@ pub fn push(cache: &Cache, remote: &Remote, entries: &[ActionEntry]) -> Result<M
     let objects = objects_of(entries);
     let progress = bar(&format!("pushing to {}", remote.url), objects.iter().map(|o| o.1).sum());
     let moved = Mutex::new(Moved::default());
-    in_parallel(&objects, |(digest, size)| {
+    parallel::map(&objects, |(digest, size)| {
         let bytes = cache.local_object(digest)?.with_context(|| {
             format!("object {} is not in the local cache (run `prefgen cache verify`)", digest.short())
         })?;
@@ -141,7 +113,7 @@ pub fn pull(cache: &Cache, entries: &[ActionEntry]) -> Result<Moved> {
     let objects = objects_of(entries);
     let progress = bar("pulling", objects.iter().map(|o| o.1).sum());
     let moved = Mutex::new(Moved { entries: entries.len(), ..Moved::default() });
-    in_parallel(&objects, |(digest, size)| {
+    parallel::map(&objects, |(digest, size)| {
         let present = cache.local_object(digest)?.is_some();
         if !present && cache.get_object(digest)?.is_none() {
             bail!("object {} is on no remote (or only damaged)", digest.short());

@@ -4,7 +4,7 @@ use super::{Caches, RecipeArgs};
 use crate::cache::gc::{GcOptions, Removed};
 use crate::cache::sign::SecretKey;
 use crate::cache::verify::VerifySummary;
-use crate::cache::{ActionEntry, Cache, Remote, transfer};
+use crate::cache::{ActionEntry, Cache, Remote, parallel, transfer};
 use crate::config::RemoteSpec;
 use crate::plan::{Freshness, Walk};
 use anyhow::{Result, anyhow, bail};
@@ -194,19 +194,19 @@ fn build_entries(cache: &Cache, args: &RecipeArgs) -> Result<(Vec<ActionEntry>, 
     let selected = graph.select(&args.targets)?;
     let mut walk = Walk::new(&graph, cache);
     let (mut entries, mut missing) = (Vec::new(), Vec::new());
-    for idx in (0..graph.nodes.len()).filter(|&i| selected[i]) {
-        match walk.freshness(idx)? {
-            Freshness::Fresh(entry, _) => {
-                for part in &entry.parts {
-                    let shard = cache
+    for (idx, freshness) in walk.survey(&selected)?.into_iter().enumerate() {
+        match freshness {
+            None => {}
+            Some(Freshness::Fresh(entry, _)) => {
+                let shards = parallel::map(&entry.parts, |part| {
+                    cache
                         .get_action(part)?
-                        .ok_or_else(|| anyhow!("{}: its shard entry {} is in no cache", entry.node, part.short()))?;
-                    entries.push(shard);
-                }
-                entries.push(entry.clone());
-                walk.entries[idx] = Some(entry);
+                        .ok_or_else(|| anyhow!("{}: its shard entry {} is in no cache", entry.node, part.short()))
+                })?;
+                entries.extend(shards);
+                entries.push(entry);
             }
-            Freshness::Stale(..) | Freshness::Blocked(_) => missing.push(graph.nodes[idx].label()),
+            Some(Freshness::Stale(..) | Freshness::Blocked(_)) => missing.push(graph.nodes[idx].label()),
         }
     }
     Ok((entries, missing))

@@ -3,6 +3,7 @@
 pub mod cache;
 pub mod plan;
 pub mod run;
+pub mod slurm;
 pub mod verify;
 
 use crate::cache::{Cache, Remote};
@@ -50,11 +51,30 @@ impl Cli {
 /// Where this invocation's caches are, opened.
 pub struct Caches {
     pub settings: Settings,
+    flags: Flags,
 }
 
 impl Caches {
     fn new(cli: &Cli) -> Result<Caches> {
-        Ok(Caches { settings: Settings::resolve(&cli.flags())? })
+        let flags = cli.flags();
+        Ok(Caches { settings: Settings::resolve(&flags)?, flags })
+    }
+
+    /// The global options that give another prefgen process (a Slurm
+    /// worker, started in this folder) these very caches.
+    pub fn worker_flags(&self) -> Result<Vec<String>> {
+        let abs = |p: &std::path::Path| std::path::absolute(p).map(|p| p.display().to_string());
+        let mut out = Vec::new();
+        if let Some(config) = &self.flags.config {
+            out.extend(["--config".to_string(), abs(config)?]);
+        }
+        out.extend(["--cache".to_string(), abs(&self.settings.cache_dir)?]);
+        match (&self.flags.remote, self.flags.no_remote) {
+            (_, true) => out.push("--no-remote".into()),
+            (Some(url), false) => out.extend(["--remote".to_string(), url.clone()]),
+            (None, false) => {}
+        }
+        Ok(out)
     }
 
     /// The local cache (created if needed) with the remotes to read through.
@@ -82,6 +102,9 @@ pub enum Command {
     /// Bring the recipe up to date, then compare its binarized rows with a
     /// published dataset, split by split; exit 1 on any disagreement.
     Verify(verify::Args),
+    /// Build on a Slurm cluster: an array of workers that claim stale shards
+    /// over a shared cache, then a job that assembles and writes the files.
+    Slurm(slurm::Args),
     /// Inspect and maintain the cache.
     Cache {
         #[command(subcommand)]
@@ -116,6 +139,7 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode> {
         Command::Run(args) => run::run(&caches, args),
         Command::Plan(args) => plan::plan(&caches, args),
         Command::Verify(args) => verify::verify(&caches, args),
+        Command::Slurm(args) => slurm::slurm(&caches, args),
         Command::Cache { command } => cache::cache(&caches, remote.as_deref(), command),
     }
 }

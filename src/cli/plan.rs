@@ -16,16 +16,17 @@ pub fn plan(caches: &Caches, args: RecipeArgs) -> Result<ExitCode> {
     let selected = graph.select(&args.targets)?;
     let mut walk = Walk::new(&graph, &cache);
     let mut stale = 0;
-    for idx in (0..graph.nodes.len()).filter(|&i| selected[i]) {
+    let survey = walk.survey(&selected)?;
+    for (idx, freshness) in survey.iter().enumerate() {
+        let Some(freshness) = freshness else { continue };
         let label = graph.nodes[idx].label();
-        match walk.freshness(idx)? {
+        match freshness {
             Freshness::Fresh(entry, found) => {
                 let at = match found {
                     Found::Local => String::new(),
                     Found::Remote(url) => format!(" (remote {url})"),
                 };
                 println!("fresh  {label}  {}{at}", entry.key().short());
-                walk.entries[idx] = Some(entry);
             }
             Freshness::Stale(_, why) | Freshness::Blocked(why) => {
                 stale += 1;
@@ -39,7 +40,7 @@ pub fn plan(caches: &Caches, args: RecipeArgs) -> Result<ExitCode> {
     match Lock::read(&lock_path, false)? {
         None => println!("lock: none yet ({} is written by `prefgen run`)", lock_path.display()),
         Some(lock) => {
-            let drift = lock.drift(&mut Walk::new(&graph, &cache), &selected)?;
+            let drift = lock.drift(&mut walk, &survey)?;
             if drift.is_empty() {
                 println!("lock: matches {}", lock_path.display());
             }

@@ -11,6 +11,7 @@ mod shards;
 mod store;
 
 pub use materialise::INCOMPLETE;
+use shards::Claims;
 pub use shards::Slice;
 
 use crate::cache::{ActionEntry, BuildLock, Cache, OutputFile};
@@ -37,10 +38,21 @@ pub(crate) enum Pass<T> {
 /// How a run goes.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Options {
-    /// Build only this slice of the stale shards, and write no files.
-    pub slice: Option<Slice>,
+    /// One worker of many, which writes no files under `export.dir`.
+    pub worker: Option<Worker>,
     /// Replace files in `export.dir` that prefgen did not write.
     pub overwrite: bool,
+}
+
+/// How a worker finds its part of the work.
+#[derive(Debug, Clone, Copy)]
+pub enum Worker {
+    /// Only this static slice of the stale shards; nodes that need the
+    /// other slices are left for a later run.
+    Slice(Slice),
+    /// The next stale shard no live worker holds, under a lease of this
+    /// period on the shared tier; the others' shards are waited for.
+    Claim(std::time::Duration),
 }
 
 /// What a run did.
@@ -56,17 +68,28 @@ pub struct Summary {
     pub deferred: Vec<String>,
 }
 
-/// Builds the selected nodes and everything stale that they need. With a
-/// slice, only the stale shards of that slice are built, nodes that need
-/// the other slices' shards are left for a later run, and nothing is
-/// written under `export.dir` (workers of a job array share it).
+/// Builds the selected nodes and everything stale that they need. A
+/// worker writes nothing under `export.dir` (the workers of a job share
+/// it): the run that assembles does.
 pub fn run(graph: &Graph, cache: &Cache, targets: &[String], options: Options) -> Result<Summary> {
     let selected = graph.select(targets)?;
-    if options.slice.is_none() {
+    if options.worker.is_none() {
         materialise::check_dir(std::path::Path::new(&graph.recipe.export.dir), cache)?;
     }
+    let leases = match options.worker {
+        Some(Worker::Claim(period)) => Some(cache.leases(period)),
+        _ => None,
+    };
+    let claims = match (options.worker, &leases) {
+        (Some(Worker::Slice(slice)), _) => Claims::Slice(slice),
+        (_, Some(leases)) => Claims::Leases(leases),
+        _ => Claims::Local,
+    };
+    if let Some(leases) = &leases {
+        eprintln!("claiming shards with leases of {}s on {}", leases.period().as_secs_f64(), leases.describe());
+    }
     for _ in 0..3 {
-        match run_once(graph, cache, &selected, options)? {
+        match run_once(graph, cache, &selected, options, claims)? {
             Pass::Done(summary) => return Ok(summary),
             Pass::Damaged(what) => eprintln!("{what}; rebuilding it"),
         }
@@ -74,13 +97,19 @@ pub fn run(graph: &Graph, cache: &Cache, targets: &[String], options: Options) -
     bail!("cache objects keep failing verification: is the disk under {} healthy?", cache.root().display())
 }
 
-fn run_once(graph: &Graph, cache: &Cache, selected: &[bool], options: Options) -> Result<Pass<Summary>> {
+fn run_once(
+    graph: &Graph,
+    cache: &Cache,
+    selected: &[bool],
+    options: Options,
+    claims: Claims,
+) -> Result<Pass<Summary>> {
     // A rendezvous: at most one node is being stored while the next is
     // computed, which bounds the bytes held in memory.
     let (queue, pending) = sync_channel::<Store>(0);
     let built = std::thread::scope(|scope| {
         let storer = scope.spawn(|| store::store_all(cache, pending));
-        let built = build_all(graph, cache, selected, queue, options.slice);
+        let built = build_all(graph, cache, selected, queue, claims);
         let stored = storer.join().expect("the storing thread does not panic");
         // A build error explains a storing error (the queue closed), not vice versa.
         let built = built?;
@@ -90,7 +119,7 @@ fn run_once(graph: &Graph, cache: &Cache, selected: &[bool], options: Options) -
         Pass::Done(b) => b,
         Pass::Damaged(what) => return Ok(Pass::Damaged(what)),
     };
-    if options.slice.is_none() {
+    if options.worker.is_none() {
         match materialise::materialise(graph, cache, &entries, selected, &trusted, options.overwrite)? {
             Pass::Done(written) => summary.written = written,
             Pass::Damaged(what) => return Ok(Pass::Damaged(what)),
@@ -109,7 +138,7 @@ fn build_all(
     cache: &Cache,
     selected: &[bool],
     queue: SyncSender<Store>,
-    slice: Option<Slice>,
+    claims: Claims,
 ) -> Result<Pass<Built>> {
     let mut walk = Walk::new(graph, cache);
     let mut summary = Summary::default();
@@ -158,7 +187,7 @@ fn build_all(
             }
             Work::Sharded(shards) => {
                 let externals = node.spec.keyed.externals.keys().map(String::as_str).collect();
-                match shards::run(cache, &label, &material, &externals, shards, slice).with_context(context)? {
+                match shards::run(cache, &label, &material, &externals, shards, claims).with_context(context)? {
                     ShardRun::Done { output, engines, parts } => {
                         let lock = cache.lock(&key, &label)?;
                         match built_meanwhile(cache, &key)? {

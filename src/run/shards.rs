@@ -5,12 +5,13 @@
 //! split the work. With a [`Slice`], shards of other slices are left alone.
 
 use super::progress::Progress;
+use crate::cache::lease::{Claim, Lease, Leases};
 use crate::cache::{ActionEntry, BuildLock, Cache, KeyMaterial, OutputFile};
 use crate::digest::Digest;
 use crate::stages::{Shards, StageOutput};
 use anyhow::Result;
-use std::collections::BTreeSet;
-use std::time::Instant;
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
 
 /// One worker's part of a job array (`--shard I/N`): the stale shards whose
 /// key falls in slice I of N. Keys are digests, so the slices are
@@ -34,6 +35,38 @@ impl Slice {
         Ok(Slice { index: i - 1, count: n })
     }
 
+    /// `auto`: slice I of N from the scheduler, Slurm's job array
+    /// (`SLURM_ARRAY_TASK_ID` from `SLURM_ARRAY_TASK_MIN`, of
+    /// `SLURM_ARRAY_TASK_COUNT`) or a Kubernetes indexed Job
+    /// (`JOB_COMPLETION_INDEX`, 0-based, with the count given: `auto/N`).
+    pub fn from_scheduler(count: Option<u64>, env: impl Fn(&str) -> Option<String>) -> Result<Slice> {
+        let num = |var: &str| -> Result<Option<u64>> {
+            env(var)
+                .map(|v| {
+                    v.trim().parse::<u64>().map_err(|_| anyhow::anyhow!("--shard auto: {var}={v:?} is not a number"))
+                })
+                .transpose()
+        };
+        let (index, n) = if let Some(id) = num("SLURM_ARRAY_TASK_ID")? {
+            let min = num("SLURM_ARRAY_TASK_MIN")?.unwrap_or(0);
+            let n = count.or(num("SLURM_ARRAY_TASK_COUNT")?);
+            (id.checked_sub(min), n)
+        } else if let Some(i) = num("JOB_COMPLETION_INDEX")? {
+            (Some(i), count)
+        } else {
+            anyhow::bail!(
+                "--shard auto: neither SLURM_ARRAY_TASK_ID nor JOB_COMPLETION_INDEX is set (this is not a job array task)"
+            );
+        };
+        let Some(n) = n else {
+            anyhow::bail!("--shard auto: the scheduler does not say how many tasks there are: give it as auto/N")
+        };
+        match index {
+            Some(i) if i < n => Ok(Slice { index: i, count: n }),
+            _ => anyhow::bail!("--shard auto: this task's index is outside the {n} tasks"),
+        }
+    }
+
     fn owns(&self, key: &Digest) -> bool {
         let head = u64::from_le_bytes(key.as_bytes()[..8].try_into().expect("digests have 32 bytes"));
         head % self.count == self.index
@@ -50,20 +83,39 @@ pub enum ShardRun {
     Deferred(usize),
 }
 
+/// How the processes building a node divide its shards.
+#[derive(Clone, Copy)]
+pub enum Claims<'a> {
+    /// Processes on this cache: a lock file per shard.
+    Local,
+    /// A static slice of a job array; the other slices are left.
+    Slice(Slice),
+    /// Workers anywhere: a lease per shard on the shared tier.
+    Leases(&'a Leases),
+}
+
+/// What a shard is built under, released once it is stored.
+#[allow(dead_code)] // held only to be released when dropped
+enum Held {
+    Lock(BuildLock),
+    Lease(Lease),
+}
+
 /// The file name of a shard's one output.
 const SHARD_FILE: &str = "shard.json";
 
 /// Runs `shards` of the node whose key material is `material` and whose
 /// external inputs are named `externals`. A shard another process is
-/// building is left for later, so processes on one cache share a node's
-/// shards; only when nothing else is left does this one wait for it.
+/// building is left for later, so processes share a node's shards; only
+/// when nothing else is left does this one wait for it (and, with leases,
+/// take it over if its builder stops renewing).
 pub fn run(
     cache: &Cache,
     label: &str,
     material: &KeyMaterial,
     externals: &BTreeSet<&str>,
     shards: Box<dyn Shards + '_>,
-    slice: Option<Slice>,
+    claims: Claims,
 ) -> Result<ShardRun> {
     let n = shards.count();
     let bar = Progress::new(label, (0..n).map(|i| shards.units(i)).sum(), shards.unit());
@@ -88,17 +140,32 @@ pub fn run(
         let key = m.key();
         if let Some(hit) = node.cached(&key, i, &what(i))? {
             entries[i] = Some(hit);
-        } else if slice.is_some_and(|s| !s.owns(&key)) {
-            pending += 1;
-        } else if let Some(lock) = cache.try_lock(&key)? {
-            entries[i] = Some(node.build(m, i, &what(i), lock)?);
-        } else {
-            busy.push(i); // another process is building it: take the next one
+            continue;
+        }
+        let held = match claims {
+            Claims::Slice(s) if !s.owns(&key) => {
+                pending += 1;
+                continue;
+            }
+            Claims::Leases(leases) => match leases.try_claim(&key, &what(i))? {
+                Claim::Mine(lease) => Some(Held::Lease(lease)),
+                Claim::Held(_) => None,
+            },
+            Claims::Local | Claims::Slice(_) => cache.try_lock(&key)?.map(Held::Lock),
+        };
+        match held {
+            Some(held) => entries[i] = Some(node.build(m, i, &what(i), held)?),
+            None => busy.push(i), // another process is building it: take the next one
         }
     }
-    for i in busy {
-        let lock = cache.lock(&materials[i].key(), &what(i))?;
-        entries[i] = Some(node.build(&materials[i], i, &what(i), lock)?);
+    match claims {
+        Claims::Leases(leases) => node.wait_for_others(leases, &materials, &mut entries, busy, &what)?,
+        Claims::Local | Claims::Slice(_) => {
+            for i in busy {
+                let lock = cache.lock(&materials[i].key(), &what(i))?;
+                entries[i] = Some(node.build(&materials[i], i, &what(i), Held::Lock(lock))?);
+            }
+        }
     }
     drop(node.bar);
     if pending > 0 {
@@ -141,9 +208,55 @@ impl Node<'_, '_> {
         }
     }
 
-    /// Builds and stores shard `i` under its `lock`, unless another process
-    /// stored it before the lock was ours.
-    fn build(&mut self, material: &KeyMaterial, i: usize, what: &str, _lock: BuildLock) -> Result<ActionEntry> {
+    /// Waits for the `busy` shards, which other workers hold leases on:
+    /// each is taken from the cache once stored, or claimed and built here
+    /// once its lease runs out.
+    fn wait_for_others(
+        &mut self,
+        leases: &Leases,
+        materials: &[KeyMaterial],
+        entries: &mut [Option<ActionEntry>],
+        mut busy: Vec<usize>,
+        what: &dyn Fn(usize) -> String,
+    ) -> Result<()> {
+        let poll = (leases.period() / 4).clamp(Duration::from_millis(100), Duration::from_secs(10));
+        let mut said = String::new();
+        while !busy.is_empty() {
+            let mut hosts: BTreeMap<String, usize> = BTreeMap::new();
+            let mut still = Vec::new();
+            for i in busy {
+                let key = materials[i].key();
+                if let Some(hit) = self.cached(&key, i, &what(i))? {
+                    entries[i] = Some(hit);
+                    continue;
+                }
+                match leases.try_claim(&key, &what(i))? {
+                    Claim::Mine(lease) => {
+                        entries[i] = Some(self.build(&materials[i], i, &what(i), Held::Lease(lease))?)
+                    }
+                    Claim::Held(h) => {
+                        *hosts.entry(h.host).or_default() += 1;
+                        still.push(i);
+                    }
+                }
+            }
+            busy = still;
+            if !busy.is_empty() {
+                let by: Vec<String> = hosts.iter().map(|(h, n)| format!("{h}: {n}")).collect();
+                let line = format!("waiting for {} shards that other workers hold ({})", busy.len(), by.join(", "));
+                if line != said {
+                    self.bar.log(&line);
+                    said = line;
+                }
+                std::thread::sleep(poll);
+            }
+        }
+        Ok(())
+    }
+
+    /// Builds and stores shard `i` under what claimed it (a lock or a
+    /// lease), unless another process stored it before the claim was ours.
+    fn build(&mut self, material: &KeyMaterial, i: usize, what: &str, _held: Held) -> Result<ActionEntry> {
         let key = material.key();
         if let Some(hit) = self.cached(&key, i, what)? {
             return Ok(hit);
@@ -172,5 +285,28 @@ impl Node<'_, '_> {
             built.tokens as f64 / secs
         ));
         Ok(entry)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env<'a>(vars: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<String> + 'a {
+        move |k| vars.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string())
+    }
+
+    #[test]
+    fn auto_reads_the_scheduler() {
+        let slurm = [("SLURM_ARRAY_TASK_ID", "3"), ("SLURM_ARRAY_TASK_MIN", "1"), ("SLURM_ARRAY_TASK_COUNT", "4")];
+        assert_eq!(Slice::from_scheduler(None, env(&slurm)).unwrap(), Slice { index: 2, count: 4 });
+        let k8s = [("JOB_COMPLETION_INDEX", "0")];
+        assert_eq!(Slice::from_scheduler(Some(5), env(&k8s)).unwrap(), Slice { index: 0, count: 5 });
+        let no_count = Slice::from_scheduler(None, env(&k8s)).unwrap_err().to_string();
+        assert!(no_count.contains("give it as auto/N"), "{no_count}");
+        let outside = Slice::from_scheduler(Some(2), env(&[("JOB_COMPLETION_INDEX", "2")])).unwrap_err();
+        assert!(outside.to_string().contains("outside the 2 tasks"));
+        let none = Slice::from_scheduler(None, env(&[])).unwrap_err().to_string();
+        assert!(none.contains("neither SLURM_ARRAY_TASK_ID nor JOB_COMPLETION_INDEX"), "{none}");
     }
 }
