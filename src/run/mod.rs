@@ -12,9 +12,9 @@ mod store;
 
 pub use materialise::INCOMPLETE;
 use shards::Claims;
-pub use shards::Slice;
+pub use shards::{ShardProgress, Slice};
 
-use crate::cache::{ActionEntry, BuildLock, Cache, OutputFile};
+use crate::cache::{ActionEntry, BuildLock, Cache, KeyMaterial, OutputFile};
 use crate::digest::Digest;
 use crate::plan::{Freshness, Graph, Walk};
 use crate::stages::{self, Inputs, Rows, Stage, StageOutput, Work};
@@ -167,6 +167,9 @@ fn build_all(
         };
         let key = material.key();
         eprintln!("building {label}: {reason}");
+        for r in walk.externals(idx)?.iter().filter(|r| r.per_split) {
+            eprintln!("reading prompts for {} from {}", node.spec.split.as_deref().unwrap_or_default(), r.source);
+        }
         let started = Instant::now();
         let inputs = match inputs(&mut walk, &memory, idx)? {
             Pass::Done(inputs) => inputs,
@@ -251,6 +254,21 @@ fn build_all(
     Ok(Pass::Done((summary, walk.entries, stored)))
 }
 
+/// How far along the shards of stale node `idx` (key material `material`,
+/// its inputs fresh) are: None for a node that is not sharded.
+pub fn shard_progress(walk: &mut Walk, idx: usize, material: &KeyMaterial) -> Result<Option<ShardProgress>> {
+    let graph = walk.graph;
+    let node = &graph.nodes[idx];
+    let memory = Memory::new(graph, &vec![false; graph.nodes.len()]);
+    let Pass::Done(inputs) = inputs(walk, &memory, idx)? else { return Ok(None) };
+    let models = models::Models::default();
+    let Work::Sharded(work) = stages::work(&node.spec, &graph.recipe, inputs, &models)? else { return Ok(None) };
+    let externals = node.spec.keyed.externals.keys().map(String::as_str).collect();
+    let materials = shards::materials(material, &externals, work.as_ref());
+    let leases = walk.cache.leases(crate::cache::lease::DEFAULT_PERIOD);
+    shards::progress(walk.cache, &leases, &materials).map(Some)
+}
+
 /// How building one node ended.
 enum Outcome {
     /// Its output, the engines that computed it, its shards' keys, and the
@@ -305,12 +323,7 @@ fn inputs(walk: &mut Walk, memory: &Memory, idx: usize) -> Result<Pass<Inputs>> 
         _ => None,
     };
     let source_files = match (node.stage(), &node.spec.split) {
-        (Stage::Prompts, Some(split)) => {
-            for r in walk.externals(idx)?.iter().filter(|r| r.per_split) {
-                eprintln!("reading prompts for {split} from {}", r.source);
-            }
-            walk.source_files(split).to_vec()
-        }
+        (Stage::Prompts, Some(split)) => walk.source_files(split).to_vec(),
         _ => Vec::new(),
     };
     Ok(Pass::Done(Inputs { deps, source_files, provenance }))

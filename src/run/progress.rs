@@ -10,6 +10,9 @@ pub struct Progress {
     started: Instant,
     tokens: Cell<usize>,
     done: Cell<usize>,
+    /// Units built by this process (not found cached), for the rate.
+    built: Cell<usize>,
+    total: usize,
 }
 
 impl Progress {
@@ -22,12 +25,13 @@ impl Progress {
                 .progress_chars("=> ");
             indicatif::ProgressBar::new(total as u64).with_style(style).with_prefix(label.to_string())
         });
-        Progress { bar, started: Instant::now(), tokens: 0.into(), done: 0.into() }
+        Progress { bar, started: Instant::now(), tokens: 0.into(), done: 0.into(), built: 0.into(), total }
     }
 
     /// One unit finished with `tokens` tokens.
     pub fn unit_done(&self, tokens: usize) {
         self.tokens.set(self.tokens.get() + tokens);
+        self.built.set(self.built.get() + 1);
         self.cached(1);
         if let Some(bar) = &self.bar {
             bar.set_message(format!("{:.1} tokens/s", self.tokens.get() as f64 / self.started.elapsed().as_secs_f64()));
@@ -40,6 +44,20 @@ impl Progress {
         if let Some(bar) = &self.bar {
             bar.set_position(self.done.get() as u64);
         }
+    }
+
+    /// `D/T units, ETA Ns`: the node's units done (here or elsewhere) and
+    /// how long the rest takes at this process's rate.
+    pub fn status(&self, unit: &str) -> String {
+        let (done, built) = (self.done.get(), self.built.get());
+        let eta = match built {
+            0 => "unknown".to_string(),
+            _ => {
+                let per_unit = self.started.elapsed().as_secs_f64() / built as f64;
+                format!("{:.0}s", per_unit * self.total.saturating_sub(done) as f64)
+            }
+        };
+        format!("{done}/{} {unit}, ETA {eta}", self.total)
     }
 
     pub fn log(&self, line: &str) {

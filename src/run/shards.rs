@@ -101,6 +101,58 @@ enum Held {
     Lease(Lease),
 }
 
+/// Each shard's key material: the node's parameters and external inputs
+/// and the shard's own items (not the node's whole input, so shards survive
+/// a change elsewhere in the list).
+pub fn materials(material: &KeyMaterial, externals: &BTreeSet<&str>, shards: &dyn Shards) -> Vec<KeyMaterial> {
+    (0..shards.count())
+        .map(|i| {
+            let mut m = material.clone();
+            m.stage = format!("{}-shard", material.stage);
+            m.inputs.retain(|k, _| externals.contains(k.as_str()));
+            m.inputs.insert("items".into(), shards.items_digest(i));
+            m
+        })
+        .collect()
+}
+
+/// How far along a node's shards are, as `plan` shows it while workers run.
+#[derive(Debug, Default)]
+pub struct ShardProgress {
+    pub total: usize,
+    pub built: usize,
+    /// Live leases, by host.
+    pub claimed: BTreeMap<String, usize>,
+}
+
+impl ShardProgress {
+    pub fn describe(&self) -> String {
+        let claimed: usize = self.claimed.values().sum();
+        let hosts: Vec<String> = self.claimed.iter().map(|(h, n)| format!("{h}: {n}")).collect();
+        let hosts = if hosts.is_empty() { String::new() } else { format!(" ({})", hosts.join(", ")) };
+        format!(
+            "shards: {} of {} built, {claimed} claimed{hosts}, {} waiting",
+            self.built,
+            self.total,
+            self.total - self.built - claimed
+        )
+    }
+}
+
+/// The progress of shards keyed by `materials`: built (anywhere), or
+/// claimed under a live lease on `leases`' tier.
+pub fn progress(cache: &Cache, leases: &Leases, materials: &[KeyMaterial]) -> Result<ShardProgress> {
+    let keys: Vec<Digest> = materials.iter().map(KeyMaterial::key).collect();
+    let built = cache.lookup_built(&keys)?;
+    let open: Vec<Digest> = keys.iter().zip(&built).filter(|(_, b)| b.is_none()).map(|(k, _)| *k).collect();
+    let holders = crate::cache::parallel::map(&open, |k| leases.holder(k))?;
+    let mut p = ShardProgress { total: keys.len(), built: keys.len() - open.len(), ..ShardProgress::default() };
+    for h in holders.into_iter().flatten() {
+        *p.claimed.entry(h.host).or_default() += 1;
+    }
+    Ok(p)
+}
+
 /// The file name of a shard's one output.
 const SHARD_FILE: &str = "shard.json";
 
@@ -119,19 +171,8 @@ pub fn run(
 ) -> Result<ShardRun> {
     let n = shards.count();
     let bar = Progress::new(label, (0..n).map(|i| shards.units(i)).sum(), shards.unit());
+    let materials = materials(material, externals, shards.as_ref());
     let mut node = Node { cache, shards, bar };
-    // Keyed by the node's parameters and external inputs and the shard's
-    // own items (not the node's whole input, so shards survive a change
-    // elsewhere in the list).
-    let materials: Vec<KeyMaterial> = (0..n)
-        .map(|i| {
-            let mut m = material.clone();
-            m.stage = format!("{}-shard", material.stage);
-            m.inputs.retain(|k, _| externals.contains(k.as_str()));
-            m.inputs.insert("items".into(), node.shards.items_digest(i));
-            m
-        })
-        .collect();
     let mut entries: Vec<Option<ActionEntry>> = vec![None; n];
     let mut pending = 0;
     let mut busy = Vec::new();
@@ -279,10 +320,11 @@ impl Node<'_, '_> {
         self.cache.put_action(&entry)?;
         // Only now is the shard safe from a crash.
         self.bar.log(&format!(
-            "{what}: {} rows, {} tokens in {secs:.1}s ({:.1} tokens/s)",
+            "{what}: {} rows, {} tokens in {secs:.1}s ({:.1} tokens/s); {}",
             built.rows,
             built.tokens,
-            built.tokens as f64 / secs
+            built.tokens as f64 / secs,
+            self.bar.status(self.shards.unit())
         ));
         Ok(entry)
     }
