@@ -153,6 +153,9 @@ pub fn progress(cache: &Cache, leases: &Leases, materials: &[KeyMaterial]) -> Re
     Ok(p)
 }
 
+/// Held shards a waiting worker looks at per poll.
+const POLL_BATCH: usize = 8;
+
 /// The file name of a shard's one output.
 const SHARD_FILE: &str = "shard.json";
 
@@ -251,40 +254,48 @@ impl Node<'_, '_> {
 
     /// Waits for the `busy` shards, which other workers hold leases on:
     /// each is taken from the cache once stored, or claimed and built here
-    /// once its lease runs out.
+    /// once its lease runs out. A poll looks at [`POLL_BATCH`] of them in
+    /// turn, so a thousand waiting workers cost the shared tier a bounded
+    /// rate of requests, not one per held shard per worker per poll.
     fn wait_for_others(
         &mut self,
         leases: &Leases,
         materials: &[KeyMaterial],
         entries: &mut [Option<ActionEntry>],
-        mut busy: Vec<usize>,
+        busy: Vec<usize>,
         what: &dyn Fn(usize) -> String,
     ) -> Result<()> {
         let poll = (leases.period() / 4).clamp(Duration::from_millis(100), Duration::from_secs(10));
+        let mut queue: std::collections::VecDeque<usize> = busy.into();
+        let mut holders: BTreeMap<usize, String> = BTreeMap::new();
         let mut said = String::new();
-        while !busy.is_empty() {
-            let mut hosts: BTreeMap<String, usize> = BTreeMap::new();
-            let mut still = Vec::new();
-            for i in busy {
+        while !queue.is_empty() {
+            for _ in 0..POLL_BATCH.min(queue.len()) {
+                let i = queue.pop_front().expect("not empty");
                 let key = materials[i].key();
                 if let Some(hit) = self.cached(&key, i, &what(i))? {
                     entries[i] = Some(hit);
+                    holders.remove(&i);
                     continue;
                 }
                 match leases.try_claim(&key, &what(i))? {
                     Claim::Mine(lease) => {
-                        entries[i] = Some(self.build(&materials[i], i, &what(i), Held::Lease(lease))?)
+                        holders.remove(&i);
+                        entries[i] = Some(self.build(&materials[i], i, &what(i), Held::Lease(lease))?);
                     }
                     Claim::Held(h) => {
-                        *hosts.entry(h.host).or_default() += 1;
-                        still.push(i);
+                        holders.insert(i, h.host);
+                        queue.push_back(i);
                     }
                 }
             }
-            busy = still;
-            if !busy.is_empty() {
+            if !queue.is_empty() {
+                let mut hosts: BTreeMap<&str, usize> = BTreeMap::new();
+                for h in holders.values() {
+                    *hosts.entry(h).or_default() += 1;
+                }
                 let by: Vec<String> = hosts.iter().map(|(h, n)| format!("{h}: {n}")).collect();
-                let line = format!("waiting for {} shards that other workers hold ({})", busy.len(), by.join(", "));
+                let line = format!("waiting for {} shards that other workers hold ({})", queue.len(), by.join(", "));
                 if line != said {
                     self.bar.log(&line);
                     said = line;
