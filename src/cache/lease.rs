@@ -17,7 +17,6 @@ use crate::digest::Digest;
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -116,19 +115,19 @@ impl Leases {
     /// Claims `key` unless another worker holds a live lease on it; an
     /// expired lease is taken over (and said so).
     pub fn try_claim(&self, key: &Digest, what: &str) -> Result<Claim> {
-        let expected = match self.read(key)? {
-            None => None,
+        let (expired, expected) = match self.read(key)? {
+            None => (None, None),
             Some((Some(h), _)) if h.expires_ms > now_ms() => return Ok(Claim::Held(h)),
-            Some((old, version)) => {
-                if let Some(h) = old {
+            Some((old, version)) => (old, Some(version)),
+        };
+        match self.tier.swap_record(Bucket::Leases, key, expected.as_ref(), &self.record(what))? {
+            Some(version) => {
+                if let Some(h) = expired {
                     let ago = now_ms().saturating_sub(h.expires_ms) as f64 / 1e3;
                     eprintln!("taking over {what} from {} (pid {}): its lease expired {ago:.1}s ago", h.host, h.pid);
                 }
-                Some(version)
+                Ok(Claim::Mine(Lease::hold(self, *key, what, version)))
             }
-        };
-        match self.tier.swap_record(Bucket::Leases, key, expected.as_ref(), &self.record(what))? {
-            Some(version) => Ok(Claim::Mine(Lease::hold(self, *key, what, version))),
             // Another worker claimed it first: say who.
             None => Ok(match self.holder(key)? {
                 Some(h) => Claim::Held(h),
@@ -148,17 +147,16 @@ impl Leases {
 /// which removes it.
 pub struct Lease {
     stop: Option<mpsc::Sender<()>>,
+    /// Ends with the lease's last version, or None once it was taken over.
     heartbeat: Option<std::thread::JoinHandle<Option<Version>>>,
     tier: Arc<dyn Tier>,
     key: Digest,
-    lost: Arc<AtomicBool>,
 }
 
 impl Lease {
     fn hold(leases: &Leases, key: Digest, what: &str, version: Version) -> Lease {
         let (stop, stopped) = mpsc::channel::<()>();
-        let lost = Arc::new(AtomicBool::new(false));
-        let (leases2, what, lost2) = (leases.clone(), what.to_string(), lost.clone());
+        let (leases2, what) = (leases.clone(), what.to_string());
         let heartbeat = std::thread::spawn(move || {
             let mut version = version;
             while let Err(mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(leases2.period / 3) {
@@ -168,7 +166,6 @@ impl Lease {
                         eprintln!(
                             "warning: the lease on {what} was taken over; building it anyway (the first result stored wins)"
                         );
-                        lost2.store(true, Ordering::Relaxed);
                         return None;
                     }
                     // A blip on the shared tier: the next beat tries again,
@@ -178,7 +175,7 @@ impl Lease {
             }
             Some(version)
         });
-        Lease { stop: Some(stop), heartbeat: Some(heartbeat), tier: leases.tier.clone(), key, lost }
+        Lease { stop: Some(stop), heartbeat: Some(heartbeat), tier: leases.tier.clone(), key }
     }
 }
 
@@ -186,7 +183,8 @@ impl Drop for Lease {
     fn drop(&mut self) {
         drop(self.stop.take());
         let held = self.heartbeat.take().and_then(|h| h.join().ok()).flatten();
-        if held.is_some() && !self.lost.load(Ordering::Relaxed) {
+        // A lease taken over is the new holder's: left alone.
+        if held.is_some() {
             // Best effort: a lease left behind only expires.
             let _ = self.tier.remove(Bucket::Leases, &self.key);
         }

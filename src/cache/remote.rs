@@ -132,6 +132,9 @@ impl Remote {
 
     /// An object's bytes, verified; a damaged one is reported and not served.
     pub fn get_object(&self, digest: &Digest) -> Result<Option<Vec<u8>>> {
+        if self.rejected(digest) {
+            return Ok(None);
+        }
         let Some(packed) = self.tier.get(Bucket::Objects, digest)? else {
             self.count(0, 0);
             return Ok(None);

@@ -175,6 +175,7 @@ pub fn run(
     let n = shards.count();
     let bar = Progress::new(label, (0..n).map(|i| shards.units(i)).sum(), shards.unit());
     let materials = materials(material, externals, shards.as_ref());
+    cache.prefetch(&materials.iter().map(KeyMaterial::key).collect::<Vec<_>>())?;
     let mut node = Node { cache, shards, bar };
     let mut entries: Vec<Option<ActionEntry>> = vec![None; n];
     let mut pending = 0;
