@@ -171,3 +171,23 @@ fn two_runs_on_one_cache_split_the_shards() {
     assert_eq!(n, nodes.len(), "a node was built twice");
     assert!(p.tree("out-a") == p.tree("out-b"));
 }
+
+#[test]
+fn gc_removes_the_leases_of_workers_that_stopped_renewing() {
+    let p = Project::new();
+    let r = tiny_recipe(&p, 2, "").display().to_string();
+    p.ok(&["run", &r]);
+    let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+    let lease = |name: &str, expires_ms: u64| {
+        let hex = format!("{name:0>64}");
+        let record =
+            serde_json::json!({"owner": name, "host": "gpu-1", "pid": 7, "what": "a shard", "expires_ms": expires_ms});
+        p.write(&format!("cache/leases-v1/{}/{hex}/{:020}", &hex[..2], 0), &record.to_string());
+        p.path(&format!("cache/leases-v1/{}/{hex}", &hex[..2]))
+    };
+    let dead = lease("dead", now_ms - 7_200_000);
+    let live = lease("beef", now_ms + 60_000);
+    let gc = p.ok(&["cache", "gc"]).stdout();
+    assert!(gc.contains("1 expired leases"), "{gc}");
+    assert!(!dead.exists() && live.exists());
+}

@@ -10,7 +10,7 @@
 //! refs to removed entries, and abandoned temporaries.
 
 use super::tier::{Bucket, Tier};
-use super::{ActionEntry, Cache, LOCKS, REFS, TMP, lock, stat};
+use super::{ActionEntry, Cache, LOCKS, REFS, TMP, lease, lock, stat};
 use crate::digest::Digest;
 use anyhow::Result;
 use std::collections::BTreeSet;
@@ -51,13 +51,15 @@ pub struct GcSummary {
     pub memos: Removed,
     pub refs: Removed,
     pub temporaries: Removed,
+    /// Leases of workers that stopped renewing them.
+    pub leases: Removed,
     pub kept_entries: usize,
     pub kept_objects: usize,
 }
 
 impl GcSummary {
     pub fn total(&self) -> Removed {
-        let all = [self.entries, self.objects, self.locks, self.memos, self.refs, self.temporaries];
+        let all = [self.entries, self.objects, self.locks, self.memos, self.refs, self.temporaries, self.leases];
         Removed { files: all.iter().map(|r| r.files).sum(), bytes: all.iter().map(|r| r.bytes).sum() }
     }
 }
@@ -149,6 +151,19 @@ impl Cache {
             if older(modified, o.grace) {
                 remove(&path)?;
                 s.temporaries.add(size);
+            }
+        }
+        // Leases left by dead workers: expired longer ago than the grace period.
+        let fans = std::fs::read_dir(self.root.join(Bucket::Leases.dir_name())).into_iter().flatten().flatten();
+        for record in fans.flat_map(|f| std::fs::read_dir(f.path()).into_iter().flatten().flatten()) {
+            let Some(key) = record.file_name().to_str().and_then(|n| n.parse::<Digest>().ok()) else { continue };
+            let holder = self.local.read_record(Bucket::Leases, &key)?;
+            let holder = holder.and_then(|(b, _)| serde_json::from_slice::<lease::Holder>(&b).ok());
+            if holder.is_none_or(|h| h.expired_for() > o.grace) {
+                if !o.dry_run {
+                    self.local.remove(Bucket::Leases, &key)?;
+                }
+                s.leases.add(0);
             }
         }
         Ok(s)

@@ -38,9 +38,9 @@ pub struct Holder {
 }
 
 impl Holder {
-    /// How long until it expires (zero once expired).
-    pub fn remaining(&self) -> Duration {
-        Duration::from_millis(self.expires_ms.saturating_sub(now_ms()))
+    /// How long ago it expired (zero while live).
+    pub fn expired_for(&self) -> Duration {
+        Duration::from_millis(now_ms().saturating_sub(self.expires_ms))
     }
 }
 

@@ -108,7 +108,7 @@ pub fn cache(caches: &Caches, remote: Option<&str>, command: Command) -> Result<
             let total = s.total();
             let part = |n: Removed, what: &str| format!("{} {what} ({} bytes)", n.files, n.bytes);
             println!(
-                "{verb} {} files ({} bytes): {}, {}, {}, {}, {}, {}. Kept {} action entries and {} objects.",
+                "{verb} {} files ({} bytes): {}, {}, {}, {}, {}, {}, {}. Kept {} action entries and {} objects.",
                 total.files,
                 total.bytes,
                 part(s.entries, "action entries"),
@@ -117,6 +117,7 @@ pub fn cache(caches: &Caches, remote: Option<&str>, command: Command) -> Result<
                 part(s.memos, "stat memos"),
                 part(s.refs, "refs"),
                 part(s.temporaries, "temporary files"),
+                part(s.leases, "expired leases"),
                 s.kept_entries,
                 s.kept_objects
             );
