@@ -2,7 +2,8 @@
 //! node's items) is its own cache entry, keyed by the node's parameters and
 //! external inputs and the shard's items, and built under its own lock, so
 //! a crash loses at most the shard in flight and processes sharing a cache
-//! split the work. With a [`Slice`], shards of other slices are left alone.
+//! split the work. With a [`Slice`], shards of other slices are left alone;
+//! with [`Leases`], workers on any machine claim shards on the shared tier.
 
 use super::progress::Progress;
 use crate::cache::lease::{Claim, Lease, Leases};
