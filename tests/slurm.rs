@@ -6,6 +6,7 @@
 mod common;
 
 use common::*;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -64,11 +65,10 @@ impl Cluster {
         std::fs::write(d.join("slurm.conf"), conf).unwrap();
         let mut cluster = Cluster { dir, daemons: vec![] };
         let m = munge.display().to_string();
-        cluster.spawn(Command::new("runuser").args([
-            "-u",
-            "munge",
-            "--",
-            "munged",
+        // munged runs as the munge user; started directly (not through
+        // runuser, whose child would outlive it), so killing it stops it.
+        let id = |flag: &str| sh(&format!("id {flag} munge")).parse::<u32>().unwrap();
+        cluster.spawn(Command::new("munged").uid(id("-u")).gid(id("-g")).args([
             "-F",
             &format!("--socket={m}/munge.socket"),
             &format!("--pid-file={m}/munged.pid"),
