@@ -163,6 +163,13 @@ pub enum Freshness {
     Blocked(String),
 }
 
+impl Freshness {
+    /// A node whose input `dep` is stale.
+    fn blocked(dep: &str) -> Freshness {
+        Freshness::Blocked(format!("needs {dep}, which is stale"))
+    }
+}
+
 /// One external input as resolved: recipe key, what it is (`org/name@commit`
 /// or a path), its identity digest.
 #[derive(Debug, Clone, PartialEq)]
@@ -287,7 +294,7 @@ impl<'a> Walk<'a> {
     pub fn freshness(&mut self, idx: usize) -> Result<Freshness> {
         let material = match self.material(idx)? {
             Ok(m) => m,
-            Err(dep) => return Ok(Freshness::Blocked(format!("needs {dep}, which is stale"))),
+            Err(dep) => return Ok(Freshness::blocked(&dep)),
         };
         let hit = self.cache.lookup_built(&[material.key()])?.pop().flatten();
         self.judge(idx, material, hit)
@@ -315,7 +322,7 @@ impl<'a> Walk<'a> {
             for idx in ready {
                 match self.material(idx)? {
                     Ok(m) => asked.push((idx, m)),
-                    Err(dep) => out[idx] = Some(Freshness::Blocked(format!("needs {dep}, which is stale"))),
+                    Err(dep) => out[idx] = Some(Freshness::blocked(&dep)),
                 }
             }
             let keys: Vec<Digest> = asked.iter().map(|(_, m)| m.key()).collect();

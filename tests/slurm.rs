@@ -138,6 +138,16 @@ fn reference() -> Project {
     p
 }
 
+/// A cluster, the one-process reference, and a project with the same
+/// recipe and an empty cache.
+fn start() -> (Cluster, Project, Project) {
+    let cluster = Cluster::start();
+    let want = reference();
+    let p = Project::new();
+    tiny_recipe(&p, PROMPTS, EXTRA);
+    (cluster, want, p)
+}
+
 fn slurm(cluster: &Cluster, p: &Project, args: &[&str]) -> Command {
     let mut c = cluster.command(env!("CARGO_BIN_EXE_prefgen"));
     c.args(["slurm", "tiny.toml"]).args(args).current_dir(p.dir.path());
@@ -177,10 +187,7 @@ fn shards_built(log: &str) -> usize {
 
 #[test]
 fn workers_share_the_shards_and_the_assembler_matches_one_process() {
-    let cluster = Cluster::start();
-    let want = reference();
-    let p = Project::new();
-    tiny_recipe(&p, PROMPTS, EXTRA);
+    let (cluster, want, p) = start();
     let dry = ok(slurm(&cluster, &p, &["--workers", "3", "--dry-run", "--sbatch=--time=10:00"]));
     assert!(dry.stdout().contains("#SBATCH --array=1-3\n") && dry.stdout().contains("#SBATCH --time=10:00\n"));
     assert!(dry.stdout().contains(" --worker --lease 60\n"), "{}", dry.stdout());
@@ -224,10 +231,7 @@ fn leases(cache: &Path) -> Vec<(i32, PathBuf)> {
 
 #[test]
 fn a_worker_frozen_mid_shard_loses_it_to_the_others_after_its_lease() {
-    let cluster = Cluster::start();
-    let want = reference();
-    let p = Project::new();
-    tiny_recipe(&p, PROMPTS, EXTRA);
+    let (cluster, want, p) = start();
     let job = slurm(&cluster, &p, &["--workers", "3", "--wait", "--lease", "3"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -269,11 +273,8 @@ fn a_worker_frozen_mid_shard_loses_it_to_the_others_after_its_lease() {
 
 #[test]
 fn workers_share_through_s3_alone() {
-    let cluster = Cluster::start();
+    let (cluster, want, p) = start();
     let s3 = S3Server::start("team");
-    let want = reference();
-    let p = Project::new();
-    tiny_recipe(&p, PROMPTS, EXTRA);
     let mut c = slurm(&cluster, &p, &["--workers", "2", "--wait", "--lease", "5", "--remote", "s3://team/prefgen"]);
     for (k, v) in s3.env() {
         c.env(k, v);
