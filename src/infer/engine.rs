@@ -93,7 +93,7 @@ pub fn generate(
         for (mut a, row) in active.drain(..).zip(rows).collect::<Vec<_>>() {
             let tok = sampler::sample(&row, sampling, &mut jobs[a.job].stream)
                 .map_err(|value| EngineError::NonFinite { job: a.job, position: a.out.len(), value })?;
-            let stop = policy.stop.contains(&tok);
+            let stop = policy.chat.stop.contains(&tok);
             if !stop {
                 a.out.push(tok);
             }

@@ -136,7 +136,7 @@ impl RewardModel {
                     temperature: c.gating_temperature.unwrap_or(10.0),
                     logit_scale: get("gating.logit_scale")?.flatten_all()?.to_vec1::<f32>()?[0] as f64,
                     transform: Linear::dense(get("reward_transform_matrix")?.t()?.contiguous()?)?,
-                    pattern: policy.encode(text, false)?,
+                    pattern: policy.chat.encode(text, false)?,
                     pad: c.pad_token_id,
                 }
             }
@@ -180,10 +180,10 @@ impl RewardModel {
         if overflow == Overflow::Skip {
             return Ok(None);
         }
-        let words = self.policy.encode(response, false)?;
+        let words = self.policy.chat.encode(response, false)?;
         let mut keep = words.len().saturating_sub(ids.len() - max_len);
         loop {
-            let ids = self.render(prompt, &self.policy.decode(&words[..keep])?)?;
+            let ids = self.render(prompt, &self.policy.chat.decode(&words[..keep])?)?;
             if ids.len() <= max_len {
                 return Ok(Some(ids));
             }
@@ -198,18 +198,18 @@ impl RewardModel {
         let text = match &self.head {
             Head::Judge { rubric, .. } => {
                 let ask = rubric.replace("{prompt}", prompt).replace("{response}", response);
-                let mut t = self.policy.template.render(&[Turn { role: "user", content: &ask }], true)?;
+                let mut t = self.policy.chat.render(&[Turn { role: "user", content: &ask }], true)?;
                 t.push_str(JUDGE_PRIMER);
                 t
             }
-            _ => self.policy.template.render(
+            _ => self.policy.chat.render(
                 &[Turn { role: "user", content: prompt }, Turn { role: "assistant", content: response }],
                 false,
             )?,
         };
         // The template writes the special tokens, as apply_chat_template's
         // tokenization (no special tokens added) has it.
-        self.policy.encode(&text, false)
+        self.policy.chat.encode(&text, false)
     }
 
     /// Scores of sequences from [`RewardModel::encode`], run as one packed
@@ -280,7 +280,7 @@ fn rating_tokens(policy: &Policy) -> Result<Vec<(u32, f64)>> {
     let mut out = Vec::new();
     for d in 1..=9u32 {
         for text in [format!("{d}"), format!(" {d}")] {
-            if let [id] = policy.encode(&text, false)?[..]
+            if let [id] = policy.chat.encode(&text, false)?[..]
                 && !out.iter().any(|&(i, _)| i == id)
             {
                 out.push((id, d as f64));

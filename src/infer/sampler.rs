@@ -38,6 +38,13 @@ impl Stream {
         Stream { key, counter: 0 }
     }
 
+    /// A seed for an inference server's own sampler, from the same
+    /// derivation: 31 bits, so servers that read a signed 32-bit seed (or
+    /// take all ones as "random", as llama.cpp does) read it as given.
+    pub fn seed31(&self) -> u64 {
+        self.key >> 33
+    }
+
     /// The next uniform draw in [0, 1), with 53 random bits.
     pub fn next_f64(&mut self) -> f64 {
         let x = splitmix64(self.key ^ splitmix64(self.counter));

@@ -131,6 +131,27 @@ section! {
         /// several splits) are replaced.
         import: Option<String> = None, "unset",
             Source("by the imported files' contents");
+        /// Sample through an inference server instead of the built-in engine:
+        /// its OpenAI-compatible base URL (`http://gpu-7:8000/v1`; vLLM, SGLang,
+        /// llama.cpp's `llama-server`). `${VAR}` is read from the environment,
+        /// so each worker can name its own server. prefgen still renders and
+        /// tokenizes every prompt with `generate.model`'s files.
+        server: Option<String> = None, "unset: the built-in engine",
+            Source("by whether a server samples, not by its URL: moving the server keeps the cache");
+        /// The name the server serves the policy under, when it is not
+        /// `generate.model` or its file or folder name.
+        served_model: Option<String> = None, "unset",
+            Free("checked against the server's `/models` before any request");
+        /// Requests in flight to `generate.server`.
+        concurrency: usize = 256, _,
+            Free("a response does not depend on it on a deterministic server (tested with llama.cpp's, one slot)");
+        /// Seconds one request to `generate.server` may take.
+        request_timeout_secs: u64 = 600, _,
+            Free("how long to wait, not what is answered");
+        /// Retries of a request after a connection error, a timeout, 429 or
+        /// 5xx, with exponential backoff and jitter.
+        request_retries: u32 = 5, _,
+            Free("how long to wait, not what is answered");
     }
 }
 
@@ -326,6 +347,17 @@ impl Recipe {
             }
             (None, None) => return err(generate::model, "is required unless generate.import is set"),
             (None, Some(_)) => {}
+        }
+        if let Some(url) = &g.server {
+            if g.import.is_some() {
+                return err(generate::server, "and generate.import are both set: sample or import, not both");
+            }
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                return err(generate::server, "must be an http:// or https:// URL (such as http://gpu-7:8000/v1)");
+            }
+        }
+        if g.concurrency == 0 {
+            return err(generate::concurrency, "must be > 0");
         }
         let a = &self.annotate;
         if a.batch_size == 0 {

@@ -1,7 +1,10 @@
-//! Models loaded in this run, by their files: loaded when a shard first
-//! needs one (a run whose shards are all cached loads nothing), once.
+//! Models loaded in this run, by their files, and the inference servers it
+//! drives, by URL: loaded or connected when a shard first needs one (a run
+//! whose shards are all cached loads nothing), once.
 
+use crate::infer::chat::Chat;
 use crate::infer::reward::{Kind, RewardModel};
+use crate::infer::server::{self, Server};
 use crate::infer::{Load, Policy};
 use crate::recipe;
 use crate::stages;
@@ -25,6 +28,8 @@ type Files = (PathBuf, Option<PathBuf>);
 #[derive(Default)]
 pub struct Models {
     policies: RefCell<HashMap<Files, Rc<Policy>>>,
+    chats: RefCell<HashMap<Files, Rc<Chat>>>,
+    servers: RefCell<HashMap<String, Rc<Server>>>,
     rewards: RefCell<HashMap<Files, Rc<RewardModel>>>,
 }
 
@@ -41,6 +46,29 @@ impl stages::Models for Models {
         let policy = Rc::new(policy);
         self.policies.borrow_mut().insert(files, policy.clone());
         Ok(policy)
+    }
+
+    fn chat(&self, model: &Path, chat_template: Option<&Path>) -> Result<Rc<Chat>> {
+        let files = (model.to_path_buf(), chat_template.map(Path::to_path_buf));
+        if let Some(c) = self.chats.borrow().get(&files) {
+            return Ok(c.clone());
+        }
+        let chat = Chat::load(model, chat_template)
+            .with_context(|| loading(recipe::generate::model, model, recipe::generate::chat_template, chat_template))?;
+        let chat = Rc::new(chat);
+        self.chats.borrow_mut().insert(files, chat.clone());
+        Ok(chat)
+    }
+
+    fn server(&self, url: &str, options: &server::Options) -> Result<Rc<Server>> {
+        let url = server::expand_env(url).with_context(|| format!("{}", recipe::generate::server))?;
+        if let Some(s) = self.servers.borrow().get(&url) {
+            return Ok(s.clone());
+        }
+        let server = Rc::new(Server::connect(&url, options)?);
+        eprintln!("sampling through {}", server.engine);
+        self.servers.borrow_mut().insert(url, server.clone());
+        Ok(server)
     }
 
     fn reward(

@@ -1,23 +1,28 @@
 //! `generate`: one response per prompt for one seed, as SimPO's
-//! `output_{seed}.json`: sampled from the policy, or imported from decode
-//! files users bring.
+//! `output_{seed}.json`: sampled from the policy by the built-in engine or
+//! through an inference server, or imported from decode files users bring.
 
 use super::{At, ByShard, Counts, External, Keyed, Models, NodeSpec, ShardOut, StageOutput, Work};
 use crate::formats::simpo::{self, DecodeRow};
 use crate::infer::Policy;
+use crate::infer::chat::Chat;
 use crate::infer::engine::{self, EngineError, Job, Outcome};
 use crate::infer::sampler::{Sampling, Stream};
+use crate::infer::server::{self, Reply, Server};
 use crate::recipe::{self, Recipe};
 use anyhow::{Result, anyhow, bail};
 use serde_json::json;
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 /// Bumped when the engine, the sampler or decoding change what a response is.
 pub const VERSION: u32 = 3;
 /// The node's seed in its key (one node per seed of `generate.seeds`).
 pub const SEED: &str = "generate.seed";
+/// `generate.server` in a key: a server sampled, whichever and wherever.
+const SERVER: &str = "an OpenAI-compatible server";
 
 /// What a generate node keys: its seed, and the imported file, or the
 /// sampling parameters, the policy and its template.
@@ -32,6 +37,10 @@ pub fn keyed(at: &At, seed: u64) -> Keyed {
         }
         None => {
             params.extend(g.keyed());
+            if g.server.is_some() {
+                // Which engine samples, not where it runs: another host keeps the cache.
+                params.insert(recipe::generate::server.into(), json!(SERVER));
+            }
             let policy = at.policy.expect("the planner resolves generate.model when it is set");
             externals.insert(recipe::generate::model.into(), External::Model(policy.to_path_buf()));
             if let Some(t) = &g.chat_template {
@@ -62,15 +71,27 @@ pub fn work<'a>(
         g.shard_size,
         ("prompts", |_| 1),
         move |chunk, progress| {
-            let policy = models.policy(model, template)?;
             let mut tokens = 0;
-            let (rows, skipped) = sample(chunk, &policy, g, seed, |n| {
+            let count = |n| {
                 tokens += n;
                 progress(n);
-            })
-            .map_err(|e| anyhow!("generate.model {}: {e}", model.display()))?;
+            };
+            let (rows, skipped, engine) = match &g.server {
+                None => {
+                    let policy = models.policy(model, template)?;
+                    let (rows, skipped) = sample(chunk, &policy, g, seed, count)
+                        .map_err(|e| anyhow!("generate.model {}: {e}", model.display()))?;
+                    (rows, skipped, policy.engine())
+                }
+                Some(url) => {
+                    let chat = models.chat(model, template)?;
+                    let server = models.server(url, &server_options(g, model))?;
+                    let (rows, skipped) = sample_through(chunk, &chat, &server, g, seed, count)?;
+                    (rows, skipped, server.engine.clone())
+                }
+            };
             let counts = Counts { skipped_too_long: Some(skipped as u64), ..Counts::default() };
-            Ok(ShardOut { rows, counts, tokens, engine: policy.engine() })
+            Ok(ShardOut { rows, counts, tokens, engine })
         },
         move |rows, counts| {
             let skipped = counts.skipped_too_long.unwrap_or(0);
@@ -134,13 +155,8 @@ pub fn sample(
     seed: u64,
     progress: impl FnMut(usize),
 ) -> Result<(Vec<DecodeRow>, usize)> {
-    let mut formatted = Vec::with_capacity(prompts.len());
-    let mut jobs = Vec::with_capacity(prompts.len());
-    for prompt in prompts {
-        let text = policy.format_prompt(prompt)?;
-        jobs.push(Job { prompt: policy.encode(&text, g.vllm_compat)?, stream: Stream::new(seed, prompt) });
-        formatted.push(text);
-    }
+    let (formatted, ids) = render(prompts, &policy.chat, g)?;
+    let jobs = ids.into_iter().zip(prompts).map(|(prompt, p)| Job { prompt, stream: Stream::new(seed, p) }).collect();
     let sampling = Sampling { temperature: g.temperature, top_p: g.top_p };
     let outcomes = engine::generate(policy, jobs, sampling, g.max_tokens as usize, g.batch_size, progress).map_err(
         |e| match e {
@@ -152,17 +168,99 @@ pub fn sample(
             EngineError::Model(e) => e,
         },
     )?;
+    let texts = outcomes
+        .into_iter()
+        .map(|o| match o {
+            Outcome::Done(ids) => policy.chat.decode(&ids).map(Some),
+            Outcome::TooLong => Ok(None),
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(rows(prompts, formatted, texts))
+}
+
+/// Samples one response per prompt through an inference server, as
+/// [`sample`] does with the built-in engine: the same prompt ids, the same
+/// stop tokens, the same length limit (`max_tokens`, and the model's
+/// context), and the text decoded by prefgen from the returned ids.
+pub fn sample_through(
+    prompts: &[String],
+    chat: &Chat,
+    server: &Server,
+    g: &recipe::Generate,
+    seed: u64,
+    progress: impl FnMut(usize),
+) -> Result<(Vec<DecodeRow>, usize)> {
+    let (formatted, ids) = render(prompts, chat, g)?;
+    // A prompt that leaves no room is skipped unsent, as the built-in engine
+    // skips it; the rest stop at max_tokens or where the context is full.
+    let sent: Vec<usize> = (0..ids.len()).filter(|&i| !ids[i].is_empty() && ids[i].len() < chat.context).collect();
+    let requests: Vec<server::Request> = sent
+        .iter()
+        .map(|&i| server::Request {
+            max_tokens: (g.max_tokens as usize).min(chat.context - ids[i].len()),
+            seed: request_seed(g, seed, &prompts[i]),
+            prompt: ids[i].clone(),
+        })
+        .collect();
+    let sampling = server::Sampling { temperature: g.temperature, top_p: g.top_p, stop: chat.stop.clone() };
+    let replies = server
+        .complete_all(&requests, &sampling, g.concurrency, progress)
+        .map_err(|(i, e)| anyhow!("generate.server: the response to prompt {:?}: {e}", preview(&prompts[sent[i]])))?;
+    let mut texts: Vec<Option<String>> = vec![None; prompts.len()];
+    for (&i, reply) in sent.iter().zip(replies) {
+        texts[i] = match reply {
+            Reply::Ids(ids) => Some(chat.decode(&ids)?),
+            Reply::Text(text) => Some(text),
+            Reply::TooLong => None,
+        };
+    }
+    Ok(rows(prompts, formatted, texts))
+}
+
+/// The seed a server request carries: the recipe's seed itself with
+/// `generate.vllm_compat` (as SimPO's decode.py passed `SamplingParams(seed=...)`
+/// to vLLM), otherwise one derived from the seed and the prompt, so two
+/// prompts do not share their random draws.
+fn request_seed(g: &recipe::Generate, seed: u64, prompt: &str) -> u64 {
+    if g.vllm_compat { seed } else { Stream::new(seed, prompt).seed31() }
+}
+
+/// Each prompt rendered with the chat template, and its token ids.
+fn render(prompts: &[String], chat: &Chat, g: &recipe::Generate) -> Result<(Vec<String>, Vec<Vec<u32>>)> {
+    let mut formatted = Vec::with_capacity(prompts.len());
+    let mut ids = Vec::with_capacity(prompts.len());
+    for prompt in prompts {
+        let text = chat.format_prompt(prompt)?;
+        ids.push(chat.encode(&text, g.vllm_compat)?);
+        formatted.push(text);
+    }
+    Ok((formatted, ids))
+}
+
+/// The rows of the prompts that were answered (`None`: skipped as too
+/// long), and how many were skipped.
+fn rows(prompts: &[String], formatted: Vec<String>, texts: Vec<Option<String>>) -> (Vec<DecodeRow>, usize) {
     let mut rows = Vec::with_capacity(prompts.len());
     let mut skipped = 0;
-    for ((prompt, format_prompt), outcome) in prompts.iter().zip(formatted).zip(outcomes) {
-        match outcome {
-            Outcome::Done(ids) => {
-                rows.push(DecodeRow { prompt: prompt.clone(), format_prompt, generated_text: policy.decode(&ids)? })
-            }
-            Outcome::TooLong => skipped += 1,
+    for ((prompt, format_prompt), text) in prompts.iter().zip(formatted).zip(texts) {
+        match text {
+            Some(generated_text) => rows.push(DecodeRow { prompt: prompt.clone(), format_prompt, generated_text }),
+            None => skipped += 1,
         }
     }
-    Ok((rows, skipped))
+    (rows, skipped)
+}
+
+/// How to reach `generate.server` for the policy at `model`.
+fn server_options(g: &recipe::Generate, model: &Path) -> server::Options {
+    let mut names: Vec<String> = g.model.iter().cloned().collect();
+    names.extend(model.file_name().map(|n| n.to_string_lossy().into_owned()));
+    server::Options {
+        served_model: g.served_model.clone(),
+        names,
+        timeout: Duration::from_secs(g.request_timeout_secs),
+        retries: g.request_retries,
+    }
 }
 
 /// The first characters of a text, for messages.

@@ -17,7 +17,9 @@ use crate::digest::Digest;
 use crate::formats::pyjson;
 use crate::formats::simpo::{self, BinarizedRow, DecodeRow, FilteredRow, ScoredRow, TextLen};
 use crate::infer::Policy;
+use crate::infer::chat::Chat;
 use crate::infer::reward::{Kind, RewardModel};
+use crate::infer::server::{self, Server};
 use crate::recipe::{PromptSource, Recipe};
 use anyhow::{Result, bail};
 use serde::de::DeserializeOwned;
@@ -305,6 +307,11 @@ impl StageOutput {
 /// The models a stage runs, loaded by the runner (once per run and files).
 pub trait Models {
     fn policy(&self, model: &Path, chat_template: Option<&Path>) -> Result<Rc<Policy>>;
+    /// A policy's tokenizer, template and stop tokens, without its weights.
+    fn chat(&self, model: &Path, chat_template: Option<&Path>) -> Result<Rc<Chat>>;
+    /// The inference server at `url` (`${VAR}` read from the environment),
+    /// checked to serve the policy.
+    fn server(&self, url: &str, options: &server::Options) -> Result<Rc<Server>>;
     fn reward(
         &self,
         model: &Path,

@@ -1,12 +1,17 @@
 #!/usr/bin/env bash
-# Builds llama.cpp's own batched benchmark tool (llama-batched-bench) from the source that the
-# PyPI sdist of llama-cpp-python vendors, for `make bench` to compare against.
-# Outside the product: nothing in prefgen links it. Prints the binary's path.
+# Builds llama.cpp tools from the source that the PyPI sdist of llama-cpp-python
+# vendors: `llama-server` (the tests drive it as an inference server) and
+# `llama-batched-bench` (`make bench` compares against it). Outside the
+# product: nothing in prefgen links them.
+# Usage: scripts/llama-cpp.sh TOOL...   Prints each tool's path, one per line.
 set -euo pipefail
 VERSION=0.3.36
 root=target/llama.cpp
-bin=$root/build/bin/llama-batched-bench
-if [ ! -x "$bin" ]; then
+missing=()
+for tool in "$@"; do
+  [ -x "$root/build/bin/$tool" ] || missing+=("$tool")
+done
+if [ ${#missing[@]} -gt 0 ]; then
   mkdir -p "$root"
   if [ ! -d "$root/src" ]; then
     # The sdist through pip (`--no-binary` for this package only: `:all:`
@@ -22,7 +27,8 @@ if [ ! -x "$bin" ]; then
   # state, and llama.cpp's AMX kernels then die with SIGILL.
   noamx="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
   cmake -S "$root/src" -B "$root/build" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_CURL=OFF \
-    -DCMAKE_C_FLAGS="$noamx" -DCMAKE_CXX_FLAGS="$noamx" -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF >&2
-  cmake --build "$root/build" --target llama-batched-bench -j "$(nproc)" >&2
+    -DCMAKE_C_FLAGS="$noamx" -DCMAKE_CXX_FLAGS="$noamx" -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+    -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_SERVER=ON >&2
+  cmake --build "$root/build" --target "${missing[@]}" -j "$(nproc)" >&2
 fi
-echo "$bin"
+for tool in "$@"; do echo "$root/build/bin/$tool"; done

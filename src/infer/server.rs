@@ -1,0 +1,447 @@
+//! Sampling through an inference server that speaks the OpenAI-compatible
+//! API (vLLM, SGLang, llama.cpp's `llama-server`). prefgen renders and
+//! tokenizes each prompt itself and sends the token ids to `/completions`,
+//! so the server cannot add or drop a BOS; it reads the response's token ids
+//! back where the server returns them and decodes them itself.
+//!
+//! What each server is told, beyond the OpenAI fields: `top_k: -1`,
+//! `min_p: 0` and `repetition_penalty: 1` (plain temperature and nucleus
+//! sampling, whatever the server's defaults or the model's
+//! `generation_config.json`); `stop_token_ids` (vLLM, SGLang);
+//! `return_token_ids` (vLLM); for llama.cpp `samplers: [temperature, top_p]`
+//! (vLLM's order: its default applies top-p before the temperature),
+//! `return_tokens` with `verbose` (the ids), and `cache_prompt: false` (a
+//! prefix reused from another request's batch is computed differently).
+//! Servers ignore the fields meant for the others.
+
+use anyhow::{Context, Result, anyhow, bail};
+use serde_json::{Value, json};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, mpsc};
+use std::time::Duration;
+
+/// How prefgen talks to a server.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// The name the server serves the policy under; None: it must serve one
+    /// whose name is one of `names`.
+    pub served_model: Option<String>,
+    /// Names the policy goes by (the recipe's `generate.model`, its file or
+    /// folder name), for matching against `/models`.
+    pub names: Vec<String>,
+    /// One request's limit.
+    pub timeout: Duration,
+    /// Retries of a request after a connection error, a timeout, 429 or 5xx.
+    pub retries: u32,
+}
+
+/// A server checked to serve the policy.
+pub struct Server {
+    /// The base URL, ending in `/v1` or whatever prefix the server has.
+    base: String,
+    /// `base` as messages show it (no user or password).
+    shown: String,
+    /// The id the server serves the policy under, sent as `model`.
+    model: String,
+    /// The engine's name, version and whether it is deterministic, for the
+    /// entries, the card and the lock.
+    pub engine: String,
+    agent: ureq::Agent,
+    retries: u32,
+    /// `OPENAI_API_KEY`, sent as a bearer token; never shown.
+    api_key: Option<String>,
+}
+
+/// Sampling parameters of every request.
+#[derive(Debug, Clone)]
+pub struct Sampling {
+    pub temperature: f64,
+    pub top_p: f64,
+    /// Token ids generation stops at (and that prefgen trims at).
+    pub stop: Vec<u32>,
+}
+
+/// One prompt to complete.
+#[derive(Debug, Clone)]
+pub struct Request {
+    pub prompt: Vec<u32>,
+    pub max_tokens: usize,
+    pub seed: u64,
+}
+
+/// What the server answered.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Reply {
+    /// The generated token ids, cut before the first stop token.
+    Ids(Vec<u32>),
+    /// Only text: the server returns no token ids.
+    Text(String),
+    /// The server rejected the prompt as longer than its context.
+    TooLong,
+}
+
+/// A failed request: whether retrying may help, and the message.
+enum Failure {
+    Transient(String),
+    TooLong,
+    Rejected(String),
+}
+
+/// `${VAR}` in a server URL replaced by the environment's value, so each
+/// worker of a job array can drive its own server (the URL is not part of
+/// any key).
+pub fn expand_env(url: &str) -> Result<String> {
+    let mut out = String::new();
+    let mut rest = url;
+    while let Some(start) = rest.find("${") {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 2..];
+        let end = after.find('}').with_context(|| format!("{url:?}: an unclosed ${{"))?;
+        let name = &after[..end];
+        let value = std::env::var(name).map_err(|_| anyhow!("{url:?} names ${{{name}}}, which is not set"))?;
+        out.push_str(&value);
+        rest = &after[end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+/// A URL without its user and password, for messages.
+fn without_credentials(url: &str) -> String {
+    match (url.find("://"), url.find('@')) {
+        (Some(scheme), Some(at)) if at > scheme && !url[scheme + 3..at].contains('/') => {
+            format!("{}{}", &url[..scheme + 3], &url[at + 1..])
+        }
+        _ => url.to_string(),
+    }
+}
+
+/// The server's error message: `error.message`, `message`, or the body.
+fn message_of(body: &str) -> String {
+    let v: Value = serde_json::from_str(body).unwrap_or(Value::Null);
+    let text = v["error"]["message"].as_str().or(v["message"].as_str()).or(v["detail"].as_str());
+    let text = text.map(str::to_string).unwrap_or_else(|| body.trim().to_string());
+    text.chars().take(400).collect()
+}
+
+/// Whether a rejection says the prompt does not fit the context (llama.cpp:
+/// "exceeds the available context size"; vLLM: "maximum context length";
+/// SGLang: "longer than the model's context length").
+fn is_too_long(message: &str) -> bool {
+    let m = message.to_lowercase();
+    m.contains("context size") || m.contains("context length")
+}
+
+impl Server {
+    /// Connects to `url` and checks, with `/models`, that it serves the
+    /// policy; names the engine from `owned_by` and its version endpoint.
+    pub fn connect(url: &str, options: &Options) -> Result<Server> {
+        let base = url.trim_end_matches('/').to_string();
+        let shown = without_credentials(&base);
+        let agent = ureq::AgentBuilder::new().timeout_connect(Duration::from_secs(10)).timeout(options.timeout).build();
+        let mut server = Server {
+            base,
+            shown,
+            model: String::new(),
+            engine: String::new(),
+            agent,
+            retries: options.retries,
+            api_key: std::env::var("OPENAI_API_KEY").ok().filter(|k| !k.is_empty()),
+        };
+        let models = server.get("/models").with_context(|| format!("generate.server {}", server.shown))?;
+        let served: Vec<&Value> = models["data"].as_array().map(|d| d.iter().collect()).unwrap_or_default();
+        let ids: Vec<String> = served.iter().filter_map(|m| m["id"].as_str().map(str::to_string)).collect();
+        let aliases = |m: &Value| -> Vec<String> {
+            let mut names: Vec<String> = m["id"].as_str().map(str::to_string).into_iter().collect();
+            if let Some(a) = m["aliases"].as_array() {
+                names.extend(a.iter().filter_map(|n| n.as_str().map(str::to_string)));
+            }
+            names
+        };
+        let chosen = served.iter().find(|m| {
+            aliases(m).iter().any(|id| match &options.served_model {
+                Some(name) => id == name,
+                None => options.names.iter().any(|n| same_model(id, n)),
+            })
+        });
+        let Some(chosen) = chosen else {
+            let wanted = match &options.served_model {
+                Some(name) => format!("generate.served_model {name:?}"),
+                None => format!("generate.model ({})", options.names.join(", ")),
+            };
+            bail!(
+                "generate.server {} serves {}, not {wanted}: start it with that model, or set \
+                 generate.served_model to the name it serves the policy under",
+                server.shown,
+                if ids.is_empty() { "no model".to_string() } else { ids.join(", ") }
+            );
+        };
+        server.model = chosen["id"].as_str().unwrap_or_default().to_string();
+        server.engine = server.identify(chosen["owned_by"].as_str().unwrap_or_default());
+        Ok(server)
+    }
+
+    /// `NAME VERSION, served over the OpenAI API, deterministic or not`.
+    fn identify(&self, owned_by: &str) -> String {
+        let root = self.base.strip_suffix("/v1").unwrap_or(&self.base).to_string();
+        let get = |path: &str| self.fetch(&format!("{root}{path}")).ok();
+        let (name, version, deterministic) = match owned_by {
+            "llamacpp" => {
+                let props = get("/props").unwrap_or(Value::Null);
+                let slots = props["total_slots"].as_u64().unwrap_or(0);
+                let version = props["build_info"].as_str().unwrap_or("version unknown").to_string();
+                let determinism = match slots {
+                    1 => "1 slot: deterministic".to_string(),
+                    n => format!("{n} slots: not deterministic (a response depends on the requests batched with it)"),
+                };
+                ("llama.cpp", version, determinism)
+            }
+            other => {
+                let name = match other {
+                    "vllm" => "vLLM",
+                    "sglang" => "SGLang",
+                    "" => "an unknown engine",
+                    o => o,
+                };
+                let v = get("/version").unwrap_or(Value::Null);
+                let version = v["version"].as_str().unwrap_or("version unknown").to_string();
+                (name, version, "not known to be deterministic".to_string())
+            }
+        };
+        format!("{name} {version} (OpenAI-compatible server, {deterministic})")
+    }
+
+    /// GET `{base}{path}` as JSON, retried like a completion.
+    fn get(&self, path: &str) -> Result<Value> {
+        let url = format!("{}{path}", self.base);
+        self.with_retries(|| {
+            let mut req = self.agent.get(&url);
+            if let Some(key) = &self.api_key {
+                req = req.set("Authorization", &format!("Bearer {key}"));
+            }
+            Self::read(req.call())
+        })
+        .map_err(|f| match f {
+            Failure::Transient(m) | Failure::Rejected(m) => anyhow!("GET {}{path}: {m}", self.shown),
+            Failure::TooLong => anyhow!("GET {}{path}: rejected", self.shown),
+        })
+    }
+
+    /// GET an absolute URL once (engine details: absent on some servers).
+    fn fetch(&self, url: &str) -> Result<Value, Failure> {
+        let mut req = self.agent.get(url);
+        if let Some(key) = &self.api_key {
+            req = req.set("Authorization", &format!("Bearer {key}"));
+        }
+        Self::read(req.call())
+    }
+
+    fn read(response: Result<ureq::Response, ureq::Error>) -> Result<Value, Failure> {
+        match response {
+            Ok(r) => {
+                let body = r.into_string().map_err(|e| Failure::Transient(format!("reading the response: {e}")))?;
+                serde_json::from_str(&body).map_err(|e| Failure::Rejected(format!("the response is not JSON: {e}")))
+            }
+            Err(ureq::Error::Status(code, r)) => {
+                let message = message_of(&r.into_string().unwrap_or_default());
+                match code {
+                    408 | 429 | 500..=599 => Err(Failure::Transient(format!("HTTP {code}: {message}"))),
+                    400 | 413 if is_too_long(&message) => Err(Failure::TooLong),
+                    _ => Err(Failure::Rejected(format!("HTTP {code}: {message}"))),
+                }
+            }
+            Err(ureq::Error::Transport(t)) => Err(Failure::Transient(t.to_string())),
+        }
+    }
+
+    /// Runs `attempt` until it succeeds or fails for good: transient
+    /// failures are retried `retries` times, after exponential backoff with
+    /// full jitter (0.5 s doubling, at most 20 s).
+    fn with_retries<T>(&self, mut attempt: impl FnMut() -> Result<T, Failure>) -> Result<T, Failure> {
+        let mut tries = 0;
+        loop {
+            match attempt() {
+                Err(Failure::Transient(m)) if tries < self.retries => {
+                    let ceiling = (0.5 * 2f64.powi(tries as i32)).min(20.0);
+                    let mut noise = [0u8; 4];
+                    let _ = getrandom::fill(&mut noise);
+                    let fraction = u32::from_le_bytes(noise) as f64 / u32::MAX as f64;
+                    tries += 1;
+                    eprintln!(
+                        "{}: {m}; retrying ({tries} of {}) in {:.1}s",
+                        self.shown,
+                        self.retries,
+                        ceiling * fraction
+                    );
+                    std::thread::sleep(Duration::from_secs_f64(ceiling * fraction));
+                }
+                Err(Failure::Transient(m)) if tries > 0 => {
+                    return Err(Failure::Transient(format!("{m} (after {tries} retries)")));
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// The body of one completion request.
+    fn body(&self, request: &Request, sampling: &Sampling) -> Value {
+        json!({
+            "model": self.model,
+            "prompt": request.prompt,
+            "max_tokens": request.max_tokens,
+            "temperature": sampling.temperature,
+            "top_p": sampling.top_p,
+            "seed": request.seed,
+            "n": 1,
+            "stream": false,
+            "top_k": -1,
+            "min_p": 0.0,
+            "repetition_penalty": 1.0,
+            "stop_token_ids": sampling.stop,
+            "skip_special_tokens": true,
+            "return_token_ids": true,
+            "samplers": ["temperature", "top_p"],
+            "return_tokens": true,
+            "verbose": true,
+            "cache_prompt": false,
+        })
+    }
+
+    /// Completes one prompt (retried); a rejection other than "too long" is
+    /// the error, with the server's message.
+    pub fn complete(&self, request: &Request, sampling: &Sampling) -> Result<Reply> {
+        let url = format!("{}/completions", self.base);
+        let body = self.body(request, sampling).to_string();
+        let answer = self.with_retries(|| {
+            let mut req = self.agent.post(&url).set("Content-Type", "application/json");
+            if let Some(key) = &self.api_key {
+                req = req.set("Authorization", &format!("Bearer {key}"));
+            }
+            Self::read(req.send_string(&body))
+        });
+        let v = match answer {
+            Ok(v) => v,
+            Err(Failure::TooLong) => return Ok(Reply::TooLong),
+            Err(Failure::Transient(m) | Failure::Rejected(m)) => bail!("POST {}/completions: {m}", self.shown),
+        };
+        let choice = &v["choices"][0];
+        let ids = choice["token_ids"].as_array().or(v["__verbose"]["tokens"].as_array());
+        if let Some(ids) = ids {
+            let ids: Vec<u32> =
+                ids.iter().map(|t| t.as_u64().map(|t| t as u32)).collect::<Option<_>>().with_context(|| {
+                    format!("POST {}/completions: the response's token ids are not all integers", self.shown)
+                })?;
+            let end = ids.iter().position(|t| sampling.stop.contains(t)).unwrap_or(ids.len());
+            return Ok(Reply::Ids(ids[..end.min(request.max_tokens)].to_vec()));
+        }
+        match choice["text"].as_str() {
+            Some(text) => Ok(Reply::Text(text.to_string())),
+            None => bail!("POST {}/completions: the response has neither token ids nor text", self.shown),
+        }
+    }
+
+    /// Completes every request, `concurrency` in flight; `progress(tokens)`
+    /// is called as each one finishes. The first request that fails for good
+    /// stops the rest, and its error names its index.
+    pub fn complete_all(
+        &self,
+        requests: &[Request],
+        sampling: &Sampling,
+        concurrency: usize,
+        mut progress: impl FnMut(usize),
+    ) -> Result<Vec<Reply>, (usize, anyhow::Error)> {
+        let next = Mutex::new(0usize);
+        let failed = AtomicBool::new(false);
+        let mut replies: Vec<Option<Reply>> = vec![None; requests.len()];
+        let (tx, rx) = mpsc::channel::<(usize, Result<Reply>)>();
+        let first_error = std::thread::scope(|scope| {
+            for _ in 0..concurrency.clamp(1, requests.len().max(1)) {
+                let tx = tx.clone();
+                let (next, failed) = (&next, &failed);
+                scope.spawn(move || {
+                    loop {
+                        let i = {
+                            let mut n = next.lock().expect("the request counter is never poisoned");
+                            let i = *n;
+                            *n += 1;
+                            i
+                        };
+                        if i >= requests.len() || failed.load(Ordering::Relaxed) {
+                            break;
+                        }
+                        let reply = self.complete(&requests[i], sampling);
+                        if reply.is_err() {
+                            failed.store(true, Ordering::Relaxed);
+                        }
+                        if tx.send((i, reply)).is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+            drop(tx);
+            let mut first_error = None;
+            for (i, reply) in rx {
+                match reply {
+                    Ok(r) => {
+                        progress(match &r {
+                            Reply::Ids(ids) => ids.len(),
+                            _ => 0,
+                        });
+                        replies[i] = Some(r);
+                    }
+                    Err(e) => {
+                        if first_error.is_none() {
+                            first_error = Some((i, e));
+                        }
+                    }
+                }
+            }
+            first_error
+        });
+        match first_error {
+            Some(e) => Err(e),
+            None => Ok(replies.into_iter().map(|r| r.expect("every request is answered")).collect()),
+        }
+    }
+}
+
+/// Whether a served model id names the policy `name`: equal, or equal file
+/// names (a server started on `/models/x.gguf` serves `x.gguf` from any
+/// folder; a hub id's last part is its folder's name).
+fn same_model(id: &str, name: &str) -> bool {
+    let last = |s: &str| s.trim_end_matches('/').rsplit('/').next().unwrap_or(s).to_string();
+    id == name || last(id) == last(name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_name_variables_and_hide_passwords() {
+        // SAFETY: no other thread of this test binary reads this variable.
+        unsafe { std::env::set_var("PREFGEN_TEST_NODE", "gpu-7") };
+        assert_eq!(expand_env("http://${PREFGEN_TEST_NODE}:8000/v1").unwrap(), "http://gpu-7:8000/v1");
+        let err = expand_env("http://${PREFGEN_TEST_UNSET_VAR}/v1").unwrap_err().to_string();
+        assert!(err.contains("PREFGEN_TEST_UNSET_VAR"), "{err}");
+        assert_eq!(without_credentials("https://me:secret@host:8000/v1"), "https://host:8000/v1");
+        assert_eq!(without_credentials("http://host:8000/v1"), "http://host:8000/v1");
+    }
+
+    #[test]
+    fn served_names_match_by_file_name() {
+        assert!(same_model("models/SmolLM2-135M-Instruct.Q4_1.gguf", "/abs/SmolLM2-135M-Instruct.Q4_1.gguf"));
+        assert!(same_model("meta-llama/Meta-Llama-3-8B-Instruct", "meta-llama/Meta-Llama-3-8B-Instruct"));
+        assert!(!same_model("gemma-3-270m-q4_k_m.gguf", "SmolLM2-135M-Instruct.Q4_1.gguf"));
+    }
+
+    #[test]
+    fn context_rejections_are_told_apart() {
+        assert!(is_too_long("request (5000 tokens) exceeds the available context size (4096 tokens)"));
+        assert!(is_too_long("This model's maximum context length is 8192 tokens. However, you requested 9000"));
+        assert!(!is_too_long("Unsupported param: best_of"));
+        assert_eq!(message_of(r#"{"error":{"code":400,"message":"bad"}}"#), "bad");
+        assert_eq!(message_of("plain text"), "plain text");
+    }
+}

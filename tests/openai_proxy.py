@@ -1,0 +1,83 @@
+"""A test-only HTTP proxy in front of an inference server.
+
+It forwards every request to the upstream server, records each request and
+answer as one JSON line (so a test can read the prompt ids the server
+received), and answers 503 instead of forwarding every Nth completion
+request (so a test can check that prefgen retries through them).
+
+    python3 tests/openai_proxy.py --upstream http://127.0.0.1:8080 --port 9000 --log log.jsonl --fail-every 3
+"""
+
+import argparse
+import json
+import threading
+import urllib.error
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--upstream", required=True)
+    ap.add_argument("--port", type=int, required=True)
+    ap.add_argument("--log", required=True)
+    ap.add_argument("--fail-every", type=int, default=0)
+    args = ap.parse_args()
+    lock = threading.Lock()
+    completions = [0]
+
+    def record(entry):
+        with lock, open(args.log, "a") as f:
+            f.write(json.dumps(entry) + "\n")
+
+    def parsed(raw):
+        try:
+            return json.loads(raw)
+        except ValueError:
+            return None
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *a):
+            pass
+
+        def answer(self, status, body):
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def forward(self, method):
+            raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            entry = {"method": method, "path": self.path, "body": parsed(raw)}
+            if method == "POST" and self.path.endswith("/completions") and args.fail_every:
+                with lock:
+                    completions[0] += 1
+                    fail = completions[0] % args.fail_every == 0
+                if fail:
+                    body = b'{"error": {"code": 503, "message": "the proxy is busy"}}'
+                    record({**entry, "status": 503, "response": parsed(body)})
+                    return self.answer(503, body)
+            req = urllib.request.Request(args.upstream + self.path, data=raw if method == "POST" else None,
+                                         method=method, headers={"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(req, timeout=600) as r:
+                    status, body = r.status, r.read()
+            except urllib.error.HTTPError as e:
+                status, body = e.code, e.read()
+            except OSError as e:
+                status, body = 502, json.dumps({"error": {"message": f"upstream: {e}"}}).encode()
+            record({**entry, "status": status, "response": parsed(body)})
+            self.answer(status, body)
+
+        def do_GET(self):
+            self.forward("GET")
+
+        def do_POST(self):
+            self.forward("POST")
+
+    ThreadingHTTPServer(("127.0.0.1", args.port), Handler).serve_forever()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,302 @@
+//! Generation through a real inference server: llama.cpp's `llama-server`
+//! (built by `scripts/llama-cpp.sh` from the source the llama-cpp-python
+//! sdist vendors) serving the SmolLM2 GGUF on 127.0.0.1 with 2 threads, with
+//! a test-only proxy in front (`tests/openai_proxy.py`) that records what
+//! the server received and answers 503 to some requests.
+
+mod common;
+
+use common::*;
+use prefgen::infer::chat::Chat;
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const PROMPTS: [&str; 6] = [
+    "What is the capital of France?",
+    "Name three primary colors.",
+    "Write one sentence about the sea.",
+    "What is 2 + 2?",
+    "Give me a word that rhymes with cat.",
+    "Say hello in Spanish.",
+];
+const MAX_TOKENS: usize = 24;
+
+fn root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn smollm2() -> PathBuf {
+    let p = root().join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(p.is_file(), "{} is missing: `make models` fetches it", p.display());
+    p
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn wait_for(mut ready: impl FnMut() -> bool, what: &str) {
+    let started = Instant::now();
+    while !ready() {
+        assert!(started.elapsed() < Duration::from_secs(120), "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// `llama-server` on 127.0.0.1, killed on drop. One runs at a time: its
+/// threads spin while they wait, and two servers on two cores slow each
+/// other tenfold.
+struct LlamaServer {
+    port: u16,
+    child: Child,
+}
+
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl LlamaServer {
+    fn start(model: &Path, slots: usize, port: u16) -> LlamaServer {
+        let bin = root().join("target/llama.cpp/build/bin/llama-server");
+        assert!(
+            bin.is_file(),
+            "{} is missing: `make test` builds it (scripts/llama-cpp.sh llama-server)",
+            bin.display()
+        );
+        let child = Command::new(bin)
+            .args(["-m", &model.display().to_string(), "--host", "127.0.0.1", "--port", &port.to_string()])
+            .args(["-t", "2", "-np", &slots.to_string(), "-c", &(2048 * slots).to_string(), "--no-webui"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("llama-server starts");
+        let server = LlamaServer { port, child };
+        let health = format!("http://127.0.0.1:{port}/health");
+        wait_for(|| ureq::get(&health).call().is_ok(), "llama-server to load its model");
+        server
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for LlamaServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The recording proxy in front of a server; killed on drop.
+struct Proxy {
+    port: u16,
+    log: tempfile::NamedTempFile,
+    child: Child,
+}
+
+impl Proxy {
+    fn start(upstream: u16, fail_every: usize) -> Proxy {
+        let port = free_port();
+        let log = tempfile::NamedTempFile::new().unwrap();
+        let child = Command::new("python3")
+            .arg(script("openai_proxy.py"))
+            .args(["--upstream", &format!("http://127.0.0.1:{upstream}"), "--port", &port.to_string()])
+            .args(["--log", &log.path().display().to_string(), "--fail-every", &fail_every.to_string()])
+            .spawn()
+            .expect("python3 runs the proxy");
+        wait_for(|| std::net::TcpStream::connect(("127.0.0.1", port)).is_ok(), "the proxy");
+        Proxy { port, log, child }
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}/v1", self.port)
+    }
+
+    /// Every request recorded so far.
+    fn requests(&self) -> Vec<Value> {
+        let text = std::fs::read_to_string(self.log.path()).unwrap();
+        text.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    }
+
+    /// The completion requests, and how many of them were answered `status`.
+    fn completions(&self) -> Vec<Value> {
+        self.requests().into_iter().filter(|r| r["path"].as_str().unwrap().ends_with("/completions")).collect()
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The SmolLM2 recipe through `url`; only `generate` is built (the outputs
+/// are the seeds' decode files).
+fn recipe(p: &Project, url: &str, shard_size: usize, extra: &str) -> String {
+    let prompts: Vec<String> = PROMPTS.iter().map(|q| serde_json::json!({ "prompt": q }).to_string()).collect();
+    p.write("prompts.jsonl", &prompts.join("\n"));
+    let text = format!(
+        "name = \"served\"\n[prompts]\ndataset = \"prompts.jsonl\"\n[generate]\nmodel = \"{m}\"\nseeds = [1, 2]\n\
+         max_tokens = {MAX_TOKENS}\nshard_size = {shard_size}\nserver = \"{url}\"\n{extra}\n[annotate]\nmodel = \"{m}\"\nkind = \"judge\"\n\
+         [export]\ndir = \"out\"\n",
+        m = smollm2().display()
+    );
+    p.write("served.toml", &text).display().to_string()
+}
+
+/// The decode files a run left.
+fn outputs(p: &Project) -> Vec<(String, Vec<u8>)> {
+    ["output_1.json", "output_2.json"]
+        .iter()
+        .map(|f| (f.to_string(), std::fs::read(p.path("out").join(f)).unwrap()))
+        .collect()
+}
+
+fn texts(p: &Project, file: &str) -> Vec<String> {
+    let rows: Vec<Value> = serde_json::from_slice(&std::fs::read(p.path("out").join(file)).unwrap()).unwrap();
+    rows.iter().map(|r| r["generated_text"].as_str().unwrap().to_string()).collect()
+}
+
+/// What the server received and answered for each prompt: prefgen's own
+/// prompt ids (with and without `vllm_compat`), stopping at the end of turn
+/// or at max_tokens, different responses across seeds, and the engine named
+/// in the lock.
+#[test]
+fn generates_through_the_server_with_prefgen_s_prompt_ids() {
+    let _turn = one_at_a_time();
+    let server = LlamaServer::start(&smollm2(), 1, free_port());
+    let chat = Chat::load(&smollm2(), None).unwrap();
+    for vllm_compat in [false, true] {
+        let proxy = Proxy::start(server.port, 0);
+        let p = Project::new();
+        let r = recipe(&p, &proxy.url(), 2, &format!("vllm_compat = {vllm_compat}"));
+        p.ok(&["run", &r, "generate"]);
+        let completions = proxy.completions();
+        assert_eq!(completions.len(), PROMPTS.len() * 2, "one request per prompt and seed");
+        for c in &completions {
+            let (body, answer) = (&c["body"], &c["response"]);
+            assert_eq!(c["status"], 200, "{answer}");
+            let ids: Vec<u32> = body["prompt"].as_array().unwrap().iter().map(|t| t.as_u64().unwrap() as u32).collect();
+            let wanted = PROMPTS
+                .iter()
+                .map(|q| chat.encode(&chat.format_prompt(q).unwrap(), vllm_compat).unwrap())
+                .find(|w| *w == ids);
+            assert!(wanted.is_some(), "the server received ids that are no prompt's encoding: {ids:?}");
+            // The server counted exactly those tokens: it added no BOS.
+            assert_eq!(answer["usage"]["prompt_tokens"].as_u64().unwrap() as usize, ids.len());
+            let generated = answer["usage"]["completion_tokens"].as_u64().unwrap() as usize;
+            match answer["choices"][0]["finish_reason"].as_str().unwrap() {
+                "length" => assert_eq!(generated, MAX_TOKENS),
+                "stop" => {
+                    let last = answer["__verbose"]["tokens"].as_array().unwrap().last().unwrap().as_u64().unwrap();
+                    assert!(chat.stop.contains(&(last as u32)), "stopped at token {last}, not an end of turn");
+                }
+                other => panic!("finish_reason {other}"),
+            }
+            let seed = body["seed"].as_u64().unwrap();
+            if vllm_compat {
+                assert!(seed == 1 || seed == 2, "with vllm_compat the recipe's seed is sent, as SimPO sent it");
+            }
+        }
+        let (one, two) = (texts(&p, "output_1.json"), texts(&p, "output_2.json"));
+        assert!(one.iter().chain(&two).all(|t| !t.trim().is_empty()), "{one:?} {two:?}");
+        assert_ne!(one, two, "two seeds gave the same responses");
+        let lock = std::fs::read_to_string(p.path("served.lock")).unwrap();
+        assert!(lock.contains("llama.cpp") && lock.contains("1 slot: deterministic"), "{lock}");
+    }
+}
+
+/// One slot: two runs into fresh caches give the same files, though the
+/// second goes through a proxy that answers 503 to every third request.
+/// The key does not hold the URL: another URL plans every node fresh, and
+/// the built-in engine is another key.
+#[test]
+fn the_same_files_twice_retried_through_503s_and_the_url_is_not_keyed() {
+    let _turn = one_at_a_time();
+    let server = LlamaServer::start(&smollm2(), 1, free_port());
+    let (plain, busy) = (Proxy::start(server.port, 0), Proxy::start(server.port, 3));
+    let (a, b) = (Project::new(), Project::new());
+    let ra = recipe(&a, &plain.url(), 2, "");
+    a.ok(&["run", &ra, "generate"]);
+    let rb = recipe(&b, &busy.url(), 2, "");
+    let run = b.ok(&["run", &rb, "generate"]);
+    assert!(busy.completions().iter().any(|c| c["status"] == 503), "the proxy answered no 503");
+    assert!(run.stderr().contains("HTTP 503") && run.stderr().contains("retrying"), "{}", run.stderr());
+    assert_eq!(outputs(&a), outputs(&b), "one slot, the same recipe: the same bytes");
+
+    let plan = b.ok(&["plan", &rb, "generate", "--set", "generate.server=http://127.0.0.1:9/v1"]).stdout();
+    assert!(!plan.contains("stale"), "a new URL made nodes stale:\n{plan}");
+    let built_in = std::fs::read_to_string(&rb).unwrap().replace(&format!("server = \"{}\"\n", busy.url()), "");
+    b.write("built-in.toml", &built_in);
+    let plan = b.ok(&["plan", "built-in.toml", "generate"]).stdout();
+    assert!(
+        plan.lines().any(|l| l.contains("generate") && l.contains("stale") && l.contains("generate.server")),
+        "{plan}"
+    );
+}
+
+/// What a completion request asked for: a prompt's ids under a seed.
+fn asked(c: &Value) -> Value {
+    serde_json::json!([c["body"]["prompt"], c["body"]["seed"]])
+}
+
+/// The server killed mid-run: the run stops naming the server, the shards
+/// answered before stay cached, and after a restart the run sends only the
+/// rest and ends with the files of an uninterrupted run.
+#[test]
+fn a_restarted_server_loses_no_shard() {
+    let _turn = one_at_a_time();
+    let port = free_port();
+    let mut server = LlamaServer::start(&smollm2(), 1, port);
+    let proxy = Proxy::start(port, 0);
+    let reference = Project::new();
+    let r = recipe(&reference, &proxy.url(), 1, "");
+    reference.ok(&["run", &r, "generate"]);
+    let before = proxy.completions().len();
+
+    let p = Project::new();
+    let r = recipe(&p, &proxy.url(), 1, "request_retries = 0");
+    let run = p.command(&["run", &r, "generate"]).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+    wait_for(|| proxy.completions().len() >= before + 3, "three shards answered");
+    server.kill();
+    let out = run.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the run went on without its server");
+    assert!(stderr.contains(&format!("127.0.0.1:{}", proxy.port)), "the error names the server:\n{stderr}");
+    let answered: Vec<Value> = proxy.completions()[before..].iter().filter(|c| c["status"] == 200).map(asked).collect();
+    assert!(answered.len() >= 3);
+
+    let _server = LlamaServer::start(&smollm2(), 1, port);
+    let resumed_from = proxy.completions().len();
+    p.ok(&["run", &r, "generate"]);
+    let resent: Vec<Value> = proxy.completions()[resumed_from..].iter().map(asked).collect();
+    assert_eq!(resent.len() + answered.len(), PROMPTS.len() * 2, "every prompt answered once");
+    assert!(resent.iter().all(|ids| !answered.contains(ids)), "an answered shard was asked again");
+    assert_eq!(outputs(&p), outputs(&reference), "the resumed run's files differ from an uninterrupted run's");
+}
+
+/// A server that serves another model is refused before any completion is
+/// asked for, with a message naming both.
+#[test]
+fn a_wrong_model_is_refused_before_any_request() {
+    let _turn = one_at_a_time();
+    let gemma = root().join("models/gemma-3-270m-q4_k_m.gguf");
+    assert!(gemma.is_file(), "{} is missing: `make models` fetches it", gemma.display());
+    let server = LlamaServer::start(&gemma, 1, free_port());
+    let proxy = Proxy::start(server.port, 0);
+    let p = Project::new();
+    let r = recipe(&p, &proxy.url(), 2, "");
+    let run = p.prefgen(&["run", &r, "generate"]);
+    assert_eq!(run.code(), Some(1), "{}", run.stderr());
+    let err = run.stderr();
+    assert!(err.contains("gemma-3-270m-q4_k_m.gguf") && err.contains("SmolLM2-135M-Instruct.Q4_1.gguf"), "{err}");
+    assert!(err.contains("generate.served_model"), "{err}");
+    assert!(proxy.completions().is_empty(), "a completion was requested from the wrong model");
+    assert!(!p.path("out/output_1.json").exists());
+}
