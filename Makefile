@@ -43,8 +43,15 @@ demo: setup
 	@echo "Outputs: datasets/demo (SimPO JSON, data/*.parquet, hf/, README.md)"
 
 ## test: the whole test suite, as CI runs it
-test: pydeps sysdeps models servers
+test: pydeps sysdeps models
+	$(MAKE) -j2 servers test-build
 	$(CARGO) test
+
+# The test binaries, built while llama-server builds: on two cores each
+# fills the other's serial stretches (linking, the last crates).
+.PHONY: test-build
+test-build:
+	$(CARGO) test --no-run
 
 ## servers: llama.cpp's llama-server, built from the llama-cpp-python sdist's source (the server tests drive it)
 servers:

@@ -148,7 +148,7 @@ impl Server {
             retries: options.retries,
             api_key: std::env::var("OPENAI_API_KEY").ok().filter(|k| !k.is_empty()),
         };
-        let models = server.get("/models").with_context(|| format!("generate.server {}", server.shown))?;
+        let models = server.get("/models").context("generate.server")?;
         let served: Vec<&Value> = models["data"].as_array().map(|d| d.iter().collect()).unwrap_or_default();
         let ids: Vec<String> = served.iter().filter_map(|m| m["id"].as_str().map(str::to_string)).collect();
         let aliases = |m: &Value| -> Vec<String> {
