@@ -125,7 +125,9 @@ section! {
             Free("each shard is keyed by its own prompts, the node by all of them");
         /// Tokenize the rendered template with special tokens added, as SimPO's
         /// decode.py fed vLLM (a second BOS for Llama-3 and Gemma-2), to
-        /// reproduce the published datasets exactly.
+        /// reproduce the published datasets exactly; through
+        /// `generate.server`, every request also carries the recipe's seed
+        /// itself, as decode.py passed it to vLLM.
         vllm_compat: bool = false, _, Key;
         /// SimPO decode files instead of sampling; `{seed}` (and `{split}` with
         /// several splits) are replaced.
