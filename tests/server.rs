@@ -61,6 +61,10 @@ fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
 
 impl LlamaServer {
     fn start(model: &Path, slots: usize, port: u16) -> LlamaServer {
+        LlamaServer::start_with(model, slots, port, 2)
+    }
+
+    fn start_with(model: &Path, slots: usize, port: u16, threads: usize) -> LlamaServer {
         let bin = root().join("target/llama.cpp/build/bin/llama-server");
         assert!(
             bin.is_file(),
@@ -69,7 +73,8 @@ impl LlamaServer {
         );
         let child = Command::new(bin)
             .args(["-m", &model.display().to_string(), "--host", "127.0.0.1", "--port", &port.to_string()])
-            .args(["-t", "2", "-np", &slots.to_string(), "-c", &(2048 * slots).to_string(), "--no-webui"])
+            .args(["-t", &threads.to_string(), "-np", &slots.to_string(), "-c", &(2048 * slots).to_string()])
+            .arg("--no-webui")
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -299,4 +304,55 @@ fn a_wrong_model_is_refused_before_any_request() {
     assert!(err.contains("generate.served_model"), "{err}");
     assert!(proxy.completions().is_empty(), "a completion was requested from the wrong model");
     assert!(!p.path("out/output_1.json").exists());
+}
+
+/// Two workers over one cache, each driving its own server through
+/// `${VAR}` in `generate.server`: every shard is asked for once, of one
+/// server or the other, both servers work, and the run that assembles (no
+/// server at all: nothing is left to sample) writes the files one server
+/// alone gives.
+#[test]
+fn workers_each_drive_their_own_server() {
+    let _turn = one_at_a_time();
+    // One thread each: two servers on two cores.
+    let servers = [0, 1].map(|_| LlamaServer::start_with(&smollm2(), 1, free_port(), 1));
+    let proxies = [0, 1].map(|i| Proxy::start(servers[i].port, 0));
+    let reference = Project::new();
+    let r = recipe(&reference, &proxies[0].url(), 1, "");
+    reference.ok(&["run", &r, "generate"]);
+    let before = proxies[0].completions().len();
+
+    let p = Project::new();
+    let r = recipe(&p, "${PREFGEN_TEST_SERVER}", 1, "");
+    let workers: Vec<_> = proxies
+        .iter()
+        .map(|proxy| {
+            let mut c = p.command(&["run", &r, "generate", "--worker"]);
+            c.env("PREFGEN_TEST_SERVER", proxy.url()).stdout(Stdio::null()).stderr(Stdio::piped());
+            c.spawn().unwrap()
+        })
+        .collect();
+    for w in workers {
+        let out = w.wait_with_output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    let asked: Vec<Vec<Value>> = [before, 0]
+        .iter()
+        .zip(&proxies)
+        .map(|(&from, proxy)| proxy.completions()[from..].iter().map(asked).collect())
+        .collect();
+    assert!(
+        asked.iter().all(|a| !a.is_empty()),
+        "a server got no request: {:?}",
+        asked.iter().map(Vec::len).collect::<Vec<_>>()
+    );
+    let mut all: Vec<String> = asked.concat().iter().map(Value::to_string).collect();
+    all.sort();
+    let n = all.len();
+    all.dedup();
+    assert_eq!((n, all.len()), (PROMPTS.len() * 2, PROMPTS.len() * 2), "each prompt and seed asked for once");
+
+    let assembled = p.ok(&["run", &r, "generate"]);
+    assert!(!assembled.stderr().contains("sampling through"), "{}", assembled.stderr());
+    assert_eq!(outputs(&p), outputs(&reference));
 }

@@ -354,7 +354,8 @@ impl Recipe {
             if g.import.is_some() {
                 return err(generate::server, "and generate.import are both set: sample or import, not both");
             }
-            if !(url.starts_with("http://") || url.starts_with("https://")) {
+            // `${VAR}` may give the whole URL; it is checked once read.
+            if !(url.starts_with("http://") || url.starts_with("https://") || url.starts_with("${")) {
                 return err(generate::server, "must be an http:// or https:// URL (such as http://gpu-7:8000/v1)");
             }
         }

@@ -8,7 +8,7 @@ use crate::infer::server::{self, Server};
 use crate::infer::{Load, Policy};
 use crate::recipe;
 use crate::stages;
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -61,7 +61,12 @@ impl stages::Models for Models {
     }
 
     fn server(&self, url: &str, options: &server::Options) -> Result<Rc<Server>> {
-        let url = server::expand_env(url).with_context(|| format!("{}", recipe::generate::server))?;
+        let template = url;
+        let url = server::expand_env(template).context(recipe::generate::server)?;
+        if !(url.starts_with("http://") || url.starts_with("https://")) {
+            // The template, not what the environment gave: that may hold a password.
+            bail!("{}: {template:?} does not give an http:// or https:// URL", recipe::generate::server);
+        }
         if let Some(s) = self.servers.borrow().get(&url) {
             return Ok(s.clone());
         }
