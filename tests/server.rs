@@ -181,7 +181,9 @@ fn generates_through_the_server_with_prefgen_s_prompt_ids() {
         let proxy = Proxy::start(server.port, 0);
         let p = Project::new();
         let r = recipe(&p, &proxy.url(), 2, &format!("vllm_compat = {vllm_compat}"));
-        p.ok(&["run", &r, "generate"]);
+        // Once the whole recipe, judged by SmolLM2 in-process, for the card.
+        let targets: &[&str] = if vllm_compat { &["generate"] } else { &[] };
+        p.ok(&[&["run", r.as_str()][..], targets].concat());
         let completions = proxy.completions();
         assert_eq!(completions.len(), PROMPTS.len() * 2, "one request per prompt and seed");
         for c in &completions {
@@ -214,7 +216,42 @@ fn generates_through_the_server_with_prefgen_s_prompt_ids() {
         assert_ne!(one, two, "two seeds gave the same responses");
         let lock = std::fs::read_to_string(p.path("served.lock")).unwrap();
         assert!(lock.contains("llama.cpp") && lock.contains("1 slot: deterministic"), "{lock}");
+        if !vllm_compat {
+            let card = std::fs::read_to_string(p.path("out/README.md")).unwrap();
+            let by = card.lines().find(|l| l.starts_with("- generate")).unwrap_or_default();
+            assert!(by.contains("llama.cpp") && by.contains("OpenAI-compatible server"), "{card}");
+        }
     }
+}
+
+/// A prompt the server rejects as longer than its context (llama-server
+/// with 256 tokens) is skipped and counted, as the built-in engine counts
+/// the prompts it cannot take; the others are answered.
+#[test]
+fn a_prompt_too_long_for_the_server_is_skipped_and_counted() {
+    let _turn = one_at_a_time();
+    let port = free_port();
+    let bin = root().join("target/llama.cpp/build/bin/llama-server");
+    let mut child = Command::new(bin)
+        .args(["-m", &smollm2().display().to_string(), "--host", "127.0.0.1", "--port", &port.to_string()])
+        .args(["-t", "2", "-np", "1", "-c", "256", "--no-webui"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("llama-server starts");
+    wait_for(|| ureq::get(&format!("http://127.0.0.1:{port}/health")).call().is_ok(), "llama-server");
+    let p = Project::new();
+    let r = recipe(&p, &format!("http://127.0.0.1:{port}/v1"), 2, "");
+    let long = "Summarise this. ".repeat(100);
+    let mut prompts: Vec<String> = PROMPTS.iter().map(|q| serde_json::json!({ "prompt": q }).to_string()).collect();
+    prompts.push(serde_json::json!({ "prompt": long }).to_string());
+    p.write("prompts.jsonl", &prompts.join("\n"));
+    let run = p.prefgen(&["run", &r, "generate"]);
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(run.0.status.success(), "{}", run.stderr());
+    assert!(run.stderr().contains("skipped_too_long=1"), "{}", run.stderr());
+    assert_eq!(texts(&p, "output_1.json").len(), PROMPTS.len());
 }
 
 /// One slot: two runs into fresh caches give the same files, though the
