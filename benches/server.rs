@@ -8,10 +8,14 @@
 //! the server's own start is not counted. Each server setting runs twice, so
 //! the table also says whether it gave the same bytes twice.
 
+#[path = "../tests/common/llama_server.rs"]
+mod llama_server;
+
+use llama_server::{LlamaServer, Shape};
 use prefgen::infer::chat::Chat;
 use std::path::Path;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Instant;
 
 const PROMPTS: usize = 32;
 const MAX_TOKENS: usize = 64;
@@ -27,11 +31,8 @@ fn main() {
         .filter_map(|q| q["turns"][0].as_str().map(|t| serde_json::json!({ "prompt": t }).to_string()))
         .take(PROMPTS)
         .collect();
-    let built = Command::new(root.join("scripts/llama-cpp.sh")).arg("llama-server").current_dir(root).output();
-    let server = match built {
-        Ok(o) if o.status.success() => root.join(String::from_utf8_lossy(&o.stdout).trim()),
-        _ => panic!("llama-server could not be built (scripts/llama-cpp.sh llama-server)"),
-    };
+    let built = Command::new(root.join("scripts/llama-cpp.sh")).arg("llama-server").current_dir(root).status();
+    assert!(built.is_ok_and(|s| s.success()), "llama-server could not be built (scripts/llama-cpp.sh llama-server)");
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     println!("\n`prefgen run` generate, SmolLM2-135M-Instruct Q4_1, {threads} threads, {PROMPTS} prompts x 1 seed\n");
     println!("| engine | setting | seconds | prompts/s | generated tokens/s | same bytes twice |");
@@ -42,26 +43,13 @@ fn main() {
     }
     for slots in [1usize, 8] {
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let mut child = Command::new(&server)
-            .args(["-m", &model.display().to_string(), "--host", "127.0.0.1", "--port", &port.to_string()])
-            .args(["-t", &threads.to_string(), "-np", &slots.to_string(), "-c", &(2048 * slots).to_string()])
-            .arg("--no-webui")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("llama-server starts");
-        let started = Instant::now();
-        while ureq::get(&format!("http://127.0.0.1:{port}/health")).call().is_err() {
-            assert!(started.elapsed() < Duration::from_secs(60), "llama-server did not start");
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        let extra = format!("server = \"http://127.0.0.1:{port}/v1\"\nconcurrency = {slots}");
+        let mut server = LlamaServer::start(&model, port, Shape { slots, threads, context: 2048 });
+        let extra = format!("server = \"http://127.0.0.1:{}/v1\"\nconcurrency = {slots}", server.port);
         let (secs, tokens, first) = run(&model, &chat, &prompts, &extra);
         let (_, _, second) = run(&model, &chat, &prompts, &extra);
         let same = if first == second { "yes" } else { "no" };
         row("llama-server", &format!("{slots} slot(s), {slots} in flight"), secs, tokens, same);
-        let _ = child.kill();
-        let _ = child.wait();
+        server.kill();
     }
 }
 

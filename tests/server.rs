@@ -6,6 +6,7 @@
 
 mod common;
 
+use common::llama_server::{LlamaServer, Shape};
 use common::*;
 use prefgen::infer::chat::Chat;
 use serde_json::Value;
@@ -45,56 +46,17 @@ fn wait_for(mut ready: impl FnMut() -> bool, what: &str) {
     }
 }
 
-/// `llama-server` on 127.0.0.1, killed on drop. One runs at a time: its
-/// threads spin while they wait, and two servers on two cores slow each
-/// other tenfold.
-struct LlamaServer {
-    port: u16,
-    child: Child,
-}
-
+/// One server runs at a time: its threads spin while they wait, and two
+/// servers on two cores slow each other tenfold.
 static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
     ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-impl LlamaServer {
-    fn start(model: &Path, slots: usize, port: u16) -> LlamaServer {
-        LlamaServer::start_with(model, slots, port, 2)
-    }
-
-    fn start_with(model: &Path, slots: usize, port: u16, threads: usize) -> LlamaServer {
-        let bin = root().join("target/llama.cpp/build/bin/llama-server");
-        assert!(
-            bin.is_file(),
-            "{} is missing: `make test` builds it (scripts/llama-cpp.sh llama-server)",
-            bin.display()
-        );
-        let child = Command::new(bin)
-            .args(["-m", &model.display().to_string(), "--host", "127.0.0.1", "--port", &port.to_string()])
-            .args(["-t", &threads.to_string(), "-np", &slots.to_string(), "-c", &(2048 * slots).to_string()])
-            .arg("--no-webui")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("llama-server starts");
-        let server = LlamaServer { port, child };
-        let health = format!("http://127.0.0.1:{port}/health");
-        wait_for(|| ureq::get(&health).call().is_ok(), "llama-server to load its model");
-        server
-    }
-
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for LlamaServer {
-    fn drop(&mut self) {
-        self.kill();
-    }
+/// `model` served with 2 threads and `slots` slots of 2,048 tokens.
+fn serve(model: &Path, slots: usize, port: u16) -> LlamaServer {
+    LlamaServer::start(model, port, Shape { slots, threads: 2, context: 2048 })
 }
 
 /// The recording proxy in front of a server; killed on drop.
@@ -175,7 +137,7 @@ fn texts(p: &Project, file: &str) -> Vec<String> {
 #[test]
 fn generates_through_the_server_with_prefgen_s_prompt_ids() {
     let _turn = one_at_a_time();
-    let server = LlamaServer::start(&smollm2(), 1, free_port());
+    let server = serve(&smollm2(), 1, free_port());
     let chat = Chat::load(&smollm2(), None).unwrap();
     for vllm_compat in [false, true] {
         let proxy = Proxy::start(server.port, 0);
@@ -230,25 +192,15 @@ fn generates_through_the_server_with_prefgen_s_prompt_ids() {
 #[test]
 fn a_prompt_too_long_for_the_server_is_skipped_and_counted() {
     let _turn = one_at_a_time();
-    let port = free_port();
-    let bin = root().join("target/llama.cpp/build/bin/llama-server");
-    let mut child = Command::new(bin)
-        .args(["-m", &smollm2().display().to_string(), "--host", "127.0.0.1", "--port", &port.to_string()])
-        .args(["-t", "2", "-np", "1", "-c", "256", "--no-webui"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("llama-server starts");
-    wait_for(|| ureq::get(&format!("http://127.0.0.1:{port}/health")).call().is_ok(), "llama-server");
+    let mut server = LlamaServer::start(&smollm2(), free_port(), Shape { slots: 1, threads: 2, context: 256 });
     let p = Project::new();
-    let r = recipe(&p, &format!("http://127.0.0.1:{port}/v1"), 2, "");
+    let r = recipe(&p, &format!("http://127.0.0.1:{}/v1", server.port), 2, "");
     let long = "Summarise this. ".repeat(100);
     let mut prompts: Vec<String> = PROMPTS.iter().map(|q| serde_json::json!({ "prompt": q }).to_string()).collect();
     prompts.push(serde_json::json!({ "prompt": long }).to_string());
     p.write("prompts.jsonl", &prompts.join("\n"));
     let run = p.prefgen(&["run", &r, "generate"]);
-    let _ = child.kill();
-    let _ = child.wait();
+    server.kill();
     assert!(run.0.status.success(), "{}", run.stderr());
     assert!(run.stderr().contains("skipped_too_long=1"), "{}", run.stderr());
     assert_eq!(texts(&p, "output_1.json").len(), PROMPTS.len());
@@ -261,7 +213,7 @@ fn a_prompt_too_long_for_the_server_is_skipped_and_counted() {
 #[test]
 fn the_same_files_twice_retried_through_503s_and_the_url_is_not_keyed() {
     let _turn = one_at_a_time();
-    let server = LlamaServer::start(&smollm2(), 1, free_port());
+    let server = serve(&smollm2(), 1, free_port());
     let (plain, busy) = (Proxy::start(server.port, 0), Proxy::start(server.port, 3));
     let (a, b) = (Project::new(), Project::new());
     let ra = recipe(&a, &plain.url(), 2, "");
@@ -295,7 +247,7 @@ fn asked(c: &Value) -> Value {
 fn a_restarted_server_loses_no_shard() {
     let _turn = one_at_a_time();
     let port = free_port();
-    let mut server = LlamaServer::start(&smollm2(), 1, port);
+    let mut server = serve(&smollm2(), 1, port);
     let proxy = Proxy::start(port, 0);
     let reference = Project::new();
     let r = recipe(&reference, &proxy.url(), 1, "");
@@ -314,7 +266,7 @@ fn a_restarted_server_loses_no_shard() {
     let answered: Vec<Value> = proxy.completions()[before..].iter().filter(|c| c["status"] == 200).map(asked).collect();
     assert!(answered.len() >= 3);
 
-    let _server = LlamaServer::start(&smollm2(), 1, port);
+    let _server = serve(&smollm2(), 1, port);
     let resumed_from = proxy.completions().len();
     p.ok(&["run", &r, "generate"]);
     let resent: Vec<Value> = proxy.completions()[resumed_from..].iter().map(asked).collect();
@@ -330,7 +282,7 @@ fn a_wrong_model_is_refused_before_any_request() {
     let _turn = one_at_a_time();
     let gemma = root().join("models/gemma-3-270m-q4_k_m.gguf");
     assert!(gemma.is_file(), "{} is missing: `make models` fetches it", gemma.display());
-    let server = LlamaServer::start(&gemma, 1, free_port());
+    let server = serve(&gemma, 1, free_port());
     let proxy = Proxy::start(server.port, 0);
     let p = Project::new();
     let r = recipe(&p, &proxy.url(), 2, "");
@@ -352,7 +304,8 @@ fn a_wrong_model_is_refused_before_any_request() {
 fn workers_each_drive_their_own_server() {
     let _turn = one_at_a_time();
     // One thread each: two servers on two cores.
-    let servers = [0, 1].map(|_| LlamaServer::start_with(&smollm2(), 1, free_port(), 1));
+    let servers =
+        [0, 1].map(|_| LlamaServer::start(&smollm2(), free_port(), Shape { slots: 1, threads: 1, context: 2048 }));
     let proxies = [0, 1].map(|i| Proxy::start(servers[i].port, 0));
     let reference = Project::new();
     let r = recipe(&reference, &proxies[0].url(), 1, "");

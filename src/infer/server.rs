@@ -214,14 +214,7 @@ impl Server {
     /// GET `{base}{path}` as JSON, retried like a completion.
     fn get(&self, path: &str) -> Result<Value> {
         let url = format!("{}{path}", self.base);
-        self.with_retries(|| {
-            let mut req = self.agent.get(&url);
-            if let Some(key) = &self.api_key {
-                req = req.set("Authorization", &format!("Bearer {key}"));
-            }
-            Self::read(req.call())
-        })
-        .map_err(|f| match f {
+        self.with_retries(|| self.fetch(&url)).map_err(|f| match f {
             Failure::Transient(m) | Failure::Rejected(m) => anyhow!("GET {}{path}: {m}", self.shown),
             Failure::TooLong => anyhow!("GET {}{path}: rejected", self.shown),
         })

@@ -2,6 +2,8 @@
 //! own cache, the prefgen binary run in it, and the committed fixtures.
 #![allow(dead_code)]
 
+pub mod llama_server;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

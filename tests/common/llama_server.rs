@@ -1,0 +1,55 @@
+//! llama.cpp's `llama-server` (built by `scripts/llama-cpp.sh` from the
+//! llama-cpp-python sdist's source) started on 127.0.0.1 for the server
+//! tests and the server benchmark; killed on drop.
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub struct LlamaServer {
+    pub port: u16,
+    child: Child,
+}
+
+/// How the server runs: its slots (requests decoded together), threads and
+/// context per slot.
+pub struct Shape {
+    pub slots: usize,
+    pub threads: usize,
+    pub context: usize,
+}
+
+impl LlamaServer {
+    /// Starts the server on `model` at `port` and waits until it has loaded
+    /// the model.
+    pub fn start(model: &Path, port: u16, shape: Shape) -> LlamaServer {
+        let bin = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/llama.cpp/build/bin/llama-server");
+        assert!(bin.is_file(), "{} is missing: `make servers` builds it", bin.display());
+        let child = Command::new(bin)
+            .args(["-m", &model.display().to_string(), "--host", "127.0.0.1", "--port", &port.to_string()])
+            .args(["-t", &shape.threads.to_string(), "-np", &shape.slots.to_string()])
+            .args(["-c", &(shape.context * shape.slots).to_string(), "--no-webui"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("llama-server starts");
+        let server = LlamaServer { port, child };
+        let (health, started) = (format!("http://127.0.0.1:{port}/health"), Instant::now());
+        while ureq::get(&health).call().is_err() {
+            assert!(started.elapsed() < Duration::from_secs(120), "llama-server did not load {}", model.display());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        server
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for LlamaServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
