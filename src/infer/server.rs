@@ -106,14 +106,22 @@ pub fn expand_env(url: &str) -> Result<String> {
     Ok(out)
 }
 
-/// A URL without its user and password, for messages.
-fn without_credentials(url: &str) -> String {
-    match (url.find("://"), url.find('@')) {
-        (Some(scheme), Some(at)) if at > scheme && !url[scheme + 3..at].contains('/') => {
-            format!("{}{}", &url[..scheme + 3], &url[at + 1..])
-        }
-        _ => url.to_string(),
+/// A text with every URL's user and password removed, for messages (a
+/// transport error quotes the URL it failed on).
+fn without_credentials(text: &str) -> String {
+    let mut out = String::new();
+    let mut rest = text;
+    while let Some(scheme) = rest.find("://") {
+        let (head, tail) = rest.split_at(scheme + 3);
+        out.push_str(head);
+        let end = tail.find(|c: char| c == '/' || c.is_whitespace()).unwrap_or(tail.len());
+        rest = match tail[..end].rfind('@') {
+            Some(at) => &tail[at + 1..],
+            None => tail,
+        };
     }
+    out.push_str(rest);
+    out
 }
 
 /// The server's error message: `error.message`, `message`, or the body.
@@ -191,6 +199,7 @@ impl Server {
                 let slots = props["total_slots"].as_u64().unwrap_or(0);
                 let version = props["build_info"].as_str().unwrap_or("version unknown").to_string();
                 let determinism = match slots {
+                    0 => "slots unknown: not known to be deterministic".to_string(),
                     1 => "1 slot: deterministic".to_string(),
                     n => format!("{n} slots: not deterministic (a response depends on the requests batched with it)"),
                 };
@@ -243,7 +252,7 @@ impl Server {
                     _ => Err(Failure::Rejected(format!("HTTP {code}: {message}"))),
                 }
             }
-            Err(ureq::Error::Transport(t)) => Err(Failure::Transient(t.to_string())),
+            Err(ureq::Error::Transport(t)) => Err(Failure::Transient(without_credentials(&t.to_string()))),
         }
     }
 
@@ -420,6 +429,10 @@ mod tests {
         assert!(err.contains("PREFGEN_TEST_UNSET_VAR"), "{err}");
         assert_eq!(without_credentials("https://me:secret@host:8000/v1"), "https://host:8000/v1");
         assert_eq!(without_credentials("http://host:8000/v1"), "http://host:8000/v1");
+        assert_eq!(
+            without_credentials("http://u:p@h:1/v1/models: Connection refused; see https://x@y/z"),
+            "http://h:1/v1/models: Connection refused; see https://y/z"
+        );
     }
 
     #[test]
