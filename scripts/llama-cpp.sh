@@ -26,9 +26,11 @@ if [ ${#missing[@]} -gt 0 ]; then
   # No AMX: a CPU that reports it under a hypervisor may not grant the tile
   # state, and llama.cpp's AMX kernels then die with SIGILL.
   noamx="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+  # No prebuilt web UI: it would be downloaded from the Hugging Face hub, and
+  # the tests run the server with --no-webui.
   cmake -S "$root/src" -B "$root/build" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_CURL=OFF \
     -DCMAKE_C_FLAGS="$noamx" -DCMAKE_CXX_FLAGS="$noamx" -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
-    -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_SERVER=ON >&2
+    -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_SERVER=ON -DLLAMA_USE_PREBUILT_UI=OFF >&2
   cmake --build "$root/build" --target "${missing[@]}" -j "$(nproc)" >&2
 fi
 for tool in "$@"; do echo "$root/build/bin/$tool"; done
