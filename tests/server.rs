@@ -12,7 +12,7 @@ use prefgen::infer::chat::Chat;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const PROMPTS: [&str; 6] = [
     "What is the capital of France?",
@@ -34,16 +34,9 @@ fn smollm2() -> PathBuf {
     p
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-fn wait_for(mut ready: impl FnMut() -> bool, what: &str) {
-    let started = Instant::now();
-    while !ready() {
-        assert!(started.elapsed() < Duration::from_secs(120), "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+/// Servers and runs get two minutes.
+fn wait_for(ready: impl FnMut() -> bool, what: &str) {
+    common::wait_for(Duration::from_secs(120), ready, what)
 }
 
 /// One server runs at a time: its threads spin while they wait, and two

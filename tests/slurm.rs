@@ -18,10 +18,6 @@ struct Cluster {
     daemons: Vec<Child>,
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 fn sh(cmd: &str) -> String {
     let out = Command::new("sh").args(["-c", cmd]).output().unwrap();
     assert!(out.status.success(), "{cmd}: {}", String::from_utf8_lossy(&out.stderr));
@@ -118,12 +114,9 @@ impl Drop for Cluster {
     }
 }
 
-fn wait_for(mut ready: impl FnMut() -> bool, what: &str) {
-    let started = Instant::now();
-    while !ready() {
-        assert!(started.elapsed() < Duration::from_secs(60), "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+/// The cluster's daemons and jobs get a minute.
+fn wait_for(ready: impl FnMut() -> bool, what: &str) {
+    common::wait_for(Duration::from_secs(60), ready, what)
 }
 
 /// Several shards per node, each a few tokens' work.

@@ -106,6 +106,11 @@ pub fn expand_env(url: &str) -> Result<String> {
     Ok(out)
 }
 
+/// Whether `url` is one prefgen can send requests to.
+pub fn is_http(url: &str) -> bool {
+    url.starts_with("http://") || url.starts_with("https://")
+}
+
 /// A text with every URL's user and password removed, for messages (a
 /// transport error quotes the URL it failed on).
 fn without_credentials(text: &str) -> String {
@@ -231,11 +236,15 @@ impl Server {
 
     /// GET an absolute URL once (engine details: absent on some servers).
     fn fetch(&self, url: &str) -> Result<Value, Failure> {
-        let mut req = self.agent.get(url);
-        if let Some(key) = &self.api_key {
-            req = req.set("Authorization", &format!("Bearer {key}"));
+        Self::read(self.authorised(self.agent.get(url)).call())
+    }
+
+    /// `request` with the API key, when there is one.
+    fn authorised(&self, request: ureq::Request) -> ureq::Request {
+        match &self.api_key {
+            Some(key) => request.set("Authorization", &format!("Bearer {key}")),
+            None => request,
         }
-        Self::read(req.call())
     }
 
     fn read(response: Result<ureq::Response, ureq::Error>) -> Result<Value, Failure> {
@@ -315,11 +324,8 @@ impl Server {
         let url = format!("{}/completions", self.base);
         let body = self.body(request, sampling).to_string();
         let answer = self.with_retries(|| {
-            let mut req = self.agent.post(&url).set("Content-Type", "application/json");
-            if let Some(key) = &self.api_key {
-                req = req.set("Authorization", &format!("Bearer {key}"));
-            }
-            Self::read(req.send_string(&body))
+            let request = self.authorised(self.agent.post(&url).set("Content-Type", "application/json"));
+            Self::read(request.send_string(&body))
         });
         let v = match answer {
             Ok(v) => v,

@@ -355,7 +355,7 @@ impl Recipe {
                 return err(generate::server, "and generate.import are both set: sample or import, not both");
             }
             // `${VAR}` may give the whole URL; it is checked once read.
-            if !(url.starts_with("http://") || url.starts_with("https://") || url.starts_with("${")) {
+            if !(crate::infer::server::is_http(url) || url.starts_with("${")) {
                 return err(generate::server, "must be an http:// or https:// URL (such as http://gpu-7:8000/v1)");
             }
         }

@@ -63,7 +63,7 @@ impl stages::Models for Models {
     fn server(&self, url: &str, options: &server::Options) -> Result<Rc<Server>> {
         let template = url;
         let url = server::expand_env(template).context(recipe::generate::server)?;
-        if !(url.starts_with("http://") || url.starts_with("https://")) {
+        if !server::is_http(&url) {
             // The template, not what the environment gave: that may hold a password.
             bail!("{}: {template:?} does not give an http:// or https:// URL", recipe::generate::server);
         }

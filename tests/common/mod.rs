@@ -278,6 +278,20 @@ pub fn files_under(dir: &Path) -> Vec<PathBuf> {
     out
 }
 
+/// A TCP port free on 127.0.0.1 for a server a test starts.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Polls `ready` every 100 ms until it holds, failing the test after `limit`.
+pub fn wait_for(limit: std::time::Duration, mut ready: impl FnMut() -> bool, what: &str) {
+    let started = std::time::Instant::now();
+    while !ready() {
+        assert!(started.elapsed() < limit, "timed out waiting for {what}");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
 /// An S3-compatible server (moto's, from PyPI) on 127.0.0.1, stopped on drop.
 pub struct S3Server {
     pub port: u16,
@@ -287,7 +301,7 @@ pub struct S3Server {
 impl S3Server {
     /// Starts the server and creates `bucket`.
     pub fn start(bucket: &str) -> S3Server {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let port = free_port();
         let child = Command::new("python3")
             .args(["-m", "moto.server", "-H", "127.0.0.1", "-p", &port.to_string()])
             .stdout(std::process::Stdio::null())
