@@ -211,3 +211,41 @@ fn judging_killed_mid_way_resumes_to_identical_files() {
     assert!(scored > 0, "the kill landed after every shard was scored:\n{}", resumed.stderr());
     assert!(p.tree("out") == p.tree("clean"), "resumed files differ from an uninterrupted run");
 }
+
+/// A mixed-CPU job array: two workers over one cache, one on the scalar
+/// int8 kernel (what a CPU without AVX2 runs) and one on this CPU's
+/// fastest, share one node's shards; the files equal the fastest kernel's
+/// alone, byte for byte.
+#[test]
+fn workers_on_different_int8_kernels_give_one_kernels_files() {
+    use prefgen::infer::qmatmul::{KERNEL_VAR, Kernel};
+    let _one = MODEL.lock().unwrap_or_else(|e| e.into_inner());
+    let fastest = Kernel::ALL.into_iter().find(|k| k.runs_here()).unwrap();
+    if fastest == Kernel::Scalar {
+        use std::io::Write;
+        let _ = writeln!(std::io::stderr(), "SKIPPED the mixed-kernel test: this CPU runs only the scalar kernel");
+        return;
+    }
+    let p = Project::new();
+    let r = recipe(&p);
+    let one_shard = ["--set", "generate.shard_size=1", "--set", "generate.max_tokens=6"];
+    let alone = p.path("alone-cache");
+    p.ok(&[&["run", &r, "generate", "--cache", alone.to_str().unwrap(), "--set", "export.dir=alone"][..], &one_shard].concat());
+    let workers: Vec<_> = [Kernel::Scalar, fastest]
+        .iter()
+        .map(|k| {
+            let mut c = p.command(&[&["run", &r, "generate", "--worker"][..], &one_shard].concat());
+            c.env(KERNEL_VAR, k.name()).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped());
+            (k.name(), c.spawn().unwrap())
+        })
+        .collect();
+    for (kernel, w) in workers {
+        let out = w.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{kernel}: {err}");
+        assert!(err.contains("tokens/s"), "the {kernel} worker built no shard:\n{err}");
+    }
+    let assembled = p.ok(&[&["run", &r, "generate"][..], &one_shard].concat());
+    assert!(!assembled.stderr().contains("tokens/s"), "shards were left to build:\n{}", assembled.stderr());
+    assert!(p.tree("out") == p.tree("alone"), "the mixed-kernel files differ from one kernel's");
+}

@@ -1,6 +1,7 @@
 //! Tokenizer and chat-template parity with `transformers`, on references made
 //! by `scripts/make_fixtures.py smollm2|gemma3` (transformers' own GGUF
-//! tokenizer converter and `apply_chat_template`).
+//! tokenizer converter and `apply_chat_template`), and the int8 kernels'
+//! parity with their scalar reference on the real models' weights.
 
 use prefgen::infer::gguf::GgufFile;
 use prefgen::infer::template::{ChatTemplate, Turn};
@@ -107,4 +108,65 @@ fn decoding_follows_transformers() {
         cut += usize::from(want.ends_with('\u{fffd}'));
     }
     assert!(cleaned > 0 && cut > 0, "the reference has cleaned-up and cut cases");
+}
+
+/// Every int8 kernel this CPU runs gives the scalar reference's bits on
+/// the real SmolLM2 and Gemma-3 files: the smallest tensor of each packed
+/// type they hold, against activations with the spread of a hidden state.
+/// A kernel this CPU cannot run is named on the terminal.
+#[test]
+fn int8_kernels_compute_the_reference_bits_on_real_weights() {
+    use candle_core::quantized::GgmlDType;
+    use prefgen::infer::qmatmul::{Kernel, PackedMatrix};
+    use std::io::Write;
+    let kernels: Vec<Kernel> = Kernel::ALL.into_iter().filter(|k| k.runs_here()).collect();
+    for k in Kernel::ALL.iter().filter(|k| !kernels.contains(k)) {
+        let _ = writeln!(std::io::stderr(), "SKIPPED the real-weights kernel test on {}: this CPU lacks its instructions", k.name());
+    }
+    let mut checked = Vec::new();
+    for model in ["SmolLM2-135M-Instruct.Q4_1.gguf", "gemma-3-270m-q4_k_m.gguf"] {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("models").join(model);
+        assert!(path.is_file(), "{} is missing: run `make models`", path.display());
+        let file = GgufFile::open(&path).unwrap();
+        let mut smallest = std::collections::BTreeMap::new();
+        for (name, info) in &file.content.tensor_infos {
+            let dims = info.shape.dims();
+            let packed = [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q5_0, GgmlDType::Q5_1, GgmlDType::Q8_0];
+            if dims.len() == 2 && packed.contains(&info.ggml_dtype) {
+                let size = dims[0] * dims[1];
+                let entry = smallest.entry(format!("{:?}", info.ggml_dtype)).or_insert((size, name.clone()));
+                if size < entry.0 {
+                    *entry = (size, name.clone());
+                }
+            }
+        }
+        assert!(!smallest.is_empty(), "{model}: no tensor of a packed type");
+        let mut reader = std::fs::File::open(&path).unwrap();
+        for (dtype, (_, name)) in smallest {
+            let t = file.content.tensor(&mut reader, &name, &candle_core::Device::Cpu).unwrap();
+            let (n, k) = t.shape().dims2().unwrap();
+            let m = 5;
+            // Hidden-state-like rows: mostly small, a few large outliers.
+            let x: Vec<f32> = (0..m * k)
+                .map(|i| {
+                    let v = ((i as f32 * 0.618).fract() - 0.5) * 2.0;
+                    if i % 97 == 0 { v * 40.0 } else { v }
+                })
+                .collect();
+            let run = |kernel| {
+                let p = PackedMatrix::new(&t, kernel).unwrap().expect("a packed type");
+                let mut out = vec![0.0; m * n];
+                p.matmul(&x, &mut out);
+                out
+            };
+            let want = run(Kernel::Scalar);
+            for &kernel in &kernels {
+                let got = run(kernel);
+                let differ = got.iter().zip(&want).filter(|(g, w)| g.to_bits() != w.to_bits()).count();
+                assert_eq!(differ, 0, "{model} {name} ({dtype}): {} differs from the reference in {differ} outputs", kernel.name());
+            }
+            checked.push(format!("{model} {name} ({dtype}, {n}x{k})"));
+        }
+    }
+    let _ = writeln!(std::io::stderr(), "int8 kernels {:?} checked on: {}", kernels.iter().map(|k| k.name()).collect::<Vec<_>>(), checked.join("; "));
 }

@@ -15,9 +15,9 @@ use super::attention::{self, HostKv, HostRope};
 use crate::infer::dense::DenseMatrix;
 use crate::infer::files;
 use crate::infer::gguf::GgufFile;
-use crate::infer::qmatmul::PackedMatrix;
+use crate::infer::qmatmul::{Kernel, PackedMatrix};
 use anyhow::{Context, Result, bail};
-use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
 use std::path::Path;
 
@@ -179,7 +179,9 @@ impl Linear {
     /// Which kernel computes it, for the engine a result records.
     fn kernel(&self) -> String {
         match self {
-            Linear::Packed(_) => "prefgen int8 (avx512-vnni)".into(),
+            // Every int8 kernel computes the same bits, so the engine names
+            // the family, not the CPU's instructions.
+            Linear::Packed(_) => "prefgen int8".into(),
             Linear::Quantized(QMatMul::QTensor(t)) => format!("candle {:?}", t.dtype()).to_lowercase(),
             Linear::Quantized(_) => "candle dense".into(),
             Linear::Rows(_) => "prefgen f32 (row-exact)".into(),
@@ -731,28 +733,19 @@ fn optional_norm(t: Tensor, w: &Option<Tensor>, eps: f32) -> candle_core::Result
     }
 }
 
-/// A quantized weight as a matmul. On a CPU with AVX512-VNNI the 4, 5 and
-/// 8-bit block types run in prefgen's packed kernel (`qmatmul`), on the
-/// file's weights as they are. Elsewhere candle runs them; it has SIMD
-/// kernels for Q4_0, Q8_0 and the K-quants but only scalar code for Q4_1,
-/// Q5_0 and Q5_1 (80% of SmolLM2's decode time), so those are re-quantized
-/// to Q8_0 first: a weight change of at most half a Q8_0 step (1/254 of the
-/// block's largest weight).
+/// A quantized weight as a matmul. On the CPU the 4, 5 and 8-bit block
+/// types run in prefgen's int8 kernels (`qmatmul`), on the file's weights
+/// as they are, with the same bits on every CPU; the K-quants and the GPU
+/// use candle's kernels.
 fn matmul(t: QTensor, device: &Device, dequantize: bool) -> Result<Linear> {
     if dequantize {
         return Ok(Linear::dense(t.dequantize(device)?)?);
     }
     if device.is_cpu()
-        && let Some(packed) = PackedMatrix::new(&t)?
+        && let Some(packed) = PackedMatrix::new(&t, Kernel::chosen().map_err(anyhow::Error::msg)?)?
     {
         return Ok(Linear::Packed(packed));
     }
-    let t = match t.dtype() {
-        GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1 => {
-            QTensor::quantize(&t.dequantize(device)?, GgmlDType::Q8_0)?
-        }
-        _ => t,
-    };
     Ok(Linear::Quantized(QMatMul::from_qtensor(t)?))
 }
 

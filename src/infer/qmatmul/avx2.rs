@@ -1,0 +1,146 @@
+//! The definition on AVX2: a tile is taken as two halves of 8 rows, and a
+//! half's block against one activation block is eight `vpmaddubsw` (u8 x
+//! i8 pairs summed to i16) and `vpmaddwd` to i32, one lane per row.
+//!
+//! `vpmaddubsw` saturates, so each width sums only what fits in an i16:
+//! 4-bit values all eight groups (at most 8 * 2 * 15 * 127 = 30480), 5-bit
+//! ones four at a time (31496). Q8_0's values `u = w + 128` would
+//! overflow, so its signed `w` are taken instead (`|w| * sign(q)` is at most
+//! 2 * 128 * 127 a pair) and `128 * sum(q)` added back: the same integer.
+#![cfg(target_arch = "x86_64")]
+
+use super::{Activations, BLOCK, HEADER, Tile, Width};
+use std::arch::x86_64::*;
+
+/// [`super::reference::quantize`], compiled for AVX2.
+///
+/// SAFETY: the CPU has AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn quantize(x: &[f32], q: &mut [i8], d: &mut [f32], s: &mut [f32], sum: &mut [i32]) {
+    super::reference::quantize(x, q, d, s, sum)
+}
+
+/// Rows `span` of the outputs of one tile, a half at a time, four rows at
+/// a time.
+///
+/// SAFETY: the CPU has AVX2, FMA and F16C; `tile.out` holds `span.end *
+/// tile.n` floats.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn tile(tile: &Tile, a: &Activations, span: std::ops::Range<usize>) {
+    for half in 0..2 {
+        let cols = tile.cols.saturating_sub(8 * half).min(8);
+        if cols == 0 {
+            break;
+        }
+        let mut r = span.start;
+        while r < span.end {
+            // Tails run the same per-row code with fewer rows.
+            let n = (span.end - r).min(4);
+            unsafe {
+                match tile.width {
+                    Width::Four => rows_of::<4>(n, tile, a, r, half, cols),
+                    Width::Five => rows_of::<5>(n, tile, a, r, half, cols),
+                    Width::Eight => rows_of::<8>(n, tile, a, r, half, cols),
+                }
+            }
+            r += 4;
+        }
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn rows_of<const W: usize>(n: usize, tile: &Tile, a: &Activations, r0: usize, half: usize, cols: usize) {
+    unsafe {
+        match n {
+            4 => rows::<4, W>(tile, a, r0, half, cols),
+            3 => rows::<3, W>(tile, a, r0, half, cols),
+            2 => rows::<2, W>(tile, a, r0, half, cols),
+            _ => rows::<1, W>(tile, a, r0, half, cols),
+        }
+    }
+}
+
+/// Rows `r0..r0 + R` against one half of a tile whose values are `W` bits
+/// wide.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn rows<const R: usize, const W: usize>(tile: &Tile, a: &Activations, r0: usize, half: usize, cols: usize) {
+    let kb = a.k / BLOCK;
+    let tile_bytes = tile.w.len() / kb;
+    let low = _mm256_set1_epi8(0x0F);
+    let ones = _mm256_set1_epi16(1);
+    let flip = _mm256_set1_epi8(-128);
+    let mut acc = [_mm256_setzero_ps(); R];
+    for b in 0..kb {
+        let block = tile.w[b * tile_bytes..(b + 1) * tile_bytes].as_ptr();
+        // SAFETY (loads): `block` holds the 64-byte header (8 scales and 8
+        // offsets a half) and 256 or 512 bytes of values, group g of the
+        // half's rows at 64g + 32 * half; an activation block holds 32 bytes.
+        let (scale, offset) = unsafe {
+            (
+                _mm256_cvtph_ps(_mm_loadu_si128(block.add(16 * half) as *const __m128i)),
+                _mm256_cvtph_ps(_mm_loadu_si128(block.add(32 + 16 * half) as *const __m128i)),
+            )
+        };
+        let values = unsafe { block.add(HEADER + 32 * half) };
+        let load = |g: usize| unsafe { _mm256_loadu_si256(values.add(64 * g) as *const __m256i) };
+        let mut u = [_mm256_setzero_si256(); 8];
+        // Q8_0: the signed weights, for the signs of the activations.
+        let mut signs = [_mm256_setzero_si256(); 8];
+        if W == 4 {
+            for g in 0..4 {
+                let v = load(g);
+                u[g] = _mm256_and_si256(v, low);
+                u[g + 4] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+            }
+        } else {
+            for (g, u) in u.iter_mut().enumerate() {
+                *u = load(g);
+                if W == 8 {
+                    signs[g] = _mm256_xor_si256(*u, flip);
+                    *u = _mm256_abs_epi8(signs[g]);
+                }
+            }
+        }
+        for (i, acc) in acc.iter_mut().enumerate() {
+            let at = (r0 + i) * kb + b;
+            let q = a.q[at * BLOCK..(at + 1) * BLOCK].as_ptr();
+            let qs = |g: usize| _mm256_set1_epi32(unsafe { (q.add(4 * g) as *const i32).read_unaligned() });
+            let pairs = |g: usize| _mm256_maddubs_epi16(u[g], qs(g));
+            let dot = match W {
+                4 => {
+                    let p = (1..8).fold(pairs(0), |p, g| _mm256_add_epi16(p, pairs(g)));
+                    _mm256_madd_epi16(p, ones)
+                }
+                5 => {
+                    let p = (1..4).fold(pairs(0), |p, g| _mm256_add_epi16(p, pairs(g)));
+                    let p2 = (5..8).fold(pairs(4), |p, g| _mm256_add_epi16(p, pairs(g)));
+                    _mm256_add_epi32(_mm256_madd_epi16(p, ones), _mm256_madd_epi16(p2, ones))
+                }
+                _ => {
+                    let dot = (0..8).fold(_mm256_set1_epi32(128 * a.sum[at]), |d, g| {
+                        let p = _mm256_maddubs_epi16(u[g], _mm256_sign_epi8(qs(g), signs[g]));
+                        _mm256_add_epi32(d, _mm256_madd_epi16(p, ones))
+                    });
+                    dot
+                }
+            };
+            let s = _mm256_mul_ps(scale, _mm256_set1_ps(a.d[at]));
+            *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), s, *acc);
+            *acc = _mm256_fmadd_ps(offset, _mm256_set1_ps(a.s[at]), *acc);
+        }
+    }
+    for (i, acc) in acc.iter().enumerate() {
+        // SAFETY: the caller's promise; the half's first `cols` columns lie
+        // within `n`.
+        let out = unsafe { tile.out.add((r0 + i) * tile.n + tile.col + 8 * half) };
+        if cols == 8 {
+            unsafe { _mm256_storeu_ps(out, *acc) };
+        } else {
+            let lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+            let mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(cols as i32), lanes);
+            unsafe { _mm256_maskstore_ps(out, mask, *acc) };
+        }
+    }
+}

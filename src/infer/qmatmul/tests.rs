@@ -1,0 +1,133 @@
+use super::*;
+use candle_core::{Device, Tensor};
+
+const TYPES: [GgmlDType; 5] = [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q5_0, GgmlDType::Q5_1, GgmlDType::Q8_0];
+
+/// Deterministic pseudo-random values in [-1, 1).
+fn values(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed;
+    (0..n)
+        .map(|_| {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((s >> 40) as f32 / (1u64 << 23) as f32) - 1.0
+        })
+        .collect()
+}
+
+/// The kernels this CPU runs; those it cannot are named on the terminal
+/// (not through the harness's capture, which hides it).
+fn kernels_here(what: &str) -> Vec<Kernel> {
+    use std::io::Write;
+    Kernel::ALL
+        .into_iter()
+        .filter(|k| {
+            if !k.runs_here() {
+                let _ = writeln!(std::io::stderr(), "SKIPPED {what} on {}: this CPU lacks its instructions", k.name());
+            }
+            k.runs_here()
+        })
+        .collect()
+}
+
+fn run(q: &QTensor, kernel: Kernel, x: &[f32]) -> Vec<f32> {
+    let p = PackedMatrix::new(q, kernel).unwrap().expect("a packed type");
+    let mut out = vec![0.0; x.len() / p.k * p.n];
+    p.matmul(x, &mut out);
+    out
+}
+
+/// Activations with the cases quantization must agree on: a zero block,
+/// a block of one value, halves that round to even, huge and tiny values.
+fn awkward_activations(m: usize, k: usize) -> Vec<f32> {
+    let mut x = values(m * k, 2);
+    x[..BLOCK].fill(0.0);
+    x[BLOCK..2 * BLOCK].fill(-3.5);
+    for (j, v) in x[2 * BLOCK..3 * BLOCK].iter_mut().enumerate() {
+        *v = (j as f32 - 16.0) * 0.5 / 127.0 * 16.0;
+    }
+    for v in &mut x[3 * BLOCK..4 * BLOCK] {
+        *v *= 1e30;
+    }
+    for v in &mut x[4 * BLOCK..5 * BLOCK] {
+        *v *= 1e-30;
+    }
+    x
+}
+
+/// Every kernel gives the scalar reference's bits: every packed type, a
+/// partial last tile (37 rows: a full half and 5 columns of the next), row
+/// groups of 4 with a tail, and a prefill batch split across work items.
+#[test]
+fn every_kernel_computes_the_reference_bits() {
+    let (n, k) = (37, 192);
+    let w = Tensor::from_vec(values(n * k, 1), (n, k), &Device::Cpu).unwrap();
+    let kernels = kernels_here("the kernel-against-reference test");
+    for m in [1, 7, 70] {
+        let x = awkward_activations(m, k);
+        for dtype in TYPES {
+            let q = QTensor::quantize(&w, dtype).unwrap();
+            let want = run(&q, Kernel::Scalar, &x);
+            for &kernel in &kernels {
+                let got = run(&q, kernel, &x);
+                for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                    assert_eq!(
+                        g.to_bits(),
+                        w.to_bits(),
+                        "{dtype:?} on {}: output ({}, {}) is {g}, the reference's {w}",
+                        kernel.name(),
+                        i / n,
+                        i % n
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// The reference against an f32 matmul of the file's (dequantized)
+/// weights: the only difference is the activations' int8 rounding.
+#[test]
+fn the_reference_matches_the_dequantized_weights() {
+    let dev = Device::Cpu;
+    let (n, k, m) = (40, 96, 7);
+    let w = Tensor::from_vec(values(n * k, 1), (n, k), &dev).unwrap();
+    let x = values(m * k, 2);
+    for dtype in TYPES {
+        let q = QTensor::quantize(&w, dtype).unwrap();
+        let exact = q.dequantize(&dev).unwrap().to_vec2::<f32>().unwrap();
+        let out = run(&q, Kernel::Scalar, &x);
+        for i in 0..m {
+            let row = &x[i * k..(i + 1) * k];
+            // int8 activations: each is off by at most half a step, 1/254 of its block's largest.
+            let step: Vec<f32> = row
+                .chunks(BLOCK)
+                .flat_map(|b| {
+                    let amax = b.iter().fold(0f32, |a, v| a.max(v.abs()));
+                    std::iter::repeat_n(amax / 254.0, BLOCK)
+                })
+                .collect();
+            for j in 0..n {
+                let want: f32 = (0..k).map(|c| row[c] * exact[j][c]).sum();
+                let bound: f32 = (0..k).map(|c| exact[j][c].abs() * step[c]).sum::<f32>() * 1.01 + 1e-5;
+                let got = out[i * n + j];
+                assert!((got - want).abs() <= bound, "{dtype:?} ({i}, {j}): {got} vs {want} (bound {bound})");
+            }
+        }
+    }
+}
+
+/// A row's outputs are the same bits alone or among other rows, on every
+/// kernel.
+#[test]
+fn rows_do_not_depend_on_the_batch() {
+    let (n, k, m) = (48, 64, 9);
+    let w = Tensor::from_vec(values(n * k, 3), (n, k), &Device::Cpu).unwrap();
+    let q = QTensor::quantize(&w, GgmlDType::Q4_1).unwrap();
+    let x = values(m * k, 4);
+    for kernel in kernels_here("the batch-invariance test") {
+        let all = run(&q, kernel, &x);
+        for i in 0..m {
+            assert_eq!(run(&q, kernel, &x[i * k..(i + 1) * k]), all[i * n..(i + 1) * n], "{} row {i}", kernel.name());
+        }
+    }
+}
