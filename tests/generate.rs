@@ -228,9 +228,11 @@ fn workers_on_different_int8_kernels_give_one_kernels_files() {
     }
     let p = Project::new();
     let r = recipe(&p);
-    let one_shard = ["--set", "generate.shard_size=1", "--set", "generate.max_tokens=6"];
+    let one_shard =
+        ["--set", "generate.shard_size=1", "--set", "generate.max_tokens=4", "--set", "generate.seeds=[13, 21]"];
     let alone = p.path("alone-cache");
-    p.ok(&[&["run", &r, "generate", "--cache", alone.to_str().unwrap(), "--set", "export.dir=alone"][..], &one_shard].concat());
+    p.ok(&[&["run", &r, "generate", "--cache", alone.to_str().unwrap(), "--set", "export.dir=alone"][..], &one_shard]
+        .concat());
     let workers: Vec<_> = [Kernel::Scalar, fastest]
         .iter()
         .map(|k| {
@@ -248,4 +250,29 @@ fn workers_on_different_int8_kernels_give_one_kernels_files() {
     let assembled = p.ok(&[&["run", &r, "generate"][..], &one_shard].concat());
     assert!(!assembled.stderr().contains("tokens/s"), "shards were left to build:\n{}", assembled.stderr());
     assert!(p.tree("out") == p.tree("alone"), "the mixed-kernel files differ from one kernel's");
+}
+
+/// The demo made small (`tests/fixtures/demo-small`) against its committed
+/// lock with `run --locked`: a CPU whose int8 kernel computed other bits
+/// than the one that made the lock (AVX2; the scalar kernel reproduced it)
+/// fails, naming the node. `recipes/demo.lock`, made on an AVX512-VNNI
+/// CPU, was reproduced the same way on an AVX2 one.
+#[test]
+fn the_small_demo_reproduces_its_committed_lock_on_this_cpu() {
+    let _one = MODEL.lock().unwrap_or_else(|e| e.into_inner());
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let p = Project::new();
+    let (recipe, lock) = ("tests/fixtures/demo-small/demo-small.toml", "tests/fixtures/demo-small/demo-small.lock");
+    for file in [recipe, lock, "recipes/prompts/demo.jsonl"] {
+        p.write(file, &std::fs::read_to_string(root.join(file)).unwrap());
+    }
+    std::fs::create_dir_all(p.path("models")).unwrap();
+    std::os::unix::fs::symlink(smollm2(), p.path("models/SmolLM2-135M-Instruct.Q4_1.gguf")).unwrap();
+    let run = p.prefgen(&["run", recipe, "--locked"]);
+    assert_eq!(run.code(), Some(0), "the demo departs from its committed lock on this CPU:\n{}", run.stderr());
+    assert_eq!(
+        std::fs::read_to_string(p.path(lock)).unwrap(),
+        std::fs::read_to_string(root.join(lock)).unwrap(),
+        "the lock was rewritten"
+    );
 }

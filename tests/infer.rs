@@ -121,7 +121,11 @@ fn int8_kernels_compute_the_reference_bits_on_real_weights() {
     use std::io::Write;
     let kernels: Vec<Kernel> = Kernel::ALL.into_iter().filter(|k| k.runs_here()).collect();
     for k in Kernel::ALL.iter().filter(|k| !kernels.contains(k)) {
-        let _ = writeln!(std::io::stderr(), "SKIPPED the real-weights kernel test on {}: this CPU lacks its instructions", k.name());
+        let _ = writeln!(
+            std::io::stderr(),
+            "SKIPPED the real-weights kernel test on {}: this CPU lacks its instructions",
+            k.name()
+        );
     }
     let mut checked = Vec::new();
     for model in ["SmolLM2-135M-Instruct.Q4_1.gguf", "gemma-3-270m-q4_k_m.gguf"] {
@@ -163,10 +167,20 @@ fn int8_kernels_compute_the_reference_bits_on_real_weights() {
             for &kernel in &kernels {
                 let got = run(kernel);
                 let differ = got.iter().zip(&want).filter(|(g, w)| g.to_bits() != w.to_bits()).count();
-                assert_eq!(differ, 0, "{model} {name} ({dtype}): {} differs from the reference in {differ} outputs", kernel.name());
+                assert_eq!(
+                    differ,
+                    0,
+                    "{model} {name} ({dtype}): {} differs from the reference in {differ} outputs",
+                    kernel.name()
+                );
             }
             checked.push(format!("{model} {name} ({dtype}, {n}x{k})"));
         }
     }
-    let _ = writeln!(std::io::stderr(), "int8 kernels {:?} checked on: {}", kernels.iter().map(|k| k.name()).collect::<Vec<_>>(), checked.join("; "));
+    let _ = writeln!(
+        std::io::stderr(),
+        "int8 kernels {:?} checked on: {}",
+        kernels.iter().map(|k| k.name()).collect::<Vec<_>>(),
+        checked.join("; ")
+    );
 }

@@ -37,26 +37,30 @@ pub(super) unsafe fn tile(tile: &Tile, a: &Activations, span: std::ops::Range<us
     let kb = a.k / BLOCK;
     let tile_bytes = tile.w.len() / kb;
     let half = |b: &[u8], i: usize| f16::from_le_bytes([b[2 * i], b[2 * i + 1]]).to_f32();
-    for r in span {
-        for c in 0..tile.cols {
-            let mut acc = 0f32;
-            for b in 0..kb {
-                let block = &tile.w[b * tile_bytes..(b + 1) * tile_bytes];
-                let (scale, offset) = (half(block, c), half(block, TILE + c));
-                let at = r * kb + b;
-                let q = &a.q[at * BLOCK..(at + 1) * BLOCK];
-                let dot: i32 = (0..BLOCK)
-                    .map(|j| {
-                        let (byte, shift) = tile.width.slot(c, j);
-                        let u = if tile.width.nibbles() { block[HEADER + byte] >> shift & 0x0F } else { block[HEADER + byte] };
-                        u as i32 * q[j] as i32
-                    })
-                    .sum();
-                acc = (dot as f32).mul_add(scale * a.d[at], acc);
-                acc = offset.mul_add(a.s[at], acc);
+    let mut acc = vec![[0f32; TILE]; span.len()];
+    let mut u = [[0u8; BLOCK]; TILE];
+    for b in 0..kb {
+        let block = &tile.w[b * tile_bytes..(b + 1) * tile_bytes];
+        for (c, u) in u.iter_mut().enumerate().take(tile.cols) {
+            for (j, u) in u.iter_mut().enumerate() {
+                let (byte, shift) = tile.width.slot(c, j);
+                *u = if tile.width.nibbles() { block[HEADER + byte] >> shift & 0x0F } else { block[HEADER + byte] };
             }
+        }
+        for (r, acc) in span.clone().zip(acc.iter_mut()) {
+            let at = r * kb + b;
+            let q = &a.q[at * BLOCK..(at + 1) * BLOCK];
+            for (c, (acc, u)) in acc.iter_mut().zip(&u).enumerate().take(tile.cols) {
+                let dot: i32 = u.iter().zip(q).map(|(&u, &q)| u as i32 * q as i32).sum();
+                *acc = (dot as f32).mul_add(half(block, c) * a.d[at], *acc);
+                *acc = half(block, TILE + c).mul_add(a.s[at], *acc);
+            }
+        }
+    }
+    for (r, acc) in span.zip(&acc) {
+        for (c, &v) in acc.iter().enumerate().take(tile.cols) {
             // SAFETY: the caller's promise; `col + cols <= n`.
-            unsafe { *tile.out.add(r * tile.n + tile.col + c) = acc };
+            unsafe { *tile.out.add(r * tile.n + tile.col + c) = v };
         }
     }
 }
