@@ -118,13 +118,10 @@ unsafe fn rows<const R: usize, const W: usize>(tile: &Tile, a: &Activations, r0:
                     let p2 = (5..8).fold(pairs(4), |p, g| _mm256_add_epi16(p, pairs(g)));
                     _mm256_add_epi32(_mm256_madd_epi16(p, ones), _mm256_madd_epi16(p2, ones))
                 }
-                _ => {
-                    let dot = (0..8).fold(_mm256_set1_epi32(128 * a.sum[at]), |d, g| {
-                        let p = _mm256_maddubs_epi16(u[g], _mm256_sign_epi8(qs(g), signs[g]));
-                        _mm256_add_epi32(d, _mm256_madd_epi16(p, ones))
-                    });
-                    dot
-                }
+                _ => (0..8).fold(_mm256_set1_epi32(128 * a.sum[at]), |d, g| {
+                    let p = _mm256_maddubs_epi16(u[g], _mm256_sign_epi8(qs(g), signs[g]));
+                    _mm256_add_epi32(d, _mm256_madd_epi16(p, ones))
+                }),
             };
             let s = _mm256_mul_ps(scale, _mm256_set1_ps(a.d[at]));
             *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), s, *acc);
