@@ -187,16 +187,7 @@ impl CustomOp1 for DenseMatrix {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn values(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed;
-        (0..n)
-            .map(|_| {
-                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                ((s >> 40) as f32 / (1u64 << 23) as f32) - 1.0
-            })
-            .collect()
-    }
+    use crate::infer::test_values as values;
 
     /// Every row is bit for bit the same alone as in any batch, whichever
     /// path (AVX2 or not) runs, and close to an f64 reference.
