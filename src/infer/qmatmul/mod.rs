@@ -162,13 +162,8 @@ impl PackedMatrix {
             &[n, k] if k.is_multiple_of(BLOCK) => (n, k),
             _ => return Ok(None),
         };
-        let (block_bytes, width) = match t.dtype() {
-            GgmlDType::Q4_0 => (18, Width::Four),
-            GgmlDType::Q4_1 => (20, Width::Four),
-            GgmlDType::Q5_0 => (22, Width::Five),
-            GgmlDType::Q5_1 => (24, Width::Five),
-            GgmlDType::Q8_0 => (34, Width::Eight),
-            _ => return Ok(None),
+        let Some((block_bytes, width)) = layout(t.dtype()) else {
+            return Ok(None);
         };
         let raw = t.data()?;
         let kb = k / BLOCK;
@@ -191,6 +186,11 @@ impl PackedMatrix {
             }
         }
         Ok(Some(p))
+    }
+
+    /// Whether tensors of `dtype` are packed here.
+    pub fn packs(dtype: GgmlDType) -> bool {
+        layout(dtype).is_some()
     }
 
     fn tile_bytes(&self) -> usize {
@@ -243,6 +243,19 @@ impl PackedMatrix {
                 }
             }
         });
+    }
+}
+
+/// The bytes of a GGUF block of `dtype` and how its values are packed;
+/// None for the types not packed here.
+fn layout(dtype: GgmlDType) -> Option<(usize, Width)> {
+    match dtype {
+        GgmlDType::Q4_0 => Some((18, Width::Four)),
+        GgmlDType::Q4_1 => Some((20, Width::Four)),
+        GgmlDType::Q5_0 => Some((22, Width::Five)),
+        GgmlDType::Q5_1 => Some((24, Width::Five)),
+        GgmlDType::Q8_0 => Some((34, Width::Eight)),
+        _ => None,
     }
 }
 
@@ -324,8 +337,12 @@ impl Activations {
         let blocks = x.len() / BLOCK;
         let mut a =
             Activations { k, q: vec![0; x.len()], d: vec![0.0; blocks], s: vec![0.0; blocks], sum: vec![0; blocks] };
-        let ptrs = (a.q.as_mut_ptr() as usize, a.d.as_mut_ptr() as usize, a.s.as_mut_ptr() as usize);
-        let sum_ptr = a.sum.as_mut_ptr() as usize;
+        let ptrs = (
+            a.q.as_mut_ptr() as usize,
+            a.d.as_mut_ptr() as usize,
+            a.s.as_mut_ptr() as usize,
+            a.sum.as_mut_ptr() as usize,
+        );
         let rows = |rows: std::ops::Range<usize>| {
             let (from, to) = (rows.start * k / BLOCK, rows.end * k / BLOCK);
             let len = to - from;
@@ -336,7 +353,7 @@ impl Activations {
                     std::slice::from_raw_parts_mut((ptrs.0 as *mut i8).add(from * BLOCK), len * BLOCK),
                     std::slice::from_raw_parts_mut((ptrs.1 as *mut f32).add(from), len),
                     std::slice::from_raw_parts_mut((ptrs.2 as *mut f32).add(from), len),
-                    std::slice::from_raw_parts_mut((sum_ptr as *mut i32).add(from), len),
+                    std::slice::from_raw_parts_mut((ptrs.3 as *mut i32).add(from), len),
                 )
             };
             let x = &x[from * BLOCK..to * BLOCK];
