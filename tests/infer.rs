@@ -176,6 +176,12 @@ fn int8_kernels_compute_the_reference_bits_on_real_weights() {
             checked.push(format!("{model} {name} ({dtype}, {n}x{k})"));
         }
     }
+    // The two files hold these types; a packing that stopped taking one
+    // would otherwise pass unnoticed.
+    for dtype in ["Q4_1", "Q8_0", "Q5_0", "Q4K", "Q6K"] {
+        let tag = format!("({dtype}, ");
+        assert!(checked.iter().any(|c| c.contains(&tag)), "no {dtype} tensor was checked: {checked:?}");
+    }
     let _ = writeln!(
         std::io::stderr(),
         "int8 kernels {:?} checked on: {}",

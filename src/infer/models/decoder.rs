@@ -733,10 +733,10 @@ fn optional_norm(t: Tensor, w: &Option<Tensor>, eps: f32) -> candle_core::Result
     }
 }
 
-/// A quantized weight as a matmul. On the CPU the 4, 5 and 8-bit block
-/// types run in prefgen's int8 kernels (`qmatmul`), on the file's weights
-/// as they are, with the same bits on every CPU; the K-quants and the GPU
-/// use candle's kernels.
+/// A quantized weight as a matmul. On the CPU the block types and the
+/// K-quants (Q4_K, Q5_K, Q6_K) run in prefgen's int8 kernels (`qmatmul`),
+/// on the file's weights as they are, with the same bits on every CPU; other
+/// types and the GPU use candle's kernels.
 fn matmul(t: QTensor, device: &Device, dequantize: bool) -> Result<Linear> {
     if dequantize {
         return Ok(Linear::dense(t.dequantize(device)?)?);

@@ -7,9 +7,11 @@
 //! ones four at a time (31496). Q8_0's values `u = w + 128` would
 //! overflow, so its signed `w` are taken instead (`|w| * sign(q)` is at most
 //! 2 * 128 * 127 a pair) and `128 * sum(q)` added back: the same integer.
+//! Q6_K's signed `u - 32` sum four groups (4 * 2 * 32 * 127 = 32512), one
+//! per 16 values, and `vpmaddwd` against the 16 values' scale finishes each.
 #![cfg(target_arch = "x86_64")]
 
-use super::{Activations, BLOCK, HEADER, Tile, Width};
+use super::{Activations, BLOCK, SUB, Scales, TILE, Tile, Width};
 use std::arch::x86_64::*;
 
 /// [`super::reference::quantize`], compiled for AVX2.
@@ -40,6 +42,7 @@ pub(super) unsafe fn tile(tile: &Tile, a: &Activations, span: std::ops::Range<us
                 match tile.width {
                     Width::Four => rows_of::<4>(n, tile, a, r, half, cols),
                     Width::Five => rows_of::<5>(n, tile, a, r, half, cols),
+                    Width::Six => rows_of::<6>(n, tile, a, r, half, cols),
                     Width::Eight => rows_of::<8>(n, tile, a, r, half, cols),
                 }
             }
@@ -71,22 +74,34 @@ unsafe fn rows<const R: usize, const W: usize>(tile: &Tile, a: &Activations, r0:
     let low = _mm256_set1_epi8(0x0F);
     let ones = _mm256_set1_epi16(1);
     let flip = _mm256_set1_epi8(-128);
+    let bias = _mm256_set1_epi8(32);
+    let (scales, header) = (tile.scales, tile.scales.header_bytes());
     let mut acc = [_mm256_setzero_ps(); R];
     for b in 0..kb {
         let block = tile.w[b * tile_bytes..(b + 1) * tile_bytes].as_ptr();
-        // SAFETY (loads): `block` holds the 64-byte header (8 scales and 8
-        // offsets a half) and 256 or 512 bytes of values, group g of the
-        // half's rows at 64g + 32 * half; an activation block holds 32 bytes.
+        // SAFETY (loads): `block` holds the header (a scale and an offset
+        // per row, and Q6_K's 16-value scales, 8 rows a half) and 256 or 512
+        // bytes of values, group g of the half's rows at 64g + 32 * half; an
+        // activation block holds 32 bytes.
         let (scale, offset) = unsafe {
-            (
-                _mm256_cvtph_ps(_mm_loadu_si128(block.add(16 * half) as *const __m128i)),
-                _mm256_cvtph_ps(_mm_loadu_si128(block.add(32 + 16 * half) as *const __m128i)),
-            )
+            let load = |at: usize| match scales {
+                Scales::Single => _mm256_loadu_ps(block.add(at) as *const f32),
+                _ => _mm256_cvtph_ps(_mm_loadu_si128(block.add(at) as *const __m128i)),
+            };
+            let at = scales.size() * 8 * half;
+            (load(at), load(scales.offsets() + at))
         };
-        let values = unsafe { block.add(HEADER + 32 * half) };
+        // Q6_K: each row's 16-value scales, as the i16 pair `vpmaddwd` takes.
+        let sub = |i: usize| {
+            let sc = unsafe { _mm_loadl_epi64(block.add(SUB + i * TILE + 8 * half) as *const __m128i) };
+            let sc = _mm256_cvtepi8_epi32(sc);
+            _mm256_or_si256(_mm256_and_si256(sc, _mm256_set1_epi32(0xFFFF)), _mm256_slli_epi32(sc, 16))
+        };
+        let subs = if W == 6 { [sub(0), sub(1)] } else { [_mm256_setzero_si256(); 2] };
+        let values = unsafe { block.add(header + 32 * half) };
         let load = |g: usize| unsafe { _mm256_loadu_si256(values.add(64 * g) as *const __m256i) };
         let mut u = [_mm256_setzero_si256(); 8];
-        // Q8_0: the signed weights, for the signs of the activations.
+        // Q8_0 and Q6_K: the signed weights, for the signs of the activations.
         let mut signs = [_mm256_setzero_si256(); 8];
         if W == 4 {
             for g in 0..4 {
@@ -97,8 +112,8 @@ unsafe fn rows<const R: usize, const W: usize>(tile: &Tile, a: &Activations, r0:
         } else {
             for (g, u) in u.iter_mut().enumerate() {
                 *u = load(g);
-                if W == 8 {
-                    signs[g] = _mm256_xor_si256(*u, flip);
+                if W >= 6 {
+                    signs[g] = if W == 8 { _mm256_xor_si256(*u, flip) } else { _mm256_sub_epi8(*u, bias) };
                     *u = _mm256_abs_epi8(signs[g]);
                 }
             }
@@ -108,6 +123,7 @@ unsafe fn rows<const R: usize, const W: usize>(tile: &Tile, a: &Activations, r0:
             let q = a.q[at * BLOCK..(at + 1) * BLOCK].as_ptr();
             let qs = |g: usize| _mm256_set1_epi32(unsafe { (q.add(4 * g) as *const i32).read_unaligned() });
             let pairs = |g: usize| _mm256_maddubs_epi16(u[g], qs(g));
+            let signed = |g: usize| _mm256_maddubs_epi16(u[g], _mm256_sign_epi8(qs(g), signs[g]));
             let dot = match W {
                 4 => {
                     let p = (1..8).fold(pairs(0), |p, g| _mm256_add_epi16(p, pairs(g)));
@@ -118,9 +134,13 @@ unsafe fn rows<const R: usize, const W: usize>(tile: &Tile, a: &Activations, r0:
                     let p2 = (5..8).fold(pairs(4), |p, g| _mm256_add_epi16(p, pairs(g)));
                     _mm256_add_epi32(_mm256_madd_epi16(p, ones), _mm256_madd_epi16(p2, ones))
                 }
+                6 => {
+                    let p = (1..4).fold(signed(0), |p, g| _mm256_add_epi16(p, signed(g)));
+                    let p2 = (5..8).fold(signed(4), |p, g| _mm256_add_epi16(p, signed(g)));
+                    _mm256_add_epi32(_mm256_madd_epi16(p, subs[0]), _mm256_madd_epi16(p2, subs[1]))
+                }
                 _ => (0..8).fold(_mm256_set1_epi32(128 * a.sum[at]), |d, g| {
-                    let p = _mm256_maddubs_epi16(u[g], _mm256_sign_epi8(qs(g), signs[g]));
-                    _mm256_add_epi32(d, _mm256_madd_epi16(p, ones))
+                    _mm256_add_epi32(d, _mm256_madd_epi16(signed(g), ones))
                 }),
             };
             let s = _mm256_mul_ps(scale, _mm256_set1_ps(a.d[at]));

@@ -1,8 +1,10 @@
 //! The definition on AVX512-VNNI: a 16-row tile's block against one
-//! activation block is eight `vpdpbusd` giving 16 outputs.
+//! activation block is eight `vpdpbusd` giving 16 outputs. Q6_K's signed
+//! `u - 32` take their signs to the activations (`vpdpbusd` wants one
+//! unsigned side) and sum each 16 values apart, for their scale.
 #![cfg(target_arch = "x86_64")]
 
-use super::{Activations, BLOCK, HEADER, TILE, Tile};
+use super::{Activations, BLOCK, SUB, Scales, TILE, Tile, Width};
 use std::arch::x86_64::*;
 
 /// Rows `span` of the outputs of one tile, four rows at a time.
@@ -34,19 +36,25 @@ unsafe fn rows<const R: usize>(tile: &Tile, a: &Activations, r0: usize, mask: __
     let kb = a.k / BLOCK;
     let tile_bytes = tile.w.len() / kb;
     let low = _mm512_set1_epi8(0x0F);
+    let (scales, header, six) = (tile.scales, tile.scales.header_bytes(), tile.width == Width::Six);
     let mut acc = [_mm512_setzero_ps(); R];
     for b in 0..kb {
-        let block = &tile.w[b * tile_bytes..(b + 1) * tile_bytes];
-        // SAFETY (loads): `block` holds the 64-byte header and 256 or 512
-        // bytes of values; each activation block holds 32 bytes.
+        let block = tile.w[b * tile_bytes..(b + 1) * tile_bytes].as_ptr();
+        // SAFETY (loads): `block` holds the header (a scale and an offset
+        // per row, and Q6_K's 16-value scales) and 256 or 512 bytes of
+        // values; each activation block holds 32 bytes.
         let (scale, offset) = unsafe {
-            (
-                _mm512_cvtph_ps(_mm256_loadu_si256(block.as_ptr() as *const __m256i)),
-                _mm512_cvtph_ps(_mm256_loadu_si256(block.as_ptr().add(32) as *const __m256i)),
-            )
+            let load = |at: usize| match scales {
+                Scales::Single => _mm512_loadu_ps(block.add(at) as *const f32),
+                _ => _mm512_cvtph_ps(_mm256_loadu_si256(block.add(at) as *const __m256i)),
+            };
+            (load(0), load(scales.offsets()))
         };
-        let values = block[HEADER..].as_ptr();
+        let sub = |i: usize| _mm512_cvtepi8_epi32(unsafe { _mm_loadu_si128(block.add(SUB + i * TILE) as *const __m128i) });
+        let values = unsafe { block.add(header) };
         let mut u = [_mm512_setzero_si512(); 8];
+        // Q6_K: the weights' signs, for the activations.
+        let mut negative = [0 as __mmask64; 8];
         if tile.width.nibbles() {
             for g in 0..4 {
                 let v = unsafe { _mm512_loadu_si512(values.add(64 * g) as *const __m512i) };
@@ -56,16 +64,30 @@ unsafe fn rows<const R: usize>(tile: &Tile, a: &Activations, r0: usize, mask: __
         } else {
             for (g, u) in u.iter_mut().enumerate() {
                 *u = unsafe { _mm512_loadu_si512(values.add(64 * g) as *const __m512i) };
+                if six {
+                    let w = _mm512_sub_epi8(*u, _mm512_set1_epi8(32));
+                    negative[g] = _mm512_movepi8_mask(w);
+                    *u = _mm512_abs_epi8(w);
+                }
             }
         }
+        let subs = if six { [sub(0), sub(1)] } else { [_mm512_setzero_si512(); 2] };
         for (i, acc) in acc.iter_mut().enumerate() {
             let at = (r0 + i) * kb + b;
             let q = a.q[at * BLOCK..(at + 1) * BLOCK].as_ptr();
-            let mut dot = _mm512_setzero_si512();
-            for (g, u) in u.iter().enumerate() {
-                let four = unsafe { (q.add(4 * g) as *const i32).read_unaligned() };
-                dot = _mm512_dpbusd_epi32(dot, *u, _mm512_set1_epi32(four));
-            }
+            let qs = |g: usize| _mm512_set1_epi32(unsafe { (q.add(4 * g) as *const i32).read_unaligned() });
+            let dot = if six {
+                // `q` is never -128, so negating it cannot overflow.
+                let part = |from: usize| {
+                    (from..from + 4).fold(_mm512_setzero_si512(), |d, g| {
+                        let q = _mm512_mask_sub_epi8(qs(g), negative[g], _mm512_setzero_si512(), qs(g));
+                        _mm512_dpbusd_epi32(d, u[g], q)
+                    })
+                };
+                _mm512_add_epi32(_mm512_mullo_epi32(part(0), subs[0]), _mm512_mullo_epi32(part(4), subs[1]))
+            } else {
+                (0..8).fold(_mm512_setzero_si512(), |d, g| _mm512_dpbusd_epi32(d, u[g], qs(g)))
+            };
             let s = _mm512_mul_ps(scale, _mm512_set1_ps(a.d[at]));
             *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), s, *acc);
             *acc = _mm512_fmadd_ps(offset, _mm512_set1_ps(a.s[at]), *acc);

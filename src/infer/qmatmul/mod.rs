@@ -1,11 +1,11 @@
 //! Quantized matmuls on the CPU with int8 dot products: the same bits on
 //! every CPU.
 //!
-//! The weights of a Q4_0, Q4_1, Q5_0, Q5_1 or Q8_0 tensor are repacked once,
-//! at load, into tiles of 16 output rows: each 32-weight block as unsigned
-//! integers `u` with the file's f16 scale and an f16 offset (`w = scale*u +
-//! offset`, the file's weights exactly; nothing is re-quantized). A tile is
-//! read once for up to four activation rows.
+//! The weights of a Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K or Q6_K tensor
+//! are repacked once, at load, into tiles of 16 output rows: each 32-weight
+//! block as unsigned integers `u` with a scale and an offset per row (`w =
+//! scale*u + offset`, the file's weights exactly; nothing is re-quantized).
+//! A tile is read once for up to four activation rows.
 //!
 //! # The numeric definition
 //!
@@ -16,14 +16,17 @@
 //!    Q8_1): `amax = max |x|`, `d = amax / 127`, `q = x * (127 / amax)`
 //!    rounded half to even (all 0 when `amax = 0`), and `s = d * sum(q)`.
 //! 2. Each output starts at 0 and takes the blocks in order:
-//!    `acc = fma(sum(u*q), scale * d, acc)`, then `acc = fma(offset, s, acc)`.
+//!    `acc = fma(dot, scale * d, acc)`, then `acc = fma(offset, s, acc)`,
+//!    where `dot = sum(u*q)`; for Q6_K, whose 16 values share an int8 scale
+//!    and whose offset is 0, `dot = sub0 * sum((u-32)*q over values 0..16) +
+//!    sub1 * sum(... over 16..32)`.
 //!
-//! `sum(u*q)` is an integer, the same whatever the SIMD width or the order
-//! of its partial sums, and every float step is one IEEE operation in a
-//! fixed order, so AVX512-VNNI (`vpdpbusd`), AVX2 (`vpmaddubsw`) and the
-//! scalar code give the same bits; tested bit for bit on random blocks and
-//! on real models' weights. Rows never share an accumulator, so a row's
-//! outputs do not depend on the rows computed beside it.
+//! `dot` is an integer, the same whatever the SIMD width or the order of
+//! its partial sums, and every float step is one IEEE operation in a fixed
+//! order, so AVX512-VNNI (`vpdpbusd`), AVX2 (`vpmaddubsw`) and the scalar
+//! code give the same bits; tested bit for bit on random blocks and on real
+//! models' weights. Rows never share an accumulator, so a row's outputs do
+//! not depend on the rows computed beside it.
 
 mod avx2;
 mod avx512;
@@ -38,8 +41,6 @@ use std::sync::OnceLock;
 const TILE: usize = 16;
 /// Weights per block, in every type packed here.
 const BLOCK: usize = 32;
-/// Bytes of a tile's block before its values: 16 f16 scales, 16 f16 offsets.
-const HEADER: usize = 4 * TILE;
 /// Activation rows a work item takes (prefill): ~100 KB of int8, in L2.
 const ROWS: usize = 64;
 /// Chooses the kernel instead of the CPU's best (tests, benchmarks, and
@@ -114,10 +115,12 @@ impl Kernel {
 /// sums a kernel may take without overflow.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Width {
-    /// 0..16, two a byte (`u[j] | u[j + 16] << 4`): Q4_0, Q4_1.
+    /// 0..16, two a byte (`u[j] | u[j + 16] << 4`): Q4_0, Q4_1, Q4_K.
     Four,
-    /// 0..32, a byte each: Q5_0, Q5_1.
+    /// 0..32, a byte each: Q5_0, Q5_1, Q5_K.
     Five,
+    /// 0..64, a byte each: Q6_K, whose weights are `u - 32`.
+    Six,
     /// 0..256, a byte each: Q8_0 (its int8 values plus 128).
     Eight,
 }
@@ -144,11 +147,101 @@ impl Width {
     }
 }
 
+/// How a tile's block holds its rows' scales and offsets, ahead of the
+/// values: the 16 rows' scales, then their offsets, then (Q6_K) the
+/// 16-value scales.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Scales {
+    /// f16 (Q4_0 to Q8_0: the file's `d` and `m`, or `d` times a power of two).
+    Half,
+    /// f32 (Q4_K, Q5_K: `d * sc` and `dmin * m`, an f16 times a 6-bit
+    /// integer, exact in f32 but not in f16).
+    Single,
+    /// Q6_K: the super-block's f16 `d` and a zero offset, then an int8 scale
+    /// for values 0..16 of each row and one for 16..32 (`SUB`, `SUB + TILE`).
+    Sixteens,
+}
+
+/// Where Q6_K's 16-value scales start in a block's header.
+const SUB: usize = 4 * TILE;
+
+impl Scales {
+    /// The bytes of one row's scale (and of its offset).
+    fn size(self) -> usize {
+        if self == Scales::Single { 4 } else { 2 }
+    }
+
+    /// Where the offsets start.
+    fn offsets(self) -> usize {
+        self.size() * TILE
+    }
+
+    fn header_bytes(self) -> usize {
+        match self {
+            Scales::Half => 4 * TILE,
+            Scales::Single => 8 * TILE,
+            Scales::Sixteens => SUB + 2 * TILE,
+        }
+    }
+
+    /// Row `r`'s scale and offset in `header`.
+    fn read(self, header: &[u8], r: usize) -> (f32, f32) {
+        let at = |i: usize| match self {
+            Scales::Single => f32::from_le_bytes([header[i], header[i + 1], header[i + 2], header[i + 3]]),
+            _ => f16::from_le_bytes([header[i], header[i + 1]]).to_f32(),
+        };
+        (at(self.size() * r), at(self.offsets() + self.size() * r))
+    }
+
+    fn write(self, header: &mut [u8], r: usize, b: &Block) {
+        let (size, offsets) = (self.size(), self.offsets());
+        let mut put = |at: usize, v: f32| match self {
+            Scales::Single => header[at..at + 4].copy_from_slice(&v.to_le_bytes()),
+            // Exact: every f16-header type's scale and offset are f16 values.
+            _ => header[at..at + 2].copy_from_slice(&f16::from_f32(v).to_le_bytes()),
+        };
+        put(size * r, b.scale);
+        put(offsets + size * r, b.offset);
+        if self == Scales::Sixteens {
+            header[SUB + r] = b.sub[0] as u8;
+            header[SUB + TILE + r] = b.sub[1] as u8;
+        }
+    }
+}
+
+/// How a GGUF type is stored in the file and packed here.
+#[derive(Clone, Copy, Debug)]
+struct Packing {
+    /// Bytes and weights of one of the file's blocks (a K-quant's
+    /// super-block holds eight 32-blocks).
+    bytes: usize,
+    weights: usize,
+    width: Width,
+    scales: Scales,
+}
+
+/// How tensors of `dtype` are packed; None for the types not packed here.
+fn packing(dtype: GgmlDType) -> Option<Packing> {
+    let p = |bytes, weights, width, scales| Some(Packing { bytes, weights, width, scales });
+    match dtype {
+        GgmlDType::Q4_0 => p(18, BLOCK, Width::Four, Scales::Half),
+        GgmlDType::Q4_1 => p(20, BLOCK, Width::Four, Scales::Half),
+        GgmlDType::Q5_0 => p(22, BLOCK, Width::Five, Scales::Half),
+        GgmlDType::Q5_1 => p(24, BLOCK, Width::Five, Scales::Half),
+        GgmlDType::Q8_0 => p(34, BLOCK, Width::Eight, Scales::Half),
+        GgmlDType::Q4K => p(144, 256, Width::Four, Scales::Single),
+        GgmlDType::Q5K => p(176, 256, Width::Five, Scales::Single),
+        GgmlDType::Q6K => p(210, 256, Width::Six, Scales::Sixteens),
+        _ => None,
+    }
+}
+
 /// A weight matrix `(n, k)` repacked for [`PackedMatrix::matmul`].
 pub struct PackedMatrix {
     n: usize,
     k: usize,
     width: Width,
+    scales: Scales,
     kernel: Kernel,
     /// Tile after tile, each its `k / 32` blocks in order.
     data: Vec<u8>,
@@ -158,43 +251,45 @@ impl PackedMatrix {
     /// Repacks `t`, a 2-D tensor of a type packed here, for `kernel`; None
     /// for other tensors (candle's kernels run them).
     pub fn new(t: &QTensor, kernel: Kernel) -> candle_core::Result<Option<PackedMatrix>> {
-        let (n, k) = match t.shape().dims() {
-            &[n, k] if k.is_multiple_of(BLOCK) => (n, k),
-            _ => return Ok(None),
-        };
-        let Some((block_bytes, width)) = layout(t.dtype()) else {
+        let Some(packing) = packing(t.dtype()) else {
             return Ok(None);
         };
+        let (n, k) = match t.shape().dims() {
+            &[n, k] if k.is_multiple_of(packing.weights) => (n, k),
+            _ => return Ok(None),
+        };
         let raw = t.data()?;
-        let kb = k / BLOCK;
-        let mut p = PackedMatrix { n, k, width, kernel, data: Vec::new() };
-        let tile_bytes = p.tile_bytes();
-        p.data = vec![0; n.div_ceil(TILE) * kb * tile_bytes];
+        let (kb, file_blocks) = (k / BLOCK, k / packing.weights);
+        let mut p = PackedMatrix { n, k, width: packing.width, scales: packing.scales, kernel, data: Vec::new() };
+        let (tile_bytes, header) = (p.tile_bytes(), p.scales.header_bytes());
+        let mut data = vec![0; n.div_ceil(TILE) * kb * tile_bytes];
         for row in 0..n {
             let (tile, r) = (row / TILE, row % TILE);
-            for b in 0..kb {
-                let src = &raw[(row * kb + b) * block_bytes..][..block_bytes];
-                let (d, m, u) = unpack(t.dtype(), src);
-                let dst = &mut p.data[(tile * kb + b) * tile_bytes..][..tile_bytes];
-                dst[2 * r..2 * r + 2].copy_from_slice(&d.to_le_bytes());
-                dst[2 * (TILE + r)..2 * (TILE + r) + 2].copy_from_slice(&m.to_le_bytes());
-                let values = &mut dst[HEADER..];
-                for (j, &u) in u.iter().enumerate() {
-                    let (at, shift) = width.slot(r, j);
-                    values[at] |= u << shift;
-                }
+            for f in 0..file_blocks {
+                let src = &raw[(row * file_blocks + f) * packing.bytes..][..packing.bytes];
+                unpack(t.dtype(), src, |i, block| {
+                    let b = f * packing.weights / BLOCK + i;
+                    let dst = &mut data[(tile * kb + b) * tile_bytes..][..tile_bytes];
+                    let (head, values) = dst.split_at_mut(header);
+                    packing.scales.write(head, r, &block);
+                    for (j, &u) in block.u.iter().enumerate() {
+                        let (at, shift) = packing.width.slot(r, j);
+                        values[at] |= u << shift;
+                    }
+                });
             }
         }
+        p.data = data;
         Ok(Some(p))
     }
 
     /// Whether tensors of `dtype` are packed here.
     pub fn packs(dtype: GgmlDType) -> bool {
-        layout(dtype).is_some()
+        packing(dtype).is_some()
     }
 
     fn tile_bytes(&self) -> usize {
-        HEADER + self.width.value_bytes()
+        self.scales.header_bytes() + self.width.value_bytes()
     }
 
     /// `out (m, n) = x (m, k) @ w^T`.
@@ -221,6 +316,7 @@ impl PackedMatrix {
                 let t = item % tiles;
                 let tile = Tile {
                     width: self.width,
+                    scales: self.scales,
                     w: &self.data[t * kb * tile_bytes..(t + 1) * kb * tile_bytes],
                     out: out_ptr as *mut f32,
                     n,
@@ -246,23 +342,11 @@ impl PackedMatrix {
     }
 }
 
-/// The bytes of a GGUF block of `dtype` and how its values are packed;
-/// None for the types not packed here.
-fn layout(dtype: GgmlDType) -> Option<(usize, Width)> {
-    match dtype {
-        GgmlDType::Q4_0 => Some((18, Width::Four)),
-        GgmlDType::Q4_1 => Some((20, Width::Four)),
-        GgmlDType::Q5_0 => Some((22, Width::Five)),
-        GgmlDType::Q5_1 => Some((24, Width::Five)),
-        GgmlDType::Q8_0 => Some((34, Width::Eight)),
-        _ => None,
-    }
-}
-
 /// One tile's blocks and where its outputs go: columns `col..col + cols`
 /// of `out (m, n)`.
 struct Tile<'a> {
     width: Width,
+    scales: Scales,
     w: &'a [u8],
     out: *mut f32,
     n: usize,
@@ -270,51 +354,91 @@ struct Tile<'a> {
     cols: usize,
 }
 
-/// One GGUF block as `(d, m, u)` with `w[j] = d*u[j] + m`; `m` is exact in
-/// f16 (`-8d`, `-16d` and `-128d` only scale `d` by a power of two).
-fn unpack(dtype: GgmlDType, b: &[u8]) -> (u16, u16, [u8; BLOCK]) {
-    let half = |i: usize| f16::from_le_bytes([b[i], b[i + 1]]);
-    let offset = |d: f16, zero: f32| f16::from_f32(-zero * d.to_f32()).to_bits();
-    let mut u = [0u8; BLOCK];
-    // Q4: low nibbles are values 0..16, high nibbles 16..32; Q5 adds a fifth
-    // bit from `qh`.
-    let nibbles = |u: &mut [u8; BLOCK], qs: &[u8]| {
-        for j in 0..16 {
-            u[j] = qs[j] & 0x0F;
-            u[j + 16] = qs[j] >> 4;
+/// A 32-block of weights: `w[j] = scale * u[j] + offset`; for Q6_K
+/// (`Width::Six`), `w[j] = scale * sub[j / 16] * (u[j] - 32)`.
+struct Block {
+    scale: f32,
+    offset: f32,
+    sub: [i8; 2],
+    u: [u8; BLOCK],
+}
+
+/// One GGUF block of `dtype` as its 32-blocks: `emit(i, block)` for the
+/// `i`th. Every scale and offset is exact: an f16 of the file, an f16 times
+/// a power of two (`-8d`, `-16d`, `-128d`), or an f16 times a 6-bit integer.
+fn unpack(dtype: GgmlDType, b: &[u8], mut emit: impl FnMut(usize, Block)) {
+    let half = |i: usize| f16::from_le_bytes([b[i], b[i + 1]]).to_f32();
+    let block = |scale, offset, u| Block { scale, offset, sub: [0; 2], u };
+    // Q4: low nibbles are values 0..16, high nibbles 16..32 (a K-quant's
+    // pair of blocks: low nibbles the first, high the second).
+    let nibbles = |qs: &[u8], high: bool| -> [u8; BLOCK] {
+        let mut u = [0u8; BLOCK];
+        for (u, &q) in u.iter_mut().zip(qs) {
+            *u = if high { q >> 4 } else { q & 0x0F };
         }
+        u
     };
-    let fifth = |u: &mut [u8; BLOCK], qh: &[u8]| {
+    let legacy = |qs: &[u8]| -> [u8; BLOCK] {
+        let (lo, hi) = (nibbles(&qs[..16], false), nibbles(&qs[..16], true));
+        std::array::from_fn(|j| if j < 16 { lo[j] } else { hi[j - 16] })
+    };
+    // Q5_0 and Q5_1: a fifth bit for value j from bit j of `qh`.
+    let fifth = |mut u: [u8; BLOCK], qh: &[u8]| -> [u8; BLOCK] {
         let qh = u32::from_le_bytes([qh[0], qh[1], qh[2], qh[3]]);
         for (j, v) in u.iter_mut().enumerate() {
             *v |= (((qh >> j) & 1) << 4) as u8;
         }
+        u
     };
-    let d = half(0);
+    // Q4_K and Q5_K: block j's 6-bit scale and minimum, packed in 12 bytes.
+    let scale_min = |j: usize| -> (f32, f32) {
+        let q = &b[4..16];
+        let (sc, m) = if j < 4 {
+            (q[j] & 63, q[j + 4] & 63)
+        } else {
+            ((q[j + 4] & 0x0F) | (q[j - 4] >> 6) << 4, (q[j + 4] >> 4) | (q[j] >> 6) << 4)
+        };
+        (half(0) * sc as f32, -(half(2) * m as f32))
+    };
     match dtype {
-        GgmlDType::Q4_0 => {
-            nibbles(&mut u, &b[2..18]);
-            (d.to_bits(), offset(d, 8.0), u)
-        }
-        GgmlDType::Q4_1 => {
-            nibbles(&mut u, &b[4..20]);
-            (d.to_bits(), half(2).to_bits(), u)
-        }
-        GgmlDType::Q5_0 => {
-            nibbles(&mut u, &b[6..22]);
-            fifth(&mut u, &b[2..6]);
-            (d.to_bits(), offset(d, 16.0), u)
-        }
-        GgmlDType::Q5_1 => {
-            nibbles(&mut u, &b[8..24]);
-            fifth(&mut u, &b[4..8]);
-            (d.to_bits(), half(2).to_bits(), u)
-        }
+        GgmlDType::Q4_0 => emit(0, block(half(0), -8.0 * half(0), legacy(&b[2..18]))),
+        GgmlDType::Q4_1 => emit(0, block(half(0), half(2), legacy(&b[4..20]))),
+        GgmlDType::Q5_0 => emit(0, block(half(0), -16.0 * half(0), fifth(legacy(&b[6..22]), &b[2..6]))),
+        GgmlDType::Q5_1 => emit(0, block(half(0), half(2), fifth(legacy(&b[8..24]), &b[4..8]))),
         GgmlDType::Q8_0 => {
-            for (v, &q) in u.iter_mut().zip(&b[2..34]) {
-                *v = (q as i8 as i16 + 128) as u8;
+            let u = std::array::from_fn(|j| (b[2 + j] as i8 as i16 + 128) as u8);
+            emit(0, block(half(0), -128.0 * half(0), u))
+        }
+        GgmlDType::Q4K => {
+            for j in 0..8 {
+                let (scale, offset) = scale_min(j);
+                emit(j, block(scale, offset, nibbles(&b[16 + 32 * (j / 2)..][..32], j % 2 == 1)));
             }
-            (d.to_bits(), offset(d, 128.0), u)
+        }
+        GgmlDType::Q5K => {
+            let qh = &b[16..48];
+            for j in 0..8 {
+                let (scale, offset) = scale_min(j);
+                let mut u = nibbles(&b[48 + 32 * (j / 2)..][..32], j % 2 == 1);
+                for (u, &h) in u.iter_mut().zip(qh) {
+                    *u |= (h >> j & 1) << 4;
+                }
+                emit(j, block(scale, offset, u));
+            }
+        }
+        GgmlDType::Q6K => {
+            // Halves of 128 weights, each four blocks: the low bits from
+            // nibbles of `ql`, the high two from `qh`, two bits a block.
+            let (ql, qh, sc) = (&b[..128], &b[128..192], &b[192..208]);
+            for j in 0..8 {
+                let (c, i) = (j / 4, j % 4);
+                let mut u = nibbles(&ql[64 * c + 32 * (i % 2)..][..32], i >= 2);
+                for (u, &h) in u.iter_mut().zip(&qh[32 * c..32 * c + 32]) {
+                    *u |= (h >> (2 * i) & 3) << 4;
+                }
+                let sub = [sc[8 * c + 2 * i] as i8, sc[8 * c + 2 * i + 1] as i8];
+                emit(j, Block { scale: half(208), offset: 0.0, sub, u });
+            }
         }
         other => unreachable!("{other:?} is not packed"),
     }

@@ -1,8 +1,7 @@
 //! The numeric definition as plain scalar code: what every kernel computes,
 //! bit for bit, and the kernel of CPUs with none of the others.
 
-use super::{Activations, BLOCK, HEADER, TILE, Tile};
-use half::f16;
+use super::{Activations, BLOCK, SUB, Scales, TILE, Tile};
 
 /// Adding then subtracting 1.5 * 2^23 rounds an f32 of magnitude below 2^22
 /// to an integer, half to even (the default rounding, as `vcvtps2dq` does),
@@ -36,7 +35,7 @@ pub(super) fn quantize(x: &[f32], q: &mut [i8], d: &mut [f32], s: &mut [f32], su
 pub(super) unsafe fn tile(tile: &Tile, a: &Activations, span: std::ops::Range<usize>) {
     let kb = a.k / BLOCK;
     let tile_bytes = tile.w.len() / kb;
-    let half = |b: &[u8], i: usize| f16::from_le_bytes([b[2 * i], b[2 * i + 1]]).to_f32();
+    let header = tile.scales.header_bytes();
     let mut acc = vec![[0f32; TILE]; span.len()];
     let mut u = [[0u8; BLOCK]; TILE];
     for b in 0..kb {
@@ -44,16 +43,26 @@ pub(super) unsafe fn tile(tile: &Tile, a: &Activations, span: std::ops::Range<us
         for (c, u) in u.iter_mut().enumerate().take(tile.cols) {
             for (j, u) in u.iter_mut().enumerate() {
                 let (byte, shift) = tile.width.slot(c, j);
-                *u = if tile.width.nibbles() { block[HEADER + byte] >> shift & 0x0F } else { block[HEADER + byte] };
+                let v = block[header + byte];
+                *u = if tile.width.nibbles() { v >> shift & 0x0F } else { v };
             }
         }
         for (r, acc) in span.clone().zip(acc.iter_mut()) {
             let at = r * kb + b;
             let q = &a.q[at * BLOCK..(at + 1) * BLOCK];
             for (c, (acc, u)) in acc.iter_mut().zip(&u).enumerate().take(tile.cols) {
-                let dot: i32 = u.iter().zip(q).map(|(&u, &q)| u as i32 * q as i32).sum();
-                *acc = (dot as f32).mul_add(half(block, c) * a.d[at], *acc);
-                *acc = half(block, TILE + c).mul_add(a.s[at], *acc);
+                let dot = |from: usize, bias: i32| -> i32 {
+                    (from..from + 16).map(|j| (u[j] as i32 - bias) * q[j] as i32).sum()
+                };
+                let dot = if tile.scales == Scales::Sixteens {
+                    let sub = |i: usize| block[SUB + i * TILE + c] as i8 as i32;
+                    sub(0) * dot(0, 32) + sub(1) * dot(16, 32)
+                } else {
+                    dot(0, 0) + dot(16, 0)
+                };
+                let (scale, offset) = tile.scales.read(block, c);
+                *acc = (dot as f32).mul_add(scale * a.d[at], *acc);
+                *acc = offset.mul_add(a.s[at], *acc);
             }
         }
     }

@@ -2,7 +2,13 @@ use super::*;
 use crate::infer::test_values as values;
 use candle_core::{Device, Tensor};
 
+/// The 32-weight block types, and the K-quants (256-weight super-blocks).
 const TYPES: [GgmlDType; 5] = [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q5_0, GgmlDType::Q5_1, GgmlDType::Q8_0];
+const K_TYPES: [GgmlDType; 3] = [GgmlDType::Q4K, GgmlDType::Q5K, GgmlDType::Q6K];
+
+fn all_types() -> impl Iterator<Item = GgmlDType> {
+    TYPES.into_iter().chain(K_TYPES)
+}
 
 /// The kernels this CPU runs; those it cannot are named on the terminal
 /// (not through the harness's capture, which hides it).
@@ -49,12 +55,12 @@ fn awkward_activations(m: usize, k: usize) -> Vec<f32> {
 /// groups of 4 with a tail, and a prefill batch split across work items.
 #[test]
 fn every_kernel_computes_the_reference_bits() {
-    let (n, k) = (37, 192);
+    let (n, k) = (37, 512);
     let w = Tensor::from_vec(values(n * k, 1), (n, k), &Device::Cpu).unwrap();
     let kernels = kernels_here("the kernel-against-reference test");
     for m in [1, 7, 70] {
         let x = awkward_activations(m, k);
-        for dtype in TYPES {
+        for dtype in all_types() {
             let q = QTensor::quantize(&w, dtype).unwrap();
             let want = run(&q, Kernel::Scalar, &x);
             for &kernel in &kernels {
@@ -79,10 +85,10 @@ fn every_kernel_computes_the_reference_bits() {
 #[test]
 fn the_reference_matches_the_dequantized_weights() {
     let dev = Device::Cpu;
-    let (n, k, m) = (40, 96, 7);
+    let (n, k, m) = (40, 256, 7);
     let w = Tensor::from_vec(values(n * k, 1), (n, k), &dev).unwrap();
     let x = values(m * k, 2);
-    for dtype in TYPES {
+    for dtype in all_types() {
         let q = QTensor::quantize(&w, dtype).unwrap();
         let exact = q.dequantize(&dev).unwrap().to_vec2::<f32>().unwrap();
         let out = run(&q, Kernel::Scalar, &x);
@@ -110,14 +116,17 @@ fn the_reference_matches_the_dequantized_weights() {
 /// kernel.
 #[test]
 fn rows_do_not_depend_on_the_batch() {
-    let (n, k, m) = (48, 64, 9);
+    let (n, k, m) = (48, 256, 9);
     let w = Tensor::from_vec(values(n * k, 3), (n, k), &Device::Cpu).unwrap();
-    let q = QTensor::quantize(&w, GgmlDType::Q4_1).unwrap();
     let x = values(m * k, 4);
-    for kernel in kernels_here("the batch-invariance test") {
-        let all = run(&q, kernel, &x);
-        for i in 0..m {
-            assert_eq!(run(&q, kernel, &x[i * k..(i + 1) * k]), all[i * n..(i + 1) * n], "{} row {i}", kernel.name());
+    for dtype in [GgmlDType::Q4_1, GgmlDType::Q6K] {
+        let q = QTensor::quantize(&w, dtype).unwrap();
+        for kernel in kernels_here("the batch-invariance test") {
+            let all = run(&q, kernel, &x);
+            for i in 0..m {
+                let alone = run(&q, kernel, &x[i * k..(i + 1) * k]);
+                assert_eq!(alone, all[i * n..(i + 1) * n], "{dtype:?} on {} row {i}", kernel.name());
+            }
         }
     }
 }
@@ -128,15 +137,18 @@ fn rows_do_not_depend_on_the_batch() {
 /// the same, or a shared cache would mix two datasets.
 #[test]
 fn the_reference_gives_the_same_bits_on_every_architecture() {
-    let (n, k, m) = (37, 192, 7);
-    let w = Tensor::from_vec(values(n * k, 5), (n, k), &Device::Cpu).unwrap();
-    let x = awkward_activations(m, k);
-    let mut hasher = blake3::Hasher::new();
-    for dtype in TYPES {
-        let out = run(&QTensor::quantize(&w, dtype).unwrap(), Kernel::Scalar, &x);
-        for v in out {
-            hasher.update(&v.to_bits().to_le_bytes());
+    let digest = |types: &[GgmlDType], k: usize| {
+        let (n, m) = (37, 7);
+        let w = Tensor::from_vec(values(n * k, 5), (n, k), &Device::Cpu).unwrap();
+        let x = awkward_activations(m, k);
+        let mut hasher = blake3::Hasher::new();
+        for &dtype in types {
+            for v in run(&QTensor::quantize(&w, dtype).unwrap(), Kernel::Scalar, &x) {
+                hasher.update(&v.to_bits().to_le_bytes());
+            }
         }
-    }
-    assert_eq!(hasher.finalize().to_hex().as_str(), "4beda33225f4cc6a7cd3fb7f97cecd22aa7c1bf43bf2b52e60e1cada6d5e4aa7");
+        hasher.finalize().to_hex().to_string()
+    };
+    assert_eq!(digest(&TYPES, 192), "4beda33225f4cc6a7cd3fb7f97cecd22aa7c1bf43bf2b52e60e1cada6d5e4aa7");
+    assert_eq!(digest(&K_TYPES, 512), "23803da331a6186d294d3df2a5f58f021377bc68f0f723ff418a499c5ffacaff");
 }
