@@ -50,7 +50,8 @@ unsafe fn rows<const R: usize>(tile: &Tile, a: &Activations, r0: usize, mask: __
             };
             (load(0), load(scales.offsets()))
         };
-        let sub = |i: usize| _mm512_cvtepi8_epi32(unsafe { _mm_loadu_si128(block.add(SUB + i * TILE) as *const __m128i) });
+        let sub =
+            |i: usize| _mm512_cvtepi8_epi32(unsafe { _mm_loadu_si128(block.add(SUB + i * TILE) as *const __m128i) });
         let values = unsafe { block.add(header) };
         let mut u = [_mm512_setzero_si512(); 8];
         // Q6_K: the weights' signs, for the activations.
