@@ -9,10 +9,47 @@
 //! 2 * 128 * 127 a pair) and `128 * sum(q)` added back: the same integer.
 //! Q6_K's signed `u - 32` sum four groups (4 * 2 * 32 * 127 = 32512), one
 //! per 16 values, and `vpmaddwd` against the 16 values' scale finishes each.
+//!
+//! The same code is the AVX-VNNI kernel: with `DOT` = [`VEX`] or [`EVEX`],
+//! a group's dot product is one `vpdpbusd` (u8 x i8 quadruples summed into
+//! i32, no saturation), so every width sums all eight groups and Q8_0 takes
+//! its unsigned `u` as they are.
 #![cfg(target_arch = "x86_64")]
 
 use super::{Activations, BLOCK, SUB, Scales, TILE, Tile, Width};
+use std::arch::asm;
 use std::arch::x86_64::*;
+
+/// How a half's integer dot products are taken: `vpmaddubsw` and `vpmaddwd`
+/// (AVX2), or `vpdpbusd` on 256-bit registers encoded as AVX-VNNI (VEX) or
+/// as AVX512-VNNI with AVX512VL (EVEX): the same instruction, and the one
+/// AVX512-VNNI CPUs without AVX-VNNI run this kernel with.
+pub(super) const MADD: u8 = 0;
+pub(super) const VEX: u8 = 1;
+pub(super) const EVEX: u8 = 2;
+
+/// `acc` plus, in each i32 lane, the sum of four u8 x i8 products.
+///
+/// Inline assembly rather than the intrinsics: those need their instruction
+/// set enabled on the whole function, and one function body serves all
+/// three modes.
+///
+/// SAFETY: the CPU runs `DOT`'s encoding.
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn dpbusd<const DOT: u8>(mut acc: __m256i, u: __m256i, q: __m256i) -> __m256i {
+    // SAFETY: the caller's promise; pure register arithmetic.
+    unsafe {
+        if DOT == VEX {
+            asm!("{{vex}} vpdpbusd {a}, {u}, {q}", a = inout(ymm_reg) acc, u = in(ymm_reg) u, q = in(ymm_reg) q,
+                options(pure, nomem, nostack));
+        } else {
+            asm!("{{evex}} vpdpbusd {a}, {u}, {q}", a = inout(ymm_reg) acc, u = in(ymm_reg) u, q = in(ymm_reg) q,
+                options(pure, nomem, nostack));
+        }
+    }
+    acc
+}
 
 /// [`super::reference::quantize`], compiled for AVX2.
 ///
@@ -23,12 +60,12 @@ pub(super) unsafe fn quantize(x: &[f32], q: &mut [i8], d: &mut [f32], s: &mut [f
 }
 
 /// Rows `span` of the outputs of one tile, a half at a time, four rows at
-/// a time.
+/// a time, with the dot products `DOT` names.
 ///
-/// SAFETY: the CPU has AVX2, FMA and F16C; `tile.out` holds `span.end *
-/// tile.n` floats.
+/// SAFETY: the CPU has AVX2, FMA and F16C, and `DOT`'s encoding of
+/// `vpdpbusd`; `tile.out` holds `span.end * tile.n` floats.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(super) unsafe fn tile(tile: &Tile, a: &Activations, span: std::ops::Range<usize>) {
+pub(super) unsafe fn tile<const DOT: u8>(tile: &Tile, a: &Activations, span: std::ops::Range<usize>) {
     for half in 0..2 {
         let cols = tile.cols.saturating_sub(8 * half).min(8);
         if cols == 0 {
@@ -40,10 +77,10 @@ pub(super) unsafe fn tile(tile: &Tile, a: &Activations, span: std::ops::Range<us
             let n = (span.end - r).min(4);
             unsafe {
                 match tile.width {
-                    Width::Four => rows_of::<4>(n, tile, a, r, half, cols),
-                    Width::Five => rows_of::<5>(n, tile, a, r, half, cols),
-                    Width::Six => rows_of::<6>(n, tile, a, r, half, cols),
-                    Width::Eight => rows_of::<8>(n, tile, a, r, half, cols),
+                    Width::Four => rows_of::<4, DOT>(n, tile, a, r, half, cols),
+                    Width::Five => rows_of::<5, DOT>(n, tile, a, r, half, cols),
+                    Width::Six => rows_of::<6, DOT>(n, tile, a, r, half, cols),
+                    Width::Eight => rows_of::<8, DOT>(n, tile, a, r, half, cols),
                 }
             }
             r += 4;
@@ -53,13 +90,20 @@ pub(super) unsafe fn tile(tile: &Tile, a: &Activations, span: std::ops::Range<us
 
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-unsafe fn rows_of<const W: usize>(n: usize, tile: &Tile, a: &Activations, r0: usize, half: usize, cols: usize) {
+unsafe fn rows_of<const W: usize, const DOT: u8>(
+    n: usize,
+    tile: &Tile,
+    a: &Activations,
+    r0: usize,
+    half: usize,
+    cols: usize,
+) {
     unsafe {
         match n {
-            4 => rows::<4, W>(tile, a, r0, half, cols),
-            3 => rows::<3, W>(tile, a, r0, half, cols),
-            2 => rows::<2, W>(tile, a, r0, half, cols),
-            _ => rows::<1, W>(tile, a, r0, half, cols),
+            4 => rows::<4, W, DOT>(tile, a, r0, half, cols),
+            3 => rows::<3, W, DOT>(tile, a, r0, half, cols),
+            2 => rows::<2, W, DOT>(tile, a, r0, half, cols),
+            _ => rows::<1, W, DOT>(tile, a, r0, half, cols),
         }
     }
 }
@@ -68,7 +112,13 @@ unsafe fn rows_of<const W: usize>(n: usize, tile: &Tile, a: &Activations, r0: us
 /// wide.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-unsafe fn rows<const R: usize, const W: usize>(tile: &Tile, a: &Activations, r0: usize, half: usize, cols: usize) {
+unsafe fn rows<const R: usize, const W: usize, const DOT: u8>(
+    tile: &Tile,
+    a: &Activations,
+    r0: usize,
+    half: usize,
+    cols: usize,
+) {
     let kb = a.k / BLOCK;
     let tile_bytes = tile.w.len() / kb;
     let low = _mm256_set1_epi8(0x0F);
@@ -91,11 +141,16 @@ unsafe fn rows<const R: usize, const W: usize>(tile: &Tile, a: &Activations, r0:
             let at = scales.size() * 8 * half;
             (load(at), load(scales.offsets() + at))
         };
-        // Q6_K: each row's 16-value scales, as the i16 pair `vpmaddwd` takes.
+        // Q6_K: each row's 16-value scales, in i32 lanes for `vpmulld`, or
+        // as the i16 pair `vpmaddwd` takes.
         let sub = |i: usize| {
             let sc = unsafe { _mm_loadl_epi64(block.add(SUB + i * TILE + 8 * half) as *const __m128i) };
             let sc = _mm256_cvtepi8_epi32(sc);
-            _mm256_or_si256(_mm256_and_si256(sc, _mm256_set1_epi32(0xFFFF)), _mm256_slli_epi32(sc, 16))
+            if DOT == MADD {
+                _mm256_or_si256(_mm256_and_si256(sc, _mm256_set1_epi32(0xFFFF)), _mm256_slli_epi32(sc, 16))
+            } else {
+                sc
+            }
         };
         let subs = if W == 6 { [sub(0), sub(1)] } else { [_mm256_setzero_si256(); 2] };
         let values = unsafe { block.add(header + 32 * half) };
@@ -112,7 +167,7 @@ unsafe fn rows<const R: usize, const W: usize>(tile: &Tile, a: &Activations, r0:
         } else {
             for (g, u) in u.iter_mut().enumerate() {
                 *u = load(g);
-                if W >= 6 {
+                if W == 6 || (W == 8 && DOT == MADD) {
                     signs[g] = if W == 8 { _mm256_xor_si256(*u, flip) } else { _mm256_sub_epi8(*u, bias) };
                     *u = _mm256_abs_epi8(signs[g]);
                 }
@@ -124,7 +179,18 @@ unsafe fn rows<const R: usize, const W: usize>(tile: &Tile, a: &Activations, r0:
             let qs = |g: usize| _mm256_set1_epi32(unsafe { (q.add(4 * g) as *const i32).read_unaligned() });
             let pairs = |g: usize| _mm256_maddubs_epi16(u[g], qs(g));
             let signed = |g: usize| _mm256_maddubs_epi16(u[g], _mm256_sign_epi8(qs(g), signs[g]));
+            let vnni = |groups: std::ops::Range<usize>| {
+                groups.fold(_mm256_setzero_si256(), |d, g| {
+                    let q = if W == 6 { _mm256_sign_epi8(qs(g), signs[g]) } else { qs(g) };
+                    // SAFETY: this function's promise.
+                    unsafe { dpbusd::<DOT>(d, u[g], q) }
+                })
+            };
             let dot = match W {
+                6 if DOT != MADD => {
+                    _mm256_add_epi32(_mm256_mullo_epi32(vnni(0..4), subs[0]), _mm256_mullo_epi32(vnni(4..8), subs[1]))
+                }
+                _ if DOT != MADD => vnni(0..8),
                 4 => {
                     let p = (1..8).fold(pairs(0), |p, g| _mm256_add_epi16(p, pairs(g)));
                     _mm256_madd_epi16(p, ones)

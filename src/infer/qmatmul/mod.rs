@@ -23,8 +23,9 @@
 //!
 //! `dot` is an integer, the same whatever the SIMD width or the order of
 //! its partial sums, and every float step is one IEEE operation in a fixed
-//! order, so AVX512-VNNI (`vpdpbusd`), AVX2 (`vpmaddubsw`), NEON (`smull`)
-//! and the scalar code give the same bits; tested bit for bit on random blocks and on real
+//! order, so AVX512-VNNI and AVX-VNNI (`vpdpbusd`), AVX2 (`vpmaddubsw`),
+//! NEON (`sdot`, or `smull` without the dot-product extension) and the
+//! scalar code give the same bits; tested bit for bit on random blocks and on real
 //! models' weights. Rows never share an accumulator, so a row's outputs do
 //! not depend on the rows computed beside it.
 
@@ -52,19 +53,26 @@ pub const KERNEL_VAR: &str = "PREFGEN_INT8_KERNEL";
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kernel {
     Avx512Vnni,
+    /// `vpdpbusd` on 256-bit registers: AVX-VNNI, or AVX512-VNNI with VL.
+    AvxVnni,
     Avx2,
+    /// NEON with the dot-product extension (`sdot`).
+    NeonDotprod,
     Neon,
     Scalar,
 }
 
 impl Kernel {
     /// Fastest first.
-    pub const ALL: [Kernel; 4] = [Kernel::Avx512Vnni, Kernel::Avx2, Kernel::Neon, Kernel::Scalar];
+    pub const ALL: [Kernel; 6] =
+        [Kernel::Avx512Vnni, Kernel::AvxVnni, Kernel::Avx2, Kernel::NeonDotprod, Kernel::Neon, Kernel::Scalar];
 
     pub fn name(self) -> &'static str {
         match self {
             Kernel::Avx512Vnni => "avx512-vnni",
+            Kernel::AvxVnni => "avx-vnni",
             Kernel::Avx2 => "avx2",
+            Kernel::NeonDotprod => "neon-dotprod",
             Kernel::Neon => "neon",
             Kernel::Scalar => "scalar",
         }
@@ -83,6 +91,12 @@ impl Kernel {
                 is_x86_feature_detected!("avx512vnni"),
             ]),
             #[cfg(target_arch = "x86_64")]
+            Kernel::AvxVnni => {
+                Kernel::Avx2.runs_here()
+                    && (is_x86_feature_detected!("avxvnni")
+                        || has(&[is_x86_feature_detected!("avx512vnni"), is_x86_feature_detected!("avx512vl")]))
+            }
+            #[cfg(target_arch = "x86_64")]
             Kernel::Avx2 => has(&[
                 is_x86_feature_detected!("avx2"),
                 is_x86_feature_detected!("fma"),
@@ -90,6 +104,8 @@ impl Kernel {
             ]),
             #[cfg(target_arch = "aarch64")]
             Kernel::Neon => std::arch::is_aarch64_feature_detected!("neon"),
+            #[cfg(target_arch = "aarch64")]
+            Kernel::NeonDotprod => std::arch::is_aarch64_feature_detected!("dotprod"),
             Kernel::Scalar => true,
             #[allow(unreachable_patterns)]
             _ => false,
@@ -336,9 +352,17 @@ impl PackedMatrix {
                         #[cfg(target_arch = "x86_64")]
                         Kernel::Avx512Vnni => avx512::tile(&tile, &acts, rows),
                         #[cfg(target_arch = "x86_64")]
-                        Kernel::Avx2 => avx2::tile(&tile, &acts, rows),
+                        Kernel::AvxVnni if is_x86_feature_detected!("avxvnni") => {
+                            avx2::tile::<{ avx2::VEX }>(&tile, &acts, rows)
+                        }
+                        #[cfg(target_arch = "x86_64")]
+                        Kernel::AvxVnni => avx2::tile::<{ avx2::EVEX }>(&tile, &acts, rows),
+                        #[cfg(target_arch = "x86_64")]
+                        Kernel::Avx2 => avx2::tile::<{ avx2::MADD }>(&tile, &acts, rows),
                         #[cfg(target_arch = "aarch64")]
-                        Kernel::Neon => neon::tile(&tile, &acts, rows),
+                        Kernel::NeonDotprod => neon::tile::<true>(&tile, &acts, rows),
+                        #[cfg(target_arch = "aarch64")]
+                        Kernel::Neon => neon::tile::<false>(&tile, &acts, rows),
                         Kernel::Scalar => reference::tile(&tile, &acts, rows),
                         #[allow(unreachable_patterns)]
                         other => unreachable!("{other:?} does not run on this architecture"),
@@ -492,7 +516,7 @@ impl Activations {
                 // SAFETY: the kernel runs here, so AVX2 does: the same
                 // scalar code, in wider registers.
                 #[cfg(target_arch = "x86_64")]
-                Kernel::Avx512Vnni | Kernel::Avx2 => unsafe { avx2::quantize(x, q, d, s, sum) },
+                Kernel::Avx512Vnni | Kernel::AvxVnni | Kernel::Avx2 => unsafe { avx2::quantize(x, q, d, s, sum) },
                 _ => reference::quantize(x, q, d, s, sum),
             }
         };

@@ -14,6 +14,13 @@ fn all_types() -> impl Iterator<Item = GgmlDType> {
 /// (not through the harness's capture, which hides it).
 fn kernels_here(what: &str) -> Vec<Kernel> {
     use std::io::Write;
+    #[cfg(target_arch = "x86_64")]
+    if Kernel::AvxVnni.runs_here() && !is_x86_feature_detected!("avxvnni") {
+        let _ = writeln!(
+            std::io::stderr(),
+            "SKIPPED {what} on avx-vnni's VEX encoding: this CPU lacks AVX-VNNI (its EVEX encoding runs)"
+        );
+    }
     Kernel::ALL
         .into_iter()
         .filter(|k| {
