@@ -1,5 +1,7 @@
 //! `make bench`: generation throughput on the CPU demo model, SmolLM2-135M-Instruct
-//! (Q4_1 GGUF, `make models`), on MT-Bench's first-turn questions.
+//! (Q4_1 GGUF, `make models`), and on Gemma-3 270M (Q4_K_M: its matmuls are
+//! Q4_K, Q6_K, Q5_0 and Q8_0; a base model, so the questions go in without
+//! a chat template), on MT-Bench's first-turn questions.
 //!
 //! Prompt tokens/s is the prefill of the prompts, `batch` of them packed in
 //! one forward as the engine admits them; generated tokens/s is the whole
@@ -20,19 +22,33 @@ fn main() {
     // SAFETY: nothing has started a thread yet.
     unsafe { prefgen::infer::settle_thread_count() };
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-    let model = root.join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    let policy = Policy::load(&model, &prefgen::infer::Load::default()).expect("run `make models` first");
     let questions = std::fs::read_to_string(root.join("benches/data/mt_bench_questions.jsonl")).expect("benches/data");
     let prompts: Vec<String> = questions
         .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
         .filter_map(|q| q["turns"][0].as_str().map(str::to_string))
         .collect();
+    let llama = llama_cpp_bench();
+    for (name, file, chat) in [
+        ("SmolLM2-135M-Instruct Q4_1", "SmolLM2-135M-Instruct.Q4_1.gguf", true),
+        ("Gemma-3 270M Q4_K_M", "gemma-3-270m-q4_k_m.gguf", false),
+    ] {
+        bench(name, &root.join("models").join(file), chat, &prompts, llama.as_deref());
+    }
+}
+
+/// The table for one model: prefgen at batch 1, 8 and 32 beside llama.cpp.
+fn bench(name: &str, model: &std::path::Path, chat: bool, prompts: &[String], llama: Option<&std::path::Path>) {
+    // A base model's prompts are the raw text.
+    let dir = tempfile::tempdir().unwrap();
+    let raw = dir.path().join("raw.jinja");
+    std::fs::write(&raw, "{{ messages[0]['content'] }}").unwrap();
+    let load = prefgen::infer::Load { chat_template: (!chat).then_some(raw.as_path()), dequantize: false };
+    let policy = Policy::load(model, &load).expect("run `make models` first");
     let encoded: Vec<Vec<u32>> =
         prompts.iter().map(|p| policy.chat.encode(&policy.chat.format_prompt(p).unwrap(), false).unwrap()).collect();
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    println!("\ngeneration, SmolLM2-135M-Instruct Q4_1, {threads} threads, CPU\n");
-    let llama = llama_cpp_bench();
+    println!("\ngeneration, {name}, {threads} threads, CPU ({})\n", policy.engine());
     println!(
         "| batch | prompts | prompt tokens/s | generated tokens | generated tokens/s | llama.cpp prompt / generated tokens/s | ratio prompt / generated |"
     );
@@ -61,7 +77,7 @@ fn main() {
             .unwrap();
         let rate = generated as f64 / t.elapsed().as_secs_f64();
         let mean_prompt = prompt_tokens / n;
-        let (theirs, ratio) = match llama.as_ref().map(|bin| llama_cpp(bin, &model, mean_prompt, batch, threads)) {
+        let (theirs, ratio) = match llama.map(|bin| llama_cpp(bin, model, mean_prompt, batch, threads)) {
             Some((pp, tg)) => (format!("{pp:.0} / {tg:.1}"), format!("{:.2} / {:.2}", prefill / pp, rate / tg)),
             None => ("-".into(), "-".into()),
         };
