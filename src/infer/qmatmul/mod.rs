@@ -25,9 +25,9 @@
 //! its partial sums, and every float step is one IEEE operation in a fixed
 //! order, so AVX512-VNNI and AVX-VNNI (`vpdpbusd`), AVX2 (`vpmaddubsw`),
 //! NEON (`sdot`, or `smull` without the dot-product extension) and the
-//! scalar code give the same bits; tested bit for bit on random blocks and on real
-//! models' weights. Rows never share an accumulator, so a row's outputs do
-//! not depend on the rows computed beside it.
+//! scalar code give the same bits; tested bit for bit on random blocks and
+//! on real models' weights. Rows never share an accumulator, so a row's
+//! outputs do not depend on the rows computed beside it.
 
 mod avx2;
 mod avx512;
@@ -230,31 +230,17 @@ impl Scales {
     }
 }
 
-/// How a GGUF type is stored in the file and packed here.
-#[derive(Clone, Copy, Debug)]
-struct Packing {
-    /// Bytes and weights of one of the file's blocks (a K-quant's
-    /// super-block holds eight 32-blocks).
-    bytes: usize,
-    weights: usize,
-    width: Width,
-    scales: Scales,
-}
-
 /// How tensors of `dtype` are packed; None for the types not packed here.
-fn packing(dtype: GgmlDType) -> Option<Packing> {
-    let p = |bytes, weights, width, scales| Some(Packing { bytes, weights, width, scales });
-    match dtype {
-        GgmlDType::Q4_0 => p(18, BLOCK, Width::Four, Scales::Half),
-        GgmlDType::Q4_1 => p(20, BLOCK, Width::Four, Scales::Half),
-        GgmlDType::Q5_0 => p(22, BLOCK, Width::Five, Scales::Half),
-        GgmlDType::Q5_1 => p(24, BLOCK, Width::Five, Scales::Half),
-        GgmlDType::Q8_0 => p(34, BLOCK, Width::Eight, Scales::Half),
-        GgmlDType::Q4K => p(144, 256, Width::Four, Scales::Single),
-        GgmlDType::Q5K => p(176, 256, Width::Five, Scales::Single),
-        GgmlDType::Q6K => p(210, 256, Width::Six, Scales::Sixteens),
-        _ => None,
-    }
+fn packing(dtype: GgmlDType) -> Option<(Width, Scales)> {
+    Some(match dtype {
+        GgmlDType::Q4_0 | GgmlDType::Q4_1 => (Width::Four, Scales::Half),
+        GgmlDType::Q5_0 | GgmlDType::Q5_1 => (Width::Five, Scales::Half),
+        GgmlDType::Q8_0 => (Width::Eight, Scales::Half),
+        GgmlDType::Q4K => (Width::Four, Scales::Single),
+        GgmlDType::Q5K => (Width::Five, Scales::Single),
+        GgmlDType::Q6K => (Width::Six, Scales::Sixteens),
+        _ => return None,
+    })
 }
 
 /// A weight matrix `(n, k)` repacked for [`PackedMatrix::matmul`].
@@ -272,29 +258,31 @@ impl PackedMatrix {
     /// Repacks `t`, a 2-D tensor of a type packed here, for `kernel`; None
     /// for other tensors (candle's kernels run them).
     pub fn new(t: &QTensor, kernel: Kernel) -> candle_core::Result<Option<PackedMatrix>> {
-        let Some(packing) = packing(t.dtype()) else {
+        let Some((width, scales)) = packing(t.dtype()) else {
             return Ok(None);
         };
+        // The file's blocks: 32 weights, or a K-quant's super-block of 256.
+        let (bytes, weights) = (t.dtype().type_size(), t.dtype().block_size());
         let (n, k) = match t.shape().dims() {
-            &[n, k] if k.is_multiple_of(packing.weights) => (n, k),
+            &[n, k] if k.is_multiple_of(weights) => (n, k),
             _ => return Ok(None),
         };
         let raw = t.data()?;
-        let (kb, file_blocks) = (k / BLOCK, k / packing.weights);
-        let mut p = PackedMatrix { n, k, width: packing.width, scales: packing.scales, kernel, data: Vec::new() };
+        let (kb, file_blocks) = (k / BLOCK, k / weights);
+        let mut p = PackedMatrix { n, k, width, scales, kernel, data: Vec::new() };
         let (tile_bytes, header) = (p.tile_bytes(), p.scales.header_bytes());
         let mut data = vec![0; n.div_ceil(TILE) * kb * tile_bytes];
         for row in 0..n {
             let (tile, r) = (row / TILE, row % TILE);
             for f in 0..file_blocks {
-                let src = &raw[(row * file_blocks + f) * packing.bytes..][..packing.bytes];
+                let src = &raw[(row * file_blocks + f) * bytes..][..bytes];
                 unpack(t.dtype(), src, |i, block| {
-                    let b = f * packing.weights / BLOCK + i;
+                    let b = f * weights / BLOCK + i;
                     let dst = &mut data[(tile * kb + b) * tile_bytes..][..tile_bytes];
                     let (head, values) = dst.split_at_mut(header);
-                    packing.scales.write(head, r, &block);
+                    scales.write(head, r, &block);
                     for (j, &u) in block.u.iter().enumerate() {
-                        let (at, shift) = packing.width.slot(r, j);
+                        let (at, shift) = width.slot(r, j);
                         values[at] |= u << shift;
                     }
                 });
