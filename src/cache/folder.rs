@@ -51,10 +51,10 @@ impl FolderTier {
     /// Creates the blob's folder (group-writable and setgid when shared).
     fn make_dirs(&self, dest: &Path) -> io::Result<()> {
         let dir = dest.parent().expect("blob paths have a parent");
-        std::fs::create_dir_all(dir)?;
+        create_dirs(dir)?;
         if self.shared {
             for d in [dir, dir.parent().unwrap_or(dir), &self.tmp_dir()] {
-                std::fs::create_dir_all(d)?;
+                create_dirs(d)?;
                 let _ = std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o2775));
             }
         }
@@ -69,6 +69,19 @@ impl FolderTier {
             tmp.as_file().set_permissions(std::fs::Permissions::from_mode(self.mode(bucket)))?;
         }
         Ok(tmp)
+    }
+}
+
+/// `create_dir_all`, again when it fails with "exists": it does when the
+/// folder is removed between its `mkdir` and its check (a record taken back
+/// by another claimer while this one recreates it).
+fn create_dirs(dir: &Path) -> io::Result<()> {
+    let mut tries = 0;
+    loop {
+        match std::fs::create_dir_all(dir) {
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists && tries < 16 => tries += 1,
+            done => return done,
+        }
     }
 }
 
