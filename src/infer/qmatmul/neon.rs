@@ -61,9 +61,9 @@ unsafe fn rows<const R: usize, const DOT: bool>(tile: &Tile, a: &Activations, r0
         // block holds 32 bytes.
         let values = block[header..].as_ptr();
         for c in 0..TILE / 4 {
-            let rows = |f: &dyn Fn(usize) -> f32| unsafe { vld1q_f32([f(0), f(1), f(2), f(3)].as_ptr()) };
-            let scale = rows(&|r| scales.read(block, 4 * c + r).0);
-            let offset = rows(&|r| scales.read(block, 4 * c + r).1);
+            let pairs = [0, 1, 2, 3].map(|r| scales.read(block, 4 * c + r));
+            let (scale, offset) =
+                unsafe { (vld1q_f32(pairs.map(|h| h.0).as_ptr()), vld1q_f32(pairs.map(|h| h.1).as_ptr())) };
             let load = |g: usize| unsafe { vld1q_u8(values.add(64 * g + 16 * c)) };
             let mut w = [unsafe { vdupq_n_s8(0) }; 8];
             unsafe {
