@@ -43,7 +43,7 @@ fn bench(name: &str, model: &std::path::Path, chat: bool, prompts: &[String], ll
     let dir = tempfile::tempdir().unwrap();
     let raw = dir.path().join("raw.jinja");
     std::fs::write(&raw, "{{ messages[0]['content'] }}").unwrap();
-    let load = prefgen::infer::Load { chat_template: (!chat).then_some(raw.as_path()), dequantize: false };
+    let load = prefgen::infer::Load { chat_template: (!chat).then_some(raw.as_path()), ..Default::default() };
     let policy = Policy::load(model, &load).expect("run `make models` first");
     let encoded: Vec<Vec<u32>> =
         prompts.iter().map(|p| policy.chat.encode(&policy.chat.format_prompt(p).unwrap(), false).unwrap()).collect();

@@ -34,7 +34,8 @@ fn matches_transformers(dequantize: bool) {
     // The base model has no chat template; a plain one makes prompts raw text.
     let template = dir.path().join("raw.jinja");
     std::fs::write(&template, "{{ messages[0]['content'] }}").unwrap();
-    let policy = Policy::load(&model(), &Load { chat_template: Some(&template), dequantize }).unwrap();
+    let policy =
+        Policy::load(&model(), &Load { chat_template: Some(&template), dequantize, ..Load::default() }).unwrap();
     let r = reference();
     let cases = r["generation"].as_array().unwrap();
     let (mut worst, mut jobs) = (0f32, Vec::new());

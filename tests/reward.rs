@@ -90,7 +90,7 @@ fn armorm_needs_the_end_of_user_turn() {
     let template = dir.path().join("other.jinja");
     std::fs::write(&template, "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}").unwrap();
     let model =
-        RewardModel::load(dir.path(), None, None, &Load { chat_template: Some(&template), dequantize: false }).unwrap();
+        RewardModel::load(dir.path(), None, None, &Load { chat_template: Some(&template), ..Load::default() }).unwrap();
     let ids = model.encode("Hi", "Hello", 512, Overflow::Truncate).unwrap().unwrap();
     let err = model.score(&[&ids]).unwrap_err();
     assert!(format!("{err:#}").contains("end of the user turn"), "{err:#}");

@@ -1,6 +1,7 @@
 //! The command line: one file per command; `main` parses and dispatches.
 
 pub mod cache;
+pub mod infer;
 pub mod plan;
 pub mod run;
 pub mod slurm;
@@ -110,6 +111,12 @@ pub enum Command {
         #[command(subcommand)]
         command: cache::Command,
     },
+    /// Run one model on files, outside a recipe: responses, scores,
+    /// throughput.
+    Infer {
+        #[command(subcommand)]
+        command: infer::Command,
+    },
 }
 
 /// The recipe a command works on.
@@ -141,5 +148,6 @@ pub fn dispatch(cli: Cli) -> Result<ExitCode> {
         Command::Verify(args) => verify::verify(&caches, args),
         Command::Slurm(args) => slurm::slurm(&caches, args),
         Command::Cache { command } => cache::cache(&caches, remote.as_deref(), command),
+        Command::Infer { command } => infer::infer(command),
     }
 }

@@ -14,7 +14,7 @@ pub mod server;
 pub mod template;
 
 use anyhow::Result;
-use candle_core::Device;
+use candle_core::{DType, Device};
 use chat::Chat;
 use gguf::GgufFile;
 use models::decoder::Decoder;
@@ -48,6 +48,10 @@ pub struct Load<'a> {
     pub chat_template: Option<&'a Path>,
     /// Run a GGUF file's weights in f32 rather than as quantized matmuls.
     pub dequantize: bool,
+    /// A model folder's weights and activations in this dtype rather than
+    /// the device's (bf16 on a GPU, f32 on the CPU). bf16 on the CPU runs
+    /// the GPU's tensor ops there, with the CPU's kernels.
+    pub dtype: Option<DType>,
 }
 
 /// A policy ready to generate: its weights, and its tokenizer, template and
@@ -62,7 +66,12 @@ impl Policy {
     pub fn load(path: &Path, options: &Load) -> Result<Policy> {
         let chat = Chat::load(path, options.chat_template)?;
         let model = if path.is_dir() {
-            Decoder::from_safetensors(path, &device()?)?
+            Decoder::from_safetensors(path, &device()?, options.dtype)?
+        } else if let Some(dtype) = options.dtype {
+            anyhow::bail!(
+                "{}: a GGUF file runs in its own quantized types, so a dtype ({dtype:?}) applies only to a model folder",
+                path.display()
+            );
         } else {
             Decoder::from_gguf(&GgufFile::open(path)?, &device()?, options.dequantize)?
         };

@@ -40,7 +40,7 @@ impl stages::Models for Models {
             return Ok(p.clone());
         }
         eprintln!("loading {}", model.display());
-        let load = Load { chat_template, dequantize: false };
+        let load = Load { chat_template, ..Load::default() };
         let policy = Policy::load(model, &load)
             .with_context(|| loading(recipe::generate::model, model, recipe::generate::chat_template, chat_template))?;
         let policy = Rc::new(policy);
@@ -95,7 +95,7 @@ impl stages::Models for Models {
             ),
             None => None,
         };
-        let load = Load { chat_template, dequantize: false };
+        let load = Load { chat_template, ..Load::default() };
         let rm = RewardModel::load(model, kind, rubric, &load)
             .with_context(|| loading(recipe::annotate::model, model, recipe::annotate::chat_template, chat_template))?;
         let rm = Rc::new(rm);

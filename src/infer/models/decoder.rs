@@ -170,10 +170,11 @@ impl Linear {
         }
     }
 
-    /// A dense weight `(out, in)`: prefgen's row-exact kernel on the CPU,
-    /// a tensor matmul on the GPU.
+    /// A dense weight `(out, in)`: prefgen's row-exact kernel in f32 on the
+    /// CPU, a tensor matmul otherwise (the GPU, or another dtype).
     pub(crate) fn dense(w: Tensor) -> candle_core::Result<Linear> {
-        Ok(if w.device().is_cpu() { Linear::Rows(DenseMatrix::new(&w)?) } else { Linear::Dense(w) })
+        let exact = w.device().is_cpu() && w.dtype() == DType::F32;
+        Ok(if exact { Linear::Rows(DenseMatrix::new(&w)?) } else { Linear::Dense(w) })
     }
 
     /// Which kernel computes it, for the engine a result records.
@@ -407,8 +408,8 @@ impl Decoder {
 
     /// Loads a hub-layout folder: `config.json` and `*.safetensors` (one
     /// file, or shards listed by `model.safetensors.index.json`), in f32 on
-    /// the CPU and bf16 on a GPU.
-    pub fn from_safetensors(dir: &Path, device: &Device) -> Result<Decoder> {
+    /// the CPU and bf16 on a GPU unless `dtype` says otherwise.
+    pub fn from_safetensors(dir: &Path, device: &Device, dtype: Option<DType>) -> Result<Decoder> {
         let text = std::fs::read_to_string(dir.join(files::CONFIG))
             .with_context(|| format!("{}: no {}", dir.display(), files::CONFIG))?;
         let hc: HubConfig = serde_json::from_str(&text).with_context(|| format!("{}/config.json", dir.display()))?;
@@ -459,7 +460,7 @@ impl Decoder {
             activation: if gemma2 { Activation::GeluTanh } else { Activation::Silu },
         };
         let weights = Safetensors::open(dir)?;
-        let dtype = if device.is_cuda() { DType::BF16 } else { DType::F32 };
+        let dtype = dtype.unwrap_or(if device.is_cuda() { DType::BF16 } else { DType::F32 });
         let get = |name: &str| -> Result<Tensor> { weights.tensor(name, device, dtype) };
         // Gemma's RMSNorm scales by (1 + w): fold the 1 in once, here.
         let norm = |name: &str| -> Result<Tensor> {
@@ -561,6 +562,11 @@ impl Decoder {
 
     pub fn dtype(&self) -> DType {
         self.embed.dtype()
+    }
+
+    /// Rows of the embedding: the token ids the model takes.
+    pub fn vocab(&self) -> usize {
+        self.embed.dim(0).unwrap_or(0)
     }
 
     pub fn new_cache(&self) -> KvCache {
@@ -858,8 +864,8 @@ mod tests {
     fn fused_attention_matches_the_tensor_ops() {
         for name in ["tiny-llama3", "tiny-gemma2"] {
             let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name);
-            let fused = Decoder::from_safetensors(&dir, &Device::Cpu).unwrap();
-            let mut tensors = Decoder::from_safetensors(&dir, &Device::Cpu).unwrap();
+            let fused = Decoder::from_safetensors(&dir, &Device::Cpu, None).unwrap();
+            let mut tensors = Decoder::from_safetensors(&dir, &Device::Cpu, None).unwrap();
             assert!(fused.rope.host.is_some(), "f32 on the CPU runs the fused attention");
             tensors.rope.host = None;
             let prompts: Vec<Vec<u32>> = [3u32, 11, 20]
