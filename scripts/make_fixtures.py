@@ -17,6 +17,10 @@ import hashlib
 import json
 import os
 import random
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import gpucheck.armorm  # noqa: E402  (the ArmoRM reference the GPU check shares)
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "fixtures")
 SEEDS = [13, 21, 42, 79, 100]
@@ -414,7 +418,7 @@ def reward_fixtures():
     convs = [[{"role": "user", "content": p}, {"role": "assistant", "content": r}] for p, r in REWARD_CONVERSATIONS]
     inputs = [tok(tok.apply_chat_template(c, tokenize=False), add_special_tokens=False).input_ids for c in convs]
     # ArmoRM finds the gating position by the ids of this text.
-    pattern = tok("<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n", add_special_tokens=False).input_ids
+    pattern = tok(gpucheck.armorm.GATING_TEXT, add_special_tokens=False).input_ids
 
     # ArmoRM, as RLHFlow's modeling_custom.py defines it; its pad id lies
     # outside the vocabulary, as the real one's (128256) does.
@@ -428,28 +432,20 @@ def reward_fixtures():
     logit_scale = torch.tensor([1.7])
     transform = torch.eye(objectives) + torch.randn(objectives, objectives) * 0.1
 
-    def armorm(input_ids):
-        x = torch.tensor([input_ids])
-        with torch.no_grad():
-            h = backbone(x).last_hidden_state[0]
-            j = max(k for k in range(len(input_ids) - len(pattern) + 1) if input_ids[k:k + len(pattern)] == pattern)
-            rewards = h[-1] @ regression.T
-            g = h[j]
-            for n, (w, b) in enumerate(gating):
-                g = g @ w.T + b
-                if n < len(gating) - 1:
-                    g = torch.relu(g)
-            g = torch.softmax(g / temperature, dim=0) * logit_scale[0]
-            return float((g * (rewards @ transform)).sum())
-
-    out = os.path.join(ROOT, "tiny-armorm")
-    os.makedirs(out, exist_ok=True)
     weights = {f"model.{k}": v.contiguous() for k, v in backbone.state_dict().items()}
     weights["regression_layer.weight"] = regression
     for n, (w, b) in enumerate(gating):
         weights[f"gating.layers.{n}.weight"], weights[f"gating.layers.{n}.bias"] = w, b
     weights["gating.logit_scale"] = logit_scale
     weights["reward_transform_matrix"] = transform
+
+    def armorm(input_ids):
+        with torch.no_grad():
+            h = backbone(torch.tensor([input_ids])).last_hidden_state[0]
+            return gpucheck.armorm.score(h, input_ids, pattern, weights, gate_layers, temperature)
+
+    out = os.path.join(ROOT, "tiny-armorm")
+    os.makedirs(out, exist_ok=True)
     save_file(weights, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
     cfg = config.to_dict()
     cfg.update(architectures=["LlamaForRewardModelWithGating"], pad_token_id=vocab, num_objectives=objectives,
