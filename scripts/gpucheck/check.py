@@ -38,8 +38,11 @@ SIZES = {
 # sums. bf16 rounds every activation to 8 bits, and prefgen and torch round
 # at other places, so bf16 is judged against transformers' f32: prefgen's
 # bf16 may be at most BF16_SLACK times as far from it as transformers' bf16.
+# The maxima of a few dozen values vary by 2x between two correct bf16
+# implementations; a bug is 10x and more (the bf16 softmax this check
+# found was 200x).
 F32_TOLERANCE = 1e-3
-BF16_SLACK = 2.0
+BF16_SLACK = 3.0
 
 
 class Check:
