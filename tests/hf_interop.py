@@ -8,18 +8,20 @@
   both load, with the published princeton-nlp features;
 - their rows equal the SimPO JSON (`all_outputs_bin.json`), with prompt_id the
   hex SHA-256 of the prompt;
-- the card's YAML front matter parses, its features are those the files
-  load with, its data_files find the parquet files, and the plots it shows
-  exist and are valid PNGs.
+- the card's YAML front matter parses, carries the hub's license,
+  task_categories and size_categories, its features are those the files
+  load with, its data_files find the parquet files, and
+  `datasets.load_dataset(EXPORT_DIR)` loads the folder by itself from them;
+- the plots it shows exist and are SVG documents with a title, axis labels,
+  ticks and (for two series) a legend.
 """
 import glob
 import hashlib
 import json
 import os
 import re
-import struct
 import sys
-import zlib
+import xml.etree.ElementTree as ET
 
 import datasets
 import yaml
@@ -64,20 +66,28 @@ config = front["configs"][0]
 for entry in config["data_files"]:
     assert glob.glob(os.path.join(export_dir, entry["path"])), entry
 assert sorted(e["split"] for e in config["data_files"]) == sorted(splits)
-plots = re.findall(r"!\[[^\]]*\]\((plots/[^)]+\.png)\)", card)
+total = sum(disk[s].num_rows for s in splits)
+assert front["license"], front
+assert front["task_categories"] == ["text-generation"], front
+size = "n<1K" if total < 1000 else "1K<n<10K" if total < 10000 else "10K<n<100K" if total < 100000 else "100K<n<1M"
+assert front["size_categories"] == [size], (front["size_categories"], total)
+# The folder by itself: the card's configs pick the parquet files out of
+# everything else in it (the JSON files, hf/, plots/).
+whole = load_dataset(export_dir)
+assert sorted(whole.keys()) == sorted(splits), list(whole.keys())
+for split in splits:
+    assert whole[split].features == want and whole[split].num_rows == disk[split].num_rows, split
+plots = re.findall(r"!\[[^\]]*\]\((plots/[^)]+\.svg)\)", card)
 assert len(plots) == 4 * len(splits), plots
+ns = "{http://www.w3.org/2000/svg}"
 for rel in plots:
-    with open(os.path.join(export_dir, rel), "rb") as f:
-        png = f.read()
-    assert png[:8] == b"\x89PNG\r\n\x1a\n", rel
-    width, height = struct.unpack(">II", png[16:24])
-    chunks, at = {}, 8
-    while at < len(png):
-        (n,) = struct.unpack(">I", png[at:at + 4])
-        kind, data = png[at + 4:at + 8], png[at + 8:at + 8 + n]
-        assert zlib.crc32(kind + data) == struct.unpack(">I", png[at + 8 + n:at + 12 + n])[0], (rel, kind)
-        chunks[kind] = chunks.get(kind, b"") + data
-        at += 12 + n
-    pixels = zlib.decompress(chunks[b"IDAT"])
-    assert len(pixels) == height * (1 + 3 * width), (rel, len(pixels))
+    root = ET.parse(os.path.join(export_dir, rel)).getroot()
+    assert root.tag == ns + "svg", (rel, root.tag)
+    texts = [t.text for t in root.iter(ns + "text")]
+    title = root.find(ns + "title").text
+    assert title in texts and any(s in title for s in splits), (rel, title)
+    numbers = [t for t in texts if re.fullmatch(r"-?[0-9.]+", t or "")]
+    assert len(numbers) >= 4, (rel, texts)  # ticks on both axes
+    if rel.endswith(("-scores.svg", "-length.svg")) and not rel.endswith("seed-length.svg"):
+        assert any(t.startswith("chosen (n = ") for t in texts) and any(t.startswith("rejected (n = ") for t in texts), (rel, texts)
 print(f"hf interop ok: {', '.join(splits)}; datasets {datasets.__version__}")

@@ -1,8 +1,9 @@
-//! The dataset card (`README.md` in `export.dir`): the hub's YAML front matter,
-//! then the counts, plots (`plots/*.png`), the recipe, the lock's digests
-//! and the cache keys.
+//! The dataset card (`README.md` in `export.dir`): the hub's YAML front matter
+//! (license, task and size categories, the configs `load_dataset` reads),
+//! then what the data was made from, the counts, the plots
+//! (`plots/*.svg`), the recipe and the cache keys.
 
-use crate::formats::plot::{self, BLUE, ORANGE, Series};
+use crate::formats::plot::{self, CHOSEN, Labels, REJECTED, Series};
 use crate::formats::simpo::BinarizedRow;
 use anyhow::Result;
 use serde_json::Value;
@@ -42,6 +43,8 @@ pub struct Source {
 /// Everything the card shows.
 pub struct CardInput<'a> {
     pub name: &'a str,
+    /// The hub's license id (`export.license`).
+    pub license: &'a str,
     pub splits: Vec<CardSplit<'a>>,
     /// Recipe key -> value, for every key that shaped the data.
     pub params: BTreeMap<String, Value>,
@@ -89,6 +92,100 @@ impl Pairs {
     }
 }
 
+/// The hub's size category for `n` rows.
+fn size_category(n: usize) -> &'static str {
+    match n {
+        0..1_000 => "n<1K",
+        1_000..10_000 => "1K<n<10K",
+        10_000..100_000 => "10K<n<100K",
+        100_000..1_000_000 => "100K<n<1M",
+        _ => "1M<n<10M",
+    }
+}
+
+/// Pearson's correlation of the pairs' two values (None: fewer than two, or
+/// one of them constant).
+fn pearson(xy: &[(f64, f64)]) -> Option<f64> {
+    let finite: Vec<(f64, f64)> = xy.iter().copied().filter(|(x, y)| x.is_finite() && y.is_finite()).collect();
+    let (mx, my) = (mean(finite.iter().map(|p| p.0))?, mean(finite.iter().map(|p| p.1))?);
+    let (mut sxy, mut sxx, mut syy) = (0.0, 0.0, 0.0);
+    for (x, y) in &finite {
+        (sxy, sxx, syy) = (sxy + (x - mx) * (y - my), sxx + (x - mx) * (x - mx), syy + (y - my) * (y - my));
+    }
+    (finite.len() > 1 && sxx > 0.0 && syy > 0.0).then(|| sxy / (sxx * syy).sqrt())
+}
+
+/// The range of both sides' finite scores (1 when there is none).
+fn spread(a: &[f64], b: &[f64]) -> f64 {
+    let (lo, hi) = a
+        .iter()
+        .chain(b)
+        .filter(|v| v.is_finite())
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(l, h), v| (l.min(*v), h.max(*v)));
+    if hi > lo { hi - lo } else { 1.0 }
+}
+
+/// What a reader asks first: which models, prompts, seeds and sampling made
+/// the data, with which prefgen, and how to rebuild it.
+fn provenance(b: &mut String, input: &CardInput) {
+    let shown = |s: &Source| format!("`{}` (digest `{}`)", s.source, &s.digest[..12.min(s.digest.len())]);
+    let of = |prefix: &str| -> Vec<String> {
+        input.sources.iter().filter(|s| s.key.starts_with(prefix)).map(shown).collect()
+    };
+    let param = |k: &str| input.params.get(k).map(|v| v.to_string());
+    let mut rows: Vec<(&str, String)> = Vec::new();
+    let policy = of("generate.model");
+    rows.push((
+        "policy",
+        if policy.is_empty() { "imported responses (`generate.import`)".into() } else { policy.join(", ") },
+    ));
+    let reward = of("annotate.model");
+    rows.push((
+        "reward model",
+        if reward.is_empty() { "imported scores (`annotate.import`)".into() } else { reward.join(", ") },
+    ));
+    let prompts: Vec<String> = input
+        .sources
+        .iter()
+        .filter(|s| s.key.starts_with("prompts."))
+        .map(|s| format!("{}: {}", s.key, shown(s)))
+        .collect();
+    rows.push(("prompts", prompts.join("; ")));
+    let seeds: Vec<String> = input.seeds.iter().map(u64::to_string).collect();
+    rows.push(("seeds", seeds.join(", ")));
+    let sampling: Vec<String> = ["generate.temperature", "generate.top_p", "generate.max_tokens"]
+        .iter()
+        .filter_map(|k| param(k).map(|v| format!("{} = {v}", &k["generate.".len()..])))
+        .collect();
+    if !sampling.is_empty() {
+        rows.push(("sampling", sampling.join(", ")));
+    }
+    let engines: Vec<String> = input.engines.iter().map(|(stage, e)| format!("{stage}: {e}")).collect();
+    rows.push((
+        "built by",
+        format!(
+            "prefgen {}{}",
+            env!("CARGO_PKG_VERSION"),
+            if engines.is_empty() { String::new() } else { format!("; {}", engines.join("; ")) }
+        ),
+    ));
+    let binarized: Vec<String> = input
+        .keys
+        .iter()
+        .filter(|(label, _)| label.starts_with("binarize"))
+        .map(|(label, key)| format!("`{label}` `{}`", &key[..12.min(key.len())]))
+        .collect();
+    rows.push((
+        "rebuild",
+        format!("`prefgen run RECIPE --locked`; the lock's binarize keys: {}", binarized.join(", ")),
+    ));
+    b.push_str("| made from | |\n|---|---|\n");
+    for (what, text) in rows {
+        let _ = writeln!(b, "| {what} | {} |", text.replace('|', "\\|"));
+    }
+    b.push('\n');
+}
+
 fn score_of(row: &BinarizedRow, text: &str) -> f64 {
     row.all_generated_responses.iter().position(|r| r == text).map_or(f64::NAN, |i| row.all_rm_scores[i])
 }
@@ -102,7 +199,10 @@ pub fn render(input: &CardInput) -> Result<Vec<(String, Vec<u8>)>> {
     let q = |s: &str| serde_json::to_string(s).expect("strings serialise");
     let mut y = String::from("---\n");
     let _ = writeln!(y, "pretty_name: {}", q(input.name));
-    y.push_str("tags:\n- prefgen\n- preference\nconfigs:\n- config_name: default\n  data_files:\n");
+    let _ = writeln!(y, "license: {}", q(input.license));
+    let total: usize = input.splits.iter().map(|s| s.rows.len()).sum();
+    let _ = writeln!(y, "task_categories:\n- text-generation\nsize_categories:\n- {}", size_category(total));
+    y.push_str("tags:\n- prefgen\n- preference\n- dpo\n- simpo\nconfigs:\n- config_name: default\n  data_files:\n");
     for s in &input.splits {
         let _ = writeln!(y, "  - split: {}\n    path: data/{}-*", s.name, s.name);
     }
@@ -125,16 +225,11 @@ pub fn render(input: &CardInput) -> Result<Vec<(String, Vec<u8>)>> {
     let mut b = y;
     let _ = writeln!(b, "# {}\n", input.name);
     b.push_str("An on-policy preference dataset built by prefgen: every response was sampled from the policy, scored by the reward model, and the best and worst scored responses kept as `chosen` and `rejected`.\n\n");
-    b.push_str("```python\nfrom datasets import load_dataset, load_from_disk\nds = load_dataset(\"parquet\", data_dir=\"data\")   # or: load_from_disk(\"hf\")\n```\n\n");
-    b.push_str("## Made from\n\n| recipe key | source | digest |\n|---|---|---|\n");
+    provenance(&mut b, input);
+    b.push_str("```python\nfrom datasets import load_dataset, load_from_disk\nds = load_dataset(\"path/to/this/folder\")   # or: load_from_disk(\"hf\")\n```\n\n");
+    b.push_str("## Every input, by digest\n\n| recipe key | source | digest |\n|---|---|---|\n");
     for s in &input.sources {
         let _ = writeln!(b, "| `{}` | `{}` | `{}` |", s.key, s.source, &s.digest[..12.min(s.digest.len())]);
-    }
-    if !input.engines.is_empty() {
-        b.push_str("\nComputed by:\n\n");
-        for (stage, engine) in &input.engines {
-            let _ = writeln!(b, "- {stage}: {engine}");
-        }
     }
     b.push('\n');
     b.push_str("## Counts\n\n| split | prompts | skipped as too long (generate / annotate) | dropped as identical | rows scored | ties (all scores equal) | dropped as ties | rows |\n|---|---|---|---|---|---|---|---|\n");
@@ -179,22 +274,61 @@ pub fn render(input: &CardInput) -> Result<Vec<(String, Vec<u8>)>> {
         let (cs, rs, cl, rl) = (&p.chosen_scores, &p.rejected_scores, &p.chosen_lengths, &p.rejected_lengths);
         let margins: Vec<f64> = cs.iter().zip(rs).map(|(c, r)| c - r).collect();
         let _ = writeln!(b, "\n### {}\n", s.name);
-        let pair = |a: &[f64], b: &[f64]| {
-            plot::histogram(&[Series { values: a, color: BLUE }, Series { values: b, color: ORANGE }])
+        let split = s.name;
+        let both = |a, b| {
+            [
+                Series { label: "chosen", values: a, color: CHOSEN },
+                Series { label: "rejected", values: b, color: REJECTED },
+            ]
         };
-        let charts = [
-            ("scores", "chosen and rejected scores", pair(cs, rs)?),
-            (
-                "margin",
-                "score margin (chosen - rejected)",
-                plot::histogram(&[Series { values: &margins, color: BLUE }])?,
-            ),
-            ("length", "chosen and rejected response lengths", pair(cl, rl)?),
-        ];
-        for (file, title, (png, (lo, hi))) in charts {
-            let path = format!("plots/{}-{file}.png", s.name);
-            let _ = writeln!(b, "![{title}]({path})\n\n{title}: 30 bins from {lo:.3} to {hi:.3}.\n");
-            files.push((path, png));
+        let title = format!("Reward scores of chosen and rejected ({split})");
+        let scores = plot::histogram(&Labels { title: &title, x: "reward score", y: "responses" }, &both(cs, rs));
+        let title = format!("Score margin, chosen minus rejected ({split})");
+        let margin = plot::histogram(
+            &Labels { title: &title, x: "score margin", y: "rows" },
+            &[Series { label: "margin", values: &margins, color: CHOSEN }],
+        );
+        let title = format!("Response lengths of chosen and rejected ({split})");
+        let length = plot::histogram(
+            &Labels { title: &title, x: "response length (characters)", y: "responses" },
+            &both(cl, rl),
+        );
+        let (lo, hi) = scores.range;
+        let scores_text = format!(
+            "Reward scores, {BINS} bins from {lo:.3} to {hi:.3}: chosen mean {}, rejected mean {}.",
+            fmt_opt(mean(cs.iter().copied())),
+            fmt_opt(mean(rs.iter().copied())),
+            BINS = plot::BINS
+        );
+        let small = margins.iter().filter(|m| **m < 0.1 * spread(cs, rs)).count();
+        let margin_text = format!(
+            "Chosen minus rejected score per row, from {:.3} to {:.3}, mean {}; {small} of {} rows have a margin under a tenth of the score range.",
+            margin.range.0,
+            margin.range.1,
+            fmt_opt(mean(margins.iter().copied())),
+            margins.len()
+        );
+        let all: Vec<(f64, f64)> = s
+            .rows
+            .iter()
+            .flat_map(|r| {
+                r.all_generated_responses.iter().zip(&r.all_rm_scores).map(|(t, sc)| (*sc, t.chars().count() as f64))
+            })
+            .collect();
+        let length_text = format!(
+            "Response lengths in characters. Chosen responses are {} characters longer than rejected ones on average; \
+             the correlation of score with length over all {} scored responses is {} (SimPO's length-bias question: \
+             a large positive value means the reward model prefers longer answers).",
+            fmt_opt(mean(cl.iter().zip(rl).map(|(c, r)| c - r))),
+            all.len(),
+            fmt_opt(pearson(&all))
+        );
+        for (file, chart, text) in
+            [("scores", scores, scores_text), ("margin", margin, margin_text), ("length", length, length_text)]
+        {
+            let path = format!("plots/{split}-{file}.svg");
+            let _ = writeln!(b, "![{text}]({path})\n\n{text}\n");
+            files.push((path, chart.svg));
         }
         // Per seed: the mean length of the responses in that seed's position.
         let n = s.rows.first().map_or(0, |r| r.all_generated_responses.len());
@@ -204,18 +338,17 @@ pub fn render(input: &CardInput) -> Result<Vec<(String, Vec<u8>)>> {
                     .unwrap_or(0.0)
             })
             .collect();
-        let path = format!("plots/{}-seed-length.png", s.name);
         let seeds: Vec<String> = match &input.seeds {
             seeds if seeds.len() == n => seeds.iter().map(u64::to_string).collect(),
             _ => (1..=n).map(|k| format!("#{k}")).collect(),
         };
+        let path = format!("plots/{split}-seed-length.svg");
+        let title = format!("Mean response length per seed ({split})");
+        let labels = Labels { title: &title, x: "seed", y: "mean length (characters)" };
         let means: Vec<String> = seeds.iter().zip(&per_seed).map(|(seed, m)| format!("{seed}: {m:.1}")).collect();
-        let _ = writeln!(
-            b,
-            "![mean response length per seed]({path})\n\nmean response length per seed ({}).\n",
-            means.join(", ")
-        );
-        files.push((path, plot::bars(&per_seed, BLUE)?));
+        let text = format!("Mean response length per seed, in characters ({}).", means.join(", "));
+        let _ = writeln!(b, "![{text}]({path})\n\n{text}\n");
+        files.push((path, plot::bars(&labels, &seeds, &per_seed, CHOSEN)));
     }
     b.push_str("\n## Recipe\n\nEvery parameter that shaped the data (parameters that cannot change it, such as batch sizes, are left out):\n\n```toml\n");
     for (k, v) in &input.params {

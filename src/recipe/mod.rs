@@ -222,6 +222,10 @@ section! {
             Free("where the files are placed, not what they hold");
         /// Rows per parquet and Arrow file (`train-00000-of-0000N.parquet`).
         rows_per_file: usize = 100_000, _, Key;
+        /// The dataset's license as the hub names it (`mit`, `apache-2.0`,
+        /// `cc-by-4.0`, ...): the card's `license`. The prompts' and the
+        /// models' licenses bind the data; say theirs here.
+        license: String = "unknown".to_string(), "`unknown`", Key;
     }
 }
 

@@ -12,7 +12,7 @@ use serde_json::{Value, json};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-pub const VERSION: u32 = 3;
+pub const VERSION: u32 = 4;
 
 /// The recipe's name (the card's title) and `[export]`'s keyed values.
 pub fn keyed(at: &At) -> Keyed {
@@ -115,6 +115,7 @@ pub fn build(recipe: &Recipe, splits: &[Arc<Vec<BinarizedRow>>], provenance: Pro
     }
     let card = CardInput {
         name: &recipe.name,
+        license: &recipe.export.license,
         splits: card_splits,
         params,
         seeds: recipe.generate.seeds.clone(),
