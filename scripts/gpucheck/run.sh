@@ -17,7 +17,8 @@ try:
     import nvidia
 except ImportError:
     raise SystemExit
-found = {os.path.dirname(p) for base in nvidia.__path__ for p in glob.glob(os.path.join(base, "**", "lib*.so*"), recursive=True)}
+found = {os.path.dirname(p) for base in nvidia.__path__ for p in glob.glob(os.path.join(base, "**", "lib*.so*"), recursive=True)
+         if "stubs" not in p.split(os.sep)}  # a stub libcuda must never shadow the driver
 print(":".join(sorted(found)))')
 export LD_LIBRARY_PATH="${libs}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 missing=$(ldd "$here/prefgen" 2>/dev/null | grep 'not found' || true)

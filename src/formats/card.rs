@@ -179,7 +179,7 @@ fn provenance(b: &mut String, input: &CardInput) {
         "rebuild",
         format!("`prefgen run RECIPE --locked`; the lock's binarize keys: {}", binarized.join(", ")),
     ));
-    b.push_str("| made from | |\n|---|---|\n");
+    b.push_str("| made from | source |\n|---|---|\n");
     for (what, text) in rows {
         let _ = writeln!(b, "| {what} | {} |", text.replace('|', "\\|"));
     }
@@ -315,11 +315,14 @@ pub fn render(input: &CardInput) -> Result<Vec<(String, Vec<u8>)>> {
                 r.all_generated_responses.iter().zip(&r.all_rm_scores).map(|(t, sc)| (*sc, t.chars().count() as f64))
             })
             .collect();
+        let gap = mean(cl.iter().zip(rl).map(|(c, r)| c - r));
+        let gap = gap.map_or("-".into(), |g| {
+            format!("{:.1} characters {}", g.abs(), if g < 0.0 { "shorter" } else { "longer" })
+        });
         let length_text = format!(
-            "Response lengths in characters. Chosen responses are {} characters longer than rejected ones on average; \
-             the correlation of score with length over all {} scored responses is {} (SimPO's length-bias question: \
-             a large positive value means the reward model prefers longer answers).",
-            fmt_opt(mean(cl.iter().zip(rl).map(|(c, r)| c - r))),
+            "Response lengths in characters. Chosen responses are on average {gap} than rejected ones; the \
+             correlation of score with length over all {} scored responses is {} (SimPO's length-bias question: a \
+             large positive value means the reward model prefers longer answers).",
             all.len(),
             fmt_opt(pearson(&all))
         );
@@ -360,4 +363,71 @@ pub fn render(input: &CardInput) -> Result<Vec<(String, Vec<u8>)>> {
     }
     files.insert(0, ("README.md".to_string(), b.into_bytes()));
     Ok(files)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::formats::simpo::Message;
+
+    fn row(prompt: &str, responses: [&str; 2], scores: [f64; 2]) -> BinarizedRow {
+        let turn = |text: &str| {
+            vec![
+                Message { role: "user".into(), content: prompt.into() },
+                Message { role: "assistant".into(), content: text.into() },
+            ]
+        };
+        let (best, worst) = if scores[0] >= scores[1] { (0, 1) } else { (1, 0) };
+        BinarizedRow {
+            prompt: prompt.into(),
+            all_generated_responses: responses.iter().map(|r| r.to_string()).collect(),
+            all_rm_scores: scores.to_vec(),
+            chosen: turn(responses[best]),
+            rejected: turn(responses[worst]),
+        }
+    }
+
+    /// The front matter the hub reads, provenance before the counts, four
+    /// SVG plots per split, and the length-bias numbers: chosen responses
+    /// here are 4 characters longer on average, and score grows with length.
+    #[test]
+    fn the_card_leads_with_provenance_and_reads_its_numbers_out() {
+        let rows = vec![row("a", ["xxxxxx", "xx"], [2.0, 1.0]), row("b", ["yyy", "yyyyyyy"], [0.5, 1.5])];
+        let source = |key: &str, path: &str| Source { key: key.into(), source: path.into(), digest: "ab".repeat(32) };
+        let input = CardInput {
+            name: "t",
+            license: "mit",
+            splits: vec![CardSplit { name: "train", rows: &rows, counts: SplitCounts::default() }],
+            params: BTreeMap::from([("generate.temperature".to_string(), serde_json::json!(0.8))]),
+            seeds: vec![13, 21],
+            sources: vec![source("generate.model", "m.gguf"), source("prompts.dataset", "p.jsonl")],
+            engines: vec![],
+            keys: vec![("binarize[train]".into(), "cd".repeat(32))],
+        };
+        let files = render(&input).unwrap();
+        assert_eq!(files, render(&input).unwrap(), "the same bytes every time");
+        let card = String::from_utf8(files[0].1.clone()).unwrap();
+        for line in ["license: \"mit\"", "task_categories:\n- text-generation", "size_categories:\n- n<1K"] {
+            assert!(card.contains(line), "{line}:\n{card}");
+        }
+        let at = |s: &str| card.find(s).unwrap_or_else(|| panic!("no {s:?} in\n{card}"));
+        assert!(at("| policy | `m.gguf`") < at("## Counts"), "provenance first");
+        assert!(at("| sampling | temperature = 0.8") < at("## Counts"));
+        assert!(card.contains("`binarize[train]` `cdcdcdcdcdcd`"));
+        assert!(card.contains("on average 4.0 characters longer than rejected ones"), "{card}");
+        assert!(card.contains("over all 4 scored responses is 0.759"), "{card}");
+        let plots: Vec<&str> = files[1..].iter().map(|(p, _)| p.as_str()).collect();
+        assert_eq!(
+            plots,
+            [
+                "plots/train-scores.svg",
+                "plots/train-margin.svg",
+                "plots/train-length.svg",
+                "plots/train-seed-length.svg"
+            ]
+        );
+        for p in plots {
+            assert!(card.contains(&format!("]({p})")), "the card shows {p}");
+        }
+    }
 }

@@ -12,7 +12,7 @@ use serde_json::{Value, json};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-pub const VERSION: u32 = 4;
+pub const VERSION: u32 = 5;
 
 /// The recipe's name (the card's title) and `[export]`'s keyed values.
 pub fn keyed(at: &At) -> Keyed {
