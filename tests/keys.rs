@@ -36,6 +36,7 @@ const PROBES: &[(&str, &str)] = &[
     ("binarize.keep_ties", "true"),
     ("export.dir", "elsewhere"),
     ("export.rows_per_file", "2"),
+    ("export.license", "apache-2.0"),
 ];
 
 /// `plan`'s lines: node label -> (fresh, reason or key).
@@ -185,7 +186,7 @@ fn engines_and_models_are_recorded() {
         let line = card.lines().find(|l| l.starts_with(&format!("| `{key}` |"))).unwrap_or_else(|| panic!("{card}"));
         assert!(line.contains(model), "{line}");
     }
-    assert!(card.contains(&format!("- generate: {engine}")), "{card}");
+    assert!(card.contains(&format!("generate: {engine}")), "{card}");
     // A lock whose results another engine computed: --locked says so.
     let mut edited = lock.clone();
     let node = &mut edited["nodes"]["generate[train/seed=1]"];
