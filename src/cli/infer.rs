@@ -151,7 +151,7 @@ fn generate(args: GenerateArgs) -> Result<Value> {
         .collect::<Result<Vec<_>>>()?;
     let start = Instant::now();
     let logits = match args.logits {
-        true => Some(last_logits(&policy, &ids)?),
+        true => Some(last_logits(&policy, &ids, args.batch_size)?),
         false => None,
     };
     let jobs = ids.iter().zip(&prompts).map(|(ids, p)| Job { prompt: ids.clone(), stream: Stream::new(args.seed, p) });
@@ -185,12 +185,16 @@ fn generate(args: GenerateArgs) -> Result<Value> {
     }))
 }
 
-/// The logits after each prompt, the prompts packed in one forward.
-fn last_logits(policy: &Policy, ids: &[Vec<u32>]) -> Result<Vec<Vec<f32>>> {
-    let mut caches: Vec<_> = ids.iter().map(|_| policy.model.new_cache()).collect();
-    let tokens: Vec<&[u32]> = ids.iter().map(Vec::as_slice).collect();
-    let mut refs: Vec<&mut _> = caches.iter_mut().collect();
-    Ok(policy.model.forward(&tokens, &mut refs)?.to_vec2::<f32>()?)
+/// The logits after each prompt, `batch` prompts packed in a forward.
+fn last_logits(policy: &Policy, ids: &[Vec<u32>], batch: usize) -> Result<Vec<Vec<f32>>> {
+    let mut out = Vec::with_capacity(ids.len());
+    for chunk in ids.chunks(batch.max(1)) {
+        let mut caches: Vec<_> = chunk.iter().map(|_| policy.model.new_cache()).collect();
+        let tokens: Vec<&[u32]> = chunk.iter().map(Vec::as_slice).collect();
+        let mut refs: Vec<&mut _> = caches.iter_mut().collect();
+        out.extend(policy.model.forward(&tokens, &mut refs)?.to_vec2::<f32>()?);
+    }
+    Ok(out)
 }
 
 fn score(args: ScoreArgs) -> Result<Value> {
