@@ -173,7 +173,7 @@ fn generates_through_the_server_with_prefgen_s_prompt_ids() {
         assert!(lock.contains("llama.cpp") && lock.contains("1 slot: deterministic"), "{lock}");
         if !vllm_compat {
             let card = std::fs::read_to_string(p.path("out/README.md")).unwrap();
-            let by = card.lines().find(|l| l.starts_with("- generate")).unwrap_or_default();
+            let by = card.lines().find(|l| l.starts_with("| built by |")).unwrap_or_default();
             assert!(by.contains("llama.cpp") && by.contains("OpenAI-compatible server"), "{card}");
         }
     }
