@@ -115,20 +115,15 @@ fn pearson(xy: &[(f64, f64)]) -> Option<f64> {
     (finite.len() > 1 && sxx > 0.0 && syy > 0.0).then(|| sxy / (sxx * syy).sqrt())
 }
 
-/// The range of both sides' finite scores (1 when there is none).
-fn spread(a: &[f64], b: &[f64]) -> f64 {
-    let (lo, hi) = a
-        .iter()
-        .chain(b)
-        .filter(|v| v.is_finite())
-        .fold((f64::INFINITY, f64::NEG_INFINITY), |(l, h), v| (l.min(*v), h.max(*v)));
-    if hi > lo { hi - lo } else { 1.0 }
+/// A digest or key as the card shows it: its first 12 characters.
+fn short(digest: &str) -> &str {
+    &digest[..12.min(digest.len())]
 }
 
 /// What a reader asks first: which models, prompts, seeds and sampling made
 /// the data, with which prefgen, and how to rebuild it.
 fn provenance(b: &mut String, input: &CardInput) {
-    let shown = |s: &Source| format!("`{}` (digest `{}`)", s.source, &s.digest[..12.min(s.digest.len())]);
+    let shown = |s: &Source| format!("`{}` (digest `{}`)", s.source, short(&s.digest));
     let of = |prefix: &str| -> Vec<String> {
         input.sources.iter().filter(|s| s.key.starts_with(prefix)).map(shown).collect()
     };
@@ -173,7 +168,7 @@ fn provenance(b: &mut String, input: &CardInput) {
         .keys
         .iter()
         .filter(|(label, _)| label.starts_with("binarize"))
-        .map(|(label, key)| format!("`{label}` `{}`", &key[..12.min(key.len())]))
+        .map(|(label, key)| format!("`{label}` `{}`", short(key)))
         .collect();
     rows.push((
         "rebuild",
@@ -229,7 +224,7 @@ pub fn render(input: &CardInput) -> Result<Vec<(String, Vec<u8>)>> {
     b.push_str("```python\nfrom datasets import load_dataset, load_from_disk\nds = load_dataset(\"path/to/this/folder\")   # or: load_from_disk(\"hf\")\n```\n\n");
     b.push_str("## Every input, by digest\n\n| recipe key | source | digest |\n|---|---|---|\n");
     for s in &input.sources {
-        let _ = writeln!(b, "| `{}` | `{}` | `{}` |", s.key, s.source, &s.digest[..12.min(s.digest.len())]);
+        let _ = writeln!(b, "| `{}` | `{}` | `{}` |", s.key, s.source, short(&s.digest));
     }
     b.push('\n');
     b.push_str("## Counts\n\n| split | prompts | skipped as too long (generate / annotate) | dropped as identical | rows scored | ties (all scores equal) | dropped as ties | rows |\n|---|---|---|---|---|---|---|---|\n");
@@ -300,7 +295,8 @@ pub fn render(input: &CardInput) -> Result<Vec<(String, Vec<u8>)>> {
             fmt_opt(mean(rs.iter().copied())),
             BINS = plot::BINS
         );
-        let small = margins.iter().filter(|m| **m < 0.1 * spread(cs, rs)).count();
+        // The score plot's range is the range of both sides' scores.
+        let small = margins.iter().filter(|m| **m < 0.1 * (hi - lo)).count();
         let margin_text = format!(
             "Chosen minus rejected score per row, from {:.3} to {:.3}, mean {}; {small} of {} rows have a margin under a tenth of the score range.",
             margin.range.0,
