@@ -8,6 +8,7 @@ pub mod digest;
 pub mod formats;
 pub mod hub;
 pub mod infer;
+pub mod input;
 pub mod lock;
 pub mod plan;
 pub mod recipe;

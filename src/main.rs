@@ -8,6 +8,11 @@ use std::process::ExitCode;
 fn main() -> ExitCode {
     // SAFETY: nothing has started a thread yet.
     unsafe { prefgen::infer::settle_thread_count() };
+    // Rust ignores SIGPIPE, so printing to a closed pipe (`prefgen plan R |
+    // head`) would panic; the default ends the process quietly, as it ends
+    // `cat` or `seq`. Sockets are unaffected: std sends with MSG_NOSIGNAL.
+    // SAFETY: no other thread exists yet to race on the signal disposition.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     match cli::dispatch(Cli::parse()) {
         Ok(code) => code,
         Err(e) => {

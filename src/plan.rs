@@ -226,11 +226,7 @@ impl<'a> Walk<'a> {
         for (key, external) in &node.spec.keyed.externals {
             let described = |p: &Path| crate::hub::describe(p).unwrap_or_else(|| p.display().to_string());
             let exists = |p: &Path| {
-                if p.exists() {
-                    Ok(())
-                } else {
-                    Err(anyhow!("{key}: {} does not exist (needed by {})", p.display(), node.label()))
-                }
+                crate::input::kind(p).map(|_| ()).map_err(|e| anyhow!("{key}: {e} (needed by {})", node.label()))
             };
             let resolved = match external {
                 External::File(p) => {

@@ -78,10 +78,9 @@ pub fn read_published(against: &str) -> Result<(Splits, Layout)> {
             let mut rows = Vec::new();
             for f in &files {
                 for (n, row) in read_rows(f)?.into_iter().enumerate() {
-                    rows.push(
-                        serde_json::from_value(Value::Object(row))
-                            .with_context(|| format!("{}: row {} lacks the preference columns", f.display(), n + 1))?,
-                    );
+                    rows.push(serde_json::from_value(Value::Object(row)).map_err(|e| {
+                        anyhow!("{}: row {}: not a row of preference columns ({e})", f.display(), n + 1)
+                    })?);
                 }
             }
             Ok((split, rows))
@@ -109,7 +108,9 @@ fn read_rows(path: &Path) -> Result<Vec<Map<String, Value>>> {
         for i in 0..batch.num_rows() {
             let mut row = Map::new();
             for (field, col) in batch.schema().fields().iter().zip(batch.columns()) {
-                row.insert(field.name().clone(), value(col.as_ref(), i).with_context(|| format!("{shown}"))?);
+                let cell = value(col.as_ref(), i)
+                    .with_context(|| format!("{shown}: row {}: column {:?}", rows.len() + 1, field.name()))?;
+                row.insert(field.name().clone(), cell);
             }
             rows.push(row);
         }
@@ -129,8 +130,8 @@ fn value(arr: &dyn Array, i: usize) -> Result<Value> {
         DataType::Utf8 => json!(arr.as_string::<i32>().value(i)),
         DataType::LargeUtf8 => json!(arr.as_string::<i64>().value(i)),
         DataType::Utf8View => json!(arr.as_string_view().value(i)),
-        DataType::Float64 => json!(arr.as_primitive::<types::Float64Type>().value(i)),
-        DataType::Float32 => json!(arr.as_primitive::<types::Float32Type>().value(i) as f64),
+        DataType::Float64 => number(arr.as_primitive::<types::Float64Type>().value(i))?,
+        DataType::Float32 => number(arr.as_primitive::<types::Float32Type>().value(i) as f64)?,
         DataType::Int64 => json!(arr.as_primitive::<types::Int64Type>().value(i)),
         DataType::Int32 => json!(arr.as_primitive::<types::Int32Type>().value(i)),
         DataType::List(_) => list(arr.as_list::<i32>().value(i))?,
@@ -145,6 +146,15 @@ fn value(arr: &dyn Array, i: usize) -> Result<Value> {
         }
         other => return Err(anyhow!("a column of type {other}, which verify does not read")),
     })
+}
+
+/// A float as JSON; JSON has no NaN or infinity (serde_json would make
+/// them null, read later as a missing value).
+fn number(x: f64) -> Result<Value> {
+    if !x.is_finite() {
+        bail!("holds {x}, not a finite score");
+    }
+    Ok(json!(x))
 }
 
 /// `--tolerance`: a finite number >= 0.
@@ -190,7 +200,6 @@ pub fn compare(split: &str, ours: &[BinarizedRow], published: &[BinarizedRow], t
             a.differences.push(line);
         }
     };
-    let shown = |m: &[Message]| preview(&m.last().map(|m| m.content.clone()).unwrap_or_default());
     for (n, theirs) in published.iter().enumerate() {
         let at = format!("{split} row {} (prompt {:?})", n + 1, preview(&theirs.prompt));
         let Some(mine) = by_prompt.get(theirs.prompt.as_str()) else {
@@ -221,7 +230,7 @@ pub fn compare(split: &str, ours: &[BinarizedRow], published: &[BinarizedRow], t
             if m == t {
                 *count += 1;
             } else if a.differences.len() < SHOWN {
-                a.differences.push(format!("{at}: {name} differs: ours {:?}, published {:?}", shown(m), shown(t)));
+                a.differences.push(format!("{at}: {name} differs: {}", first_difference(m, t)));
             }
         }
     }
@@ -236,6 +245,28 @@ pub fn compare(split: &str, ours: &[BinarizedRow], published: &[BinarizedRow], t
         }
     }
     a
+}
+
+/// Where two conversations first part: the turn, its role, and both texts
+/// from a little before their first differing character (the last turn
+/// alone, or the texts' first characters, could show two equal strings).
+fn first_difference(ours: &[Message], published: &[Message]) -> String {
+    let n = ours.iter().zip(published).take_while(|(a, b)| a == b).count();
+    let (a, b) = (ours.get(n), published.get(n));
+    let from = match (a, b) {
+        (Some(a), Some(b)) => a.content.chars().zip(b.content.chars()).take_while(|(x, y)| x == y).count(),
+        _ => 0,
+    };
+    let start = from.saturating_sub(20);
+    let shown = |m: Option<&Message>| match m {
+        None => "no such turn".to_string(),
+        Some(m) => {
+            let text: String = m.content.chars().skip(start).collect();
+            let lead = if start > 0 { "…" } else { "" };
+            format!("{} {:?}", m.role, format!("{lead}{}", preview(&text)))
+        }
+    };
+    format!("turn {}: ours {}, published {}", n + 1, shown(a), shown(b))
 }
 
 /// The agreement table, one row per split.

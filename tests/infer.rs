@@ -65,6 +65,7 @@ fn chat_templates_render_as_transformers() {
             r["templates"][name].as_str().unwrap(),
             specials[0].as_str().unwrap(),
             specials[1].as_str().unwrap(),
+            format!("the {name} template"),
         )
         .unwrap();
         let msgs: Vec<Turn> = case["messages"]

@@ -338,15 +338,7 @@ fn two_processes_share_a_cache_without_building_anything_twice() {
 
 /// Runs a failing command: one clear line on stderr, non-zero exit, cache intact.
 fn fails(p: &Project, args: &[&str], expect: &[&str]) {
-    let run = p.prefgen(args);
-    assert_ne!(run.code(), Some(0), "{args:?} should fail");
-    let err = run.stderr();
-    let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("error:")).collect();
-    assert_eq!(lines.len(), 1, "{args:?}: want one error line, got:\n{err}");
-    for e in expect {
-        assert!(lines[0].contains(e), "{args:?}: {:?} lacks {e:?}", lines[0]);
-    }
-    assert!(!err.contains("panicked"), "{err}");
+    common::fails(p, args, expect);
     assert!(p.ok(&["cache", "verify"]).stdout().contains("No damage found"));
 }
 

@@ -3,11 +3,13 @@ published columns, hub-layout parquet, train and test splits; chosen = first
 argmax and rejected = first argmin of the scores, ties kept), and the SimPO
 files its responses and scores would be imported from.
 
-Usage: published_like.py OUT [--flip SPLIT ROW]
+Usage: published_like.py OUT [--flip|--user-turn|--nan SPLIT ROW]
   OUT/published/data/{train,test}-00000-of-00001.parquet  the "published" set
   OUT/import/{split}/output_{seed}.json                   SimPO decode files
   OUT/import/{split}/all_outputs_rm.json                  SimPO scored rows
---flip swaps chosen and rejected of one published row (a disagreement)."""
+Each option changes one published row (a disagreement): --flip swaps its
+chosen and rejected, --user-turn edits the user turn of its chosen late in
+the text, --nan makes its first score NaN."""
 import hashlib
 import json
 import os
@@ -21,7 +23,7 @@ SEEDS = [13, 21, 42, 79, 100]
 SIZES = {"train": 300, "test": 40}
 
 out = sys.argv[1]
-flip = (sys.argv[3], int(sys.argv[4])) if sys.argv[2:3] == ["--flip"] else None
+edit = (sys.argv[2], sys.argv[3], int(sys.argv[4])) if len(sys.argv) == 5 else None
 rng = random.Random(7)
 words = "sea wind tree light stone river cloud fire ice sand bird moon road glass".split()
 
@@ -61,11 +63,21 @@ for split, n in SIZES.items():
             "chosen": pair(prompt, responses[best]), "rejected": pair(prompt, responses[worst]),
         })
     rng.shuffle(rows)  # published order is not the recipe's
-    if flip and flip[0] == split:
-        r = rows[flip[1]]
-        r["chosen"], r["rejected"] = r["rejected"], r["chosen"]
+    published = rows
+    if edit and edit[1] == split:
+        published = [dict(r) for r in rows]  # the imports keep the true row
+        r = published[edit[2]]
+        if edit[0] == "--flip":
+            r["chosen"], r["rejected"] = r["rejected"], r["chosen"]
+        elif edit[0] == "--user-turn":
+            user = r["chosen"][0]["content"]
+            r["chosen"] = [{**r["chosen"][0], "content": user + " (edited)"}, r["chosen"][1]]
+        elif edit[0] == "--nan":
+            r["all_rm_scores"] = [float("nan")] + r["all_rm_scores"][1:]
+        else:
+            sys.exit(f"unknown option {edit[0]}")
     os.makedirs(f"{out}/published/data", exist_ok=True)
-    pq.write_table(pa.Table.from_pylist(rows, schema=schema), f"{out}/published/data/{split}-00000-of-00001.parquet")
+    pq.write_table(pa.Table.from_pylist(published, schema=schema), f"{out}/published/data/{split}-00000-of-00001.parquet")
     os.makedirs(f"{out}/import/{split}", exist_ok=True)
     for k, seed in enumerate(SEEDS):
         decode = [{"prompt": r["prompt"], "format_prompt": r["prompt"], "generated_text": r["all_generated_responses"][k]}

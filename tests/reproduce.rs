@@ -8,11 +8,13 @@ mod common;
 
 use common::*;
 
-fn setup(p: &Project, flip: Option<(&str, usize)>) -> String {
+/// The published-like set, with one row changed by `edit` (`--flip`,
+/// `--user-turn` or `--nan`, a split and a row index) when given.
+fn setup(p: &Project, edit: Option<(&str, &str, usize)>) -> String {
     let dir = p.path("pl");
     let mut args = vec![script("published_like.py"), dir.display().to_string()];
-    if let Some((split, row)) = flip {
-        args.extend(["--flip".into(), split.into(), row.to_string()]);
+    if let Some((option, split, row)) = edit {
+        args.extend([option.into(), split.into(), row.to_string()]);
     }
     python(&args.iter().map(String::as_str).collect::<Vec<_>>());
     let recipe = p.write(
@@ -59,7 +61,7 @@ fn verify_agrees_with_the_dataset_the_recipe_reproduces() {
 #[test]
 fn verify_names_the_row_that_differs() {
     let p = Project::new();
-    let r = setup(&p, Some(("train", 17)));
+    let r = setup(&p, Some(("--flip", "train", 17)));
     let out = p.prefgen(&["verify", &r, "--against", "pl/published"]);
     assert_eq!(out.code(), Some(1), "{}", out.stdout());
     let text = out.stdout();
@@ -70,6 +72,33 @@ fn verify_names_the_row_that_differs() {
     assert!(text.contains("differs: train row 18 (prompt"), "{text}");
     assert!(text.contains("chosen differs"), "{text}");
     assert!(out.stderr().contains("1 of 2 splits disagree"), "{}", out.stderr());
+}
+
+/// A chosen pair that differs only in its user turn, late in the text: the
+/// line shows the turn and the texts where they part, not two equal strings.
+#[test]
+fn verify_shows_where_a_differing_user_turn_parts() {
+    let p = Project::new();
+    let r = setup(&p, Some(("--user-turn", "train", 17)));
+    let out = p.prefgen(&["verify", &r, "--against", "pl/published"]);
+    assert_eq!(out.code(), Some(1), "{}", out.stdout());
+    let text = out.stdout();
+    let line = text.lines().find(|l| l.contains("chosen differs")).unwrap_or_else(|| panic!("{text}"));
+    assert!(line.contains("turn 1: ours user") && line.contains("published user"), "{line}");
+    assert!(line.contains("(edited)"), "the line shows where the texts part: {line}");
+}
+
+/// A NaN among the published scores is named as such, with its row and
+/// column, not taken for a missing column.
+#[test]
+fn verify_names_a_nan_score() {
+    let p = Project::new();
+    let r = setup(&p, Some(("--nan", "test", 3)));
+    let out = p.prefgen(&["verify", &r, "--against", "pl/published"]);
+    assert_eq!(out.code(), Some(1), "{}", out.stderr());
+    let err = out.stderr();
+    assert!(err.contains("test-00000-of-00001.parquet: row 4: column \"all_rm_scores\": holds NaN"), "{err}");
+    assert!(!err.contains("lacks"), "{err}");
 }
 
 /// The lock file round trip on imported files: written beside the recipe,

@@ -125,7 +125,7 @@ impl Cache {
     }
 
     fn unwritable(&self, e: impl std::fmt::Display) -> anyhow::Error {
-        anyhow::anyhow!("cannot write to the cache at {}: {e}", self.local.describe())
+        anyhow::anyhow!("cannot write to the cache at {}: {e:#}", self.local.describe())
     }
 
     /// Stores an artifact and returns its digest.
@@ -353,16 +353,20 @@ impl Cache {
 
     fn lock_path(&self, key: &Digest) -> Result<PathBuf> {
         let dir = self.root.join(LOCKS);
-        std::fs::create_dir_all(&dir).map_err(|e| self.unwritable(e))?;
+        std::fs::create_dir_all(&dir).map_err(|e| self.unwritable(format!("cannot create {}: {e}", dir.display())))?;
         Ok(dir.join(format!("{}.lock", key.to_hex())))
+    }
+
+    /// A lock file's error, naming the file.
+    fn lock_error(&self, path: &Path, e: io::Error) -> anyhow::Error {
+        self.unwritable(format!("cannot lock {}: {e}", path.display()))
     }
 
     /// Claims the right to build `key`, waiting while another process holds it.
     pub fn lock(&self, key: &Digest, what: &str) -> Result<BuildLock> {
-        lock::acquire(&self.lock_path(key)?, || {
-            eprintln!("waiting for another prefgen process that is building {what}")
-        })
-        .map_err(|e| self.unwritable(e))
+        let path = self.lock_path(key)?;
+        lock::acquire(&path, || eprintln!("waiting for another prefgen process that is building {what}"))
+            .map_err(|e| self.lock_error(&path, e))
     }
 
     /// Leases of `period` on the tier every worker sees: the first writable
@@ -378,6 +382,7 @@ impl Cache {
 
     /// Claims the right to build `key` if no other process holds it.
     pub fn try_lock(&self, key: &Digest) -> Result<Option<BuildLock>> {
-        lock::try_acquire(&self.lock_path(key)?).map_err(|e| self.unwritable(e))
+        let path = self.lock_path(key)?;
+        lock::try_acquire(&path).map_err(|e| self.lock_error(&path, e))
     }
 }

@@ -103,8 +103,13 @@ pub fn write_atomic_in(tmp_dir: &Path, dest: &Path, bytes: &[u8], mode: u32) -> 
 /// `bytes` in a fsynced temporary file of `tmp_dir`, to be persisted.
 pub fn write_temp(tmp_dir: &Path, bytes: &[u8], mode: u32) -> io::Result<tempfile::NamedTempFile> {
     use std::os::unix::fs::PermissionsExt;
-    std::fs::create_dir_all(tmp_dir)?;
-    let mut tmp = tempfile::Builder::new().permissions(std::fs::Permissions::from_mode(mode)).tempfile_in(tmp_dir)?;
+    // The temporary folder is named: "File exists" alone says nothing of where.
+    let named = |e: io::Error| io::Error::new(e.kind(), format!("{}: {e}", tmp_dir.display()));
+    std::fs::create_dir_all(tmp_dir).map_err(named)?;
+    let mut tmp = tempfile::Builder::new()
+        .permissions(std::fs::Permissions::from_mode(mode))
+        .tempfile_in(tmp_dir)
+        .map_err(named)?;
     tmp.write_all(bytes)?;
     tmp.as_file().sync_all()?;
     Ok(tmp)

@@ -71,7 +71,7 @@ impl Chat {
             Some(t) => t,
             None => file.chat_template().context("set generate.chat_template to give it one")?,
         };
-        let template = ChatTemplate::new(&source, &bos, &file.token(eos_id)?).with_context(origin)?;
+        let template = ChatTemplate::new(&source, &bos, &file.token(eos_id)?, origin())?;
         let context = file.u32(&format!("{}.context_length", file.architecture()?))? as usize;
         // transformers' GGUF tokenizers keep its default: no clean-up.
         Ok(Chat::assemble(tokenizer, template, vec![eos_id], false, context))
@@ -106,8 +106,7 @@ impl Chat {
                 _ => bail!("{}: no chat_template.jinja, and tokenizer_config.json has no chat_template", dir.display()),
             },
         };
-        let template =
-            ChatTemplate::new(&source, &token(&tc["bos_token"]), &token(&tc["eos_token"])).with_context(origin)?;
+        let template = ChatTemplate::new(&source, &token(&tc["bos_token"]), &token(&tc["eos_token"]), origin())?;
         let eos = match read(files::GENERATION_CONFIG) {
             Ok(g) => g["eos_token_id"].clone(),
             Err(_) => config["eos_token_id"].clone(),

@@ -2,7 +2,7 @@
 //! `apply_chat_template` renders it (trim_blocks, lstrip_blocks, Python string
 //! methods, `raise_exception`).
 
-use anyhow::{Context, Result, anyhow};
+use anyhow::{Result, anyhow, bail};
 use minijinja::{Environment, Error, ErrorKind, context};
 use serde::Serialize;
 
@@ -18,6 +18,8 @@ pub struct ChatTemplate {
     env: Environment<'static>,
     bos_token: String,
     eos_token: String,
+    /// Which template this is, for errors (`the chat template of MODEL`).
+    origin: String,
 }
 
 fn raise_exception(msg: String) -> Result<String, Error> {
@@ -25,15 +27,19 @@ fn raise_exception(msg: String) -> Result<String, Error> {
 }
 
 impl ChatTemplate {
-    /// Compiles `source`; `bos_token`/`eos_token` are the strings templates reference.
-    pub fn new(source: &str, bos_token: &str, eos_token: &str) -> Result<ChatTemplate> {
+    /// Compiles `source`; `bos_token`/`eos_token` are the strings templates
+    /// reference; `origin` names it in errors.
+    pub fn new(source: &str, bos_token: &str, eos_token: &str, origin: String) -> Result<ChatTemplate> {
+        if source.trim().is_empty() {
+            bail!("{origin} is empty");
+        }
         let mut env = Environment::new();
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function("raise_exception", raise_exception);
-        env.add_template_owned("chat", source.to_string()).map_err(|e| anyhow!("it does not compile: {e}"))?;
-        Ok(ChatTemplate { env, bos_token: bos_token.into(), eos_token: eos_token.into() })
+        env.add_template_owned("chat", source.to_string()).map_err(|e| anyhow!("{origin} does not compile: {e}"))?;
+        Ok(ChatTemplate { env, bos_token: bos_token.into(), eos_token: eos_token.into(), origin })
     }
 
     /// Renders a conversation, with the assistant header when `add_generation_prompt`.
@@ -45,8 +51,8 @@ impl ChatTemplate {
             bos_token => self.bos_token,
             eos_token => self.eos_token,
         })
-        .map_err(|e| anyhow!("{e:#}"))
-        .context("rendering the chat template")
+        // `raise_exception('...')` arrives here as an invalid operation with its text.
+        .map_err(|e| anyhow!("rendering {}: {e}", self.origin))
     }
 }
 
@@ -57,10 +63,12 @@ mod tests {
     #[test]
     fn renders_python_style_templates() {
         let src = "{{ bos_token }}{% for m in messages %}{% if m['role'] not in ['user', 'assistant'] %}{{ raise_exception('bad role') }}{% endif %}\n<{{ m['role'] }}>{{ m['content'] | trim }}{{ m.content.upper() }}\n{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}";
-        let t = ChatTemplate::new(src, "<s>", "</s>").unwrap();
+        let t = ChatTemplate::new(src, "<s>", "</s>", "the chat template t.jinja".into()).unwrap();
         let out = t.render(&[Turn { role: "user", content: " hi " }], true).unwrap();
         assert_eq!(out, "<s><user>hi HI \n<assistant>");
         let e = t.render(&[Turn { role: "tool", content: "x" }], false).unwrap_err();
-        assert!(format!("{e:#}").contains("bad role"), "{e:#}");
+        assert!(format!("{e:#}").contains("rendering the chat template t.jinja: invalid operation: bad role"), "{e:#}");
+        let e = ChatTemplate::new(" \n", "<s>", "</s>", "the chat template t.jinja".into()).err().unwrap();
+        assert_eq!(e.to_string(), "the chat template t.jinja is empty");
     }
 }

@@ -506,10 +506,11 @@ fn toml_error(file: &str, text: &str, e: &toml::de::Error, key: &str) -> anyhow:
 /// whole recipe), and types as TOML names them, not as Rust does.
 fn plain(message: &str, key: &str) -> String {
     let mut msg = message.trim().replace('\n', " ");
+    // With the real limits: TOML's integers stop at i64::MAX.
     for (rust, toml) in [
-        ("expected u32", "expected a whole number >= 0"),
-        ("expected u64", "expected a whole number >= 0"),
-        ("expected usize", "expected a whole number >= 0"),
+        ("expected u32", "expected a whole number from 0 to 4294967295"),
+        ("expected u64", "expected a whole number from 0 to 9223372036854775807"),
+        ("expected usize", "expected a whole number from 0 to 9223372036854775807"),
         ("expected f64", "expected a number"),
         ("expected a sequence", "expected an array"),
         ("expected a map", "expected a table"),

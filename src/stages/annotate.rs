@@ -4,7 +4,7 @@
 use super::generate::preview;
 use super::{At, ByShard, Counts, External, Keyed, Models, NodeSpec, ShardOut, StageOutput, Work};
 use crate::formats::simpo::{self, FilteredRow, ScoredRow};
-use crate::infer::reward::RewardModel;
+use crate::infer::reward::{Overflow, RewardModel};
 use crate::recipe::{self, Recipe};
 use anyhow::{Result, anyhow, bail};
 use std::collections::{BTreeMap, HashMap};
@@ -66,7 +66,7 @@ pub fn work<'a>(
             let rm = models.reward(model, a.kind, template, rubric)?;
             let max_length = if a.max_length == 0 { rm.context() } else { a.max_length };
             let out = score(chunk, &rm, max_length, a, progress)
-                .map_err(|e| anyhow!("annotate.model {}: {e}", model.display()))?;
+                .map_err(|e| anyhow!("annotate.model {}: {e:#}", model.display()))?;
             let counts = Counts { skipped_too_long: Some(out.skipped as u64), ..Counts::default() };
             Ok(ShardOut { rows: out.rows, counts, tokens: out.tokens, engine: rm.engine() })
         },
@@ -77,11 +77,23 @@ pub fn work<'a>(
                     0 => "the reward model's context".to_string(),
                     n => format!("{} = {n} tokens", recipe::annotate::max_length),
                 };
+                // Advise only what is not set already: with truncation on,
+                // even an empty response did not fit.
+                let advice = match a.overflow {
+                    Overflow::Skip => format!(
+                        "raise {} (0 is the model's context) or set {} = \"truncate\"",
+                        recipe::annotate::max_length,
+                        recipe::annotate::overflow
+                    ),
+                    Overflow::Truncate => format!(
+                        "the prompts alone do not fit, even with {} = \"truncate\" cutting the responses: raise {} \
+                         (0 is the model's context)",
+                        recipe::annotate::overflow,
+                        recipe::annotate::max_length
+                    ),
+                };
                 bail!(
-                    "every one of the {skipped} rows has a conversation longer than {limit}, so none was scored; \
-                     raise {} (0 is the model's context) or set {} = \"truncate\"",
-                    recipe::annotate::max_length,
-                    recipe::annotate::overflow
+                    "every one of the {skipped} rows has a conversation longer than {limit}, so none was scored; {advice}"
                 );
             }
             let counts = Counts { rows: Some(rows.len() as u64), skipped_too_long: Some(skipped), ..Counts::default() };

@@ -80,7 +80,7 @@ pub fn work<'a>(
                 None => {
                     let policy = models.policy(model, template)?;
                     let (rows, skipped) = sample(chunk, &policy, g, seed, count)
-                        .map_err(|e| anyhow!("generate.model {}: {e}", model.display()))?;
+                        .map_err(|e| anyhow!("generate.model {}: {e:#}", model.display()))?;
                     (rows, skipped, policy.engine())
                 }
                 Some(url) => {

@@ -6,6 +6,7 @@ use crate::cache::Cache;
 use crate::digest::Digest;
 use crate::formats::table::{self, Cell};
 use crate::hub;
+use crate::input::Kind;
 use crate::recipe::{self, PromptSource};
 use anyhow::{Result, anyhow, bail};
 use std::collections::{BTreeMap, BTreeSet};
@@ -67,7 +68,7 @@ pub fn resolve(source: &PromptSource, cache: &Cache) -> Result<Resolved> {
             Ok(Resolved { files, identity, describe: format!("{id}@{}", snap.commit) })
         }
         PromptSource::Local { path, split } => {
-            let files = if path.is_dir() {
+            let files = if crate::input::kind(path).map_err(|e| anyhow!("prompt source {e}"))? == Kind::Folder {
                 let all = hub::list_files(path)?;
                 let picked = split_files(&all, split.as_deref());
                 if picked.is_empty() {
@@ -80,10 +81,8 @@ pub fn resolve(source: &PromptSource, cache: &Cache) -> Result<Resolved> {
                     }
                 }
                 picked.iter().map(|f| path.join(f)).collect()
-            } else if path.is_file() {
-                vec![path.clone()]
             } else {
-                bail!("prompt source {} does not exist", path.display());
+                vec![path.clone()]
             };
             let mut parts = Vec::new();
             for f in &files {

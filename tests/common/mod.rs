@@ -130,6 +130,20 @@ impl Run {
     }
 }
 
+/// Runs a failing command: one `error:` line containing every `expect`.
+pub fn fails(p: &Project, args: &[&str], expect: &[&str]) -> String {
+    let run = p.prefgen(args);
+    assert_eq!(run.code(), Some(1), "{args:?} should fail with 1:\n{}", run.stderr());
+    let err = run.stderr();
+    let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(lines.len(), 1, "{args:?}: want one error line, got:\n{err}");
+    for e in expect {
+        assert!(lines[0].contains(e), "{args:?}: {:?} lacks {e:?}", lines[0]);
+    }
+    assert!(!err.contains("panicked") && !err.contains("Some(") && !err.contains("struct "), "{err}");
+    lines[0].to_string()
+}
+
 /// Runs a Python script of the test suite, insisting on success.
 pub fn python(args: &[&str]) -> String {
     let out = Command::new("python3")
