@@ -99,6 +99,7 @@ struct Header {
 }
 
 /// An entry read back from a tier, its digest and key checked.
+#[derive(Debug)]
 pub struct Stored {
     pub entry: ActionEntry,
     pub signature: Option<Signature>,
@@ -145,5 +146,54 @@ impl ActionEntry {
     /// The output named `path`.
     pub fn output(&self, path: &str) -> Option<&OutputFile> {
         self.outputs.iter().find(|o| o.path == path)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry() -> ActionEntry {
+        let material =
+            KeyMaterial { stage: "binarize".into(), version: 1, params: BTreeMap::new(), inputs: BTreeMap::new() };
+        let counts = Counts { ties: Some(3), ..Counts::default() };
+        ActionEntry {
+            material,
+            node: "binarize[train]".into(),
+            outputs: vec![],
+            counts,
+            engines: vec![],
+            parts: vec![],
+        }
+    }
+
+    #[test]
+    fn every_byte_of_a_stored_entry_is_checked() {
+        let e = entry();
+        let bytes = e.seal(None);
+        let stored = Stored::open(&bytes, &e.key()).unwrap();
+        assert_eq!(stored.entry.counts.ties, Some(3));
+        assert!(stored.signature.is_none());
+        let text = String::from_utf8(bytes.clone()).unwrap();
+        let flipped = text.replace("\"ties\": 3", "\"ties\": 8");
+        assert_ne!(flipped, text);
+        assert!(Stored::open(flipped.as_bytes(), &e.key()).unwrap_err().contains("do not match their digest"));
+        assert!(Stored::open(&bytes, &Digest::of(b"another key")).unwrap_err().contains("its name"));
+        assert!(Stored::open(b"{}", &e.key()).is_err());
+    }
+
+    #[test]
+    fn a_signature_covers_every_field() {
+        let key = SecretKey::generate("alice").unwrap();
+        let trusted = [super::super::sign::PublicKey::parse(&key.public()).unwrap()];
+        let e = entry();
+        let stored = Stored::open(&e.seal(Some(&key)), &e.key()).unwrap();
+        assert_eq!(super::super::sign::distrust(stored.signature.as_ref(), &stored.body, &trusted), None);
+        // The same signature over an entry whose counts differ.
+        let mut edited = e.clone();
+        edited.counts.ties = Some(999);
+        let body = Stored::open(&edited.seal(None), &e.key()).unwrap().body;
+        let why = super::super::sign::distrust(stored.signature.as_ref(), &body, &trusted).unwrap();
+        assert!(why.contains("does not cover its contents"), "{why}");
     }
 }

@@ -58,7 +58,7 @@ pub struct Cache {
     /// Upload each entry (and its objects) to the writable remotes as it is stored.
     push: bool,
     /// Keep what is read through: a remote entry is copied into the local
-    /// tier, after its objects (off for `plan`, which only looks).
+    /// tier, after its objects (off where only looking: `only_looking`).
     keep: bool,
     /// The remote (by index) each entry read through in this process came
     /// from, so an entry found unusable later is refused there too.
@@ -164,9 +164,9 @@ impl Cache {
         Ok(Cache::at(root))
     }
 
-    /// Copies nothing that a lookup finds on a remote into the local tier
-    /// (for `plan`, which only looks: it would otherwise download every
-    /// fresh node's objects).
+    /// Copies nothing that a lookup finds on a remote into the local tier:
+    /// for `plan`, which only looks (it would otherwise download every fresh
+    /// node's objects), and `cache pull`, which moves them itself.
     pub fn only_looking(mut self) -> Cache {
         self.keep = false;
         self
