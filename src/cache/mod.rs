@@ -308,7 +308,7 @@ impl Cache {
     /// (objects first, so the local tier never holds an entry without them).
     pub fn lookup(&self, key: &Digest) -> Result<Option<(ActionEntry, Found)>> {
         if let Some(bytes) = self.local.get(Bucket::Actions, key)? {
-            match action::Stored::open(&bytes, key) {
+            match Stored::open(&bytes, key) {
                 Ok(stored) => return Ok(Some((stored.entry, Found::Local))),
                 Err(why) => {
                     eprintln!("warning: action entry {} is damaged ({why}); removing it so it is rebuilt", key.short());
