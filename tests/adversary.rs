@@ -239,12 +239,13 @@ fn cache_faults_are_named_and_repaired() {
     // object's bytes. `cache verify` finds it; a run rebuilds around it.
     let lock: serde_json::Value = serde_json::from_slice(&std::fs::read(p.path("r.lock")).unwrap()).unwrap();
     let key = lock["nodes"]["filter[train]"]["key"].as_str().unwrap().to_string();
-    let entry_path = p.path(&format!("cache/actions-v2/{}/{key}", &key[..2]));
-    let mut entry: serde_json::Value = serde_json::from_slice(&std::fs::read(&entry_path).unwrap()).unwrap();
+    let entry_path = p.path(&format!("cache/actions-v3/{}/{key}", &key[..2]));
     let card = manifest["files"]["README.md"].clone();
-    entry["outputs"][0]["digest"] = card["digest"].clone();
-    entry["outputs"][0]["size"] = card["stat"]["size"].clone();
-    std::fs::write(&entry_path, serde_json::to_vec(&entry).unwrap()).unwrap();
+    let entry = forge_entry(&std::fs::read(&entry_path).unwrap(), &key, |e| {
+        e.outputs[0].digest = card["digest"].as_str().unwrap().parse().unwrap();
+        e.outputs[0].size = card["stat"]["size"].as_u64().unwrap();
+    });
+    std::fs::write(&entry_path, &entry).unwrap();
     let verify = p.prefgen(&["cache", "verify"]);
     assert_eq!(verify.code(), Some(1));
     assert!(
@@ -255,7 +256,7 @@ fn cache_faults_are_named_and_repaired() {
         verify.stdout()
     );
     p.ok(&["run", &r]);
-    std::fs::write(&entry_path, serde_json::to_vec(&entry).unwrap()).unwrap();
+    std::fs::write(&entry_path, &entry).unwrap();
     std::fs::remove_dir_all(p.path("out")).unwrap();
     let run = p.ok(&["run", &r]);
     assert!(run.stderr().contains("unusable"), "{}", run.stderr());

@@ -22,21 +22,21 @@ fn gc_removes_what_no_last_build_reaches_once_old_enough() {
     p.ok(&["run", r]); // the last builds are the original recipe's again
     let stray = prefgen::cache::Cache::open(&p.path("cache")).unwrap().put_object(b"nobody references this").unwrap();
     let stray = p.path(&format!("cache/objects-v1/{}/{}", &stray.to_hex()[..2], stray.to_hex()));
-    let (entries, objects) = (count(&p, "actions-v2"), count(&p, "objects-v1"));
+    let (entries, objects) = (count(&p, "actions-v3"), count(&p, "objects-v1"));
 
     // Everything is young: only lock files nobody holds go.
     let young = p.ok(&["cache", "gc"]).stdout();
     assert!(young.contains(": 0 action entries (0 bytes), 0 objects (0 bytes),"), "{young}");
-    assert_eq!((count(&p, "actions-v2"), count(&p, "objects-v1")), (entries, objects));
+    assert_eq!((count(&p, "actions-v3"), count(&p, "objects-v1")), (entries, objects));
     assert!(files_under(&p.path("cache/locks")).is_empty(), "free locks are removed: {young}");
 
-    for f in files_under(&p.path("cache/actions-v2")).into_iter().chain(files_under(&p.path("cache/objects-v1"))) {
+    for f in files_under(&p.path("cache/actions-v3")).into_iter().chain(files_under(&p.path("cache/objects-v1"))) {
         age(&f, 2 * 86_400);
     }
     // The variant's binarize and export entries are reached by no last build.
     let dry = p.ok(&["cache", "gc", "--older-than", "1d", "--dry-run"]).stdout();
     assert!(dry.starts_with("Would remove") && dry.contains(": 2 action entries ("), "{dry}");
-    assert_eq!((count(&p, "actions-v2"), count(&p, "objects-v1")), (entries, objects), "a dry run removes nothing");
+    assert_eq!((count(&p, "actions-v3"), count(&p, "objects-v1")), (entries, objects), "a dry run removes nothing");
     let gc = p.ok(&["cache", "gc", "--older-than", "1d"]).stdout();
     assert!(gc.starts_with("Removed") && gc.contains(": 2 action entries ("), "{gc}");
     assert!(!stray.exists(), "{gc}");
@@ -119,7 +119,7 @@ fn a_damaged_object_a_rebuild_reproduces_never_reaches_the_export() {
     p.ok(&[&["run", r][..], &ties].concat());
     let (key, object) = locked_output(&p, "binarize[train]", "all_outputs_bin.json");
     p.ok(&["run", r]);
-    std::fs::remove_file(p.path(&format!("cache/actions-v2/{}/{key}", &key[..2]))).unwrap();
+    std::fs::remove_file(p.path(&format!("cache/actions-v3/{}/{key}", &key[..2]))).unwrap();
     let mut bytes = std::fs::read(&object).unwrap();
     let i = bytes.len() / 2;
     bytes[i] ^= 0x20;

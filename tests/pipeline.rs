@@ -251,7 +251,7 @@ fn a_run_killed_mid_way_resumes_to_identical_bytes() {
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
     assert!(reached, "the run ended before filter");
-    let stored = files_under(&p.path("cache/actions-v2")).len();
+    let stored = files_under(&p.path("cache/actions-v3")).len();
     assert!((5..10).contains(&stored), "the kill landed mid-run: {stored} of 10 entries stored");
     // And a few at arbitrary points.
     for fraction in [0.2, 0.45, 0.7] {

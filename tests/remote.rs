@@ -83,14 +83,16 @@ fn a_teammate_downloads_what_was_pushed_instead_of_building_it() {
         .lines()
         .find_map(|l| l.strip_prefix("remote s3://team/prefgen: ")?.split(' ').next()?.parse().ok())
         .unwrap_or_else(|| panic!("no traffic line: {}", plan.stderr()));
-    let outputs: usize = b
-        .tree("cache/actions-v2")
-        .values()
-        .map(|e| serde_json::from_slice::<serde_json::Value>(e).unwrap()["outputs"].as_array().unwrap().len())
-        .sum();
-    assert!(requests <= 1 + lines.len() + outputs, "{requests} requests for {} nodes, {outputs} outputs", lines.len());
+    assert!(!b.path("cache/actions-v3").exists(), "plan only looks: it copies nothing");
     let run = ok(on(&b, &s3, &["run", &rb, "--remote", REMOTE]));
     assert!(run.built().is_empty(), "{}", run.stderr());
+    let outputs: usize = b
+        .tree("cache/actions-v3")
+        .iter()
+        .map(|(k, e)| prefgen::cache::Stored::open(e, &k.rsplit('/').next().unwrap().parse().unwrap()))
+        .map(|e| e.unwrap().entry.outputs.len())
+        .sum();
+    assert!(requests <= 1 + lines.len() + outputs, "{requests} requests for {} nodes, {outputs} outputs", lines.len());
     assert!(b.tree("out") == a.tree("out"), "the downloaded exports differ");
 
     // `pull`, then no remote at all: everything is local.
@@ -146,10 +148,13 @@ fn forged_entries_and_damaged_objects_on_a_remote_are_never_served() {
     // prompts' object; a writer without alice's key can do that.
     let filter_key = node("filter[train]")["key"].as_str().unwrap().to_string();
     let prompts_out = node("prompts[train]")["outputs"]["prompts.json"].as_str().unwrap().to_string();
-    s3.python(&format!(
-        "import json\nk = 'prefgen/actions-v2/{}/{filter_key}'\ne = json.loads(s3.get_object(Bucket='team', Key=k)['Body'].read())\ne['outputs'][0]['digest'] = '{prompts_out}'\ns3.put_object(Bucket='team', Key=k, Body=json.dumps(e).encode())",
-        &filter_key[..2]
-    ));
+    let k = format!("prefgen/actions-v3/{}/{filter_key}", &filter_key[..2]);
+    let stored = s3.python(&format!("print(s3.get_object(Bucket='team', Key='{k}')['Body'].read().hex())"));
+    let stored: Vec<u8> =
+        (0..stored.trim().len()).step_by(2).map(|i| u8::from_str_radix(&stored[i..i + 2], 16).unwrap()).collect();
+    let forged = forge_entry(&stored, &filter_key, |e| e.outputs[0].digest = prompts_out.parse().unwrap());
+    let forged: String = forged.iter().map(|b| format!("{b:02x}")).collect();
+    s3.python(&format!("s3.put_object(Bucket='team', Key='{k}', Body=bytes.fromhex('{forged}'))"));
     // A flipped byte in the binarized rows' object.
     let bin = node("binarize[train]")["outputs"]["all_outputs_bin.json"].as_str().unwrap().to_string();
     s3.python(&format!(
@@ -281,7 +286,7 @@ fn teammates_share_a_folder_tier() {
     use std::os::unix::fs::PermissionsExt;
     for f in files_under(shared.path()) {
         let mode = f.metadata().unwrap().permissions().mode() & 0o777;
-        if f.to_string_lossy().contains("/objects-v1/") || f.to_string_lossy().contains("/actions-v2/") {
+        if f.to_string_lossy().contains("/objects-v1/") || f.to_string_lossy().contains("/actions-v3/") {
             assert_eq!(mode, 0o444, "{}", f.display());
             let dir = f.parent().unwrap().metadata().unwrap().permissions().mode() & 0o7777;
             assert_eq!(dir, 0o2775, "{}", f.parent().unwrap().display());
@@ -290,11 +295,10 @@ fn teammates_share_a_folder_tier() {
     // An entry forged in the folder (unsigned) is ignored; the node is rebuilt.
     let lock: serde_json::Value = serde_json::from_slice(&std::fs::read(a.path("tiny.lock")).unwrap()).unwrap();
     let k = lock["nodes"]["binarize[train]"]["key"].as_str().unwrap().to_string();
-    let entry = shared.path().join(format!("prefgen/actions-v2/{}/{k}", &k[..2]));
-    let mut forged: serde_json::Value = serde_json::from_slice(&std::fs::read(&entry).unwrap()).unwrap();
-    forged.as_object_mut().unwrap().remove("signature");
+    let entry = shared.path().join(format!("prefgen/actions-v3/{}/{k}", &k[..2]));
+    let forged = forge_entry(&std::fs::read(&entry).unwrap(), &k, |_| {});
     std::fs::remove_file(&entry).unwrap();
-    std::fs::write(&entry, serde_json::to_vec(&forged).unwrap()).unwrap();
+    std::fs::write(&entry, forged).unwrap();
     let (c, rc) = teammate("");
     config(&c, &url, &[key], None);
     let run = c.ok(&["run", &rc]);

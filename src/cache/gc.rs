@@ -9,6 +9,7 @@
 //! then lock files nobody holds, memos of files that changed or vanished,
 //! refs to removed entries, and abandoned temporaries.
 
+use super::Stored;
 use super::tier::{Bucket, Tier};
 use super::{ActionEntry, Cache, LOCKS, REFS, TMP, lease, lock, stat};
 use crate::digest::Digest;
@@ -171,7 +172,7 @@ impl Cache {
 
     /// An entry as stored, without the damage handling of `get_action`.
     fn read_entry(&self, key: &Digest) -> Result<Option<ActionEntry>> {
-        Ok(self.local.get(Bucket::Actions, key)?.and_then(|b| serde_json::from_slice::<ActionEntry>(&b).ok()))
+        Ok(self.local.get(Bucket::Actions, key)?.and_then(|b| Stored::open(&b, key).ok()).map(|s| s.entry))
     }
 }
 
@@ -185,7 +186,8 @@ impl super::Remote {
             if let Some(entry) = self
                 .tier()
                 .get(Bucket::Actions, &blob.name)?
-                .and_then(|b| serde_json::from_slice::<ActionEntry>(&b).ok())
+                .and_then(|b| Stored::open(&b, &blob.name).ok())
+                .map(|s| s.entry)
             {
                 named.extend(entry.outputs.iter().map(|out| out.digest));
             }

@@ -6,7 +6,8 @@
 //! ```text
 //! CACHEDIR.TAG, .gitignore   so backup tools and git leave it alone
 //! objects-v1/ab/<digest>     artifacts                  (in every tier)
-//! actions-v2/ab/<key>        action entries, JSON       (in every tier)
+//! actions-v3/ab/<key>        action entries: a header with the digest
+//!                            (and signature) of the JSON that follows (in every tier)
 //! refs-v1/<node>             key of a node's last build (local: explains `plan`, roots `gc`)
 //! stat-v1/<path>             remembered file digests    (local)
 //! locks/<key>.lock           one builder per key        (local)
@@ -27,15 +28,18 @@ pub mod tier;
 pub mod transfer;
 pub mod verify;
 
-pub use action::{ActionEntry, KeyMaterial, OutputFile};
+pub use action::{ActionEntry, KeyMaterial, OutputFile, Stored};
 pub use lock::BuildLock;
 pub use remote::Remote;
 
 use crate::digest::Digest;
 use anyhow::{Context, Result, bail};
 use folder::FolderTier;
+use std::collections::{HashMap, HashSet};
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::SystemTime;
 use tier::{Bucket, FILE_MODE, Tier, write_atomic_in};
 
@@ -53,14 +57,35 @@ pub struct Cache {
     remotes: Vec<Remote>,
     /// Upload each entry (and its objects) to the writable remotes as it is stored.
     push: bool,
+    /// Keep what is read through: a remote entry is copied into the local
+    /// tier, after its objects (off where only looking: `only_looking`).
+    keep: bool,
+    /// The remote (by index) each entry read through in this process came
+    /// from, so an entry found unusable later is refused there too.
+    origins: Mutex<HashMap<Digest, usize>>,
+    /// How many of them were refused so.
+    refused: AtomicUsize,
+    /// With `run --locked`: the files hashed again in this process, whose
+    /// remembered digests are trusted again (None: trust the stat memo).
+    rehashed: Mutex<Option<HashSet<PathBuf>>>,
 }
 
 /// Where a lookup found an entry.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Found {
     Local,
-    /// On this remote (and now copied into the local cache).
+    /// On this remote (and, unless only looking, now copied into the local
+    /// cache with its objects).
     Remote(String),
+}
+
+/// What fetching an entry's objects found.
+enum Fetched {
+    All,
+    /// One is on no tier.
+    Missing,
+    /// One is not the size the entry says: why.
+    Wrong(String),
 }
 
 impl Cache {
@@ -75,7 +100,20 @@ impl Cache {
                 write_atomic_in(&root.join(TMP), &root.join(name), body, FILE_MODE).with_context(ctx)?;
             }
         }
-        Ok(Cache { root: root.to_path_buf(), local: FolderTier::new(root), remotes: vec![], push: false })
+        Ok(Cache::at(root))
+    }
+
+    fn at(root: &Path) -> Cache {
+        Cache {
+            root: root.to_path_buf(),
+            local: FolderTier::new(root),
+            remotes: vec![],
+            push: false,
+            keep: true,
+            origins: Mutex::default(),
+            refused: AtomicUsize::new(0),
+            rehashed: Mutex::default(),
+        }
     }
 
     /// The remotes to read through, in order; one whose layout this prefgen
@@ -88,6 +126,12 @@ impl Cache {
         }
         self.remotes = remotes;
         self
+    }
+
+    /// How many entries read through from remotes were found unusable and
+    /// refused for the rest of the run (each is built instead).
+    pub fn refused(&self) -> usize {
+        self.refused.load(Ordering::Relaxed)
     }
 
     /// Uploads each stored entry and its objects to the writable remotes.
@@ -117,7 +161,22 @@ impl Cache {
         if !root.join(TAG).is_file() {
             bail!("there is no prefgen cache at {} (give --cache or PREFGEN_CACHE the cache's folder)", root.display());
         }
-        Ok(Cache { root: root.to_path_buf(), local: FolderTier::new(root), remotes: vec![], push: false })
+        Ok(Cache::at(root))
+    }
+
+    /// Copies nothing that a lookup finds on a remote into the local tier:
+    /// for `plan`, which only looks (it would otherwise download every fresh
+    /// node's objects), and `cache pull`, which moves them itself.
+    pub fn only_looking(mut self) -> Cache {
+        self.keep = false;
+        self
+    }
+
+    /// Hashes every input file again, once in this process, instead of
+    /// trusting its remembered digest (`run --locked`: a file edited with
+    /// its size and modification time restored is caught).
+    pub fn rehash_inputs(&self) {
+        self.rehashed.lock().expect("not poisoned").get_or_insert_default();
     }
 
     pub fn root(&self) -> &Path {
@@ -244,29 +303,67 @@ impl Cache {
     }
 
     /// The entry under `key` and where it was found: the local tier, else
-    /// the first remote that has a valid, trusted one (copied locally).
+    /// the first remote that has a valid, trusted one. Unless only looking,
+    /// a remote's entry is kept locally once every object it names is
+    /// (objects first, so the local tier never holds an entry without them).
     pub fn lookup(&self, key: &Digest) -> Result<Option<(ActionEntry, Found)>> {
         if let Some(bytes) = self.local.get(Bucket::Actions, key)? {
-            match serde_json::from_slice::<ActionEntry>(&bytes) {
-                Ok(entry) if entry.key() == *key => return Ok(Some((entry, Found::Local))),
-                _ => {
-                    eprintln!("warning: action entry {} is damaged; removing it so it is rebuilt", key.short());
+            match Stored::open(&bytes, key) {
+                Ok(stored) => return Ok(Some((stored.entry, Found::Local))),
+                Err(why) => {
+                    eprintln!("warning: action entry {} is damaged ({why}); removing it so it is rebuilt", key.short());
                     self.local.remove(Bucket::Actions, key)?;
                 }
             }
         }
-        for r in self.live() {
-            match r.get_entry(key) {
-                Ok(Some(entry)) => {
-                    let bytes = serde_json::to_vec_pretty(&entry).expect("entries serialise");
-                    self.local.put(Bucket::Actions, key, &bytes).map_err(|e| self.unwritable(e))?;
-                    return Ok(Some((entry, Found::Remote(r.url.clone()))));
+        for (i, r) in self.remotes.iter().enumerate().filter(|(_, r)| !r.is_down()) {
+            let entry = match r.get_entry(key) {
+                Ok(Some(entry)) => entry,
+                Ok(None) => continue,
+                Err(e) => {
+                    r.fail(&e);
+                    continue;
                 }
-                Ok(None) => {}
-                Err(e) => r.fail(&e),
+            };
+            if self.keep {
+                match self.fetch_outputs(&entry)? {
+                    Fetched::All => {
+                        self.local.put(Bucket::Actions, key, &entry.seal(None)).map_err(|e| self.unwritable(e))?;
+                        self.origins.lock().expect("not poisoned").insert(*key, i);
+                    }
+                    // Not built there after all: `has_outputs` says so.
+                    Fetched::Missing => {}
+                    Fetched::Wrong(why) => {
+                        r.reject_entry(key, &why);
+                        continue;
+                    }
+                }
             }
+            return Ok(Some((entry, Found::Remote(r.url.clone()))));
         }
         Ok(None)
+    }
+
+    /// Copies every object `entry` names into the local tier (verified).
+    fn fetch_outputs(&self, entry: &ActionEntry) -> Result<Fetched> {
+        for out in &entry.outputs {
+            if self.local.size(Bucket::Objects, &out.digest)? == Some(out.size) {
+                continue;
+            }
+            match self.get_object(&out.digest)? {
+                None => return Ok(Fetched::Missing),
+                Some(bytes) if bytes.len() as u64 != out.size => {
+                    return Ok(Fetched::Wrong(format!(
+                        "its output {} is {} bytes, not {}",
+                        out.path,
+                        bytes.len(),
+                        out.size
+                    )));
+                }
+                Some(_) => {}
+            }
+        }
+        Ok(Fetched::All)
     }
 
     /// For each key, its entry and where it was found, if every output is
@@ -281,33 +378,33 @@ impl Cache {
     }
 
     /// Copies the entries under `keys` that only a remote has, and their
-    /// objects, into the local cache, several at a time: a run on an empty
-    /// local cache then waits on bandwidth, not on one round trip per shard.
+    /// objects, into the local cache (as a lookup does), several at a time:
+    /// a run on an empty local cache then waits on bandwidth, not on one
+    /// round trip per shard.
     pub fn prefetch(&self, keys: &[Digest]) -> Result<()> {
         if self.live().next().is_none() {
             return Ok(());
         }
-        parallel::map(keys, |key| {
-            if let Some((entry, Found::Remote(_))) = self.lookup(key)? {
-                for out in &entry.outputs {
-                    self.get_object(&out.digest)?;
-                }
-            }
-            Ok(())
-        })?;
+        parallel::map(keys, |key| self.lookup(key).map(drop))?;
         Ok(())
     }
 
-    /// Forgets the entry under `key` (found unusable), so the key is rebuilt.
-    pub fn remove_action(&self, key: &Digest) -> Result<()> {
+    /// Forgets the entry under `key`, found unusable (`why`), so the key is
+    /// rebuilt; one read through from a remote is refused there for the
+    /// rest of the run, named in a warning, so the next lookup does not
+    /// serve it again.
+    pub fn remove_action(&self, key: &Digest, why: &str) -> Result<()> {
+        if let Some(i) = self.origins.lock().expect("not poisoned").remove(key) {
+            self.remotes[i].reject_entry(key, why);
+            self.refused.fetch_add(1, Ordering::Relaxed);
+        }
         self.local.remove(Bucket::Actions, key).map_err(|e| self.unwritable(e))
     }
 
     /// Records what building `entry`'s key produced (and, when pushing as
     /// stored, uploads it with its objects; a remote that fails is set aside).
     pub fn put_action(&self, entry: &ActionEntry) -> Result<()> {
-        let bytes = serde_json::to_vec_pretty(entry).expect("entries serialise");
-        self.local.put(Bucket::Actions, &entry.key(), &bytes).map_err(|e| self.unwritable(e))?;
+        self.local.put(Bucket::Actions, &entry.key(), &entry.seal(None)).map_err(|e| self.unwritable(e))?;
         if self.push {
             for r in self.live().filter(|r| r.writable) {
                 if let Err(e) = transfer::push_entry(self, r, entry) {

@@ -6,6 +6,7 @@
 //! that fails during a run is set aside with one warning.
 
 use super::ActionEntry;
+use super::Stored;
 use super::folder::FolderTier;
 use super::s3::S3Tier;
 use super::sign::{self, PublicKey, SecretKey};
@@ -178,8 +179,9 @@ impl Remote {
         Ok(Some(packed.len()))
     }
 
-    /// The entry under `key`, if the remote has it, it parses, its key
-    /// matches, and (with trusted keys) a trusted key signed it.
+    /// The entry under `key`, if the remote has it, its bytes match their
+    /// digest, its key is its name, and (with trusted keys) a trusted key
+    /// signed those bytes.
     pub fn get_entry(&self, key: &Digest) -> Result<Option<ActionEntry>> {
         if self.rejected(key) {
             return Ok(None);
@@ -187,30 +189,34 @@ impl Remote {
         let found = self.tier.get(Bucket::Actions, key)?;
         self.count(found.as_ref().map_or(0, Vec::len), 0);
         let Some(bytes) = found else { return Ok(None) };
-        let entry = match serde_json::from_slice::<ActionEntry>(&bytes) {
-            Ok(e) if e.key() == *key => e,
-            _ => {
-                eprintln!("warning: remote {}: entry {} is damaged; not used", self.url, key.short());
-                self.reject(key);
+        let stored = match Stored::open(&bytes, key) {
+            Ok(s) => s,
+            Err(why) => {
+                self.reject_entry(key, &why);
                 return Ok(None);
             }
         };
         if let Some(trusted) = &self.trusted
-            && let Some(why) = sign::distrust(&entry, trusted)
+            && let Some(why) = sign::distrust(stored.signature.as_ref(), &stored.body, trusted)
         {
             eprintln!("warning: remote {}: entry {} is not trusted ({why}); not used", self.url, key.short());
             self.reject(key);
             return Ok(None);
         }
-        Ok(Some(entry))
+        Ok(Some(stored.entry))
+    }
+
+    /// Reports the entry under `key` as damaged (`why`) and never offers it
+    /// again in this run, so the node is built instead.
+    pub fn reject_entry(&self, key: &Digest, why: &str) {
+        eprintln!("warning: remote {}: entry {} is damaged ({why}); not used", self.url, key.short());
+        self.reject(key);
     }
 
     /// Creates the entry unless the remote has one under its key (never
     /// overwritten); signed with the remote's signing key. True when created.
     pub fn put_entry(&self, entry: &ActionEntry) -> Result<bool> {
-        let mut entry = entry.clone();
-        entry.signature = self.signer.as_ref().map(|s| s.sign(&entry));
-        let bytes = serde_json::to_vec_pretty(&entry).expect("entries serialise");
+        let bytes = entry.seal(self.signer.as_ref());
         let created = self.tier.create(Bucket::Actions, &entry.key(), &bytes)?;
         self.count(0, if created { bytes.len() } else { 0 });
         Ok(created)

@@ -1,11 +1,11 @@
 //! Signed action entries. An object checks itself (its name is its
 //! digest); an entry does not: anyone who can write to a bucket could point
-//! a key at other outputs. An entry pushed with a signing key carries an
-//! ed25519 signature over its key and its outputs, so it cannot be replayed
-//! under another key, and a remote with trusted keys serves only entries
-//! one of them signed.
+//! a key at other outputs or change its counts. An entry pushed with a
+//! signing key carries an ed25519 signature over its exact bytes (its key
+//! material, so it cannot be replayed under another key, and every other
+//! field), and a remote with trusted keys serves only entries one of them
+//! signed.
 
-use super::ActionEntry;
 use anyhow::{Context, Result, anyhow, bail};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
@@ -13,7 +13,7 @@ use ed25519_dalek::{Signer, SigningKey, Verifier, VerifyingKey};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
-/// An entry's signature, stored beside its key material (not in it).
+/// An entry's signature, stored in its header (beside the bytes it covers).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Signature {
     /// The name of the key that signed.
@@ -22,13 +22,10 @@ pub struct Signature {
     pub signature: String,
 }
 
-/// What a signature covers: the entry's key and each output's path and digest.
-fn message(entry: &ActionEntry) -> Vec<u8> {
-    let mut m = b"prefgen-entry-v1\n".to_vec();
-    m.extend_from_slice(entry.key().to_hex().as_bytes());
-    for out in &entry.outputs {
-        m.extend_from_slice(format!("\n{} {} {}", out.path, out.digest, out.size).as_bytes());
-    }
+/// What a signature covers: the entry's exact bytes (its body), every field.
+fn message(body: &[u8]) -> Vec<u8> {
+    let mut m = b"prefgen-entry-v2\n".to_vec();
+    m.extend_from_slice(body);
     m
 }
 
@@ -60,8 +57,23 @@ impl SecretKey {
         Ok(SecretKey { name: name.into(), key: SigningKey::from_bytes(&seed) })
     }
 
-    /// Reads a key file (`NAME:BASE64` of the 32-byte secret).
+    /// Reads a key file (`NAME:BASE64` of the 32-byte secret). Like ssh, it
+    /// refuses a key that others may read or write: whoever can read it can
+    /// sign as its owner.
     pub fn read(path: &Path) -> Result<SecretKey> {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(path)
+            .with_context(|| format!("cannot read signing key {}", path.display()))?
+            .permissions()
+            .mode();
+        if mode & 0o077 != 0 {
+            bail!(
+                "signing key {path}: its mode is {:04o}, so others can read or change it; it is not used until \
+                 only its owner can: `chmod 600 {path}`",
+                mode & 0o7777,
+                path = path.display()
+            );
+        }
         let text =
             std::fs::read_to_string(path).with_context(|| format!("cannot read signing key {}", path.display()))?;
         let bad = || anyhow!("{}: not a prefgen signing key (NAME:BASE64)", path.display());
@@ -89,9 +101,9 @@ impl SecretKey {
         format!("{}:{}", self.name, STANDARD.encode(self.key.verifying_key().to_bytes()))
     }
 
-    /// Signs `entry`.
-    pub fn sign(&self, entry: &ActionEntry) -> Signature {
-        Signature { signer: self.name.clone(), signature: STANDARD.encode(self.key.sign(&message(entry)).to_bytes()) }
+    /// Signs an entry's body (its exact bytes).
+    pub fn sign(&self, body: &[u8]) -> Signature {
+        Signature { signer: self.name.clone(), signature: STANDARD.encode(self.key.sign(&message(body)).to_bytes()) }
     }
 }
 
@@ -105,16 +117,17 @@ impl PublicKey {
     }
 }
 
-/// Why an entry is not trusted, if it is not: unsigned, signed by a key not
-/// in `trusted`, or a signature that does not cover this key and these outputs.
-pub fn distrust(entry: &ActionEntry, trusted: &[PublicKey]) -> Option<String> {
-    let Some(sig) = &entry.signature else { return Some("it is unsigned".into()) };
+/// Why an entry (its body and signature) is not trusted, if it is not:
+/// unsigned, signed by a key not in `trusted`, or a signature that does not
+/// cover these bytes.
+pub fn distrust(signature: Option<&Signature>, body: &[u8], trusted: &[PublicKey]) -> Option<String> {
+    let Some(sig) = signature else { return Some("it is unsigned".into()) };
     let Some(key) = trusted.iter().find(|k| k.name == sig.signer) else {
         return Some(format!("its signer {:?} is not a trusted key", sig.signer));
     };
     let bytes: Option<[u8; 64]> = STANDARD.decode(&sig.signature).ok().and_then(|b| b.try_into().ok());
     match bytes {
-        Some(b) if key.key.verify(&message(entry), &ed25519_dalek::Signature::from_bytes(&b)).is_ok() => None,
-        _ => Some(format!("its signature by {:?} does not cover this key and these outputs", sig.signer)),
+        Some(b) if key.key.verify(&message(body), &ed25519_dalek::Signature::from_bytes(&b)).is_ok() => None,
+        _ => Some(format!("its signature by {:?} does not cover its contents", sig.signer)),
     }
 }

@@ -1,6 +1,7 @@
 //! Digests of files outside the cache (imports, prompt files, models),
 //! remembered in `stat-v1/` by path, size and modification time, so large
-//! inputs are not hashed again on every run.
+//! inputs are not hashed again on every run (except under `run --locked`,
+//! which hashes each again once: see `Cache::rehash_inputs`).
 
 use super::Cache;
 use super::tier::{FILE_MODE, write_atomic_in};
@@ -55,15 +56,19 @@ impl Cache {
         let abs = std::path::absolute(path)?;
         let (size, mtime_ns) = size_mtime(&abs).with_context(|| format!("cannot read {}", path.display()))?;
         let memo_path = self.memo_path(&abs);
+        let trusted = self.rehashed.lock().expect("not poisoned").as_ref().is_none_or(|done| done.contains(&abs));
         let mut memo = std::fs::read(&memo_path)
             .ok()
             .and_then(|b| serde_json::from_slice::<Memo>(&b).ok())
-            .filter(|m| m.path == abs && m.size == size && m.mtime_ns == mtime_ns)
+            .filter(|m| trusted && m.path == abs && m.size == size && m.mtime_ns == mtime_ns)
             .unwrap_or(Memo { path: abs.clone(), size, mtime_ns, blake3: None, sha256: None });
         if !missing(&memo) {
             return Ok(memo);
         }
         fill(&mut memo).with_context(|| format!("cannot read {}", path.display()))?;
+        if let Some(done) = self.rehashed.lock().expect("not poisoned").as_mut() {
+            done.insert(abs.clone());
+        }
         // A file modified within the clock's resolution of now could change again
         // without its mtime moving (git's "racily clean" problem): don't remember it.
         let mtime = SystemTime::UNIX_EPOCH + Duration::from_nanos(mtime_ns as u64);

@@ -30,7 +30,7 @@ impl Bucket {
     pub fn dir_name(self) -> &'static str {
         match self {
             Bucket::Objects => "objects-v1",
-            Bucket::Actions => "actions-v2",
+            Bucket::Actions => "actions-v3",
             Bucket::Layout => "",
             Bucket::Leases => "leases-v1",
         }

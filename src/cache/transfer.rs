@@ -107,7 +107,8 @@ pub fn push_entry(cache: &Cache, remote: &Remote, entry: &ActionEntry) -> Result
 }
 
 /// Downloads the objects of `entries` that the local cache lacks, from its
-/// remotes in order (the entries themselves were copied when looked up).
+/// remotes in order, then the entries: an interrupted pull leaves no entry
+/// without its objects.
 pub fn pull(cache: &Cache, entries: &[ActionEntry]) -> Result<Moved> {
     let started = Instant::now();
     let objects = objects_of(entries);
@@ -129,6 +130,9 @@ pub fn pull(cache: &Cache, entries: &[ActionEntry]) -> Result<Moved> {
         Ok(())
     })?;
     progress.finish_and_clear();
+    for entry in entries {
+        cache.put_action(entry)?;
+    }
     let mut m = moved.into_inner().expect("not poisoned");
     m.seconds = started.elapsed().as_secs_f64();
     Ok(m)

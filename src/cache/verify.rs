@@ -1,8 +1,10 @@
 //! `prefgen cache verify`: every object re-hashed, every action entry
-//! re-read and checked against the objects it names.
+//! re-read (its bytes against their digest) and checked against the
+//! objects it names.
 
+use super::Cache;
+use super::Stored;
 use super::tier::{Bucket, Tier};
-use super::{ActionEntry, Cache};
 use crate::digest::Digest;
 use crate::stages::{Rows, Stage};
 use anyhow::Result;
@@ -15,7 +17,8 @@ pub struct VerifySummary {
     /// Objects whose bytes no longer hash to their name (removed).
     pub damaged: Vec<Digest>,
     pub actions: usize,
-    /// Action entries that are unreadable, keyed wrongly, or name outputs that
+    /// Action entries that are unreadable, changed since written, keyed
+    /// wrongly, or name outputs that
     /// are missing or not what their stage writes (removed), and why.
     pub damaged_actions: Vec<(Digest, String)>,
 }
@@ -47,13 +50,10 @@ impl Cache {
     /// Why the entry under `key` cannot be used, if it cannot.
     fn entry_fault(&self, key: &Digest) -> Result<Option<String>> {
         let Some(bytes) = self.local.get(Bucket::Actions, key)? else { return Ok(None) };
-        let entry = match serde_json::from_slice::<ActionEntry>(&bytes) {
-            Ok(e) => e,
-            Err(e) => return Ok(Some(format!("it does not parse ({e})"))),
+        let entry = match Stored::open(&bytes, key) {
+            Ok(stored) => stored.entry,
+            Err(why) => return Ok(Some(why)),
         };
-        if entry.key() != *key {
-            return Ok(Some("its contents do not hash to its name".into()));
-        }
         if entry.material.stage.ends_with("-shard") && entry.outputs.len() != 1 {
             return Ok(Some(format!("a shard names {} outputs, not one", entry.outputs.len())));
         }

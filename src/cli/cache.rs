@@ -142,7 +142,8 @@ pub fn cache(caches: &Caches, remote: Option<&str>, command: Command) -> Result<
             missing_nodes(&missing, "push")
         }
         Command::Pull(args) => {
-            let cache = caches.open()?;
+            // Lookups only look: `transfer::pull` moves the objects, then the entries.
+            let cache = caches.open()?.only_looking();
             if cache.remotes().is_empty() {
                 bail!("cache pull: no remote (give --remote URL, or add one to prefgen.toml)");
             }

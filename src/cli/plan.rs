@@ -9,7 +9,7 @@ use anyhow::Result;
 use std::process::ExitCode;
 
 pub fn plan(caches: &Caches, args: RecipeArgs) -> Result<ExitCode> {
-    let cache = caches.open()?;
+    let cache = caches.open()?.only_looking();
     for r in cache.remotes().iter().filter(|r| r.trusts_everyone()) {
         println!("note: remote {} has no trusted_keys: it serves entries from anyone who can write to it", r.url);
     }

@@ -103,6 +103,9 @@ pub fn build_and_lock(
     let lock_path = lock::path_for(&recipe.recipe);
     let old = Lock::read(&lock_path, locked)?;
     if locked {
+        // An input edited with its size and modification time restored
+        // would pass the stat memo: --locked reads every input again.
+        cache.rehash_inputs();
         let Some(old) = &old else {
             bail!("--locked: there is no lock file {} (a run without --locked writes it)", lock_path.display());
         };

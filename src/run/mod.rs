@@ -88,10 +88,15 @@ pub fn run(graph: &Graph, cache: &Cache, targets: &[String], options: Options) -
     if let Some(leases) = &leases {
         eprintln!("claiming shards with leases of {}s on {}", leases.period().as_secs_f64(), leases.describe());
     }
-    for _ in 0..3 {
+    for pass in 1.. {
         match run_once(graph, cache, &selected, options, claims)? {
             Pass::Done(summary) => return Ok(summary),
             Pass::Damaged(what) => eprintln!("{what}; rebuilding it"),
+        }
+        // A remote's entry refused for the rest of the run cannot fail
+        // again: only damage the local tier keeps showing counts.
+        if pass >= 3 + cache.refused() {
+            break;
         }
     }
     bail!("cache objects keep failing verification: is the disk under {} healthy?", cache.root().display())
@@ -227,15 +232,7 @@ fn build_all(
             outputs.push(OutputFile { path, digest, size: bytes.len() as u64 });
             files.push(Arc::new(bytes));
         }
-        let entry = ActionEntry {
-            material,
-            node: label.clone(),
-            outputs,
-            counts: output.counts,
-            engines,
-            parts,
-            signature: None,
-        };
+        let entry = ActionEntry { material, node: label.clone(), outputs, counts: output.counts, engines, parts };
         let counts = entry.counts.describe();
         let counts = if counts.is_empty() { counts } else { format!(" ({counts})") };
         eprintln!("built {label} in {:.2}s{counts}", started.elapsed().as_secs_f64());
@@ -299,12 +296,9 @@ fn inputs(walk: &mut Walk, memory: &Memory, idx: usize) -> Result<Pass<Inputs>> 
         }
         let entry = walk.entries[d].as_ref().expect("deps are resolved before their users");
         let [out] = &entry.outputs[..] else {
-            walk.cache.remove_action(&entry.key())?;
-            return Ok(Pass::Damaged(format!(
-                "the cached entry of {} names {} outputs",
-                entry.node,
-                entry.outputs.len()
-            )));
+            let what = format!("the cached entry of {} names {} outputs", entry.node, entry.outputs.len());
+            walk.cache.remove_action(&entry.key(), &what)?;
+            return Ok(Pass::Damaged(what));
         };
         let Some(bytes) = walk.cache.get_object(&out.digest)? else {
             return Ok(Pass::Damaged(format!("cache object {} of {} is damaged", out.digest.short(), entry.node)));
@@ -313,8 +307,9 @@ fn inputs(walk: &mut Walk, memory: &Memory, idx: usize) -> Result<Pass<Inputs>> 
             Ok(rows) => deps.push(rows),
             Err(e) => {
                 // An entry naming bytes that are not its stage's rows: forget it.
-                walk.cache.remove_action(&entry.key())?;
-                return Ok(Pass::Damaged(format!("the cached output of {} is unusable ({e:#})", entry.node)));
+                let what = format!("the cached output of {} is unusable ({e:#})", entry.node);
+                walk.cache.remove_action(&entry.key(), &what)?;
+                return Ok(Pass::Damaged(what));
             }
         }
     }

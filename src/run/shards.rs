@@ -248,7 +248,7 @@ impl Node<'_, '_> {
             }
             Err(e) => {
                 eprintln!("warning: the cached {what} is unusable ({e:#}); building it again");
-                self.cache.remove_action(key)?;
+                self.cache.remove_action(key, &format!("{e:#}"))?;
                 Ok(None)
             }
         }
@@ -328,7 +328,6 @@ impl Node<'_, '_> {
             counts: built.counts,
             engines: vec![built.engine],
             parts: vec![],
-            signature: None,
         };
         self.cache.put_action(&entry)?;
         // Only now is the shard safe from a crash.
