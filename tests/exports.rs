@@ -405,14 +405,14 @@ fn random_entries_and_manifests_stay_inside_export_dir() {
         let path = |rng: &mut Rng| {
             let n = 1 + rng.next() % 5;
             let mut s: String = (0..n).map(|_| *rng.pick(&parts)).collect::<Vec<_>>().join("/");
-            if rng.next() % 3 == 0 {
+            if rng.next().is_multiple_of(3) {
                 s = format!("{abs}/{s}");
             }
             s
         };
         // Some entries renamed, then the manifest given random records that claim outside files.
         for node in &nodes {
-            if rng.next() % 3 == 0 {
+            if rng.next().is_multiple_of(3) {
                 let name = path(&mut rng);
                 forge_entry(&p, node, |i, old| if i == 0 { name.clone() } else { old.to_string() });
             }
