@@ -407,26 +407,28 @@ impl Recipe {
         let dir = Path::new(&self.export.dir);
         let Ok(export) = resolve(dir) else { return Ok(()) }; // unreadable: the run says so, naming it
         for (key, path) in self.local_inputs() {
-            let folder = if path.is_dir() {
-                path.clone()
-            } else {
-                path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")).to_path_buf()
+            // A folder input is read whole; a file, from its folder.
+            let whole = path.is_dir();
+            let folder = match path.parent().filter(|p| !p.as_os_str().is_empty()) {
+                _ if whole => path.as_path(),
+                Some(parent) => parent,
+                None => Path::new("."),
             };
-            let Ok(folder) = resolve(&folder) else { continue };
-            let clash = if folder.starts_with(&export) {
-                Some("is inside it")
-            } else if path.is_dir() && export.starts_with(&folder) {
-                Some("is a folder read whole, and export.dir is inside it")
-            } else {
-                None
-            };
-            if let Some(how) = clash {
+            let Ok(folder) = resolve(folder) else { continue };
+            let (dir, path) = (dir.display(), path.display());
+            if folder.starts_with(&export) {
                 return Err((
                     export::dir,
                     format!(
-                        "{} and {key} overlap: {key}'s {} {how}; prefgen replaces and removes files in export.dir, so it must not hold what prefgen reads: choose another export.dir",
-                        dir.display(),
-                        path.display()
+                        "{dir} holds {key}'s {path}; prefgen replaces and removes files in export.dir, so nothing it reads may be there: choose another export.dir"
+                    ),
+                ));
+            }
+            if whole && export.starts_with(&folder) {
+                return Err((
+                    export::dir,
+                    format!(
+                        "{dir} is inside {key}'s folder {path}, which is read whole (the exports would be read back as input): choose another export.dir"
                     ),
                 ));
             }
