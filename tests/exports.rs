@@ -400,7 +400,9 @@ fn random_entries_and_manifests_stay_inside_export_dir() {
     ];
     let mut rng = Rng(0x5eed_2025);
     let mut layouts = [10usize, 7, 100_000].iter().cycle();
-    for case in 0..12 {
+    // How many runs caught a forged entry, and a forged manifest record: the loop must exercise both.
+    let (mut entries_caught, mut records_caught) = (0, 0);
+    for case in 0..30 {
         let before = snapshot(p.dir.path(), &skip);
         let path = |rng: &mut Rng| {
             let n = 1 + rng.next() % 5;
@@ -439,8 +441,11 @@ fn random_entries_and_manifests_stay_inside_export_dir() {
             before.keys().chain(after.keys()).filter(|k| before.get(*k) != after.get(*k)).collect::<Vec<_>>(),
             run.stderr()
         );
-        assert!(!run.stderr().contains("panicked"), "case {case}: {}", run.stderr());
+        assert!(run.0.status.success(), "case {case}: forged entries and records are ignored:\n{}", run.stderr());
+        entries_caught += run.stderr().contains("do not write") as usize;
+        records_caught += run.stderr().contains("which is not a file inside") as usize;
     }
+    assert!(entries_caught > 2 && records_caught > 2, "entries caught {entries_caught}, records {records_caught}");
 }
 
 /// `to` as a relative path from `from` (`../../victim.txt`).
