@@ -336,7 +336,18 @@ impl<'a> Walk<'a> {
     /// Fresh when the lookup found it; otherwise stale, and why.
     fn judge(&self, idx: usize, material: KeyMaterial, hit: Option<(ActionEntry, Found)>) -> Result<Freshness> {
         if let Some((entry, found)) = hit {
-            return Ok(Freshness::Fresh(entry, found));
+            // Output paths are the stage's own: an entry naming any other path
+            // is not one prefgen wrote. It is forgotten, as a damaged entry is
+            // (best effort: the rebuild replaces it anyway), so no builder
+            // takes it for one stored meanwhile, and the node is rebuilt.
+            let spec = &self.graph.nodes[idx].spec;
+            let Some(i) = entry.outputs.iter().position(|o| !stages::writes(spec, &self.graph.recipe, &o.path)) else {
+                return Ok(Freshness::Fresh(entry, found));
+            };
+            let _ = self.cache.remove_action(&entry.key());
+            let reason =
+                format!("its cached entry names {:?}, a file that its stage does not write", entry.outputs[i].path);
+            return Ok(Freshness::Stale(material, reason));
         }
         let key = material.key();
         let reason = match self.cache.last_build(&self.graph.ref_name(idx))? {

@@ -10,10 +10,25 @@ use serde_json::Value;
 use std::collections::BTreeMap;
 use std::fmt::Write;
 
+const FILE: &str = "README.md";
+/// Each split's plots, by the name that follows the split's in the file name.
+const PLOTS: [&str; 4] = ["scores", "margin", "length", "seed-length"];
+
+fn plot_path(split: &str, plot: &str) -> String {
+    format!("plots/{split}-{plot}.svg")
+}
+
+/// Whether `path` is a file [`render`] names for a card over `splits`.
+pub fn writes(splits: &[&str], path: &str) -> bool {
+    path == FILE || splits.iter().any(|split| PLOTS.iter().any(|plot| plot_path(split, plot) == path))
+}
+
 /// One split as the card reports it.
 pub struct CardSplit<'a> {
     pub name: &'a str,
     pub rows: &'a [BinarizedRow],
+    /// The size of its Arrow data (`datasets`' `num_bytes`).
+    pub num_bytes: u64,
     pub counts: SplitCounts,
 }
 
@@ -197,8 +212,11 @@ pub fn render(input: &CardInput) -> Result<Vec<(String, Vec<u8>)>> {
     let _ = writeln!(y, "license: {}", q(input.license));
     let total: usize = input.splits.iter().map(|s| s.rows.len()).sum();
     let _ = writeln!(y, "task_categories:\n- text-generation\nsize_categories:\n- {}", size_category(total));
-    y.push_str("tags:\n- prefgen\n- preference\n- dpo\n- simpo\nconfigs:\n- config_name: default\n  data_files:\n");
-    for s in &input.splits {
+    y.push_str("tags:\n- prefgen\n- preference\n- dpo\n- simpo\nconfigs:\n- config_name: default\n");
+    // Only splits with rows have parquet files (`hub_parquet::write_split`).
+    let loadable: Vec<&CardSplit> = input.splits.iter().filter(|s| !s.rows.is_empty()).collect();
+    y.push_str(if loadable.is_empty() { "  data_files: []\n" } else { "  data_files:\n" });
+    for s in &loadable {
         let _ = writeln!(y, "  - split: {}\n    path: data/{}-*", s.name, s.name);
     }
     y.push_str("dataset_info:\n  features:\n");
@@ -211,9 +229,9 @@ pub fn render(input: &CardInput) -> Result<Vec<(String, Vec<u8>)>> {
             "  - name: {col}\n    list:\n    - name: content\n      dtype: string\n    - name: role\n      dtype: string"
         );
     }
-    y.push_str("  splits:\n");
-    for s in &input.splits {
-        let _ = writeln!(y, "  - name: {}\n    num_examples: {}", s.name, s.rows.len());
+    y.push_str(if loadable.is_empty() { "  splits: []\n" } else { "  splits:\n" });
+    for s in &loadable {
+        let _ = writeln!(y, "  - name: {}\n    num_bytes: {}\n    num_examples: {}", s.name, s.num_bytes, s.rows.len());
     }
     y.push_str("---\n\n");
 
@@ -242,6 +260,14 @@ pub fn render(input: &CardInput) -> Result<Vec<(String, Vec<u8>)>> {
             count(c.ties),
             count(c.dropped_ties),
             s.rows.len()
+        );
+    }
+    let empty: Vec<&str> = input.splits.iter().filter(|s| s.rows.is_empty()).map(|s| s.name).collect();
+    if !empty.is_empty() {
+        let _ = writeln!(
+            b,
+            "\nNo rows are left in {}: `load_dataset` cannot read an empty split, so `data/` and the `configs` above leave it out; `load_from_disk(\"hf\")` holds it, empty.",
+            empty.iter().map(|s| format!("`{s}`")).collect::<Vec<_>>().join(", ")
         );
     }
     b.push_str("\n## Scores and lengths\n\n| split | chosen score (mean) | rejected score (mean) | margin (mean) | chosen length (chars, mean) | rejected length (chars, mean) |\n|---|---|---|---|---|---|\n");
@@ -323,9 +349,9 @@ pub fn render(input: &CardInput) -> Result<Vec<(String, Vec<u8>)>> {
             fmt_opt(pearson(&all))
         );
         for (file, chart, text) in
-            [("scores", scores, scores_text), ("margin", margin, margin_text), ("length", length, length_text)]
+            [(PLOTS[0], scores, scores_text), (PLOTS[1], margin, margin_text), (PLOTS[2], length, length_text)]
         {
-            let path = format!("plots/{split}-{file}.svg");
+            let path = plot_path(split, file);
             let _ = writeln!(b, "![{text}]({path})\n\n{text}\n");
             files.push((path, chart.svg));
         }
@@ -341,7 +367,7 @@ pub fn render(input: &CardInput) -> Result<Vec<(String, Vec<u8>)>> {
             seeds if seeds.len() == n => seeds.iter().map(u64::to_string).collect(),
             _ => (1..=n).map(|k| format!("#{k}")).collect(),
         };
-        let path = format!("plots/{split}-seed-length.svg");
+        let path = plot_path(split, PLOTS[3]);
         let title = format!("Mean response length per seed ({split})");
         let labels = Labels { title: &title, x: "seed", y: "mean length (characters)" };
         let means: Vec<String> = seeds.iter().zip(&per_seed).map(|(seed, m)| format!("{seed}: {m:.1}")).collect();
@@ -357,7 +383,7 @@ pub fn render(input: &CardInput) -> Result<Vec<(String, Vec<u8>)>> {
     for (label, key) in &input.keys {
         let _ = writeln!(b, "| `{label}` | `{key}` |");
     }
-    files.insert(0, ("README.md".to_string(), b.into_bytes()));
+    files.insert(0, (FILE.to_string(), b.into_bytes()));
     Ok(files)
 }
 
@@ -393,7 +419,7 @@ mod tests {
         let input = CardInput {
             name: "t",
             license: "mit",
-            splits: vec![CardSplit { name: "train", rows: &rows, counts: SplitCounts::default() }],
+            splits: vec![CardSplit { name: "train", rows: &rows, num_bytes: 0, counts: SplitCounts::default() }],
             params: BTreeMap::from([("generate.temperature".to_string(), serde_json::json!(0.8))]),
             seeds: vec![13, 21],
             sources: vec![source("generate.model", "m.gguf"), source("prompts.dataset", "p.jsonl")],

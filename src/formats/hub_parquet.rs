@@ -13,9 +13,29 @@ pub fn shard_name(prefix: &str, split: &str, i: usize, n: usize, ext: &str) -> S
     format!("{prefix}{split}-{i:05}-of-{n:05}.{ext}")
 }
 
+/// Whether `path` is a name [`shard_name`] gives for some file `i` of `n`.
+pub fn is_shard_name(prefix: &str, split: &str, ext: &str, path: &str) -> bool {
+    let Some(numbers) = path.strip_prefix(prefix).and_then(|p| p.strip_prefix(split)) else { return false };
+    let Some((i, n)) = numbers
+        .strip_prefix('-')
+        .and_then(|p| p.strip_suffix(ext))
+        .and_then(|p| p.strip_suffix('.'))
+        .and_then(|p| p.split_once("-of-"))
+    else {
+        return false;
+    };
+    match (i.parse::<usize>(), n.parse::<usize>()) {
+        (Ok(i), Ok(n)) => i < n && shard_name(prefix, split, i, n, ext) == path,
+        _ => false,
+    }
+}
+
 /// The split's rows as parquet files of at most `rows_per_file` rows each.
+/// An empty split has none: `load_dataset` refuses a split of no rows
+/// ("corresponds to no data"), so it is left out of the hub layout (the
+/// card says so, and `hf/` holds it).
 pub fn write_split(split: &str, rows: &[BinarizedRow], rows_per_file: usize) -> Result<Vec<(String, Vec<u8>)>> {
-    let chunks: Vec<&[BinarizedRow]> = if rows.is_empty() { vec![rows] } else { rows.chunks(rows_per_file).collect() };
+    let chunks: Vec<&[BinarizedRow]> = rows.chunks(rows_per_file).collect();
     let n = chunks.len();
     let mut out = Vec::with_capacity(n);
     for (i, chunk) in chunks.into_iter().enumerate() {
@@ -31,7 +51,37 @@ pub fn write_split(split: &str, rows: &[BinarizedRow], rows_per_file: usize) -> 
             writer.write(&features::record_batch(batch))?;
         }
         writer.close()?;
-        out.push((shard_name("data/", split, i, n, "parquet"), bytes));
+        out.push((shard_name(DIR, split, i, n, EXT), bytes));
     }
     Ok(out)
+}
+
+const DIR: &str = "data/";
+const EXT: &str = "parquet";
+
+/// Whether `path` is one of the files [`write_split`] names for `split`.
+pub fn writes(split: &str, path: &str) -> bool {
+    is_shard_name(DIR, split, EXT, path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shard_names_are_recognised_exactly() {
+        assert!(writes("train", "data/train-00000-of-00001.parquet"));
+        assert!(writes("train", "data/train-00002-of-00010.parquet"));
+        for path in [
+            "data/train-00001-of-00001.parquet",
+            "data/train-0-of-1.parquet",
+            "data/test-00000-of-00001.parquet",
+            "data/train-00000-of-00001.parquet/../../x",
+            "../data/train-00000-of-00001.parquet",
+            "/data/train-00000-of-00001.parquet",
+            "data/train-+0000-of-00001.parquet",
+        ] {
+            assert!(!writes("train", path), "{path}");
+        }
+    }
 }

@@ -303,7 +303,12 @@ impl Recipe {
                     return err(prompts::splits, "must name at least one split");
                 }
                 if let Some(bad) = map.keys().find(|k| !valid_split_name(k)) {
-                    return err(prompts::splits, &format!("split name {bad:?} must be letters, digits, '_' or '-'"));
+                    return err(
+                        prompts::splits,
+                        &format!(
+                            "split name {bad:?} is not one the Hugging Face tools accept: letters, digits and '_', in parts joined by '.' (datasets' rule {SPLIT_RULE})"
+                        ),
+                    );
                 }
             }
             (None, _) => {
@@ -392,7 +397,78 @@ impl Recipe {
         if self.export.rows_per_file == 0 {
             return err(export::rows_per_file, "must be > 0");
         }
+        self.check_inputs_outside_export()
+    }
+
+    /// prefgen replaces and removes files under `export.dir`: no file or
+    /// folder it reads may be there, nor may `export.dir` be inside a folder
+    /// read whole (its exports would be read back as input).
+    fn check_inputs_outside_export(&self) -> std::result::Result<(), (&'static str, String)> {
+        let dir = Path::new(&self.export.dir);
+        let Ok(export) = resolve(dir) else { return Ok(()) }; // unreadable: the run says so, naming it
+        for (key, path) in self.local_inputs() {
+            // A folder input is read whole; a file, from its folder.
+            let whole = path.is_dir();
+            let folder = match path.parent().filter(|p| !p.as_os_str().is_empty()) {
+                _ if whole => path.as_path(),
+                Some(parent) => parent,
+                None => Path::new("."),
+            };
+            let Ok(folder) = resolve(folder) else { continue };
+            let (dir, path) = (dir.display(), path.display());
+            if folder.starts_with(&export) {
+                return Err((
+                    export::dir,
+                    format!(
+                        "{dir} holds {key}'s {path}; prefgen replaces and removes files in export.dir, so nothing it reads may be there: choose another export.dir"
+                    ),
+                ));
+            }
+            if whole && export.starts_with(&folder) {
+                return Err((
+                    export::dir,
+                    format!(
+                        "{dir} is inside {key}'s folder {path}, which is read whole (the exports would be read back as input): choose another export.dir"
+                    ),
+                ));
+            }
+        }
         Ok(())
+    }
+
+    /// The local files and folders the recipe reads, each with its key.
+    fn local_inputs(&self) -> Vec<(&'static str, PathBuf)> {
+        let mut out = Vec::new();
+        let splits = self.splits();
+        for spec in &splits {
+            if let PromptSource::Local { path, .. } = &spec.source {
+                let key = if self.prompts.dataset.is_some() { prompts::dataset } else { prompts::splits };
+                out.push((key, path.clone()));
+            }
+            if let Some(pattern) = &self.generate.import {
+                for &seed in &self.generate.seeds {
+                    let path = crate::stages::generate::import_path(pattern, seed, &spec.name);
+                    out.push((generate::import, path.into()));
+                }
+            }
+            if let Some(pattern) = &self.annotate.import {
+                out.push((annotate::import, crate::stages::annotate::import_path(pattern, &spec.name).into()));
+            }
+        }
+        let (g, a) = (&self.generate, &self.annotate);
+        for (key, path) in [
+            (generate::model, &g.model),
+            (generate::chat_template, &g.chat_template),
+            (annotate::model, &a.model),
+            (annotate::chat_template, &a.chat_template),
+            (annotate::judge_rubric, &a.judge_rubric),
+        ] {
+            // A model that is not a local path is a hub id, read from the hub's cache.
+            if let Some(path) = path.as_deref().map(PathBuf::from).filter(|p| p.exists()) {
+                out.push((key, path));
+            }
+        }
+        out
     }
 
     /// The output splits, in name order, each with its prompt source.
@@ -465,8 +541,29 @@ pub fn looks_like_hub_id(s: &str) -> bool {
         && !s.ends_with(".gguf")
 }
 
+/// The rule `datasets` checks split names against (`datasets.naming._split_re`).
+const SPLIT_RULE: &str = r"^\w+(\.\w+)*$";
+
+/// Whether `datasets` accepts `s` as a split name ([`SPLIT_RULE`]); such a
+/// name is also a plain file name, never `..` or a path.
 fn valid_split_name(s: &str) -> bool {
-    !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+    s.split('.').all(|part| !part.is_empty() && part.chars().all(|c| c.is_alphanumeric() || c == '_'))
+}
+
+/// `path` made absolute, with its nearest existing ancestor resolved
+/// (symbolic links followed) and the rest as given, so two spellings of one
+/// folder compare equal even before it exists.
+pub fn resolve(path: &Path) -> std::io::Result<PathBuf> {
+    let path = std::path::absolute(path)?;
+    let mut base = path.as_path();
+    let mut rest = Vec::new();
+    while !base.exists() {
+        rest.push(base.file_name().map(|n| n.to_os_string()).unwrap_or_default());
+        base = base.parent().unwrap_or(Path::new("/"));
+    }
+    let mut out = base.canonicalize()?;
+    out.extend(rest.iter().rev());
+    Ok(out)
 }
 
 /// Applies one `--set section.key=value`: the value is a TOML value when it parses

@@ -8,6 +8,11 @@
 //! never taken for the export. While files are being replaced,
 //! `PREFGEN_INCOMPLETE` in `export.dir` says the folder is a mix of two
 //! builds; only a finished materialisation removes it.
+//!
+//! Nothing read from a cache entry or the manifest chooses where a file is
+//! written or removed: output paths are the stages' own names
+//! (`stages::writes`), and every path is checked to lie inside `export.dir`
+//! (`within`) where it is written or removed.
 
 use super::Pass;
 use crate::cache::tier::{FILE_MODE, write_atomic_in};
@@ -15,12 +20,12 @@ use crate::cache::{ActionEntry, Cache};
 use crate::digest::Digest;
 use crate::plan::Graph;
 use crate::recipe;
-use crate::stages::Stage;
+use crate::stages::{self, Stage};
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
 
 /// What prefgen last wrote under `export.dir`.
 #[derive(Default, Serialize, Deserialize)]
@@ -62,6 +67,31 @@ const LOCK: &str = ".prefgen/lock";
 /// Present while the folder is being updated.
 pub const INCOMPLETE: &str = "PREFGEN_INCOMPLETE";
 
+/// `rel` as a path under `dir`, if it can name a file that prefgen writes
+/// there: relative, every component a plain name, outside its own
+/// `.prefgen/` and not its marker, and no folder on the way a symbolic link
+/// (which would lead outside `dir`). None for anything else: `..`, `/abs`.
+fn within(dir: &Path, rel: &str) -> Option<PathBuf> {
+    let path = Path::new(rel);
+    let first = path.components().next()?;
+    if !path.components().all(|c| matches!(c, Component::Normal(_)))
+        || first.as_os_str() == ".prefgen"
+        || path == Path::new(INCOMPLETE)
+    {
+        return None;
+    }
+    let mut at = dir.to_path_buf();
+    for part in path.parent().into_iter().flat_map(Path::components) {
+        at.push(part);
+        match std::fs::symlink_metadata(&at) {
+            Ok(m) if m.file_type().is_symlink() => return None,
+            Ok(_) => {}
+            Err(_) => break, // created below as a plain folder
+        }
+    }
+    Some(dir.join(path))
+}
+
 /// One file to place.
 struct Place {
     rel: String,
@@ -72,20 +102,7 @@ struct Place {
 /// Refuses an `export.dir` inside the cache, where `cache gc` would take
 /// the exports for its own files.
 pub fn check_dir(dir: &Path, cache: &Cache) -> Result<()> {
-    let abs = |p: &Path| -> Result<PathBuf> {
-        // The nearest existing ancestor, resolved, then the rest as given.
-        let p = std::path::absolute(p)?;
-        let mut base = p.as_path();
-        let mut rest = Vec::new();
-        while !base.exists() {
-            rest.push(base.file_name().map(|n| n.to_os_string()).unwrap_or_default());
-            base = base.parent().unwrap_or(Path::new("/"));
-        }
-        let mut out = base.canonicalize()?;
-        out.extend(rest.iter().rev());
-        Ok(out)
-    };
-    let (dir_abs, cache_abs) = (abs(dir)?, abs(cache.root())?);
+    let (dir_abs, cache_abs) = (recipe::resolve(dir)?, recipe::resolve(cache.root())?);
     if dir_abs.starts_with(&cache_abs) {
         bail!(
             "{} {}: is inside the cache at {} (cache gc would remove the exports); choose a folder outside it",
@@ -121,8 +138,31 @@ pub fn materialise(
         eprintln!("waiting for another prefgen process that is writing {}", dir.display())
     })
     .map_err(|e| unwritable(&e))?;
-    let old: Manifest =
+    let mut old: Manifest =
         std::fs::read(dir.join(MANIFEST)).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
+    old.files.retain(|rel, _| {
+        let inside = within(&dir, rel).is_some();
+        if !inside {
+            eprintln!("warning: {} names {rel:?}, which is not a file inside {}: ignored", MANIFEST, dir.display());
+        }
+        inside
+    });
+    // Output paths are the stages' own: an entry naming another is not one
+    // prefgen wrote. Every such entry is forgotten at once, so one more pass rebuilds them all.
+    let mut foreign = Vec::new();
+    for (idx, node) in graph.nodes.iter().enumerate().filter(|(i, _)| selected[*i]) {
+        let Some(entry) = &entries[idx] else { continue };
+        if let Some(out) = entry.outputs.iter().find(|o| !stages::writes(&node.spec, &graph.recipe, &o.path)) {
+            cache.remove_action(&entry.key())?;
+            foreign.push(format!("{}: {:?}", node.label(), out.path));
+        }
+    }
+    if !foreign.is_empty() {
+        return Ok(Pass::Damaged(format!(
+            "cached entries name files that their stages do not write ({})",
+            foreign.join(", ")
+        )));
+    }
     // First decide everything, so a refusal leaves the folder untouched.
     let mut new = Manifest::default();
     let mut todo = Vec::new();
@@ -133,7 +173,14 @@ pub fn materialise(
         let entry = entries[idx].as_ref().expect("selected nodes are resolved");
         for out in &entry.outputs {
             let rel = node.out_dir.join(&out.path).to_string_lossy().replace('\\', "/");
-            let dest = dir.join(&rel);
+            let Some(dest) = within(&dir, &rel) else {
+                bail!(
+                    "{}: a symbolic link in {} {} leads there; prefgen writes only inside export.dir: replace the link with a folder",
+                    dir.join(&rel).display(),
+                    recipe::export::dir,
+                    dir.display()
+                );
+            };
             let now = stat(&dest);
             let prev = old.files.get(&rel);
             match (prev, now) {
@@ -179,12 +226,19 @@ pub fn materialise(
     let mut gone = Vec::new();
     if selected.iter().all(|s| *s) {
         for (rel, w) in &old.files {
-            // Remove only what prefgen wrote and nobody changed since.
-            if !new.files.contains_key(rel)
-                && !todo.iter().any(|p| &p.rel == rel)
-                && stat(&dir.join(rel)) == Some(w.stat)
-            {
-                gone.push(rel.clone());
+            if new.files.contains_key(rel) || todo.iter().any(|p| &p.rel == rel) {
+                continue;
+            }
+            let Some(path) = within(&dir, rel) else { continue };
+            // Remove only what prefgen wrote and nobody changed since: its stat
+            // as placed, or else (copied, chmod-ed, rsync-ed) its bytes.
+            match stat(&path) {
+                Some(now) if now == w.stat || Digest::of_file(&path).ok() == Some(w.digest) => gone.push(rel.clone()),
+                Some(_) => eprintln!(
+                    "warning: kept {}: prefgen wrote it, but it has changed since; it is no longer part of the export",
+                    path.display()
+                ),
+                None => {}
             }
         }
     } else {
@@ -222,8 +276,11 @@ pub fn materialise(
         written += 1;
     }
     for rel in gone {
-        let _ = std::fs::remove_file(dir.join(rel));
-        written += 1;
+        // Checked again where it is removed: only a file inside export.dir.
+        if let Some(path) = within(&dir, &rel) {
+            let _ = std::fs::remove_file(path);
+            written += 1;
+        }
     }
     let bytes = serde_json::to_vec_pretty(&new)?;
     write_atomic_in(&dir.join(TMP), &dir.join(MANIFEST), &bytes, FILE_MODE).map_err(|e| unwritable(&e))?;

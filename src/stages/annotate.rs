@@ -15,6 +15,11 @@ use std::sync::Arc;
 pub const VERSION: u32 = 3;
 pub const FILE: &str = "all_outputs_rm.json";
 
+/// The path of split `split`'s scores from an import pattern.
+pub fn import_path(pattern: &str, split: &str) -> String {
+    pattern.replace("{split}", split)
+}
+
 /// What an annotate node keys: the imported file, or the scoring
 /// parameters, the reward model, its template and the judge's rubric.
 pub fn keyed(at: &At) -> Keyed {
@@ -22,8 +27,7 @@ pub fn keyed(at: &At) -> Keyed {
     let mut externals = BTreeMap::new();
     let params = match &a.import {
         Some(pattern) => {
-            externals
-                .insert(recipe::annotate::import.into(), External::File(pattern.replace("{split}", at.split).into()));
+            externals.insert(recipe::annotate::import.into(), External::File(import_path(pattern, at.split).into()));
             BTreeMap::new()
         }
         None => {

@@ -12,7 +12,7 @@ use serde_json::{Value, json};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-pub const VERSION: u32 = 5;
+pub const VERSION: u32 = 6;
 
 /// The recipe's name (the card's title) and `[export]`'s keyed values.
 pub fn keyed(at: &At) -> Keyed {
@@ -49,6 +49,15 @@ impl Provenance {
     }
 }
 
+/// Whether `path` is a file this stage writes for `recipe` (with any number
+/// of rows): an action entry naming any other path is not this stage's.
+pub fn writes(recipe: &Recipe, path: &str) -> bool {
+    let names: Vec<String> = recipe.splits().into_iter().map(|s| s.name).collect();
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    card::writes(&names, path)
+        || names.iter().any(|split| hub_parquet::writes(split, path) || hf_disk::writes(split, path))
+}
+
 /// `splits` holds each output split's binarized rows, in the recipe's split order.
 pub fn build(recipe: &Recipe, splits: &[Arc<Vec<BinarizedRow>>], provenance: Provenance) -> Result<StageOutput> {
     let names: Vec<String> = recipe.splits().into_iter().map(|s| s.name).collect();
@@ -63,8 +72,9 @@ pub fn build(recipe: &Recipe, splits: &[Arc<Vec<BinarizedRow>>], provenance: Pro
             pairs.iter().map(|(name, rows)| hub_parquet::write_split(name, rows, rows_per_file)).collect();
         (parquet, arrow.join().expect("writing Arrow does not panic"))
     });
+    let arrow = arrow?;
     out.files.extend(parquet?.into_iter().flatten());
-    out.files.extend(arrow?);
+    out.files.extend(arrow.files);
     for (name, rows) in &pairs {
         out.counts.split_rows.insert(name.to_string(), rows.len() as u64);
     }
@@ -73,9 +83,11 @@ pub fn build(recipe: &Recipe, splits: &[Arc<Vec<BinarizedRow>>], provenance: Pro
     };
     let card_splits = pairs
         .iter()
-        .map(|(name, rows)| CardSplit {
+        .zip(arrow.num_bytes)
+        .map(|((name, rows), num_bytes)| CardSplit {
             name,
             rows,
+            num_bytes,
             counts: SplitCounts {
                 prompts: count(Stage::Filter, name, |c| c.prompts),
                 // Every seed skips the same too-long prompts: one seed's count is the split's.

@@ -474,6 +474,20 @@ pub struct Inputs {
     pub provenance: Option<export::Provenance>,
 }
 
+/// Whether node `spec` writes a file at `path` (relative to its folder under
+/// `export.dir`): the stages' own names, so that output paths never come
+/// from what a cache entry says.
+pub fn writes(spec: &NodeSpec, recipe: &Recipe, path: &str) -> bool {
+    match spec.stage {
+        Stage::Prompts => path == prompts::FILE,
+        Stage::Generate => spec.seed.is_some_and(|seed| path == generate::file_name(seed)),
+        Stage::Filter => path == filter::FILE,
+        Stage::Annotate => path == annotate::FILE,
+        Stage::Binarize => path == binarize::FILE,
+        Stage::Export => export::writes(recipe, path),
+    }
+}
+
 /// How node `spec` is built from its inputs.
 pub fn work<'a>(spec: &'a NodeSpec, recipe: &'a Recipe, inputs: Inputs, models: &'a dyn Models) -> Result<Work<'a>> {
     let what = spec.label();
