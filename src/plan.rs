@@ -341,12 +341,11 @@ impl<'a> Walk<'a> {
             // (best effort: the rebuild replaces it anyway), so no builder
             // takes it for one stored meanwhile, and the node is rebuilt.
             let spec = &self.graph.nodes[idx].spec;
-            let Some(i) = entry.outputs.iter().position(|o| !stages::writes(spec, &self.graph.recipe, &o.path)) else {
+            let Some(out) = stages::foreign_output(spec, &self.graph.recipe, &entry) else {
                 return Ok(Freshness::Fresh(entry, found));
             };
-            let _ = self.cache.remove_action(&entry.key());
-            let reason =
-                format!("its cached entry names {:?}, a file that its stage does not write", entry.outputs[i].path);
+            let reason = format!("its cached entry names {:?}, a file that its stage does not write", out.path);
+            let _ = self.cache.remove_action(&entry.key(), &reason);
             return Ok(Freshness::Stale(material, reason));
         }
         let key = material.key();

@@ -152,8 +152,8 @@ pub fn materialise(
     let mut foreign = Vec::new();
     for (idx, node) in graph.nodes.iter().enumerate().filter(|(i, _)| selected[*i]) {
         let Some(entry) = &entries[idx] else { continue };
-        if let Some(out) = entry.outputs.iter().find(|o| !stages::writes(&node.spec, &graph.recipe, &o.path)) {
-            cache.remove_action(&entry.key())?;
+        if let Some(out) = stages::foreign_output(&node.spec, &graph.recipe, entry) {
+            cache.remove_action(&entry.key(), &format!("it names {:?}, a file its stage does not write", out.path))?;
             foreign.push(format!("{}: {:?}", node.label(), out.path));
         }
     }

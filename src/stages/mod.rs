@@ -13,6 +13,7 @@ pub mod filter;
 pub mod generate;
 pub mod prompts;
 
+use crate::cache::{ActionEntry, OutputFile};
 use crate::digest::Digest;
 use crate::formats::pyjson;
 use crate::formats::simpo::{self, BinarizedRow, DecodeRow, FilteredRow, ScoredRow, TextLen};
@@ -486,6 +487,12 @@ pub fn writes(spec: &NodeSpec, recipe: &Recipe, path: &str) -> bool {
         Stage::Binarize => path == binarize::FILE,
         Stage::Export => export::writes(recipe, path),
     }
+}
+
+/// The first output of `entry` that node `spec` does not write, if any: an
+/// entry naming one is not prefgen's (forged or damaged) and is never used.
+pub fn foreign_output<'e>(spec: &NodeSpec, recipe: &Recipe, entry: &'e ActionEntry) -> Option<&'e OutputFile> {
+    entry.outputs.iter().find(|o| !writes(spec, recipe, &o.path))
 }
 
 /// How node `spec` is built from its inputs.
