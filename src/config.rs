@@ -14,6 +14,7 @@
 //! signing_key = "~/.config/prefgen/alice.key"
 //! ```
 
+use crate::redact::{has_credentials, redact};
 use anyhow::{Context, Result, bail};
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
@@ -72,6 +73,11 @@ fn default_retries() -> usize {
 }
 
 impl RemoteSpec {
+    /// The URL as messages show it: never with a user or password.
+    pub fn shown(&self) -> String {
+        redact(self.url.trim_end_matches('/'))
+    }
+
     /// A read-write remote given by `--remote` or `PREFGEN_REMOTE`.
     pub fn read_write(url: &str) -> RemoteSpec {
         RemoteSpec {
@@ -124,6 +130,15 @@ impl Settings {
             remotes.clear();
         }
         for r in &mut remotes {
+            // A password in the URL would be printed, passed on to job
+            // scripts and logs, and would not reach S3 anyway.
+            if has_credentials(&r.url) {
+                bail!(
+                    "remote {}: a user or password in a remote's URL is not read (and would be shown): give S3 \
+                     credentials through the AWS environment or profile files",
+                    r.shown()
+                );
+            }
             r.signing_key = r.signing_key.as_deref().map(expand_home);
         }
         Ok(Settings { cache_dir, remotes })

@@ -11,6 +11,7 @@ pub mod infer;
 pub mod lock;
 pub mod plan;
 pub mod recipe;
+pub mod redact;
 pub mod run;
 pub mod slurm;
 pub mod stages;
