@@ -143,7 +143,9 @@ fn another_model_under_the_policy_s_file_name_is_refused() {
         assert!(err.contains(&proxy.url()) && err.contains("tokeni"), "{err}");
         assert!(proxy.completions().is_empty(), "a completion was asked of the wrong model");
         assert!(!p.path("out/output_1.json").exists());
-        assert!(files_under(&p.path("cache/actions-v2")).is_empty(), "an entry was cached");
+        let plan = p.ok(&["plan", &r, "generate"]).stdout();
+        let generate: Vec<&str> = plan.lines().filter(|l| l.contains("generate[")).collect();
+        assert!(generate.len() == 2 && generate.iter().all(|l| l.starts_with("stale")), "{plan}");
     }
     let server = serve(&model(SMOLLM2));
     let proxy = Proxy::start(server.port, &[]);

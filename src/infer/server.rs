@@ -169,10 +169,10 @@ fn plain(text: &str) -> String {
     text.chars().take(80).map(|c| if safe(c) { c } else { '?' }).collect()
 }
 
-/// Up to 16 ids, for messages.
+/// Up to 8 ids, for messages.
 fn ids_shown<T: std::fmt::Display>(ids: &[T]) -> String {
-    let mut shown: Vec<String> = ids.iter().take(16).map(T::to_string).collect();
-    if ids.len() > 16 {
+    let mut shown: Vec<String> = ids.iter().take(8).map(T::to_string).collect();
+    if ids.len() > 8 {
         shown.push(format!("... {} in all", ids.len()));
     }
     format!("[{}]", shown.join(", "))
@@ -257,16 +257,23 @@ impl Server {
         {
             differences.push(format!("its vocabulary has {n} tokens, the policy's {}", identity.vocab));
         }
+        let mut tokenized = Vec::new();
         for (text, wanted) in &identity.probes {
             let got = self.tokenize(text)?;
-            if got.iter().map(|&t| t as u64).ne(wanted.iter().map(|&t| t as u64)) {
-                differences.push(format!(
-                    "it tokenizes {:?} as {}, the policy as {}",
-                    text.chars().take(60).collect::<String>(),
-                    ids_shown(&got),
-                    ids_shown(wanted)
-                ));
+            if got.iter().copied().ne(wanted.iter().map(|&t| t as u64)) {
+                tokenized.push((text, got, wanted));
             }
+        }
+        // The first probe that differs, and how many did.
+        if let Some((text, got, wanted)) = tokenized.first() {
+            differences.push(format!(
+                "it tokenizes {:?} as {}, the policy as {} ({} of {} probe texts differ)",
+                text.chars().take(40).collect::<String>(),
+                ids_shown(got),
+                ids_shown(wanted),
+                tokenized.len(),
+                identity.probes.len()
+            ));
         }
         if !differences.is_empty() {
             bail!(
