@@ -168,3 +168,18 @@ pub fn expand_home(path: &Path) -> PathBuf {
         _ => path.to_path_buf(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_remote_url_with_a_password_is_refused_without_showing_it() {
+        let flags =
+            |url: &str| Flags { remote: Some(url.into()), config: Some("/dev/null".into()), ..Flags::default() };
+        let err = Settings::resolve(&flags("s3://user:hunter2@team/prefgen")).unwrap_err().to_string();
+        assert!(err.contains("s3://team/prefgen") && !err.contains("hunter2"), "{err}");
+        let ok = Settings::resolve(&flags("s3://team/prefgen/")).unwrap();
+        assert_eq!(ok.remotes[0].shown(), "s3://team/prefgen");
+    }
+}
