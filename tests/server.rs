@@ -6,7 +6,8 @@
 
 mod common;
 
-use common::llama_server::{LlamaServer, Proxy, Shape};
+use common::llama_server::{LlamaServer, Shape};
+use common::proxy::Proxy;
 use common::*;
 use prefgen::infer::chat::Chat;
 use serde_json::Value;

@@ -8,7 +8,8 @@
 
 mod common;
 
-use common::llama_server::{LlamaServer, Proxy, Shape};
+use common::llama_server::{LlamaServer, Shape};
+use common::proxy::Proxy;
 use common::*;
 use std::path::{Path, PathBuf};
 
