@@ -14,6 +14,7 @@
 //! signing_key = "~/.config/prefgen/alice.key"
 //! ```
 
+use crate::redact::{has_credentials, redact};
 use anyhow::{Context, Result, bail};
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
@@ -72,6 +73,11 @@ fn default_retries() -> usize {
 }
 
 impl RemoteSpec {
+    /// The URL as messages show it: never with a user or password.
+    pub fn shown(&self) -> String {
+        redact(self.url.trim_end_matches('/'))
+    }
+
     /// A read-write remote given by `--remote` or `PREFGEN_REMOTE`.
     pub fn read_write(url: &str) -> RemoteSpec {
         RemoteSpec {
@@ -124,6 +130,15 @@ impl Settings {
             remotes.clear();
         }
         for r in &mut remotes {
+            // A password in the URL would be printed, passed on to job
+            // scripts and logs, and would not reach S3 anyway.
+            if has_credentials(&r.url) {
+                bail!(
+                    "remote {}: a user or password in a remote's URL is not read (and would be shown): give S3 \
+                     credentials through the AWS environment or profile files",
+                    r.shown()
+                );
+            }
             r.signing_key = r.signing_key.as_deref().map(expand_home);
         }
         Ok(Settings { cache_dir, remotes })
@@ -151,5 +166,20 @@ pub fn expand_home(path: &Path) -> PathBuf {
     match (path.strip_prefix("~"), std::env::var_os("HOME")) {
         (Ok(rest), Some(home)) => PathBuf::from(home).join(rest),
         _ => path.to_path_buf(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_remote_url_with_a_password_is_refused_without_showing_it() {
+        let flags =
+            |url: &str| Flags { remote: Some(url.into()), config: Some("/dev/null".into()), ..Flags::default() };
+        let err = Settings::resolve(&flags("s3://user:hunter2@team/prefgen")).unwrap_err().to_string();
+        assert!(err.contains("s3://team/prefgen") && !err.contains("hunter2"), "{err}");
+        let ok = Settings::resolve(&flags("s3://team/prefgen/")).unwrap();
+        assert_eq!(ok.remotes[0].shown(), "s3://team/prefgen");
     }
 }

@@ -12,6 +12,7 @@ pub mod input;
 pub mod lock;
 pub mod plan;
 pub mod recipe;
+pub mod redact;
 pub mod run;
 pub mod slurm;
 pub mod stages;

@@ -3,7 +3,10 @@
 It forwards every request to the upstream server, records each request and
 answer as one JSON line (so a test can read the prompt ids the server
 received), and answers 503 instead of forwarding every Nth completion
-request (so a test can check that prefgen retries through them).
+request (so a test can check that prefgen retries through them). As a
+misbehaving server it can also rewrite what the upstream answers: every
+served model's `owned_by` (`--owned-by TEXT`) and the token ids of every
+completion (`--token-ids JSON`).
 
     python3 tests/openai_proxy.py --upstream http://127.0.0.1:8080 --port 9000 --log log.jsonl --fail-every 3
 """
@@ -22,6 +25,8 @@ def main():
     ap.add_argument("--port", type=int, required=True)
     ap.add_argument("--log", required=True)
     ap.add_argument("--fail-every", type=int, default=0)
+    ap.add_argument("--owned-by")
+    ap.add_argument("--token-ids", type=json.loads)
     args = ap.parse_args()
     lock = threading.Lock()
     completions = [0]
@@ -35,6 +40,22 @@ def main():
             return json.loads(raw)
         except ValueError:
             return None
+
+    def rewritten(path, status, body):
+        answer = parsed(body)
+        if status != 200 or not isinstance(answer, dict):
+            return body
+        if args.owned_by is not None and path.endswith("/models"):
+            for model in answer.get("data", []):
+                model["owned_by"] = args.owned_by
+        elif args.token_ids is not None and path.endswith("/completions"):
+            answer.setdefault("__verbose", {})["tokens"] = args.token_ids
+            for choice in answer.get("choices", []):
+                if "token_ids" in choice:
+                    choice["token_ids"] = args.token_ids
+        else:
+            return body
+        return json.dumps(answer).encode()
 
     class Handler(BaseHTTPRequestHandler):
         def log_message(self, *a):
@@ -67,6 +88,7 @@ def main():
                 status, body = e.code, e.read()
             except OSError as e:
                 status, body = 502, json.dumps({"error": {"message": f"upstream: {e}"}}).encode()
+            body = rewritten(self.path, status, body)
             record({**entry, "status": status, "response": parsed(body)})
             self.answer(status, body)
 

@@ -7,11 +7,12 @@
 mod common;
 
 use common::llama_server::{LlamaServer, Shape};
+use common::proxy::Proxy;
 use common::*;
 use prefgen::infer::chat::Chat;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
 const PROMPTS: [&str; 6] = [
@@ -52,50 +53,6 @@ fn serve(model: &Path, slots: usize, port: u16) -> LlamaServer {
     LlamaServer::start(model, port, Shape { slots, threads: 2, context: 2048 })
 }
 
-/// The recording proxy in front of a server; killed on drop.
-struct Proxy {
-    port: u16,
-    log: tempfile::NamedTempFile,
-    child: Child,
-}
-
-impl Proxy {
-    fn start(upstream: u16, fail_every: usize) -> Proxy {
-        let port = free_port();
-        let log = tempfile::NamedTempFile::new().unwrap();
-        let child = Command::new("python3")
-            .arg(script("openai_proxy.py"))
-            .args(["--upstream", &format!("http://127.0.0.1:{upstream}"), "--port", &port.to_string()])
-            .args(["--log", &log.path().display().to_string(), "--fail-every", &fail_every.to_string()])
-            .spawn()
-            .expect("python3 runs the proxy");
-        wait_for(|| std::net::TcpStream::connect(("127.0.0.1", port)).is_ok(), "the proxy");
-        Proxy { port, log, child }
-    }
-
-    fn url(&self) -> String {
-        format!("http://127.0.0.1:{}/v1", self.port)
-    }
-
-    /// Every request recorded so far.
-    fn requests(&self) -> Vec<Value> {
-        let text = std::fs::read_to_string(self.log.path()).unwrap();
-        text.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
-    }
-
-    /// The completion requests, and how many of them were answered `status`.
-    fn completions(&self) -> Vec<Value> {
-        self.requests().into_iter().filter(|r| r["path"].as_str().unwrap().ends_with("/completions")).collect()
-    }
-}
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// The SmolLM2 recipe through `url`; only `generate` is built (the outputs
 /// are the seeds' decode files).
 fn recipe(p: &Project, url: &str, shard_size: usize, extra: &str) -> String {
@@ -133,7 +90,7 @@ fn generates_through_the_server_with_prefgen_s_prompt_ids() {
     let server = serve(&smollm2(), 1, free_port());
     let chat = Chat::load(&smollm2(), None).unwrap();
     for vllm_compat in [false, true] {
-        let proxy = Proxy::start(server.port, 0);
+        let proxy = Proxy::start(server.port, &[]);
         let p = Project::new();
         let r = recipe(&p, &proxy.url(), 2, &format!("vllm_compat = {vllm_compat}"));
         // Once the whole recipe, judged by SmolLM2 in-process, for the card.
@@ -207,7 +164,7 @@ fn a_prompt_too_long_for_the_server_is_skipped_and_counted() {
 fn the_same_files_twice_retried_through_503s_and_the_url_is_not_keyed() {
     let _turn = one_at_a_time();
     let server = serve(&smollm2(), 1, free_port());
-    let (plain, busy) = (Proxy::start(server.port, 0), Proxy::start(server.port, 3));
+    let (plain, busy) = (Proxy::start(server.port, &[]), Proxy::start(server.port, &["--fail-every", "3"]));
     let (a, b) = (Project::new(), Project::new());
     let ra = recipe(&a, &plain.url(), 2, "");
     a.ok(&["run", &ra, "generate"]);
@@ -241,7 +198,7 @@ fn a_restarted_server_loses_no_shard() {
     let _turn = one_at_a_time();
     let port = free_port();
     let mut server = serve(&smollm2(), 1, port);
-    let proxy = Proxy::start(port, 0);
+    let proxy = Proxy::start(port, &[]);
     let reference = Project::new();
     let r = recipe(&reference, &proxy.url(), 1, "");
     reference.ok(&["run", &r, "generate"]);
@@ -276,7 +233,7 @@ fn a_wrong_model_is_refused_before_any_request() {
     let gemma = root().join("models/gemma-3-270m-q4_k_m.gguf");
     assert!(gemma.is_file(), "{} is missing: `make models` fetches it", gemma.display());
     let server = serve(&gemma, 1, free_port());
-    let proxy = Proxy::start(server.port, 0);
+    let proxy = Proxy::start(server.port, &[]);
     let p = Project::new();
     let r = recipe(&p, &proxy.url(), 2, "");
     let run = p.prefgen(&["run", &r, "generate"]);
@@ -299,7 +256,7 @@ fn workers_each_drive_their_own_server() {
     // One thread each: two servers on two cores.
     let servers =
         [0, 1].map(|_| LlamaServer::start(&smollm2(), free_port(), Shape { slots: 1, threads: 1, context: 2048 }));
-    let proxies = [0, 1].map(|i| Proxy::start(servers[i].port, 0));
+    let proxies = [0, 1].map(|i| Proxy::start(servers[i].port, &[]));
     let reference = Project::new();
     let r = recipe(&reference, &proxies[0].url(), 1, "");
     reference.ok(&["run", &r, "generate"]);

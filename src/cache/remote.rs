@@ -31,6 +31,7 @@ pub struct Traffic {
 }
 
 pub struct Remote {
+    /// The URL as messages show it (no user or password).
     pub url: String,
     tier: Arc<dyn Tier>,
     pub writable: bool,
@@ -67,7 +68,7 @@ impl Remote {
         };
         let signer = spec.signing_key.as_deref().map(SecretKey::read).transpose()?;
         let remote = Remote {
-            url: spec.url.trim_end_matches('/').to_string(),
+            url: spec.shown(),
             tier,
             writable: spec.write,
             trusted,
@@ -91,7 +92,8 @@ impl Remote {
     /// Sets the remote aside for the rest of the run, saying so once.
     pub fn fail(&self, e: &anyhow::Error) {
         if !self.down.swap(true, Ordering::Relaxed) {
-            eprintln!("warning: remote {} failed ({e:#}); going on without it for this run", self.url);
+            let e = crate::redact::redact(&format!("{e:#}"));
+            eprintln!("warning: remote {} failed ({e}); going on without it for this run", self.url);
         }
     }
 

@@ -96,7 +96,7 @@ impl S3Tier {
             .enable_all()
             .build()
             .map_err(|e| anyhow!("{url}: cannot start the S3 client: {e}"))?;
-        Ok(S3Tier { url: url.clone(), prefix: prefix.trim_matches('/').to_string(), store, runtime })
+        Ok(S3Tier { url: spec.shown(), prefix: prefix.trim_matches('/').to_string(), store, runtime })
     }
 
     fn path(&self, bucket: Bucket, name: &Digest) -> StorePath {
@@ -105,7 +105,7 @@ impl S3Tier {
     }
 
     fn err(&self, what: &str, path: &StorePath, e: object_store::Error) -> anyhow::Error {
-        anyhow!("{}: cannot {what} {path}: {e}", self.url)
+        anyhow!("{}: cannot {what} {path}: {}", self.url, crate::redact::redact(&e.to_string()))
     }
 }
 

@@ -76,7 +76,7 @@ pub struct GenerateArgs {
     /// Where the responses go (JSON lines).
     #[arg(long, short)]
     pub out: PathBuf,
-    /// New tokens at most per response.
+    /// New tokens at most per response (at least 1).
     #[arg(long, default_value_t = 256)]
     pub max_tokens: usize,
     /// Sequences decoded together.
@@ -143,6 +143,11 @@ fn load_policy(args: &ModelArgs) -> Result<(Policy, f64)> {
 }
 
 fn generate(args: GenerateArgs) -> Result<Value> {
+    // The engine decodes a first token before it checks the limit; 0 is
+    // refused as the recipe's generate.max_tokens = 0 is.
+    if args.max_tokens == 0 {
+        bail!("--max-tokens must be at least 1");
+    }
     let prompts = read_prompts(&args.prompts)?;
     let (policy, load_s) = load_policy(&args.model)?;
     let ids = prompts

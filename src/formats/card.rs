@@ -191,7 +191,9 @@ fn provenance(b: &mut String, input: &CardInput) {
     ));
     b.push_str("| made from | source |\n|---|---|\n");
     for (what, text) in rows {
-        let _ = writeln!(b, "| {what} | {} |", text.replace('|', "\\|"));
+        // One line per row, whatever a cell holds (an engine's name comes from a server).
+        let cell = text.replace('|', "\\|").replace(['\n', '\r'], " ").replace('<', "&lt;");
+        let _ = writeln!(b, "| {what} | {cell} |");
     }
     b.push('\n');
 }

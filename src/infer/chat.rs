@@ -164,6 +164,16 @@ impl Chat {
         Ok(enc.get_ids().to_vec())
     }
 
+    /// Tokens in the vocabulary, added tokens included.
+    pub fn vocab(&self) -> usize {
+        self.tokenizer.get_vocab_size(true)
+    }
+
+    /// Token `id` as the vocabulary writes it (`<|im_end|>`).
+    pub fn token(&self, id: u32) -> Option<String> {
+        self.tokenizer.id_to_token(id)
+    }
+
     /// Response text as `transformers` decodes it with `skip_special_tokens=True`:
     /// a UTF-8 sequence cut short becomes U+FFFD, and spaces are cleaned up
     /// where the tokenizer's config says so.

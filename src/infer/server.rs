@@ -13,7 +13,19 @@
 //! `return_tokens` with `verbose` (the ids), and `cache_prompt: false` (a
 //! prefix reused from another request's batch is computed differently).
 //! Servers ignore the fields meant for the others.
+//!
+//! Which model a server serves is checked by what it does, not by its name
+//! (a file of the same name may hold another model): before any completion,
+//! its own tokenizer (`POST /tokenize`, which llama.cpp, vLLM and SGLang
+//! serve) must split fixed probe texts, the policy's rendered chat prompt
+//! and its stop tokens' texts into the ids prefgen's gives, and where the
+//! server tells its vocabulary size (llama.cpp's `/models` `meta.n_vocab`)
+//! it must be the policy's. What a server returns is checked too: its token
+//! ids must be the policy's, and its own names (`owned_by`, versions) reach
+//! the entries, the lock and the card only as plain text.
 
+use super::chat::Chat;
+use crate::redact::redact;
 use anyhow::{Context, Result, anyhow, bail};
 use serde_json::{Value, json};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -33,6 +45,37 @@ pub struct Options {
     pub timeout: Duration,
     /// Retries of a request after a connection error, a timeout, 429 or 5xx.
     pub retries: u32,
+    /// What the policy's tokenizer does, which the server's must do too.
+    pub identity: Identity,
+}
+
+/// Texts whose token ids tell tokenizers apart: words, digits, spacing,
+/// code and non-ASCII text.
+const PROBES: [&str; 3] = [
+    "The quick brown fox jumps over the lazy dog, 1234567890 times!",
+    "def f(x):\n    return x ** 2  # squared\n\n\tdone.",
+    "Grüße aus Köln: café, naïve, 東京, Привет.",
+];
+
+/// The policy's token ids for the probe texts, its chat prompt and its stop
+/// tokens, and its vocabulary size.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    probes: Vec<(String, Vec<u32>)>,
+    vocab: usize,
+}
+
+impl Identity {
+    /// What `chat` (the policy's tokenizer and template) does.
+    pub fn of(chat: &Chat) -> Result<Identity> {
+        let mut texts: Vec<String> = PROBES.iter().map(|p| p.to_string()).collect();
+        // The template's special tokens (BOS, turn markers), and the stop
+        // tokens by their text: a server must map them to the same ids.
+        texts.push(chat.format_prompt(PROBES[0])?);
+        texts.push(chat.stop.iter().filter_map(|&id| chat.token(id)).collect());
+        let probes = texts.into_iter().map(|t| chat.encode(&t, false).map(|ids| (t, ids))).collect::<Result<_>>()?;
+        Ok(Identity { probes, vocab: chat.vocab() })
+    }
 }
 
 /// A server checked to serve the policy.
@@ -40,7 +83,7 @@ pub struct Server {
     /// The base URL, ending in `/v1` or whatever prefix the server has.
     base: String,
     /// `base` as messages show it (no user or password).
-    shown: String,
+    pub shown: String,
     /// The id the server serves the policy under, sent as `model`.
     model: String,
     /// The engine's name, version and whether it is deterministic, for the
@@ -50,6 +93,11 @@ pub struct Server {
     retries: u32,
     /// `OPENAI_API_KEY`, sent as a bearer token; never shown.
     api_key: Option<String>,
+    /// The policy's vocabulary size: a returned id at or past it is not one
+    /// of its tokens.
+    vocab: usize,
+    /// How the server was checked to serve the policy, for messages.
+    pub checked: String,
 }
 
 /// Sampling parameters of every request.
@@ -96,9 +144,10 @@ pub fn expand_env(url: &str) -> Result<String> {
     while let Some(start) = rest.find("${") {
         out.push_str(&rest[..start]);
         let after = &rest[start + 2..];
-        let end = after.find('}').with_context(|| format!("{url:?}: an unclosed ${{"))?;
+        let shown = redact(url);
+        let end = after.find('}').with_context(|| format!("{shown:?}: an unclosed ${{"))?;
         let name = &after[..end];
-        let value = std::env::var(name).map_err(|_| anyhow!("{url:?} names ${{{name}}}, which is not set"))?;
+        let value = std::env::var(name).map_err(|_| anyhow!("{shown:?} names ${{{name}}}, which is not set"))?;
         out.push_str(&value);
         rest = &after[end + 1..];
     }
@@ -111,22 +160,22 @@ pub fn is_http(url: &str) -> bool {
     url.starts_with("http://") || url.starts_with("https://")
 }
 
-/// A text with every URL's user and password removed, for messages (a
-/// transport error quotes the URL it failed on).
-fn without_credentials(text: &str) -> String {
-    let mut out = String::new();
-    let mut rest = text;
-    while let Some(scheme) = rest.find("://") {
-        let (head, tail) = rest.split_at(scheme + 3);
-        out.push_str(head);
-        let end = tail.find(|c: char| c == '/' || c.is_whitespace()).unwrap_or(tail.len());
-        rest = match tail[..end].rfind('@') {
-            Some(at) => &tail[at + 1..],
-            None => tail,
-        };
+/// A name a server gives itself (`owned_by`, a version), as plain text for
+/// the entries, the lock and the card: letters, digits and a few
+/// punctuation marks; anything else (a newline, a table's `|`, markup)
+/// becomes `?`, and it is cut at 80 characters.
+fn plain(text: &str) -> String {
+    let safe = |c: char| c.is_ascii_alphanumeric() || " .,:;_+-/()#@=".contains(c);
+    text.chars().take(80).map(|c| if safe(c) { c } else { '?' }).collect()
+}
+
+/// Up to 8 ids, for messages.
+fn ids_shown<T: std::fmt::Display>(ids: &[T]) -> String {
+    let mut shown: Vec<String> = ids.iter().take(8).map(T::to_string).collect();
+    if ids.len() > 8 {
+        shown.push(format!("... {} in all", ids.len()));
     }
-    out.push_str(rest);
-    out
+    format!("[{}]", shown.join(", "))
 }
 
 /// The server's error message: `error.message`, `message`, or the body.
@@ -147,10 +196,11 @@ fn is_too_long(message: &str) -> bool {
 
 impl Server {
     /// Connects to `url` and checks, with `/models`, that it serves the
-    /// policy; names the engine from `owned_by` and its version endpoint.
+    /// policy by name, then with `/tokenize` that its model is the policy;
+    /// names the engine from `owned_by` and its version endpoint.
     pub fn connect(url: &str, options: &Options) -> Result<Server> {
         let base = url.trim_end_matches('/').to_string();
-        let shown = without_credentials(&base);
+        let shown = redact(&base);
         let agent = ureq::AgentBuilder::new().timeout_connect(Duration::from_secs(10)).timeout(options.timeout).build();
         let mut server = Server {
             base,
@@ -160,6 +210,8 @@ impl Server {
             agent,
             retries: options.retries,
             api_key: std::env::var("OPENAI_API_KEY").ok().filter(|k| !k.is_empty()),
+            vocab: options.identity.vocab,
+            checked: String::new(),
         };
         let models = server.get("/models").context("generate.server")?;
         let served: Vec<&Value> = models["data"].as_array().map(|d| d.iter().collect()).unwrap_or_default();
@@ -190,8 +242,96 @@ impl Server {
             );
         };
         server.model = chosen["id"].as_str().unwrap_or_default().to_string();
-        server.engine = server.identify(chosen["owned_by"].as_str().unwrap_or_default());
+        server.engine = server.identify(&plain(chosen["owned_by"].as_str().unwrap_or_default()));
+        server.checked = server.check_identity(&options.identity, chosen["meta"]["n_vocab"].as_u64(), options)?;
         Ok(server)
+    }
+
+    /// Checks that the server's model tokenizes as the policy does (and,
+    /// where it tells, has the policy's vocabulary size); says how it was
+    /// checked, or refuses naming what differed.
+    fn check_identity(&self, identity: &Identity, n_vocab: Option<u64>, options: &Options) -> Result<String> {
+        let mut differences = Vec::new();
+        if let Some(n) = n_vocab
+            && n != identity.vocab as u64
+        {
+            differences.push(format!("its vocabulary has {n} tokens, the policy's {}", identity.vocab));
+        }
+        let mut tokenized = Vec::new();
+        for (text, wanted) in &identity.probes {
+            let got = self.tokenize(text)?;
+            if got.iter().copied().ne(wanted.iter().map(|&t| t as u64)) {
+                tokenized.push((text, got, wanted));
+            }
+        }
+        // The first probe that differs, and how many did.
+        if let Some((text, got, wanted)) = tokenized.first() {
+            differences.push(format!(
+                "it tokenizes {:?} as {}, the policy as {} ({} of {} probe texts differ)",
+                text.chars().take(40).collect::<String>(),
+                ids_shown(got),
+                ids_shown(wanted),
+                tokenized.len(),
+                identity.probes.len()
+            ));
+        }
+        if !differences.is_empty() {
+            bail!(
+                "generate.server {} serves {:?}, which is not generate.model ({}): {} (another model under the same \
+                 name? start the server on the policy's own files)",
+                self.shown,
+                self.model,
+                options.names.join(", "),
+                differences.join("; ")
+            );
+        }
+        let vocab = if n_vocab.is_some() { " and its vocabulary size" } else { "" };
+        Ok(format!("its model checked by its tokenization of {} probe texts{vocab}", identity.probes.len()))
+    }
+
+    /// The server's own token ids for `text`, special tokens parsed and none
+    /// added: `POST /tokenize` at the server's root (llama.cpp, vLLM,
+    /// SGLang), else under the API's prefix (SGLang's `/v1/tokenize`). The
+    /// body carries llama.cpp's fields and vLLM's and SGLang's; each ignores
+    /// the others'.
+    fn tokenize(&self, text: &str) -> Result<Vec<u64>> {
+        let body = json!({
+            "model": self.model,
+            "content": text,
+            "add_special": false,
+            "parse_special": true,
+            "prompt": text,
+            "add_special_tokens": false,
+        })
+        .to_string();
+        let root = self.base.strip_suffix("/v1").unwrap_or(&self.base);
+        let mut answer = self.with_retries(|| self.post(&format!("{root}/tokenize"), &body));
+        if answer.is_err() && root != self.base {
+            answer = self.with_retries(|| self.post(&format!("{}/tokenize", self.base), &body)).or(answer);
+        }
+        let v = answer.map_err(|f| {
+            let m = match f {
+                Failure::Transient(m) | Failure::Rejected(m) => m,
+                Failure::TooLong => "rejected".to_string(),
+            };
+            anyhow!(
+                "generate.server {}: POST /tokenize: {m}; prefgen checks that a server serves the policy by its \
+                 tokenization, so a server must answer /tokenize (llama.cpp, vLLM and SGLang do)",
+                self.shown
+            )
+        })?;
+        let tokens = v["tokens"]
+            .as_array()
+            .with_context(|| format!("generate.server {}: POST /tokenize answered no \"tokens\" list", self.shown))?;
+        tokens.iter().map(|t| t.as_u64()).collect::<Option<_>>().with_context(|| {
+            format!("generate.server {}: POST /tokenize answered tokens that are not all integers", self.shown)
+        })
+    }
+
+    /// POST a JSON body to `url` once.
+    fn post(&self, url: &str, body: &str) -> Result<Value, Failure> {
+        let request = self.authorised(self.agent.post(url).set("Content-Type", "application/json"));
+        Self::read(request.send_string(body))
     }
 
     /// `NAME VERSION, served over the OpenAI API, deterministic or not`.
@@ -202,7 +342,7 @@ impl Server {
             "llamacpp" => {
                 let props = get("/props").unwrap_or(Value::Null);
                 let slots = props["total_slots"].as_u64().unwrap_or(0);
-                let version = props["build_info"].as_str().unwrap_or("version unknown").to_string();
+                let version = plain(props["build_info"].as_str().unwrap_or("version unknown"));
                 let determinism = match slots {
                     0 => "slots unknown: not known to be deterministic".to_string(),
                     1 => "1 slot: deterministic".to_string(),
@@ -218,7 +358,7 @@ impl Server {
                     o => o,
                 };
                 let v = get("/version").unwrap_or(Value::Null);
-                let version = v["version"].as_str().unwrap_or("version unknown").to_string();
+                let version = plain(v["version"].as_str().unwrap_or("version unknown"));
                 (name, version, "not known to be deterministic".to_string())
             }
         };
@@ -261,7 +401,7 @@ impl Server {
                     _ => Err(Failure::Rejected(format!("HTTP {code}: {message}"))),
                 }
             }
-            Err(ureq::Error::Transport(t)) => Err(Failure::Transient(without_credentials(&t.to_string()))),
+            Err(ureq::Error::Transport(t)) => Err(Failure::Transient(redact(&t.to_string()))),
         }
     }
 
@@ -323,10 +463,7 @@ impl Server {
     pub fn complete(&self, request: &Request, sampling: &Sampling) -> Result<Reply> {
         let url = format!("{}/completions", self.base);
         let body = self.body(request, sampling).to_string();
-        let answer = self.with_retries(|| {
-            let request = self.authorised(self.agent.post(&url).set("Content-Type", "application/json"));
-            Self::read(request.send_string(&body))
-        });
+        let answer = self.with_retries(|| self.post(&url, &body));
         let v = match answer {
             Ok(v) => v,
             Err(Failure::TooLong) => return Ok(Reply::TooLong),
@@ -335,10 +472,20 @@ impl Server {
         let choice = &v["choices"][0];
         let ids = choice["token_ids"].as_array().or(v["__verbose"]["tokens"].as_array());
         if let Some(ids) = ids {
-            let ids: Vec<u32> =
-                ids.iter().map(|t| t.as_u64().map(|t| t as u32)).collect::<Option<_>>().with_context(|| {
-                    format!("POST {}/completions: the response's token ids are not all integers", self.shown)
-                })?;
+            // An id that is not one of the policy's tokens is an error, never
+            // wrapped to another token or dropped from the text.
+            let ids: Vec<u32> = ids
+                .iter()
+                .map(|t| match t.as_u64() {
+                    Some(id) if id < self.vocab as u64 => Ok(id as u32),
+                    _ => Err(anyhow!(
+                        "POST {}/completions: the response's token id {t} is not one of the policy's {} tokens \
+                         (does the server serve another model?)",
+                        self.shown,
+                        self.vocab
+                    )),
+                })
+                .collect::<Result<_>>()?;
             let end = ids.iter().position(|t| sampling.stop.contains(t)).unwrap_or(ids.len());
             return Ok(Reply::Ids(ids[..end.min(request.max_tokens)].to_vec()));
         }
@@ -431,14 +578,15 @@ mod tests {
         // SAFETY: no other thread of this test binary reads this variable.
         unsafe { std::env::set_var("PREFGEN_TEST_NODE", "gpu-7") };
         assert_eq!(expand_env("http://${PREFGEN_TEST_NODE}:8000/v1").unwrap(), "http://gpu-7:8000/v1");
-        let err = expand_env("http://${PREFGEN_TEST_UNSET_VAR}/v1").unwrap_err().to_string();
-        assert!(err.contains("PREFGEN_TEST_UNSET_VAR"), "{err}");
-        assert_eq!(without_credentials("https://me:secret@host:8000/v1"), "https://host:8000/v1");
-        assert_eq!(without_credentials("http://host:8000/v1"), "http://host:8000/v1");
-        assert_eq!(
-            without_credentials("http://u:p@h:1/v1/models: Connection refused; see https://x@y/z"),
-            "http://h:1/v1/models: Connection refused; see https://y/z"
-        );
+        let err = expand_env("http://me:pw-${PREFGEN_TEST_UNSET_VAR}@h/v1").unwrap_err().to_string();
+        assert!(err.contains("PREFGEN_TEST_UNSET_VAR") && !err.contains("pw-"), "{err}");
+    }
+
+    #[test]
+    fn a_server_s_names_are_plain_text() {
+        assert_eq!(plain("b4589-4b4ba4e9"), "b4589-4b4ba4e9");
+        assert_eq!(plain("evil\n| row |<script>"), "evil?? row ??script?");
+        assert_eq!(plain(&"x".repeat(200)).len(), 80);
     }
 
     #[test]

@@ -71,7 +71,7 @@ impl stages::Models for Models {
             return Ok(s.clone());
         }
         let server = Rc::new(Server::connect(&url, options)?);
-        eprintln!("sampling through {}", server.engine);
+        eprintln!("sampling through {} at {}; {}", server.engine, server.shown, server.checked);
         self.servers.borrow_mut().insert(url, server.clone());
         Ok(server)
     }

@@ -85,7 +85,7 @@ pub fn work<'a>(
                 }
                 Some(url) => {
                     let chat = models.chat(model, template)?;
-                    let server = models.server(url, &server_options(g, model))?;
+                    let server = models.server(url, &server_options(g, model, &chat)?)?;
                     let (rows, skipped) = sample_through(chunk, &chat, &server, g, seed, count)?;
                     (rows, skipped, server.engine.clone())
                 }
@@ -251,16 +251,18 @@ fn rows(prompts: &[String], formatted: Vec<String>, texts: Vec<Option<String>>) 
     (rows, skipped)
 }
 
-/// How to reach `generate.server` for the policy at `model`.
-fn server_options(g: &recipe::Generate, model: &Path) -> server::Options {
+/// How to reach `generate.server` for the policy at `model`, and what its
+/// tokenizer (`chat`) does, which the server's must do too.
+fn server_options(g: &recipe::Generate, model: &Path, chat: &Chat) -> Result<server::Options> {
     let mut names: Vec<String> = g.model.iter().cloned().collect();
     names.extend(model.file_name().map(|n| n.to_string_lossy().into_owned()));
-    server::Options {
+    Ok(server::Options {
         served_model: g.served_model.clone(),
         names,
         timeout: Duration::from_secs(g.request_timeout_secs),
         retries: g.request_retries,
-    }
+        identity: server::Identity::of(chat)?,
+    })
 }
 
 /// The first characters of a text, for messages.

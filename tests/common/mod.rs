@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod llama_server;
+pub mod proxy;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
