@@ -53,6 +53,8 @@ pub struct Cache {
     remotes: Vec<Remote>,
     /// Upload each entry (and its objects) to the writable remotes as it is stored.
     push: bool,
+    /// Entries found on remotes, kept locally once their objects are.
+    waiting: std::sync::Mutex<Vec<ActionEntry>>,
 }
 
 /// Where a lookup found an entry.
@@ -75,7 +77,13 @@ impl Cache {
                 write_atomic_in(&root.join(TMP), &root.join(name), body, FILE_MODE).with_context(ctx)?;
             }
         }
-        Ok(Cache { root: root.to_path_buf(), local: FolderTier::new(root), remotes: vec![], push: false })
+        Ok(Cache {
+            root: root.to_path_buf(),
+            local: FolderTier::new(root),
+            remotes: vec![],
+            push: false,
+            waiting: Default::default(),
+        })
     }
 
     /// The remotes to read through, in order; one whose layout this prefgen
@@ -90,9 +98,17 @@ impl Cache {
         self
     }
 
-    /// Uploads each stored entry and its objects to the writable remotes.
+    /// Uploads each stored entry and its objects to the writable remotes
+    /// (giving one that holds nothing yet its layout, as `cache push` does).
     pub fn push_as_stored(mut self, push: bool) -> Cache {
         self.push = push;
+        if push {
+            for r in self.live().filter(|r| r.writable) {
+                if let Err(e) = r.check_layout(true) {
+                    r.fail(&e);
+                }
+            }
+        }
         self
     }
 
@@ -117,7 +133,13 @@ impl Cache {
         if !root.join(TAG).is_file() {
             bail!("there is no prefgen cache at {} (give --cache or PREFGEN_CACHE the cache's folder)", root.display());
         }
-        Ok(Cache { root: root.to_path_buf(), local: FolderTier::new(root), remotes: vec![], push: false })
+        Ok(Cache {
+            root: root.to_path_buf(),
+            local: FolderTier::new(root),
+            remotes: vec![],
+            push: false,
+            waiting: Default::default(),
+        })
     }
 
     pub fn root(&self) -> &Path {
@@ -162,17 +184,8 @@ impl Cache {
     /// and never served.
     pub fn get_object(&self, digest: &Digest) -> Result<Option<Vec<u8>>> {
         let Some(bytes) = self.local.get(Bucket::Objects, digest)? else {
-            for r in self.live() {
-                match r.get_object(digest) {
-                    Ok(Some(bytes)) => {
-                        self.store_object(digest, &bytes)?;
-                        return Ok(Some(bytes));
-                    }
-                    Ok(None) => {}
-                    Err(e) => r.fail(&e),
-                }
-            }
-            return Ok(None);
+            // Verified on its way in.
+            return Ok(if self.fetch_object(digest)? { self.local.get(Bucket::Objects, digest)? } else { None });
         };
         if Digest::of(&bytes) != *digest {
             eprintln!("warning: cache object {} is damaged; removing it so it is rebuilt", digest.short());
@@ -258,8 +271,7 @@ impl Cache {
         for r in self.live() {
             match r.get_entry(key) {
                 Ok(Some(entry)) => {
-                    let bytes = serde_json::to_vec_pretty(&entry).expect("entries serialise");
-                    self.local.put(Bucket::Actions, key, &bytes).map_err(|e| self.unwritable(e))?;
+                    self.keep_found(&entry)?;
                     return Ok(Some((entry, Found::Remote(r.url.clone()))));
                 }
                 Ok(None) => {}
@@ -316,11 +328,6 @@ impl Cache {
             }
         }
         Ok(())
-    }
-
-    /// An object's bytes from the local tier only (verified), for uploads.
-    pub fn local_object(&self, digest: &Digest) -> Result<Option<Vec<u8>>> {
-        Ok(self.local.get(Bucket::Objects, digest)?.filter(|b| Digest::of(b) == *digest))
     }
 
     /// The entry of the last build of a node (named by recipe and node), which
