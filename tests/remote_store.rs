@@ -190,3 +190,72 @@ fn push_and_pull_stream_objects_in_memory_bounded_by_the_transfers_not_their_siz
         assert!(c.tree("cache/objects-v1") == a.tree("cache/objects-v1"));
     }
 }
+
+#[test]
+fn a_large_incompressible_object_goes_up_in_parts_and_a_damaged_one_not_at_all() {
+    let s3 = S3Server::start("team");
+    // 6,000 responses of 10 kB of random letters: a 60 MB generate object
+    // that zstd cannot shrink below three 16 MiB parts.
+    let (n, len) = (6_000, 10_000);
+    let write = |p: &Project| {
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut letter = || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (b'A' + (state % 52) as u8 + if state % 52 >= 26 { 6 } else { 0 }) as char
+        };
+        let prompts: Vec<String> = (0..n).map(|i| format!("prompt {i:05}")).collect();
+        let rows: Vec<serde_json::Value> = prompts
+            .iter()
+            .map(|pr| {
+                let text: String = (0..len).map(|_| letter()).collect();
+                serde_json::json!({"prompt": pr, "format_prompt": pr, "generated_text": text})
+            })
+            .collect();
+        let lines: Vec<String> = prompts.iter().map(|pr| serde_json::json!({ "prompt": pr }).to_string()).collect();
+        p.write("prompts.jsonl", &lines.join("\n"));
+        p.write("gens/output_1.json", &serde_json::to_string(&rows).unwrap());
+        p.write("scores.json", "[]");
+        p.write(
+            "r.toml",
+            "name = \"random\"\n[prompts]\ndataset = \"prompts.jsonl\"\n[generate]\nseeds = [1]\nimport = \"gens/output_{seed}.json\"\n[annotate]\nimport = \"scores.json\"\n[export]\ndir = \"out\"\n",
+        )
+        .display()
+        .to_string()
+    };
+    let a = Project::new();
+    let ra = write(&a);
+    a.ok(&["run", &ra, "generate"]);
+    let pushed = ok(on(&a, &s3, &["cache", "push", &ra, "generate", "--remote", REMOTE]));
+    let sent: f64 =
+        pushed.stdout().split(" objects (").nth(1).and_then(|s| s.split(' ').next()).unwrap().parse().unwrap();
+    assert!(sent > 34.0, "{sent} MB sent: not over two parts\n{}", pushed.stdout());
+    let c = Project::new();
+    let rc = write(&c);
+    ok(on(&c, &s3, &["cache", "pull", &rc, "generate", "--remote", REMOTE]));
+    let offline = c.ok(&["run", &rc, "generate", "--no-remote"]);
+    assert!(offline.built().is_empty(), "{}", offline.stderr());
+    assert!(c.tree("cache/objects-v1") == a.tree("cache/objects-v1"));
+
+    // A local object damaged after it was stored never reaches the bucket:
+    // the push fails naming it, and the upload is abandoned.
+    let lock: serde_json::Value = serde_json::from_slice(&std::fs::read(a.path("r.lock")).unwrap()).unwrap();
+    let digest = lock["nodes"]["generate[train/seed=1]"]["outputs"]["output_1.json"].as_str().unwrap().to_string();
+    let object = a.path(&format!("cache/objects-v1/{}/{digest}", &digest[..2]));
+    std::fs::set_permissions(&object, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let mut bytes = std::fs::read(&object).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x01;
+    std::fs::write(&object, bytes).unwrap();
+    let other = "s3://team/other";
+    let push = Run(on(&a, &s3, &["cache", "push", &ra, "generate", "--remote", other]).output().unwrap());
+    assert_eq!(push.code(), Some(1), "{}", push.stderr());
+    let said = format!("object {} of the local cache does not hash to its name", &digest[..12]);
+    assert!(push.stderr().contains(&said), "{}", push.stderr());
+    let stored = s3.python(&format!(
+        "print(len(s3.list_objects_v2(Bucket='team', Prefix='other/objects-v1/{}/{digest}').get('Contents', [])))",
+        &digest[..2]
+    ));
+    assert_eq!(stored.trim(), "0", "a damaged object reached the bucket");
+}

@@ -54,7 +54,7 @@ pub struct Cache {
     /// Upload each entry (and its objects) to the writable remotes as it is stored.
     push: bool,
     /// Entries found on remotes, kept locally once their objects are.
-    waiting: std::sync::Mutex<Vec<ActionEntry>>,
+    waiting: std::sync::Mutex<std::collections::HashMap<Digest, ActionEntry>>,
 }
 
 /// Where a lookup found an entry.

@@ -175,7 +175,7 @@ impl Cache {
     pub(super) fn keep_found(&self, entry: &ActionEntry) -> Result<()> {
         let mut waiting = self.waiting.lock().expect("not poisoned");
         if !self.outputs_local(entry)? {
-            waiting.push(entry.clone());
+            waiting.insert(entry.key(), entry.clone());
             return Ok(());
         }
         drop(waiting);
@@ -184,19 +184,16 @@ impl Cache {
 
     /// Keeps the waiting entries naming `digest` whose objects have all landed.
     fn keep_ready(&self, digest: &Digest) -> Result<()> {
-        let mut ready = Vec::new();
-        {
+        let ready = {
             let mut waiting = self.waiting.lock().expect("not poisoned");
-            let mut i = 0;
-            while i < waiting.len() {
-                let entry = &waiting[i];
+            let mut ready = Vec::new();
+            for (key, entry) in waiting.iter() {
                 if entry.outputs.iter().any(|o| o.digest == *digest) && self.outputs_local(entry)? {
-                    ready.push(waiting.swap_remove(i));
-                } else {
-                    i += 1;
+                    ready.push(*key);
                 }
             }
-        }
+            ready.iter().filter_map(|key| waiting.remove(key)).collect::<Vec<_>>()
+        };
         ready.iter().try_for_each(|entry| self.keep(entry))
     }
 
