@@ -196,7 +196,7 @@ impl Remote {
         if self.has_object(digest)? {
             return Ok(None);
         }
-        let checked = Checked { inner: object, hasher: blake3::Hasher::new(), expected: *digest, ended: false };
+        let checked = Checked { inner: object, hasher: blake3::Hasher::new(), expected: *digest };
         let mut packed = zstd::stream::read::Encoder::new(checked, 3).context("compressing an object")?;
         let sent = self.tier.put_reader(Bucket::Objects, digest, &mut packed)?;
         self.count(0, sent as usize);
@@ -314,7 +314,6 @@ struct Checked<'a> {
     inner: &'a mut dyn Read,
     hasher: blake3::Hasher,
     expected: Digest,
-    ended: bool,
 }
 
 impl Read for Checked<'_> {
@@ -322,17 +321,14 @@ impl Read for Checked<'_> {
         let n = self.inner.read(buf)?;
         if n > 0 {
             self.hasher.update(&buf[..n]);
-        } else if !self.ended {
-            self.ended = true;
-            if Digest::from(self.hasher.finalize()) != self.expected {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    format!(
-                        "object {} of the local cache does not hash to its name (run `prefgen cache verify`)",
-                        self.expected.short()
-                    ),
-                ));
-            }
+        } else if Digest::from(self.hasher.finalize()) != self.expected {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "object {} of the local cache does not hash to its name (run `prefgen cache verify`)",
+                    self.expected.short()
+                ),
+            ));
         }
         Ok(n)
     }
