@@ -53,8 +53,8 @@ pub struct Cache {
     remotes: Vec<Remote>,
     /// Upload each entry (and its objects) to the writable remotes as it is stored.
     push: bool,
-    /// Entries found on remotes, kept locally once their objects are.
-    waiting: std::sync::Mutex<std::collections::HashMap<Digest, ActionEntry>>,
+    /// Entries found on remotes (and where), kept locally once their objects are.
+    waiting: std::sync::Mutex<std::collections::HashMap<Digest, (ActionEntry, String)>>,
 }
 
 /// Where a lookup found an entry.
@@ -268,10 +268,13 @@ impl Cache {
                 }
             }
         }
+        if let Some(found) = self.found_waiting(key) {
+            return Ok(Some(found));
+        }
         for r in self.live() {
             match r.get_entry(key) {
                 Ok(Some(entry)) => {
-                    self.keep_found(&entry)?;
+                    self.keep_found(&entry, &r.url)?;
                     return Ok(Some((entry, Found::Remote(r.url.clone()))));
                 }
                 Ok(None) => {}

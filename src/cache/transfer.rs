@@ -172,14 +172,21 @@ impl Cache {
     /// are there (objects before entries, as a push sends them), so an
     /// interrupted pull or run never leaves a local entry naming a missing
     /// object.
-    pub(super) fn keep_found(&self, entry: &ActionEntry) -> Result<()> {
+    pub(super) fn keep_found(&self, entry: &ActionEntry, url: &str) -> Result<()> {
         let mut waiting = self.waiting.lock().expect("not poisoned");
         if !self.outputs_local(entry)? {
-            waiting.insert(entry.key(), entry.clone());
+            waiting.insert(entry.key(), (entry.clone(), url.to_string()));
             return Ok(());
         }
         drop(waiting);
         self.keep(entry)
+    }
+
+    /// An entry found on a remote earlier in this process and still waiting
+    /// for its objects: asked again, it costs no request.
+    pub(super) fn found_waiting(&self, key: &Digest) -> Option<(ActionEntry, super::Found)> {
+        let waiting = self.waiting.lock().expect("not poisoned");
+        waiting.get(key).map(|(entry, url)| (entry.clone(), super::Found::Remote(url.clone())))
     }
 
     /// Keeps the waiting entries naming `digest` whose objects have all landed.
@@ -187,12 +194,12 @@ impl Cache {
         let ready = {
             let mut waiting = self.waiting.lock().expect("not poisoned");
             let mut ready = Vec::new();
-            for (key, entry) in waiting.iter() {
+            for (key, (entry, _)) in waiting.iter() {
                 if entry.outputs.iter().any(|o| o.digest == *digest) && self.outputs_local(entry)? {
                     ready.push(*key);
                 }
             }
-            ready.iter().filter_map(|key| waiting.remove(key)).collect::<Vec<_>>()
+            ready.iter().filter_map(|key| waiting.remove(key)).map(|(entry, _)| entry).collect::<Vec<_>>()
         };
         ready.iter().try_for_each(|entry| self.keep(entry))
     }
