@@ -126,6 +126,10 @@ impl Remote {
             None => {
                 let empty = self.tier.is_empty()?;
                 self.count(0, 0);
+                // A push creating the remote meanwhile writes its marker first.
+                if !empty && self.tier.size(Bucket::Layout, &marker)?.is_some() {
+                    return self.check_layout(false);
+                }
                 if !empty {
                     bail!(
                         "remote {}: it holds files but no layout marker ({}), so it is not the remote prefgen wrote (a shared folder unmounted or moved?); left alone",
