@@ -2,8 +2,8 @@
 //! responses) shared through an S3-compatible server on 127.0.0.1 (moto,
 //! from PyPI): `cache push` of a teammate's build, `plan` and `run` on an
 //! empty local cache that finds everything on the bucket, and `cache pull`.
-//! Each with its seconds, requests and MB/s; and the bytes the bucket holds
-//! against the decode files the build came from.
+//! Each with its seconds, requests, MB/s and peak resident memory; and the
+//! bytes the bucket holds against the decode files the build came from.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -30,9 +30,9 @@ fn main() {
             c.env(k, v);
         }
         let t = Instant::now();
-        let run = common::Run(c.output().unwrap());
+        let (run, peak) = common::peak_rss(c);
         assert!(run.0.status.success(), "{args:?}: {}", run.stderr());
-        (t.elapsed().as_secs_f64(), run)
+        (t.elapsed().as_secs_f64(), (run, peak))
     };
     eprintln!("building the {prompts} x 5 fixture ...");
     let a = common::Project::new();
@@ -45,9 +45,9 @@ fn main() {
     let b = common::Project::new();
     let rb = common::synthetic(&b, prompts, &seeds, 1000).display().to_string();
     let (plan, planned) = timed(&b, &["plan", &rb, "--remote", remote]);
-    assert!(!planned.stdout().contains("stale "), "{}", planned.stdout());
+    assert!(!planned.0.stdout().contains("stale "), "{}", planned.0.stdout());
     let (run, ran) = timed(&b, &["run", &rb, "--remote", remote]);
-    assert!(ran.built().is_empty(), "{}", ran.stderr());
+    assert!(ran.0.built().is_empty(), "{}", ran.0.stderr());
     let c = common::Project::new();
     let rc = common::synthetic(&c, prompts, &seeds, 1000).display().to_string();
     let (pull, pulled) = timed(&c, &["cache", "pull", &rc, "--remote", remote]);
@@ -62,17 +62,17 @@ fn main() {
         mb(artifacts),
         mb(decode)
     );
-    println!("| step | seconds | requests | MB moved | MB/s |");
-    println!("|---|---|---|---|---|");
+    println!("| step | seconds | requests | MB moved | MB/s | peak RSS, MB |");
+    println!("|---|---|---|---|---|---|");
     for (name, secs, run, up) in [
         ("cache push (teammate A)", push, &pushed, true),
         ("plan, empty local cache", plan, &planned, false),
         ("run, empty local cache (downloads)", run, &ran, false),
         ("cache pull, empty local cache", pull, &pulled, false),
     ] {
-        let (requests, down, sent) = traffic(run);
+        let (requests, down, sent) = traffic(&run.0);
         let moved = if up { sent } else { down };
-        println!("| {name} | {secs:.2} | {requests} | {moved:.1} | {:.1} |", moved / secs);
+        println!("| {name} | {secs:.2} | {requests} | {moved:.1} | {:.1} | {:.0} |", moved / secs, mb(run.1));
     }
     println!(
         "\nThe bucket holds {:.0} MB (zstd) for {:.0} MB of decode files ({:.0} MB uncompressed artifacts); plan target <= 2 s: {}.",

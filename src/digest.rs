@@ -58,6 +58,12 @@ pub fn stream(path: &Path, mut consume: impl FnMut(&[u8])) -> std::io::Result<()
     }
 }
 
+impl From<blake3::Hash> for Digest {
+    fn from(hash: blake3::Hash) -> Digest {
+        Digest(*hash.as_bytes())
+    }
+}
+
 impl fmt::Display for Digest {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.to_hex())

@@ -17,6 +17,8 @@ const CLAIMERS: usize = 20;
 const SHARDS: usize = 40;
 
 fn contend(remote: &Remote) {
+    // As a push does: a remote is written to once it has its layout.
+    remote.check_layout(true).unwrap();
     let keys: Vec<Digest> = (0..SHARDS).map(|i| Digest::of(format!("shard {i}").as_bytes())).collect();
     // Who is building each shard now, and every build that happened.
     let building: Mutex<BTreeMap<Digest, String>> = Mutex::default();

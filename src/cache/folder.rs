@@ -1,10 +1,10 @@
 //! A folder tier: the local cache, or a shared folder (NFS, Lustre) that
 //! teammates with different users and umasks write to.
 
-use super::tier::{Blob, Bucket, FILE_MODE, OBJECT_MODE, Tier, Version, write_atomic_in, write_temp};
+use super::tier::{Blob, Bucket, FILE_MODE, OBJECT_MODE, Tier, Version};
 use crate::digest::Digest;
 use anyhow::{Context, Result, bail};
-use std::io;
+use std::io::{self, Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
@@ -13,17 +13,25 @@ pub struct FolderTier {
     /// Shared with teammates: folders group-writable (and setgid, so files
     /// keep the folder's group) and files' modes set whatever the umask.
     shared: bool,
+    /// A remote: its root and folders are created only with its layout
+    /// marker, or below a root that the marker vouches for.
+    remote: bool,
 }
 
 impl FolderTier {
     /// The local cache's folder.
     pub fn new(root: &Path) -> FolderTier {
-        FolderTier { root: root.to_path_buf(), shared: false }
+        FolderTier { root: root.to_path_buf(), shared: false, remote: false }
     }
 
-    /// A folder shared by teammates.
+    /// A folder shared by teammates (the local cache of workers on a shared disk).
     pub fn shared(root: &Path) -> FolderTier {
-        FolderTier { root: root.to_path_buf(), shared: true }
+        FolderTier { root: root.to_path_buf(), shared: true, remote: false }
+    }
+
+    /// A shared folder that is a remote, with its layout marker.
+    pub fn remote(root: &Path) -> FolderTier {
+        FolderTier { root: root.to_path_buf(), shared: true, remote: true }
     }
 
     /// Where a blob lives on disk.
@@ -48,27 +56,135 @@ impl FolderTier {
         format!("{}: cannot {what} {}", self.root.display(), bucket.path(name))
     }
 
-    /// Creates the blob's folder (group-writable and setgid when shared).
-    fn make_dirs(&self, dest: &Path) -> io::Result<()> {
-        let dir = dest.parent().expect("blob paths have a parent");
-        create_dirs(dir)?;
-        if self.shared {
-            for d in [dir, dir.parent().unwrap_or(dir), &self.tmp_dir()] {
+    /// Creates `dir` (the root or a folder below it) and the folders between.
+    /// When shared, the folders this call creates become group-writable and
+    /// setgid; no other folder's mode is touched (above the root they are
+    /// the user's). A remote's root is created only with its layout marker,
+    /// and folders below it only while the marker is there: a remote that
+    /// vanished (an unmounted mount point) is never recreated by a write.
+    fn make_dirs(&self, dir: &Path, bucket: Bucket) -> io::Result<()> {
+        if dir.is_dir() {
+            return Ok(());
+        }
+        let marker = self.root.join(Bucket::Layout.path(&Digest::of(b"")));
+        if self.remote && bucket != Bucket::Layout && !marker.is_file() {
+            return Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!(
+                    "{} has no layout marker ({}): the remote is gone (an unmounted or removed shared folder?), and only a push to a new remote creates one",
+                    self.root.display(),
+                    marker.display()
+                ),
+            ));
+        }
+        let chain: Vec<&Path> = dir.ancestors().take_while(|d| d.starts_with(&self.root)).collect();
+        for (i, d) in chain.into_iter().rev().enumerate() {
+            let created = if i == 0 {
+                // The root: its parents are the user's, created if need be
+                // with the user's umask.
+                let existed = d.is_dir();
                 create_dirs(d)?;
-                let _ = std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o2775));
+                !existed
+            } else {
+                match std::fs::create_dir(d) {
+                    Ok(()) => true,
+                    Err(e) if e.kind() == io::ErrorKind::AlreadyExists => false,
+                    Err(e) => return Err(e),
+                }
+            };
+            if created && self.shared {
+                std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o2775))?;
             }
         }
         Ok(())
     }
 
-    /// Writes through a temporary file; the mode is set after the umask
-    /// when shared, so a teammate's umask cannot lock the others out.
-    fn temp(&self, bucket: Bucket, bytes: &[u8]) -> io::Result<tempfile::NamedTempFile> {
-        let tmp = write_temp(&self.tmp_dir(), bytes, self.mode(bucket))?;
+    /// An empty temporary file for a blob of `bucket`, to fill and `seal`.
+    fn temp(&self, bucket: Bucket) -> io::Result<tempfile::NamedTempFile> {
+        let dir = self.tmp_dir();
+        self.make_dirs(&dir, bucket)?;
+        tempfile::Builder::new().permissions(std::fs::Permissions::from_mode(self.mode(bucket))).tempfile_in(dir)
+    }
+
+    /// A filled temporary file made ready to persist: on disk, and when
+    /// shared its mode set after the umask, so a teammate's umask cannot
+    /// lock the others out. Its blob's folder is created.
+    fn seal(&self, bucket: Bucket, tmp: &tempfile::NamedTempFile, dest: &Path) -> io::Result<()> {
+        tmp.as_file().sync_all()?;
         if self.shared {
             tmp.as_file().set_permissions(std::fs::Permissions::from_mode(self.mode(bucket)))?;
         }
-        Ok(tmp)
+        self.make_dirs(dest.parent().expect("blob paths have a parent"), bucket)
+    }
+
+    /// Stores a blob written by `fill` into a temporary file: only when it
+    /// returns Some (what it wrote is sound) does the blob appear, whole.
+    /// An error writing the file is the outer one.
+    pub fn put_with<T>(
+        &self,
+        bucket: Bucket,
+        name: &Digest,
+        fill: impl FnOnce(&mut dyn Write) -> Result<Option<T>>,
+    ) -> Result<Result<Option<T>>> {
+        let dest = self.blob_path(bucket, name);
+        let tmp = self.temp(bucket).with_context(|| self.err("write", bucket, name))?;
+        let file = tmp.as_file().try_clone().with_context(|| self.err("write", bucket, name))?;
+        let mut out = Tracked { inner: io::BufWriter::with_capacity(1 << 20, file), failed: None };
+        let filled = fill(&mut out).and_then(|found| {
+            out.flush()?;
+            Ok(found)
+        });
+        let Tracked { inner, failed } = out;
+        drop(inner);
+        if let Some(e) = failed {
+            return Err(e).with_context(|| self.err("write", bucket, name));
+        }
+        if let Ok(Some(_)) = &filled {
+            let sealed = self.seal(bucket, &tmp, &dest);
+            sealed
+                .and_then(|()| tmp.persist(&dest).map(|_| ()).map_err(|e| e.error))
+                .with_context(|| self.err("write", bucket, name))?;
+        }
+        Ok(filled)
+    }
+}
+
+/// A writer that remembers its own failure, so a caller tells a full disk
+/// from a failing source.
+struct Tracked<W> {
+    inner: W,
+    failed: Option<io::Error>,
+}
+
+impl<W: Write> Tracked<W> {
+    fn note<T>(&mut self, r: io::Result<T>) -> io::Result<T> {
+        r.inspect_err(|e| {
+            self.failed.get_or_insert_with(|| io::Error::new(e.kind(), e.to_string()));
+        })
+    }
+}
+
+impl<W: Write> Write for Tracked<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let r = self.inner.write(buf);
+        self.note(r)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        let r = self.inner.flush();
+        self.note(r)
+    }
+}
+
+/// A blob's stream whose read errors name the blob.
+struct Labelled<R> {
+    inner: R,
+    label: String,
+}
+
+impl<R: Read> Read for Labelled<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.inner.read(buf).map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", self.label)))
     }
 }
 
@@ -125,6 +241,19 @@ impl Tier for FolderTier {
         }
     }
 
+    fn open(&self, bucket: Bucket, name: &Digest) -> Result<Option<Box<dyn Read + '_>>> {
+        let file = match std::fs::File::open(self.blob_path(bucket, name)) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e).with_context(|| self.err("read", bucket, name)),
+        };
+        // A folder in a blob's place holds no valid bytes (as `get`).
+        if file.metadata().with_context(|| self.err("read", bucket, name))?.is_dir() {
+            return Ok(Some(Box::new(io::empty())));
+        }
+        Ok(Some(Box::new(Labelled { inner: file, label: self.err("read", bucket, name) })))
+    }
+
     fn size(&self, bucket: Bucket, name: &Digest) -> Result<Option<u64>> {
         match std::fs::metadata(self.blob_path(bucket, name)) {
             Ok(m) if m.is_file() => Ok(Some(m.len())),
@@ -134,23 +263,26 @@ impl Tier for FolderTier {
         }
     }
 
-    fn put(&self, bucket: Bucket, name: &Digest, bytes: &[u8]) -> Result<()> {
-        let dest = self.blob_path(bucket, name);
-        let written = self.make_dirs(&dest).and_then(|()| {
-            if self.shared {
-                self.temp(bucket, bytes)?.persist(&dest).map_err(|e| e.error).map(|_| ())
-            } else {
-                write_atomic_in(&self.tmp_dir(), &dest, bytes, self.mode(bucket))
-            }
-        });
-        written.with_context(|| self.err("write", bucket, name))
+    fn put_reader(&self, bucket: Bucket, name: &Digest, src: &mut dyn Read) -> Result<u64> {
+        let stored = self.put_with(bucket, name, |out| Ok(Some(io::copy(src, out)?)))?;
+        Ok(stored.with_context(|| self.err("write", bucket, name))?.unwrap_or(0))
+    }
+
+    fn is_empty(&self) -> Result<bool> {
+        match std::fs::read_dir(&self.root) {
+            Ok(mut entries) => Ok(entries.next().is_none()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(true),
+            Err(e) => Err(e).with_context(|| format!("{}: cannot list it", self.root.display())),
+        }
     }
 
     fn create(&self, bucket: Bucket, name: &Digest, bytes: &[u8]) -> Result<bool> {
         let dest = self.blob_path(bucket, name);
-        let created = self.make_dirs(&dest).and_then(|()| {
+        let created = self.temp(bucket).and_then(|mut tmp| {
+            tmp.write_all(bytes)?;
+            self.seal(bucket, &tmp, &dest)?;
             // A hard link never replaces: the first writer wins.
-            match self.temp(bucket, bytes)?.persist_noclobber(&dest) {
+            match tmp.persist_noclobber(&dest) {
                 Ok(_) => Ok(true),
                 Err(e) if e.error.kind() == io::ErrorKind::AlreadyExists => Ok(false),
                 Err(e) => Err(e.error),
@@ -227,11 +359,15 @@ impl Tier for FolderTier {
             Some(v) => v.0.parse::<u64>().with_context(|| self.err("update", bucket, name))? + 1,
         };
         let path = dir.join(generation_name(next));
-        let swapped = self.make_dirs(&path).and_then(|()| match self.temp(bucket, bytes)?.persist_noclobber(&path) {
-            Ok(_) => Ok(true),
-            // Another writer's generation, or the record was removed meanwhile.
-            Err(e) if matches!(e.error.kind(), io::ErrorKind::AlreadyExists | io::ErrorKind::NotFound) => Ok(false),
-            Err(e) => Err(e.error),
+        let swapped = self.temp(bucket).and_then(|mut tmp| {
+            tmp.write_all(bytes)?;
+            self.seal(bucket, &tmp, &path)?;
+            match tmp.persist_noclobber(&path) {
+                Ok(_) => Ok(true),
+                // Another writer's generation, or the record was removed meanwhile.
+                Err(e) if matches!(e.error.kind(), io::ErrorKind::AlreadyExists | io::ErrorKind::NotFound) => Ok(false),
+                Err(e) => Err(e.error),
+            }
         });
         if !swapped.with_context(|| self.err("update", bucket, name))? {
             return Ok(None);

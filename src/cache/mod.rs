@@ -134,9 +134,17 @@ impl Cache {
         self.refused.load(Ordering::Relaxed)
     }
 
-    /// Uploads each stored entry and its objects to the writable remotes.
+    /// Uploads each stored entry and its objects to the writable remotes
+    /// (giving one that holds nothing yet its layout, as `cache push` does).
     pub fn push_as_stored(mut self, push: bool) -> Cache {
         self.push = push;
+        if push {
+            for r in self.live().filter(|r| r.writable) {
+                if let Err(e) = r.check_layout(true) {
+                    r.fail(&e);
+                }
+            }
+        }
         self
     }
 
@@ -221,17 +229,8 @@ impl Cache {
     /// and never served.
     pub fn get_object(&self, digest: &Digest) -> Result<Option<Vec<u8>>> {
         let Some(bytes) = self.local.get(Bucket::Objects, digest)? else {
-            for r in self.live() {
-                match r.get_object(digest) {
-                    Ok(Some(bytes)) => {
-                        self.store_object(digest, &bytes)?;
-                        return Ok(Some(bytes));
-                    }
-                    Ok(None) => {}
-                    Err(e) => r.fail(&e),
-                }
-            }
-            return Ok(None);
+            // Verified on its way in.
+            return Ok(if self.fetch_object(digest)? { self.local.get(Bucket::Objects, digest)? } else { None });
         };
         if Digest::of(&bytes) != *digest {
             eprintln!("warning: cache object {} is damaged; removing it so it is rebuilt", digest.short());
@@ -344,23 +343,17 @@ impl Cache {
         Ok(None)
     }
 
-    /// Copies every object `entry` names into the local tier (verified).
+    /// Streams every object `entry` names that the local tier lacks into it
+    /// (verified on the way in).
     fn fetch_outputs(&self, entry: &ActionEntry) -> Result<Fetched> {
         for out in &entry.outputs {
-            if self.local.size(Bucket::Objects, &out.digest)? == Some(out.size) {
-                continue;
-            }
-            match self.get_object(&out.digest)? {
+            let size = match self.local.size(Bucket::Objects, &out.digest)? {
+                Some(size) => size,
+                None if self.fetch_object(&out.digest)? => self.local.size(Bucket::Objects, &out.digest)?.unwrap_or(0),
                 None => return Ok(Fetched::Missing),
-                Some(bytes) if bytes.len() as u64 != out.size => {
-                    return Ok(Fetched::Wrong(format!(
-                        "its output {} is {} bytes, not {}",
-                        out.path,
-                        bytes.len(),
-                        out.size
-                    )));
-                }
-                Some(_) => {}
+            };
+            if size != out.size {
+                return Ok(Fetched::Wrong(format!("its output {} is {size} bytes, not {}", out.path, out.size)));
             }
         }
         Ok(Fetched::All)
@@ -413,11 +406,6 @@ impl Cache {
             }
         }
         Ok(())
-    }
-
-    /// An object's bytes from the local tier only (verified), for uploads.
-    pub fn local_object(&self, digest: &Digest) -> Result<Option<Vec<u8>>> {
-        Ok(self.local.get(Bucket::Objects, digest)?.filter(|b| Digest::of(b) == *digest))
     }
 
     /// The entry of the last build of a node (named by recipe and node), which

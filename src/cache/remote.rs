@@ -13,8 +13,9 @@ use super::sign::{self, PublicKey, SecretKey};
 use super::tier::{Bucket, Tier};
 use crate::config::RemoteSpec;
 use crate::digest::Digest;
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, anyhow, bail};
 use std::collections::HashSet;
+use std::io::{self, Read, Write};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -55,7 +56,7 @@ impl Remote {
             bail!("remote {}: the {scheme}:// scheme is not supported (s3:// or a folder are)", spec.url);
         } else {
             let dir = PathBuf::from(spec.url.strip_prefix("file://").unwrap_or(&spec.url));
-            Arc::new(FolderTier::shared(&dir))
+            Arc::new(FolderTier::remote(&dir))
         };
         let trusted = match spec.trusted_keys.as_slice() {
             [] => None,
@@ -104,9 +105,11 @@ impl Remote {
     }
 
     /// Checks the remote's layout marker: a layout this prefgen does not
-    /// know is an error (the remote is left alone). `mark` writes ours to a
-    /// remote that has none.
-    pub fn check_layout(&self, mark: bool) -> Result<()> {
+    /// know is an error (the remote is left alone), and so is a remote that
+    /// holds files but no marker (a shared folder unmounted or moved: not
+    /// the remote prefgen wrote). `create` (a push) writes ours to a remote
+    /// that holds nothing yet; nothing else creates a remote.
+    pub fn check_layout(&self, create: bool) -> Result<()> {
         let marker = Digest::of(b"");
         let found = self.tier.get(Bucket::Layout, &marker)?;
         self.count(found.as_ref().map_or(0, Vec::len), 0);
@@ -123,33 +126,55 @@ impl Remote {
                     ),
                 }
             }
-            None if mark => {
-                let body = serde_json::json!({ "layout": LAYOUT, "objects": "zstd" }).to_string();
-                self.tier.create(Bucket::Layout, &marker, body.as_bytes())?;
-                self.count(0, body.len());
+            None => {
+                let empty = self.tier.is_empty()?;
+                self.count(0, 0);
+                // A push creating the remote meanwhile writes its marker first.
+                if !empty && self.tier.size(Bucket::Layout, &marker)?.is_some() {
+                    return self.check_layout(false);
+                }
+                if !empty {
+                    bail!(
+                        "remote {}: it holds files but no layout marker ({}), so it is not the remote prefgen wrote (a shared folder unmounted or moved?); left alone",
+                        self.url,
+                        Bucket::Layout.path(&marker)
+                    );
+                }
+                if create {
+                    let body = serde_json::json!({ "layout": LAYOUT, "objects": "zstd" }).to_string();
+                    self.tier.create(Bucket::Layout, &marker, body.as_bytes())?;
+                    self.count(0, body.len());
+                }
                 Ok(())
             }
-            None => Ok(()),
         }
     }
 
-    /// An object's bytes, verified; a damaged one is reported and not served.
-    pub fn get_object(&self, digest: &Digest) -> Result<Option<Vec<u8>>> {
+    /// Streams an object into `out`, decompressed, verifying it on the way:
+    /// its size when it is sound; None when the remote lacks it, or it is
+    /// damaged (reported; what `out` got must then be discarded). Memory
+    /// stays at a buffer's worth whatever the object's size.
+    pub fn get_object(&self, digest: &Digest, out: &mut dyn Write) -> Result<Option<u64>> {
         if self.rejected(digest) {
             return Ok(None);
         }
-        let Some(packed) = self.tier.get(Bucket::Objects, digest)? else {
+        let Some(packed) = self.tier.open(Bucket::Objects, digest)? else {
             self.count(0, 0);
             return Ok(None);
         };
-        self.count(packed.len(), 0);
-        let bytes = zstd::decode_all(packed.as_slice()).unwrap_or_default();
-        if Digest::of(&bytes) != *digest {
-            eprintln!("warning: remote {}: object {} is damaged; not used", self.url, digest.short());
-            self.reject(digest);
-            return Ok(None);
+        let mut packed = Counted { inner: packed, bytes: 0, failed: false };
+        let unpacked = unpack(&mut packed, out);
+        self.count(packed.bytes as usize, 0);
+        match unpacked {
+            Ok((found, size)) if found == *digest => return Ok(Some(size)),
+            Err(Fault::Source(e)) if packed.failed => return Err(anyhow!(e)),
+            Err(Fault::Sink(e)) => return Err(e).context("cannot write a downloaded object"),
+            // Bytes that do not decompress, or not to the digest.
+            Ok(_) | Err(Fault::Source(_)) => {}
         }
-        Ok(Some(bytes))
+        eprintln!("warning: remote {}: object {} is damaged; not used", self.url, digest.short());
+        self.reject(digest);
+        Ok(None)
     }
 
     fn reject(&self, name: &Digest) {
@@ -170,15 +195,19 @@ impl Remote {
         Ok(found)
     }
 
-    /// Uploads an object unless the remote has it; true when uploaded.
-    pub fn put_object(&self, digest: &Digest, bytes: &[u8]) -> Result<Option<usize>> {
+    /// Uploads an object unless the remote has it, streamed from `object`
+    /// (its bytes, say a file of the local cache) and compressed on the way:
+    /// the bytes sent, or None when it was there. Bytes that do not hash to
+    /// `digest` are never stored.
+    pub fn put_object(&self, digest: &Digest, object: &mut dyn Read) -> Result<Option<u64>> {
         if self.has_object(digest)? {
             return Ok(None);
         }
-        let packed = zstd::encode_all(bytes, 3).context("compressing an object")?;
-        self.tier.put(Bucket::Objects, digest, &packed)?;
-        self.count(0, packed.len());
-        Ok(Some(packed.len()))
+        let checked = Checked { inner: object, hasher: blake3::Hasher::new(), expected: *digest };
+        let mut packed = zstd::stream::read::Encoder::new(checked, 3).context("compressing an object")?;
+        let sent = self.tier.put_reader(Bucket::Objects, digest, &mut packed)?;
+        self.count(0, sent as usize);
+        Ok(Some(sent))
     }
 
     /// The entry under `key`, if the remote has it, its bytes match their
@@ -242,5 +271,77 @@ impl Remote {
     /// The tier, for leases (held by their heartbeat threads).
     pub fn shared_tier(&self) -> Arc<dyn Tier> {
         self.tier.clone()
+    }
+}
+
+/// A remote blob's stream, counted; and whether reading it failed (the
+/// remote's fault, not the bytes').
+struct Counted<R> {
+    inner: R,
+    bytes: u64,
+    failed: bool,
+}
+
+impl<R: Read> Read for Counted<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf).inspect_err(|_| self.failed = true)?;
+        self.bytes += n as u64;
+        Ok(n)
+    }
+}
+
+/// Where unpacking an object failed.
+enum Fault {
+    /// Reading or decompressing what the remote sent.
+    Source(io::Error),
+    /// Writing what it decompressed to.
+    Sink(io::Error),
+}
+
+/// Decompresses `packed` into `out`, a buffer at a time: the digest and the
+/// size of what came out.
+fn unpack(packed: &mut dyn Read, out: &mut dyn Write) -> Result<(Digest, u64), Fault> {
+    let mut decoder = zstd::stream::read::Decoder::new(packed).map_err(Fault::Source)?;
+    let mut hasher = blake3::Hasher::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut size = 0u64;
+    loop {
+        let n = match decoder.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(Fault::Source(e)),
+        };
+        hasher.update(&buf[..n]);
+        out.write_all(&buf[..n]).map_err(Fault::Sink)?;
+        size += n as u64;
+    }
+    out.flush().map_err(Fault::Sink)?;
+    Ok((Digest::from(hasher.finalize()), size))
+}
+
+/// An object's bytes on their way up, hashed: at their end, a read fails
+/// unless they hash to the object's name, so a tier stores nothing damaged.
+struct Checked<'a> {
+    inner: &'a mut dyn Read,
+    hasher: blake3::Hasher,
+    expected: Digest,
+}
+
+impl Read for Checked<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        if n > 0 {
+            self.hasher.update(&buf[..n]);
+        } else if Digest::from(self.hasher.finalize()) != self.expected {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "object {} of the local cache does not hash to its name (run `prefgen cache verify`)",
+                    self.expected.short()
+                ),
+            ));
+        }
+        Ok(n)
     }
 }

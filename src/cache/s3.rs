@@ -16,11 +16,43 @@ use object_store::{
     UpdateVersion, WriteMultipart,
 };
 use std::collections::BTreeMap;
+use std::io::{self, Read};
 use std::path::PathBuf;
 use std::time::Duration;
 
-/// Objects above this size go up in parts of this size.
+/// Objects above this size go up in parts of this size, one uploading
+/// while the next is read: an upload holds two parts in memory at most.
 const PART: usize = 16 << 20;
+
+/// Up to a part's worth of `src`.
+fn read_part(src: &mut dyn Read) -> io::Result<Vec<u8>> {
+    let mut part = Vec::new();
+    (&mut *src).take(PART as u64).read_to_end(&mut part)?;
+    Ok(part)
+}
+
+/// An object's body as it arrives, read a network chunk at a time.
+struct Body<'a> {
+    tier: &'a S3Tier,
+    path: StorePath,
+    stream: futures::stream::BoxStream<'static, object_store::Result<bytes::Bytes>>,
+    chunk: bytes::Bytes,
+}
+
+impl Read for Body<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.chunk.is_empty() {
+            match self.tier.runtime.block_on(self.stream.next()) {
+                None => return Ok(0),
+                Some(Ok(chunk)) => self.chunk = chunk,
+                Some(Err(e)) => return Err(io::Error::other(format!("{:#}", self.tier.err("read", &self.path, e)))),
+            }
+        }
+        let n = buf.len().min(self.chunk.len());
+        buf[..n].copy_from_slice(&self.chunk.split_to(n));
+        Ok(n)
+    }
+}
 
 pub struct S3Tier {
     url: String,
@@ -125,6 +157,15 @@ impl Tier for S3Tier {
         })
     }
 
+    fn open(&self, bucket: Bucket, name: &Digest) -> Result<Option<Box<dyn Read + '_>>> {
+        let path = self.path(bucket, name);
+        match self.runtime.block_on(self.store.get(&path)) {
+            Ok(r) => Ok(Some(Box::new(Body { tier: self, path, stream: r.into_stream(), chunk: bytes::Bytes::new() }))),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(self.err("read", &path, e)),
+        }
+    }
+
     fn size(&self, bucket: Bucket, name: &Digest) -> Result<Option<u64>> {
         let path = self.path(bucket, name);
         match self.runtime.block_on(self.store.head(&path)) {
@@ -134,21 +175,53 @@ impl Tier for S3Tier {
         }
     }
 
-    fn put(&self, bucket: Bucket, name: &Digest, bytes: &[u8]) -> Result<()> {
+    fn put_reader(&self, bucket: Bucket, name: &Digest, src: &mut dyn Read) -> Result<u64> {
         let path = self.path(bucket, name);
-        let data = bytes::Bytes::copy_from_slice(bytes);
-        self.runtime
-            .block_on(async {
-                if data.len() <= PART {
-                    self.store.put(&path, PutPayload::from(data)).await.map(|_| ())
-                } else {
-                    let upload = self.store.put_multipart(&path).await?;
-                    let mut w = WriteMultipart::new_with_chunk_size(upload, PART);
-                    w.put(data);
-                    w.finish().await.map(|_| ())
+        let unreadable = |e: io::Error| anyhow!("{}: cannot write {path}: {e}", self.url);
+        let first = read_part(src).map_err(unreadable)?;
+        let mut stored = first.len() as u64;
+        if first.len() < PART {
+            self.runtime
+                .block_on(self.store.put(&path, PutPayload::from(first)))
+                .map_err(|e| self.err("write", &path, e))?;
+            return Ok(stored);
+        }
+        self.runtime.block_on(async {
+            let upload = self.store.put_multipart(&path).await.map_err(|e| self.err("write", &path, e))?;
+            let mut w = WriteMultipart::new_with_chunk_size(upload, PART);
+            w.put(first.into());
+            loop {
+                // Reads the next part while the last one uploads.
+                let part = match read_part(src) {
+                    Ok(part) => part,
+                    Err(e) => {
+                        let _ = w.abort().await;
+                        return Err(unreadable(e));
+                    }
+                };
+                if part.is_empty() {
+                    break;
                 }
-            })
-            .map_err(|e| self.err("write", &path, e))
+                if let Err(e) = w.wait_for_capacity(1).await {
+                    let _ = w.abort().await;
+                    return Err(self.err("write", &path, e));
+                }
+                stored += part.len() as u64;
+                w.put(part.into());
+            }
+            w.finish().await.map_err(|e| self.err("write", &path, e))
+        })?;
+        Ok(stored)
+    }
+
+    fn is_empty(&self) -> Result<bool> {
+        let prefix = (!self.prefix.is_empty()).then(|| StorePath::from(self.prefix.as_str()));
+        let first = self.runtime.block_on(async { self.store.list(prefix.as_ref()).next().await });
+        match first {
+            None => Ok(true),
+            Some(Ok(_)) => Ok(false),
+            Some(Err(e)) => Err(self.err("list", prefix.as_ref().unwrap_or(&StorePath::from("")), e)),
+        }
     }
 
     fn create(&self, bucket: Bucket, name: &Digest, bytes: &[u8]) -> Result<bool> {

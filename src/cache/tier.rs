@@ -8,7 +8,7 @@
 
 use crate::digest::Digest;
 use anyhow::Result;
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 use std::path::Path;
 
 /// The kinds of blob a tier holds; the versioned folder names let a format
@@ -62,10 +62,21 @@ pub trait Tier: Send + Sync {
     fn describe(&self) -> String;
     /// The blob's bytes, or None when the tier lacks it.
     fn get(&self, bucket: Bucket, name: &Digest) -> Result<Option<Vec<u8>>>;
+    /// The blob's bytes as a stream (objects can be larger than memory), or
+    /// None when the tier lacks it. Read errors name the tier and the blob.
+    fn open(&self, bucket: Bucket, name: &Digest) -> Result<Option<Box<dyn Read + '_>>>;
     /// The blob's size, or None when the tier lacks it; reads nothing else.
     fn size(&self, bucket: Bucket, name: &Digest) -> Result<Option<u64>>;
+    /// Stores what `src` yields up to its end, streamed, so that readers see
+    /// all of it or none of it: when `src` fails (a source found damaged at
+    /// its end) nothing is stored. Returns the bytes stored.
+    fn put_reader(&self, bucket: Bucket, name: &Digest, src: &mut dyn Read) -> Result<u64>;
     /// Stores a blob so that readers see all of it or none of it.
-    fn put(&self, bucket: Bucket, name: &Digest, bytes: &[u8]) -> Result<()>;
+    fn put(&self, bucket: Bucket, name: &Digest, bytes: &[u8]) -> Result<()> {
+        self.put_reader(bucket, name, &mut &bytes[..]).map(|_| ())
+    }
+    /// Whether the tier holds nothing at all (a remote nobody pushed to yet).
+    fn is_empty(&self) -> Result<bool>;
     /// Stores a blob unless the tier has one of that name (the first writer
     /// wins); true when this call stored it.
     fn create(&self, bucket: Bucket, name: &Digest, bytes: &[u8]) -> Result<bool>;

@@ -1,8 +1,12 @@
 //! Moving builds between the local cache and a remote: objects first (only
 //! those the other side lacks, several at a time, with a progress bar),
-//! entries last and only where absent, so an interrupted push never leaves
-//! an entry naming a missing object, and the next push completes it.
+//! entries last and only where absent, so an interrupted push or pull never
+//! leaves an entry naming a missing object, and the next one completes it.
+//! Objects stream between files and the remote, compressed and hashed on
+//! the way, so memory is bounded by the transfers in flight, not by the
+//! size of an object.
 
+use super::tier::Bucket;
 use super::{ActionEntry, Cache, Remote, parallel};
 use crate::digest::Digest;
 use anyhow::{Context, Result, bail};
@@ -67,15 +71,12 @@ pub fn push(cache: &Cache, remote: &Remote, entries: &[ActionEntry]) -> Result<M
     let progress = bar(&format!("pushing to {}", remote.url), objects.iter().map(|o| o.1).sum());
     let moved = Mutex::new(Moved::default());
     parallel::map(&objects, |(digest, size)| {
-        let bytes = cache.local_object(digest)?.with_context(|| {
-            format!("object {} is not in the local cache (run `prefgen cache verify`)", digest.short())
-        })?;
-        let sent = remote.put_object(digest, &bytes)?;
+        let sent = push_object(cache, remote, digest)?;
         let mut m = moved.lock().expect("not poisoned");
         match sent {
             Some(n) => {
                 m.objects += 1;
-                m.bytes += n as u64;
+                m.bytes += n;
             }
             None => m.objects_present += 1,
         }
@@ -95,12 +96,24 @@ pub fn push(cache: &Cache, remote: &Remote, entries: &[ActionEntry]) -> Result<M
     Ok(m)
 }
 
+/// Uploads an object of the local cache unless the remote has it, streamed
+/// from its file: the bytes sent, or None when it was there.
+fn push_object(cache: &Cache, remote: &Remote, digest: &Digest) -> Result<Option<u64>> {
+    let path = cache.local.blob_path(Bucket::Objects, digest);
+    let mut file = match std::fs::File::open(&path) {
+        Ok(file) => file,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            bail!("object {} is not in the local cache (run `prefgen cache verify`)", digest.short())
+        }
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+    };
+    remote.put_object(digest, &mut file)
+}
+
 /// Uploads one entry's objects the remote lacks, then the entry (`run --push`).
 pub fn push_entry(cache: &Cache, remote: &Remote, entry: &ActionEntry) -> Result<()> {
     for out in &entry.outputs {
-        let bytes =
-            cache.local_object(&out.digest)?.with_context(|| format!("object {} vanished", out.digest.short()))?;
-        remote.put_object(&out.digest, &bytes)?;
+        push_object(cache, remote, &out.digest)?;
     }
     remote.put_entry(entry)?;
     Ok(())
@@ -115,8 +128,9 @@ pub fn pull(cache: &Cache, entries: &[ActionEntry]) -> Result<Moved> {
     let progress = bar("pulling", objects.iter().map(|o| o.1).sum());
     let moved = Mutex::new(Moved { entries: entries.len(), ..Moved::default() });
     parallel::map(&objects, |(digest, size)| {
-        let present = cache.local_object(digest)?.is_some();
-        if !present && cache.get_object(digest)?.is_none() {
+        let path = cache.local.blob_path(Bucket::Objects, digest);
+        let present = Digest::of_file(&path).is_ok_and(|d| d == *digest);
+        if !present && !cache.fetch_object(digest)? {
             bail!("object {} is on no remote (or only damaged)", digest.short());
         }
         let mut m = moved.lock().expect("not poisoned");
@@ -136,4 +150,20 @@ pub fn pull(cache: &Cache, entries: &[ActionEntry]) -> Result<Moved> {
     let mut m = moved.into_inner().expect("not poisoned");
     m.seconds = started.elapsed().as_secs_f64();
     Ok(m)
+}
+
+impl Cache {
+    /// Streams an object from the first remote that has it into the local
+    /// tier, verified before it lands. False when no remote has it sound.
+    pub(super) fn fetch_object(&self, digest: &Digest) -> Result<bool> {
+        for r in self.live() {
+            match self.local.put_with(Bucket::Objects, digest, |out| r.get_object(digest, out)) {
+                Ok(Ok(Some(_))) => return Ok(true),
+                Ok(Ok(None)) => {}
+                Ok(Err(e)) => r.fail(&e),
+                Err(e) => return Err(self.unwritable(format!("{e:#}"))),
+            }
+        }
+        Ok(false)
+    }
 }

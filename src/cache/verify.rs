@@ -85,7 +85,7 @@ impl super::Remote {
         for blob in self.tier().list(Bucket::Objects)? {
             s.objects += 1;
             s.bytes += blob.size;
-            if self.get_object(&blob.name)?.is_none() {
+            if self.get_object(&blob.name, &mut std::io::sink())?.is_none() {
                 s.damaged.push(blob.name);
             }
         }

@@ -145,6 +145,32 @@ pub fn fails(p: &Project, args: &[&str], expect: &[&str]) -> String {
     lines[0].to_string()
 }
 
+/// Runs `c` to its end: its output, and its peak resident memory in bytes.
+/// Python starts it and reads the peak of its children: a child of the
+/// test itself would start from the test's own peak (exec keeps it).
+pub fn peak_rss(c: Command) -> (Run, u64) {
+    let report = tempfile::NamedTempFile::new().unwrap();
+    let mut p = Command::new("python3");
+    p.args([
+        "-c",
+        "import resource, subprocess, sys\nr = subprocess.run(sys.argv[2:]).returncode\nopen(sys.argv[1], 'w').write(str(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss))\nsys.exit(r)",
+    ]);
+    p.arg(report.path()).arg(c.get_program()).args(c.get_args());
+    if let Some(dir) = c.get_current_dir() {
+        p.current_dir(dir);
+    }
+    for (k, v) in c.get_envs() {
+        match v {
+            Some(v) => p.env(k, v),
+            None => p.env_remove(k),
+        };
+    }
+    let run = Run(p.output().expect("python3 runs"));
+    let kb: u64 = std::fs::read_to_string(report.path()).unwrap().trim().parse().unwrap();
+    // ru_maxrss is in kilobytes on Linux.
+    (run, kb * 1024)
+}
+
 /// Runs a Python script of the test suite, insisting on success.
 pub fn python(args: &[&str]) -> String {
     let out = Command::new("python3")
