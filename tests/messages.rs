@@ -114,3 +114,20 @@ fn a_cache_that_cannot_be_written_names_the_folder_and_the_os_error() {
     p.write("cache/tmp", "not a folder");
     fails(&p, &["run", r], &["cache/tmp", "File exists"]);
 }
+
+/// A remote bucket that does not exist is said so, in one line, by `plan`
+/// (which used to look through it silently and call everything stale).
+#[test]
+fn a_bucket_that_does_not_exist_is_named() {
+    let s3 = S3Server::start("team");
+    let p = Project::new();
+    let r = p.write("r.toml", &simpo_recipe());
+    let mut c = p.command(&["plan", r.to_str().unwrap(), "--remote", "s3://no-such-bucket/prefgen"]);
+    c.envs(s3.env());
+    let out = c.output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    let line =
+        err.lines().find(|l| l.contains("s3://no-such-bucket/prefgen failed")).unwrap_or_else(|| panic!("{err}"));
+    assert!(line.contains("NoSuchBucket: The specified bucket does not exist"), "{line}");
+    assert!(!err.contains("<?xml"), "{err}");
+}

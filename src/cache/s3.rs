@@ -137,7 +137,23 @@ impl S3Tier {
     }
 
     fn err(&self, what: &str, path: &StorePath, e: object_store::Error) -> anyhow::Error {
-        anyhow!("{}: cannot {what} {path}: {}", self.url, crate::redact::redact(&e.to_string()))
+        anyhow!("{}: cannot {what} {path}: {}", self.url, crate::redact::redact(&reason(&e.to_string())))
+    }
+}
+
+/// An S3 error in one line: the service's own `<Code>` and `<Message>`
+/// (`NoSuchBucket: The specified bucket does not exist`) when its XML body
+/// is quoted, otherwise the client's text.
+fn reason(text: &str) -> String {
+    let tag = |name: &str| {
+        let start = text.find(&format!("<{name}>"))? + name.len() + 2;
+        let end = start + text[start..].find(&format!("</{name}>"))?;
+        Some(&text[start..end])
+    };
+    match (tag("Code"), tag("Message")) {
+        (Some(code), Some(message)) => format!("{code}: {message}"),
+        (Some(code), None) => code.to_string(),
+        _ => text.replace('\n', " "),
     }
 }
 
