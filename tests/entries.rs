@@ -79,6 +79,15 @@ fn set_count(text: &str, field: &str, to: impl FnOnce(u64) -> u64) -> String {
     format!("{}{}{}", &text[..at], to(n), &text[end..])
 }
 
+/// Teammate A, who built the recipe and pushed it to the shared folder `url`.
+fn pushed_by_a(url: &str) -> Project {
+    let a = Project::new();
+    let ra = recipe(&a);
+    config(&a, url, &[], None);
+    a.ok(&["run", &ra, "--push"]);
+    a
+}
+
 /// `plan`'s lines for the nodes.
 fn plan_lines(run: &Run) -> Vec<String> {
     run.stdout().lines().filter(|l| l.starts_with("fresh") || l.starts_with("stale")).map(str::to_string).collect()
@@ -90,10 +99,7 @@ fn plan_lines(run: &Run) -> Vec<String> {
 fn what_a_run_reads_through_is_local_afterwards() {
     let shared = tempfile::tempdir().unwrap();
     let url = shared.path().join("prefgen").display().to_string();
-    let a = Project::new();
-    let ra = recipe(&a);
-    config(&a, &url, &[], None);
-    a.ok(&["run", &ra, "--push"]);
+    let a = pushed_by_a(&url);
 
     let b = Project::new();
     let rb = recipe(&b);
@@ -116,10 +122,7 @@ fn what_a_run_reads_through_is_local_afterwards() {
 fn a_forged_entry_on_an_untrusted_remote_is_refused_and_rebuilt() {
     let shared = tempfile::tempdir().unwrap();
     let url = shared.path().join("prefgen").display().to_string();
-    let a = Project::new();
-    let ra = recipe(&a);
-    config(&a, &url, &[], None);
-    a.ok(&["run", &ra, "--push"]);
+    let a = pushed_by_a(&url);
     let filter_key = key_of(&a, "filter[train]");
     let filter_out = lock_of(&a)["nodes"]["filter[train]"]["outputs"]["all_outputs.json"].as_str().unwrap().to_string();
     let prompts_out = lock_of(&a)["nodes"]["prompts[train]"]["outputs"]["prompts.json"].as_str().unwrap().to_string();

@@ -13,20 +13,6 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// Runs a failing command: one `error:` line containing every `expect`.
-fn fails(p: &Project, args: &[&str], expect: &[&str]) -> String {
-    let run = p.prefgen(args);
-    assert_eq!(run.code(), Some(1), "{args:?} should fail with 1:\n{}", run.stderr());
-    let err = run.stderr();
-    let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("error:")).collect();
-    assert_eq!(lines.len(), 1, "{args:?}: want one error line, got:\n{err}");
-    for e in expect {
-        assert!(lines[0].contains(e), "{args:?}: {:?} lacks {e:?}", lines[0]);
-    }
-    assert!(!err.contains("panicked"), "{err}");
-    lines[0].to_string()
-}
-
 /// The SimPO fixture recipe, exporting to `dir`.
 fn simpo(p: &Project, dir: &str) -> String {
     p.write("r.toml", &simpo_recipe().replace("dir = \"out\"", &format!("dir = \"{dir}\""))).display().to_string()
