@@ -8,6 +8,9 @@
     python3 scripts/make_fixtures.py llama3     # a tiny random-weight Llama-3 and its
                                                 # greedy tokens and logits (torch, transformers)
     python3 scripts/make_fixtures.py gemma2     # the same for a tiny Gemma-2
+    python3 scripts/make_fixtures.py qwen2      # ... Qwen2 (q/k/v biases, tied embeddings)
+    python3 scripts/make_fixtures.py qwen3      # ... Qwen3 (q/k norms, explicit head_dim)
+    python3 scripts/make_fixtures.py mistral    # ... Mistral (sliding window on every layer)
     python3 scripts/make_fixtures.py decode     # decoded text under each clean_up_tokenization_spaces
                                                 # setting, and a cut UTF-8 sequence (transformers)
 
@@ -150,6 +153,35 @@ GEMMA2_TEMPLATE = (
     "{% if add_generation_prompt %}{{'<start_of_turn>model\n'}}{% endif %}"
 )
 
+# ChatML as Qwen2.5's tokenizer_config.json writes it (its tools branches
+# left out: the fixtures' conversations have no tools), with its default
+# system prompt.
+QWEN2_TEMPLATE = (
+    "{%- if messages[0]['role'] == 'system' %}{{- '<|im_start|>system\n' + messages[0]['content'] + '<|im_end|>\n' }}"
+    "{%- else %}{{- '<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n' }}"
+    "{%- endif %}{%- for message in messages %}"
+    "{%- if (message.role == 'user') or (message.role == 'system' and not loop.first) or (message.role == 'assistant') %}"
+    "{{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>' + '\n' }}{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}"
+)
+# Qwen3's: ChatML without a default system prompt, and its `enable_thinking`
+# switch on the generation prompt (tools and reasoning_content branches left out).
+QWEN3_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>' + '\n' }}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\n\n</think>\n\n' }}{%- endif %}"
+    "{%- endif %}"
+)
+# Mistral-7B-Instruct v0.1 / v0.2's.
+MISTRAL_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token}}"
+    "{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}{% endfor %}"
+)
+
 TEXTS = [
     "Hello world",
     "What is 2 + 2? 12345 67890 3.14159 1,000,000",
@@ -252,10 +284,11 @@ def gemma3_fixture():
     dump(os.path.join(ROOT, "gemma3_reference.json"), {"model": name, "tokenizer": cases, "generation": gens})
 
 
-def train_tokenizer(specials):
+def train_tokenizer(specials, bos=""):
     """A small byte-level BPE trained on real prompts, with a family's special
-    tokens; like the real ones, it adds the BOS (the third special here is
-    named first) when asked for special tokens."""
+    tokens; like the real ones, it adds the BOS (`bos`; by default the first
+    special if it is Llama-3's, else `<bos>`) when asked for special tokens,
+    or none when `bos` is None (Qwen)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     texts = []
@@ -269,7 +302,9 @@ def train_tokenizer(specials):
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(texts, trainer)
-    bos = specials[0] if specials[0].startswith("<|begin") else "<bos>"
+    if bos is None:
+        return tok
+    bos = bos or (specials[0] if specials[0].startswith("<|begin") else "<bos>")
     tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.token_to_id(bos))])
     return tok
 
@@ -371,6 +406,63 @@ def llama3_fixture():
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
     parity_reference("llama3", model, tok)
+
+
+def family_fixture(name, config_class, model_class, specials, bos, eos, template, randomize, **config):
+    """A tiny random-weight model of a family, with its special tokens and
+    chat template, and its greedy tokens and logits. `randomize`: parameter
+    names whose transformers initialisation (zero biases, unit norms) would
+    leave the family's feature without effect."""
+    import torch
+    import transformers
+    from transformers import PreTrainedTokenizerFast
+
+    out = os.path.join(ROOT, f"tiny-{name}")
+    backend = train_tokenizer(specials, bos=bos)
+    ids = {t: backend.token_to_id(t) for t in specials}
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=bos, eos_token=eos, pad_token=specials[0])
+    tok.chat_template = template
+    stops = [ids[eos]]
+    config = getattr(transformers, config_class)(
+        vocab_size=backend.get_vocab_size(), hidden_size=64, intermediate_size=176, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-6,
+        initializer_range=0.15, bos_token_id=ids[bos] if bos else None, eos_token_id=stops,
+        pad_token_id=ids[specials[0]], attn_implementation="eager", **config,
+    )
+    torch.manual_seed(0)
+    model = getattr(transformers, model_class)(config).eval()
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if any(r in pname for r in randomize):
+                p.normal_(1.0 if "norm" in pname else 0.0, 0.3)
+    model.generation_config.eos_token_id = stops
+    model.generation_config.pad_token_id = ids[specials[0]]
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    parity_reference(name, model, tok)
+
+
+def qwen2_fixture():
+    """Qwen2.5-shaped: q/k/v biases (random, so they matter), embeddings tied
+    as the small Qwen2.5 checkpoints tie them, no sliding window."""
+    family_fixture("qwen2", "Qwen2Config", "Qwen2ForCausalLM", ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                   None, "<|im_end|>", QWEN2_TEMPLATE, ["_proj.bias"], tie_word_embeddings=True,
+                   rope_theta=1000000.0, use_sliding_window=False)
+
+
+def qwen3_fixture():
+    """Qwen3-shaped: per-head q/k RMS norms (random weights) and a head_dim
+    (32) that is not hidden / heads (16)."""
+    family_fixture("qwen3", "Qwen3Config", "Qwen3ForCausalLM", ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                   None, "<|im_end|>", QWEN3_TEMPLATE, ["q_norm", "k_norm"], head_dim=32,
+                   tie_word_embeddings=False, rope_theta=1000000.0, use_sliding_window=False)
+
+
+def mistral_fixture():
+    """Mistral-shaped: a sliding window (8) on every layer, shorter than
+    every prompt."""
+    family_fixture("mistral", "MistralConfig", "MistralForCausalLM", ["<unk>", "<s>", "</s>"], "<s>", "</s>",
+                   MISTRAL_TEMPLATE, [], sliding_window=8, tie_word_embeddings=False, rope_theta=10000.0)
 
 
 REWARD_CONVERSATIONS = [
@@ -519,6 +611,12 @@ if __name__ == "__main__":
         gemma3_fixture()
     elif sys.argv[1:] == ["gemma2"]:
         gemma2_fixture()
+    elif sys.argv[1:] == ["qwen2"]:
+        qwen2_fixture()
+    elif sys.argv[1:] == ["qwen3"]:
+        qwen3_fixture()
+    elif sys.argv[1:] == ["mistral"]:
+        mistral_fixture()
     elif sys.argv[1:] == ["decode"]:
         decode_fixture()
     else:

@@ -11,6 +11,8 @@ pub mod infer;
 pub mod input;
 pub mod lock;
 pub mod plan;
+#[cfg(test)]
+mod readme;
 pub mod recipe;
 pub mod redact;
 pub mod run;

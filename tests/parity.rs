@@ -1,8 +1,12 @@
 //! Parity with `transformers` (CPU, f32) on tiny random-weight models of the
-//! real architectures, made by `scripts/make_fixtures.py llama3|gemma2`: real
-//! config fields scaled down (Llama-3.1 rope scaling; Gemma-2 soft-capping,
-//! sliding window shorter than the longer prompts, query_pre_attn_scalar),
-//! a trained BPE tokenizer with the family's special tokens and chat template.
+//! real architectures, made by `scripts/make_fixtures.py
+//! llama3|gemma2|qwen2|qwen3|mistral`: real config fields scaled down
+//! (Llama-3.1 rope scaling; Gemma-2 soft-capping, sliding window shorter than
+//! the longer prompts, query_pre_attn_scalar; Qwen2's q/k/v biases and tied
+//! embeddings; Qwen3's q/k norms and head_dim; Mistral's sliding window), a
+//! trained BPE tokenizer with the family's special tokens and chat template.
+//! Each new family's feature is shown to matter: switched off in a copy of
+//! the fixture, some greedy text changes.
 
 use prefgen::infer::engine::{self, Job, Outcome};
 use prefgen::infer::sampler::{Sampling, Stream};
@@ -15,14 +19,14 @@ fn fixtures() -> std::path::PathBuf {
 }
 
 /// Template text, token ids, last-position logits (within 1e-4) and 32
-/// greedy tokens of every prompt, all prompts decoded in one batch.
+/// greedy tokens of every prompt, decoded one at a time and all in one batch.
 fn matches_transformers(name: &str) {
     let policy = Policy::load(&fixtures().join(format!("tiny-{name}")), &Load::default()).unwrap();
     let path = fixtures().join(format!("tiny-{name}-reference.json"));
     let r: Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
     let cases = r["cases"].as_array().unwrap();
     assert!(cases.len() >= 8);
-    let mut jobs = Vec::new();
+    let mut prompts = Vec::new();
     let mut worst = 0f32;
     for case in cases {
         let text = policy.chat.format_prompt(case["prompt"].as_str().unwrap()).unwrap();
@@ -32,7 +36,9 @@ fn matches_transformers(name: &str) {
         assert_eq!(ids, want, "tokens of {text:?}");
         let vllm: Vec<u32> = serde_json::from_value(case["vllm_input_ids"].clone()).unwrap();
         assert_eq!(policy.chat.encode(&text, true).unwrap(), vllm, "vLLM-compatible tokens of {text:?}");
-        assert_eq!(vllm[0], vllm[1], "a second BOS");
+        if vllm.len() > ids.len() {
+            assert_eq!(vllm[0], vllm[1], "a second BOS");
+        }
         let mut cache = policy.model.new_cache();
         let logits = policy.model.forward(&[&ids], &mut [&mut cache]).unwrap().to_vec2::<f32>().unwrap().remove(0);
         let want: Vec<f32> = serde_json::from_value(case["logits"].clone()).unwrap();
@@ -40,22 +46,118 @@ fn matches_transformers(name: &str) {
         for (a, b) in logits.iter().zip(&want) {
             worst = worst.max((a - b).abs());
         }
-        jobs.push(Job { prompt: ids, stream: Stream::new(0, "") });
+        prompts.push(ids);
     }
     eprintln!("{name}: largest last-position logit difference: {worst:e}");
     assert!(worst <= 1e-4, "last-position logits differ by up to {worst:e}");
-    // Every prompt decoded together, prompts of different lengths in one batch.
-    let greedy = Sampling { temperature: 0.0, top_p: 1.0 };
-    let out =
-        engine::generate(&policy, jobs, greedy, r["max_new_tokens"].as_u64().unwrap() as usize, 8, |_| {}).unwrap();
-    for (case, got) in cases.iter().zip(out) {
-        let mut want: Vec<u32> = serde_json::from_value(case["generated"].clone()).unwrap();
-        // transformers keeps the stop token in the sequence; prefgen does not.
-        if want.last().is_some_and(|t| policy.chat.stop.contains(t)) {
-            want.pop();
+    // One at a time, then every prompt together, prompts of different
+    // lengths in one batch.
+    for batch in [1, 8] {
+        let jobs = prompts.iter().map(|p| Job { prompt: p.clone(), stream: Stream::new(0, "") }).collect();
+        for (case, got) in cases.iter().zip(greedy(&policy, &r, jobs, batch)) {
+            assert_eq!(
+                got,
+                Outcome::Done(expected(&policy, case)),
+                "batch {batch}: greedy tokens for {:?}",
+                case["prompt"]
+            );
         }
-        assert_eq!(got, Outcome::Done(want), "greedy tokens for {:?}", case["prompt"]);
     }
+}
+
+/// The reference's greedy tokens of a case, as prefgen returns them:
+/// transformers keeps the stop token in the sequence; prefgen does not.
+fn expected(policy: &Policy, case: &Value) -> Vec<u32> {
+    let mut want: Vec<u32> = serde_json::from_value(case["generated"].clone()).unwrap();
+    if want.last().is_some_and(|t| policy.chat.stop.contains(t)) {
+        want.pop();
+    }
+    want
+}
+
+fn greedy(policy: &Policy, r: &Value, jobs: Vec<Job>, batch: usize) -> Vec<Outcome> {
+    let greedy = Sampling { temperature: 0.0, top_p: 1.0 };
+    engine::generate(policy, jobs, greedy, r["max_new_tokens"].as_u64().unwrap() as usize, batch, |_| {}).unwrap()
+}
+
+/// The fixture `tiny-{name}` copied, changed by `switch_off` (its feature
+/// switched off in the copy's config or weights), greedy-decodes some
+/// prompt differently from transformers' reference: the fixture exercises
+/// the feature, so a loader that ignored it would fail the parity test.
+fn feature_changes_greedy_text(name: &str, switch_off: impl Fn(&Path)) {
+    let tmp = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(fixtures().join(format!("tiny-{name}"))).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), tmp.path().join(entry.file_name())).unwrap();
+    }
+    switch_off(tmp.path());
+    let policy = Policy::load(tmp.path(), &Load::default()).unwrap();
+    let path = fixtures().join(format!("tiny-{name}-reference.json"));
+    let r: Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+    let cases = r["cases"].as_array().unwrap();
+    let jobs = cases
+        .iter()
+        .map(|c| Job { prompt: serde_json::from_value(c["input_ids"].clone()).unwrap(), stream: Stream::new(0, "") })
+        .collect();
+    let changed = cases
+        .iter()
+        .zip(greedy(&policy, &r, jobs, 8))
+        .filter(|(case, got)| *got != Outcome::Done(expected(&policy, case)))
+        .count();
+    eprintln!("{name}: {changed} of {} greedy texts change with the feature off", cases.len());
+    assert!(changed > 0, "{name}: the feature switched off changes no greedy text");
+}
+
+/// Edits a copy's config.json.
+fn edit_config(dir: &Path, edit: impl Fn(&mut Value)) {
+    let path = dir.join("config.json");
+    let mut config: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    edit(&mut config);
+    std::fs::write(&path, serde_json::to_vec_pretty(&config).unwrap()).unwrap();
+}
+
+#[test]
+fn tiny_qwen2_matches_transformers() {
+    matches_transformers("qwen2");
+}
+
+#[test]
+fn tiny_qwen3_matches_transformers() {
+    matches_transformers("qwen3");
+}
+
+#[test]
+fn tiny_mistral_matches_transformers() {
+    matches_transformers("mistral");
+}
+
+/// Qwen2's q/k/v biases, zeroed in the copy's weights.
+#[test]
+fn qwen2_biases_change_greedy_text() {
+    feature_changes_greedy_text("qwen2", |dir| {
+        let path = dir.join("model.safetensors");
+        let mut weights = candle_core::safetensors::load(&path, &candle_core::Device::Cpu).unwrap();
+        for (name, w) in weights.iter_mut().filter(|(name, _)| name.ends_with("_proj.bias")) {
+            assert!(name.contains("self_attn"));
+            *w = w.zeros_like().unwrap();
+        }
+        candle_core::safetensors::save(&weights, &path).unwrap();
+    });
+}
+
+/// Qwen3's q/k norms: the copy read as Llama (same shapes, same head_dim,
+/// no q/k norms).
+#[test]
+fn qwen3_qk_norms_change_greedy_text() {
+    feature_changes_greedy_text("qwen3", |dir| {
+        edit_config(dir, |c| c["architectures"] = serde_json::json!(["LlamaForCausalLM"]))
+    });
+}
+
+/// Mistral's sliding window, set to null in the copy's config.
+#[test]
+fn mistral_sliding_window_changes_greedy_text() {
+    feature_changes_greedy_text("mistral", |dir| edit_config(dir, |c| c["sliding_window"] = Value::Null));
 }
 
 #[test]

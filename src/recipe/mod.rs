@@ -794,27 +794,11 @@ dir = "out"
         assert_eq!(keys_of::<Recipe>()[0], Recipe::NAME.key);
     }
 
-    const TABLE_START: &str =
-        "<!-- recipe keys: rendered from src/recipe/mod.rs by `PREFGEN_UPDATE_README=1 cargo test --lib readme` -->\n";
-    const TABLE_END: &str = "<!-- end of recipe keys -->";
-
     /// The README's table of keys is the one the sections render, so the
     /// two cannot drift; `PREFGEN_UPDATE_README=1` rewrites it.
     #[test]
     fn the_readme_table_is_rendered_from_the_sections() {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md");
-        let readme = std::fs::read_to_string(&path).unwrap();
-        let start = readme.find(TABLE_START).expect("README has the recipe keys' start marker") + TABLE_START.len();
-        let end = readme[start..].find(TABLE_END).expect("README has the recipe keys' end marker") + start;
-        let want = reference_table();
-        if std::env::var_os("PREFGEN_UPDATE_README").is_some() {
-            std::fs::write(&path, format!("{}{want}{}", &readme[..start], &readme[end..])).unwrap();
-        } else {
-            assert!(
-                readme[start..end] == want,
-                "README's recipe table is stale: run `PREFGEN_UPDATE_README=1 cargo test --lib readme`"
-            );
-        }
+        crate::readme::check_section("recipe keys", "src/recipe/mod.rs", &reference_table());
     }
 
     #[test]

@@ -1,9 +1,7 @@
-//! The decoder-only transformers prefgen runs: Llama (Llama-3 and 3.1 rope
-//! scaling; SmolLM2 is one too) and Gemma-2 (embedding scale, pre and post
-//! norms, `query_pre_attn_scalar`, attention and final logit soft-capping,
-//! alternating sliding-window layers, tanh GELU), from a GGUF file (quantized
-//! weights, CPU) or a hub-layout safetensors folder (dense). The variants are
-//! configuration of one backbone, not copies of it.
+//! The decoder-only transformers prefgen runs, from a GGUF file (quantized
+//! weights, CPU) or a hub-layout safetensors folder (dense): one backbone,
+//! Llama's, and each family a description of how it differs
+//! ([`super::family`]), which the loaders below read a checkpoint through.
 //!
 //! Built for batched decoding with exact batch-size invariance: the linear
 //! layers run on the whole batch (a quantized matmul computes each row on its
@@ -12,6 +10,8 @@
 //! sums inside attention, and with it the sampled tokens.
 
 use super::attention::{self, HostKv, HostRope};
+pub use super::family::Activation;
+use super::family::{Family, Window};
 use crate::infer::dense::DenseMatrix;
 use crate::infer::files;
 use crate::infer::gguf::GgufFile;
@@ -54,34 +54,6 @@ pub struct Config {
     pub activation: Activation,
 }
 
-/// The architectures, where they differ in more than configuration values.
-#[derive(Debug, Clone, Copy, PartialEq)]
-enum Family {
-    Llama,
-    Gemma2,
-    Gemma3,
-}
-
-impl Family {
-    /// Whether layer `i` attends within the sliding window (when there is one):
-    /// every other layer in Gemma-2, five of every six in Gemma-3.
-    fn sliding(self, i: usize) -> bool {
-        match self {
-            Family::Llama => false,
-            Family::Gemma2 => i.is_multiple_of(2),
-            Family::Gemma3 => !(i + 1).is_multiple_of(6),
-        }
-    }
-}
-
-/// The MLP's gate activation.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum Activation {
-    Silu,
-    /// `gelu_pytorch_tanh`
-    GeluTanh,
-}
-
 /// Llama-3.1's `rope_scaling` (`rope_type = "llama3"`).
 #[derive(Debug, Clone, serde::Deserialize)]
 struct RopeScaling {
@@ -91,7 +63,7 @@ struct RopeScaling {
     pub original_max_position_embeddings: usize,
 }
 
-/// `config.json` of a `LlamaForCausalLM` or `Gemma2ForCausalLM` checkpoint
+/// `config.json` of a checkpoint of one of the [`super::family::FAMILIES`]
 /// (the fields used here).
 #[derive(Debug, Clone, serde::Deserialize)]
 pub struct HubConfig {
@@ -101,8 +73,13 @@ pub struct HubConfig {
     pub attn_logit_softcapping: Option<f64>,
     pub final_logit_softcapping: Option<f64>,
     pub sliding_window: Option<usize>,
+    /// Qwen2 and Qwen3 slide only with this set, from `max_window_layers` on.
+    #[serde(default)]
+    pub use_sliding_window: bool,
+    pub max_window_layers: Option<usize>,
     /// `sliding_attention` / `full_attention` per layer (transformers >= 5).
     pub layer_types: Option<Vec<String>>,
+    pub rope_local_base_freq: Option<f32>,
     pub hidden_size: usize,
     pub num_hidden_layers: usize,
     pub num_attention_heads: usize,
@@ -114,9 +91,15 @@ pub struct HubConfig {
     /// transformers >= 5 writes `rope_theta` and the scaling here instead.
     pub rope_parameters: Option<serde_json::Value>,
     pub max_position_embeddings: usize,
-    #[serde(default)]
-    pub tie_word_embeddings: bool,
+    /// The family's default where left out.
+    pub tie_word_embeddings: Option<bool>,
     pub vocab_size: Option<usize>,
+    /// Llama's and Qwen3's switches for biases on every projection, which
+    /// no family prefgen runs has: refused rather than ignored.
+    #[serde(default)]
+    pub attention_bias: bool,
+    #[serde(default)]
+    pub mlp_bias: bool,
 }
 
 impl HubConfig {
@@ -140,6 +123,11 @@ impl HubConfig {
                 "num_key_value_heads is {kv}; it must divide num_attention_heads ({})",
                 self.num_attention_heads
             ));
+        }
+        for (key, on) in [("attention_bias", self.attention_bias), ("mlp_bias", self.mlp_bias)] {
+            if on {
+                return Err(format!("{key} is true; prefgen runs checkpoints without those biases"));
+            }
         }
         if self.head_dim.is_none() && !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return Err("hidden_size is not a multiple of num_attention_heads, and there is no head_dim".into());
@@ -192,13 +180,15 @@ impl Linear {
 }
 
 struct Block {
-    /// Gemma-2 normalises the attention and MLP outputs too.
+    /// Qwen2's q, k and v biases.
+    qkv_bias: Option<(Tensor, Tensor, Tensor)>,
+    /// Gemma normalises the attention and MLP outputs too.
     post_attn_norm: Option<Tensor>,
     post_ffn_norm: Option<Tensor>,
-    /// Gemma-3 normalises each head's queries and keys.
+    /// Qwen3 and Gemma-3 normalise each head's queries and keys.
     q_norm: Option<Tensor>,
     k_norm: Option<Tensor>,
-    /// Gemma's sliding-window layers.
+    /// Attends within the sliding window.
     sliding: bool,
     attn_norm: Tensor,
     wq: Linear,
@@ -297,27 +287,25 @@ impl KvCache {
 }
 
 impl Decoder {
-    /// Loads a GGUF file's weights: Llama (`llama`), Gemma-2 (`gemma2`) and
-    /// Gemma-3 (`gemma3`). Quantized matmuls quantize the activations too (to
+    /// Loads a GGUF file's weights (the families with a [`super::family::Gguf`]
+    /// name: `llama`, `gemma2`, `gemma3`). Quantized matmuls quantize the activations too (to
     /// Q8, as llama.cpp does), which moves Gemma-3 270M's logits by up to ~0.8
     /// from an f32 evaluation of the same weights; `dequantize` runs the
     /// weights in f32 instead, slower, and equal to that evaluation.
     pub fn from_gguf(file: &GgufFile, device: &Device, dequantize: bool) -> Result<Decoder> {
         let arch = file.architecture()?;
-        let family = match arch.as_str() {
-            "llama" => Family::Llama,
-            "gemma2" => Family::Gemma2,
-            "gemma3" => Family::Gemma3,
-            _ => bail!(
-                "{}: GGUF architecture {arch:?} is not supported (llama, gemma2, gemma3 are)",
-                file.path.display()
-            ),
+        let Some(family) = Family::of_gguf(&arch) else {
+            bail!(
+                "{}: GGUF architecture {arch:?} is not supported ({} are)",
+                file.path.display(),
+                Family::supported_gguf()
+            )
         };
+        let gguf = family.gguf.as_ref().expect("found by its GGUF name");
         let u = |key: &str| file.u32(&format!("{arch}.{key}")).map(|v| v as usize);
         let f = |key: &str| file.f32(&format!("{arch}.{key}"));
         let (hidden, n_head, n_layer) = (u("embedding_length")?, u("attention.head_count")?, u("block_count")?);
         let head_dim = u("attention.key_length").or_else(|_| u("rope.dimension_count")).unwrap_or(hidden / n_head);
-        let gemma = family != Family::Llama;
         let mut reader = std::fs::File::open(&file.path)?;
         let mut tensor = |name: &str| {
             file.content
@@ -352,21 +340,17 @@ impl Decoder {
             rms_eps: f("attention.layer_norm_rms_epsilon")?,
             rope_base: f("rope.freq_base").unwrap_or(10_000.0),
             // Gemma-3's sliding layers: llama.cpp's default when the file has no base.
-            rope_local_base: (family == Family::Gemma3).then(|| f("rope.freq_base_swa").unwrap_or(10_000.0)),
+            rope_local_base: family.local_rope_base.then(|| f("rope.freq_base_swa").unwrap_or(10_000.0)),
             rope_factors,
             context: u("context_length")?,
-            // llama.cpp's converter permutes Llama's q and k for interleaved
-            // rotary pairs, and leaves Gemma's as the hub has them.
-            interleaved_rope: !gemma,
-            // GGUF does not carry `query_pre_attn_scalar`; like llama.cpp, the
-            // 27B Gemmas (known by their depth) use hidden / n_head, the rest
-            // head_dim.
-            attn_scale: 1.0 / (gemma_query_scalar(family, n_layer, hidden, n_head, head_dim) as f64).sqrt(),
-            embed_scale: gemma.then(|| (hidden as f64).sqrt()),
-            attn_softcap: f("attn_logit_softcapping").ok().map(f64::from),
-            final_softcap: f("final_logit_softcapping").ok().map(f64::from),
-            sliding_window: u("attention.sliding_window").ok().filter(|_| gemma),
-            activation: if gemma { Activation::GeluTanh } else { Activation::Silu },
+            interleaved_rope: gguf.interleaved_rope,
+            attn_scale: 1.0
+                / (if gguf.wide_query_depth == Some(n_layer) { hidden / n_head } else { head_dim } as f64).sqrt(),
+            embed_scale: family.embed_scale.then(|| (hidden as f64).sqrt()),
+            attn_softcap: f("attn_logit_softcapping").ok().map(f64::from).filter(|_| family.softcaps),
+            final_softcap: f("final_logit_softcapping").ok().map(f64::from).filter(|_| family.softcaps),
+            sliding_window: u("attention.sliding_window").ok().filter(|_| family.window != Window::Never),
+            activation: family.activation,
         };
         // Norm weights: llama.cpp's converter has already folded Gemma's 1 in.
         let dense = |t: QTensor| t.dequantize(device);
@@ -383,13 +367,13 @@ impl Decoder {
             let (wq, wk, wv, wo) = (q("attn_q")?, q("attn_k")?, q("attn_v")?, q("attn_output")?);
             let (gate, up, down) = (q("ffn_gate")?, q("ffn_up")?, q("ffn_down")?);
             let mut norm = |n: &str| -> Result<Tensor> { Ok(dense(tensor(&format!("blk.{i}.{n}.weight"))?)?) };
-            let qk_norm = family == Family::Gemma3;
             blocks.push(Block {
-                post_attn_norm: gemma.then(|| norm("post_attention_norm")).transpose()?,
-                post_ffn_norm: gemma.then(|| norm("post_ffw_norm")).transpose()?,
-                q_norm: qk_norm.then(|| norm("attn_q_norm")).transpose()?,
-                k_norm: qk_norm.then(|| norm("attn_k_norm")).transpose()?,
-                sliding: family.sliding(i),
+                qkv_bias: None,
+                post_attn_norm: family.post_norms.then(|| norm("post_attention_norm")).transpose()?,
+                post_ffn_norm: family.post_norms.then(|| norm("post_ffw_norm")).transpose()?,
+                q_norm: family.qk_norm.then(|| norm("attn_q_norm")).transpose()?,
+                k_norm: family.qk_norm.then(|| norm("attn_k_norm")).transpose()?,
+                sliding: family.slides(i, None, None),
                 attn_norm: norm("attn_norm")?,
                 ffn_norm: norm("ffn_norm")?,
                 wq,
@@ -415,19 +399,15 @@ impl Decoder {
         let hc: HubConfig = serde_json::from_str(&text).with_context(|| format!("{}/config.json", dir.display()))?;
         let config = dir.join(files::CONFIG);
         hc.check().map_err(|why| anyhow::anyhow!("{}: {why}", config.display()))?;
-        let family = match hc.architectures.first().map(String::as_str) {
-            // Reward models are a Llama backbone with their own heads.
-            Some("LlamaForCausalLM" | "LlamaForRewardModelWithGating" | "LlamaForSequenceClassification") => {
-                Family::Llama
-            }
-            Some("Gemma2ForCausalLM") => Family::Gemma2,
-            other => bail!(
-                "{}: architecture {} is not supported (LlamaForCausalLM and Gemma2ForCausalLM are)",
+        let architecture = hc.architectures.first().map(String::as_str);
+        let Some(family) = architecture.and_then(Family::of_architecture) else {
+            bail!(
+                "{}: architecture {} is not supported ({} are)",
                 config.display(),
-                other.unwrap_or("(none given)")
-            ),
+                architecture.unwrap_or("(none given)"),
+                Family::supported_architectures()
+            )
         };
-        let gemma2 = family == Family::Gemma2;
         let params = hc.rope_scaling.as_ref().or(hc.rope_parameters.as_ref()).filter(|v| !v.is_null());
         let rope_scaling: Option<RopeScaling> =
             match params.map(|v| (v, v.get("rope_type").or(v.get("type")).and_then(|t| t.as_str()))) {
@@ -448,16 +428,21 @@ impl Decoder {
             hidden: hc.hidden_size,
             rms_eps: hc.rms_norm_eps as f32,
             rope_base: rope_theta,
-            rope_local_base: None,
+            rope_local_base: family.local_rope_base.then(|| hc.rope_local_base_freq.unwrap_or(10_000.0)),
             rope_factors: rope_scaling.map(|s| s.factors(rope_theta, head_dim)),
             context: hc.max_position_embeddings,
             interleaved_rope: false,
-            attn_scale: 1.0 / hc.query_pre_attn_scalar.unwrap_or(head_dim as f64).sqrt(),
-            embed_scale: gemma2.then(|| (hc.hidden_size as f64).sqrt()),
-            attn_softcap: hc.attn_logit_softcapping.filter(|_| gemma2),
-            final_softcap: hc.final_logit_softcapping.filter(|_| gemma2),
-            sliding_window: hc.sliding_window.filter(|_| gemma2),
-            activation: if gemma2 { Activation::GeluTanh } else { Activation::Silu },
+            attn_scale: 1.0
+                / hc.query_pre_attn_scalar.filter(|_| family.query_scalar).unwrap_or(head_dim as f64).sqrt(),
+            embed_scale: family.embed_scale.then(|| (hc.hidden_size as f64).sqrt()),
+            attn_softcap: hc.attn_logit_softcapping.filter(|_| family.softcaps),
+            final_softcap: hc.final_logit_softcapping.filter(|_| family.softcaps),
+            sliding_window: match family.window {
+                Window::Never => None,
+                Window::Switched if !hc.use_sliding_window => None,
+                _ => hc.sliding_window,
+            },
+            activation: family.activation,
         };
         let weights = Safetensors::open(dir)?;
         let dtype = dtype.unwrap_or(if device.is_cuda() { DType::BF16 } else { DType::F32 });
@@ -465,7 +450,7 @@ impl Decoder {
         // Gemma's RMSNorm scales by (1 + w): fold the 1 in once, here.
         let norm = |name: &str| -> Result<Tensor> {
             let w = get(name)?;
-            Ok(if gemma2 { (w + 1.0)? } else { w })
+            Ok(if family.norm_offset { (w + 1.0)? } else { w })
         };
         let dense = |name: &str| -> Result<Linear> { Ok(Linear::dense(get(name)?)?) };
         // The attention projections as config.json sizes them: else the
@@ -486,11 +471,8 @@ impl Decoder {
         let mut blocks = Vec::with_capacity(cfg.n_layer);
         for i in 0..cfg.n_layer {
             let p = format!("model.layers.{i}");
-            let sliding = match &hc.layer_types {
-                Some(types) if gemma2 => types.get(i).is_some_and(|t| t == "sliding_attention"),
-                _ => family.sliding(i),
-            };
-            let (ffn_norm, post_attn_norm, post_ffn_norm) = if gemma2 {
+            let layer_type = hc.layer_types.as_ref().and_then(|types| types.get(i)).map(String::as_str);
+            let (ffn_norm, post_attn_norm, post_ffn_norm) = if family.post_norms {
                 (
                     norm(&format!("{p}.pre_feedforward_layernorm.weight"))?,
                     Some(norm(&format!("{p}.post_attention_layernorm.weight"))?),
@@ -499,12 +481,24 @@ impl Decoder {
             } else {
                 (norm(&format!("{p}.post_attention_layernorm.weight"))?, None, None)
             };
+            let attn = |n: &str| format!("{p}.self_attn.{n}");
+            let qkv_bias = family
+                .qkv_bias
+                .then(|| {
+                    Ok::<_, anyhow::Error>((
+                        get(&attn("q_proj.bias"))?,
+                        get(&attn("k_proj.bias"))?,
+                        get(&attn("v_proj.bias"))?,
+                    ))
+                })
+                .transpose()?;
             blocks.push(Block {
+                qkv_bias,
                 post_attn_norm,
                 post_ffn_norm,
-                q_norm: None,
-                k_norm: None,
-                sliding,
+                q_norm: family.qk_norm.then(|| norm(&attn("q_norm.weight"))).transpose()?,
+                k_norm: family.qk_norm.then(|| norm(&attn("k_norm.weight"))).transpose()?,
+                sliding: family.slides(i, layer_type, hc.max_window_layers),
                 attn_norm: norm(&format!("{p}.input_layernorm.weight"))?,
                 wq: projection(&format!("{p}.self_attn.q_proj.weight"), q, cfg.hidden)?,
                 wk: projection(&format!("{p}.self_attn.k_proj.weight"), kv, cfg.hidden)?,
@@ -528,7 +522,7 @@ impl Decoder {
         if let Some(v) = hc.vocab_size.filter(|&v| v != vocab) {
             bail!("{}: vocab_size is {v}, but model.embed_tokens.weight has {vocab} rows", config.display());
         }
-        let tied = hc.tie_word_embeddings || gemma2;
+        let tied = hc.tie_word_embeddings.unwrap_or(family.tied_by_default);
         let head = match (tied, weights.has("lm_head.weight")) {
             (true, _) => Some(Linear::dense(embed.clone())?),
             (false, true) => Some(dense("lm_head.weight")?),
@@ -692,7 +686,10 @@ impl Decoder {
         let norm = |t: Tensor, w: &Option<Tensor>| optional_norm(t, w, cfg.rms_eps);
         for (li, blk) in self.blocks.iter().enumerate() {
             let h = candle_nn::ops::rms_norm(&x, &blk.attn_norm, cfg.rms_eps)?;
-            let (q, k, v) = (blk.wq.forward(&h)?, blk.wk.forward(&h)?, blk.wv.forward(&h)?);
+            let (mut q, mut k, mut v) = (blk.wq.forward(&h)?, blk.wk.forward(&h)?, blk.wv.forward(&h)?);
+            if let Some((bq, bk, bv)) = &blk.qkv_bias {
+                (q, k, v) = (q.broadcast_add(bq)?, k.broadcast_add(bk)?, v.broadcast_add(bv)?);
+            }
             let o = match &self.rope.host {
                 Some(rope) => {
                     let flat = |t: &Tensor| t.flatten_all()?.to_vec1::<f32>();
@@ -807,16 +804,6 @@ impl RopeScaling {
     }
 }
 
-/// What Gemma scales queries by, `query_pre_attn_scalar`, for a GGUF file
-/// (which does not record it): as llama.cpp decides, hidden / n_head for
-/// the 27B models (46 layers for Gemma-2, 62 for Gemma-3), else head_dim.
-fn gemma_query_scalar(family: Family, n_layer: usize, hidden: usize, n_head: usize, head_dim: usize) -> usize {
-    match (family, n_layer) {
-        (Family::Gemma2, 46) | (Family::Gemma3, 62) => hidden / n_head,
-        _ => head_dim,
-    }
-}
-
 /// `(context, head_dim / 2)` cosines and sines of the rotary angles.
 /// Each frequency divided by its factor, when there are factors.
 fn rope_tables(
@@ -884,10 +871,10 @@ mod tests {
     /// the same hidden states: prompts of different lengths packed together
     /// (the longest past Gemma-2's sliding window of 8), decode steps over
     /// the caches, and scoring without caches; grouped-query heads,
-    /// soft-capping and sliding layers.
+    /// soft-capping, sliding layers, q/k/v biases and q/k norms.
     #[test]
     fn fused_attention_matches_the_tensor_ops() {
-        for name in ["tiny-llama3", "tiny-gemma2"] {
+        for name in ["tiny-llama3", "tiny-gemma2", "tiny-qwen2", "tiny-qwen3", "tiny-mistral"] {
             let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name);
             let fused = Decoder::from_safetensors(&dir, &Device::Cpu, None).unwrap();
             let mut tensors = Decoder::from_safetensors(&dir, &Device::Cpu, None).unwrap();

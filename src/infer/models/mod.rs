@@ -2,3 +2,4 @@
 
 mod attention;
 pub mod decoder;
+pub mod family;
