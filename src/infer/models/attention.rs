@@ -1,5 +1,5 @@
 //! Attention on the CPU in f32, fused: for a whole packed batch, each
-//! sequence's q/k norms (Gemma-3), rotary embeddings, the append to its KV
+//! sequence's q/k norms (Qwen3, Gemma-3), rotary embeddings, the append to its KV
 //! cache, scores, soft-capping, the causal (and sliding) window, softmax and
 //! the weighted sum of values run as plain loops over slices. As tensor ops
 //! that was a dozen small operations per sequence and layer, and half of the
@@ -150,7 +150,7 @@ impl Layer<'_> {
         out
     }
 
-    /// Gemma-3's norm and the rotary embedding of one head at one position.
+    /// The q/k norm (Qwen3, Gemma-3) and the rotary embedding of one head at one position.
     fn position(&self, head: &mut [f32], norm: Option<&[f32]>, cos: &[f32], sin: &[f32]) {
         let cfg = self.cfg;
         if let Some(w) = norm {

@@ -21,7 +21,8 @@ use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
 use std::path::Path;
 
-/// Hyper-parameters, from the `llama.*` GGUF metadata or `config.json`.
+/// Hyper-parameters, from the GGUF metadata or `config.json` read through
+/// the family's description.
 #[derive(Debug, Clone)]
 pub struct Config {
     pub n_layer: usize,
@@ -42,14 +43,15 @@ pub struct Config {
     /// hub checkpoints rotate the two halves of each head.
     pub interleaved_rope: bool,
     /// Attention scores are scaled by this (1/sqrt(head_dim) unless
-    /// Gemma-2's `query_pre_attn_scalar` says otherwise).
+    /// Gemma's `query_pre_attn_scalar` says otherwise).
     pub attn_scale: f64,
-    /// Gemma-2: embeddings are multiplied by sqrt(hidden).
+    /// Gemma: embeddings are multiplied by sqrt(hidden).
     pub embed_scale: Option<f64>,
     /// Gemma-2: `cap * tanh(x / cap)` on attention scores and on logits.
     pub attn_softcap: Option<f64>,
     pub final_softcap: Option<f64>,
-    /// Gemma-2: how far back sliding-window layers see.
+    /// How far back sliding-window layers see (Gemma, Mistral, Qwen when
+    /// `use_sliding_window`); which layers slide is each block's.
     pub sliding_window: Option<usize>,
     pub activation: Activation,
 }
@@ -730,7 +732,7 @@ impl Decoder {
 }
 
 /// RMS-normalises `t` by `w` where the architecture has that norm (Gemma's
-/// post norms, Gemma-3's q/k norms); `t` as it is otherwise.
+/// post norms, Qwen3's and Gemma-3's q/k norms); `t` as it is otherwise.
 fn optional_norm(t: Tensor, w: &Option<Tensor>, eps: f32) -> candle_core::Result<Tensor> {
     match w {
         Some(w) => candle_nn::ops::rms_norm(&t, w, eps),
@@ -865,6 +867,33 @@ mod tests {
         let worst = a.iter().zip(&b).fold(0f32, |w, (x, y)| w.max((x - y).abs()));
         eprintln!("bf16 against f32 over 500 tokens: {worst} (largest logit {scale})");
         assert!(worst <= 0.03 * scale, "bf16 logits differ from f32 by {worst} (largest logit {scale})");
+    }
+
+    /// A config.json the families cannot run is refused naming the file and
+    /// the key: an architecture no family reads, or biases none has.
+    #[test]
+    fn unsupported_configs_are_refused_by_key() {
+        let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-llama3");
+        let tmp = tempfile::tempdir().unwrap();
+        for f in ["config.json", "model.safetensors"] {
+            std::fs::copy(fixture.join(f), tmp.path().join(f)).unwrap();
+        }
+        let config: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(fixture.join("config.json")).unwrap()).unwrap();
+        for (key, value, says) in [
+            (
+                "architectures",
+                serde_json::json!(["Phi3ForCausalLM"]),
+                "Phi3ForCausalLM is not supported (LlamaForCausalLM, Qwen2ForCausalLM",
+            ),
+            ("attention_bias", serde_json::json!(true), "attention_bias is true"),
+        ] {
+            let mut changed = config.clone();
+            changed[key] = value;
+            std::fs::write(tmp.path().join("config.json"), changed.to_string()).unwrap();
+            let err = format!("{:#}", Decoder::from_safetensors(tmp.path(), &Device::Cpu, None).err().unwrap());
+            assert!(err.contains("config.json") && err.contains(says), "{err}");
+        }
     }
 
     /// The CPU's fused attention and the tensor ops (the GPU's path) give

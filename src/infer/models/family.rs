@@ -170,7 +170,7 @@ impl Family {
 
     /// Whether layer `i` attends within the sliding window (when there is
     /// one): as config.json's `layer_types` says where it says (transformers
-    /// >= 5 writes it; Mistral's attention does not read it), else by the
+    /// 5 writes it; Mistral's attention does not read it), else by the
     /// family's pattern (`max_window_layers`: Qwen's first full layers).
     pub fn slides(&self, i: usize, layer_type: Option<&str>, max_window_layers: Option<usize>) -> bool {
         match (self.window, layer_type) {
