@@ -208,8 +208,8 @@ fn a_model_folder_that_contradicts_itself_is_named() {
     run(&m, &["vocab/config.json", "vocab_size is 999", "rows"]);
     let m = edited_model(&p, "heads", |c| c["num_attention_heads"] = 2.into());
     run(&m, &["heads/config.json", "q_proj.weight"]);
-    let m = edited_model(&p, "mistral", |c| c["architectures"] = serde_json::json!(["MistralForCausalLM"]));
-    run(&m, &["architecture MistralForCausalLM is not supported"]);
+    let m = edited_model(&p, "phi3", |c| c["architectures"] = serde_json::json!(["Phi3ForCausalLM"]));
+    run(&m, &["architecture Phi3ForCausalLM is not supported"]);
     p.write("broken.jinja", "{% for m in messages %}{{ m.content }");
     fails(
         &p,
