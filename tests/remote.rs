@@ -187,25 +187,7 @@ fn a_server_that_goes_away_is_set_aside_with_one_warning() {
     let (b, rb) = teammate(extra);
     config(&b, REMOTE, &[], None);
     // B reads the sampled responses from the server, which stops while B scores.
-    let mut child = on(&b, &s3, &["run", &rb])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(child.stderr.take().unwrap()));
-    let mut log = Vec::new();
-    for line in lines.by_ref() {
-        let line = line.unwrap();
-        let scoring = line.starts_with("building annotate");
-        log.push(line);
-        if scoring {
-            break;
-        }
-    }
-    s3.stop();
-    log.extend(lines.map_while(Result::ok));
-    assert!(child.wait().unwrap().success(), "{}", log.join("\n"));
-    let log = log.join("\n");
+    let log = run_interrupted(on(&b, &s3, &["run", &rb]), "building annotate", || s3.stop());
     assert!(!log.lines().any(|l| l.starts_with("built generate")), "the responses came from the server:\n{log}");
     assert_eq!(log.matches("warning: remote s3://team/prefgen failed").count(), 1, "{log}");
     let (c, _) = built(extra);

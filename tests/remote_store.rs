@@ -120,28 +120,11 @@ fn a_shared_folder_remote_that_vanished_is_not_recreated() {
     // folder goes while B scores, leaving its mount point behind.
     let b = Project::new();
     let rb = tiny_recipe(&b, 6, extra).display().to_string();
-    let mut child = b
-        .command(&["run", &rb, "--push", "--remote", &url_s])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(child.stderr.take().unwrap()));
-    let mut log = Vec::new();
-    for line in lines.by_ref() {
-        let line = line.unwrap();
-        let scoring = line.starts_with("building annotate");
-        log.push(line);
-        if scoring {
-            break;
-        }
-    }
     let moved = shared.path().join("unmounted");
-    std::fs::rename(&url, &moved).unwrap();
-    std::fs::create_dir(&url).unwrap();
-    log.extend(lines.map_while(Result::ok));
-    assert!(child.wait().unwrap().success(), "{}", log.join("\n"));
-    let log = log.join("\n");
+    let log = run_interrupted(b.command(&["run", &rb, "--push", "--remote", &url_s]), "building annotate", || {
+        std::fs::rename(&url, &moved).unwrap();
+        std::fs::create_dir(&url).unwrap();
+    });
     assert!(!log.lines().any(|l| l.starts_with("built generate")), "the responses came from the folder:\n{log}");
     assert_eq!(log.matches(&format!("warning: remote {url_s} failed")).count(), 1, "{log}");
     assert!(log.contains("has no layout marker"), "{log}");

@@ -171,6 +171,29 @@ pub fn peak_rss(c: Command) -> (Run, u64) {
     (run, kb * 1024)
 }
 
+/// Runs `c`, calls `interrupt` once its stderr shows a line starting with
+/// `marker` (the run is then mid-way), and returns its whole stderr once it
+/// has ended, insisting on success.
+pub fn run_interrupted(mut c: Command, marker: &str, interrupt: impl FnOnce()) -> String {
+    use std::io::BufRead;
+    let mut child =
+        c.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped()).spawn().expect("prefgen starts");
+    let mut lines = std::io::BufReader::new(child.stderr.take().expect("stderr is piped")).lines();
+    let mut log = Vec::new();
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        let reached = line.starts_with(marker);
+        log.push(line);
+        if reached {
+            break;
+        }
+    }
+    interrupt();
+    log.extend(lines.map_while(Result::ok));
+    assert!(child.wait().unwrap().success(), "{}", log.join("\n"));
+    log.join("\n")
+}
+
 /// Runs a Python script of the test suite, insisting on success.
 pub fn python(args: &[&str]) -> String {
     let out = Command::new("python3")
