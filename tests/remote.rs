@@ -8,25 +8,6 @@ mod common;
 use common::*;
 use std::process::Command;
 
-/// `prefgen ARGS` in `p` with the server's AWS environment.
-fn on(p: &Project, s3: &S3Server, args: &[&str]) -> Command {
-    let mut c = p.command(args);
-    for (k, v) in s3.env() {
-        c.env(k, v);
-    }
-    c
-}
-
-fn ok(mut c: Command) -> Run {
-    let run = Run(c.output().unwrap());
-    assert!(run.0.status.success(), "{}", run.stderr());
-    assert!(
-        !run.stderr().contains("testing-secret") && !run.stdout().contains("testing-secret"),
-        "a secret was printed"
-    );
-    run
-}
-
 fn fails(mut c: Command) -> Run {
     let run = Run(c.output().unwrap());
     assert_eq!(run.code(), Some(1), "{}", run.stderr());

@@ -9,24 +9,8 @@ mod common;
 use common::*;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::process::Command;
 
 const REMOTE: &str = "s3://team/prefgen";
-
-/// `prefgen ARGS` in `p` with the server's AWS environment.
-fn on(p: &Project, s3: &S3Server, args: &[&str]) -> Command {
-    let mut c = p.command(args);
-    for (k, v) in s3.env() {
-        c.env(k, v);
-    }
-    c
-}
-
-fn ok(mut c: Command) -> Run {
-    let run = Run(c.output().unwrap());
-    assert!(run.0.status.success(), "{}", run.stderr());
-    run
-}
 
 fn mode(path: &Path) -> u32 {
     path.metadata().unwrap().permissions().mode() & 0o7777

@@ -148,12 +148,6 @@ fn slurm(cluster: &Cluster, p: &Project, args: &[&str]) -> Command {
     c
 }
 
-fn ok(mut c: Command) -> Run {
-    let run = Run(c.output().unwrap());
-    assert!(run.0.status.success(), "{}\n{}", run.stdout(), run.stderr());
-    run
-}
-
 fn logs(p: &Project, run: &str) -> Vec<(PathBuf, String)> {
     let dir = p.path("slurm").join(run);
     let mut out: Vec<(PathBuf, String)> = std::fs::read_dir(&dir)

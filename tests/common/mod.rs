@@ -356,6 +356,25 @@ pub fn wait_for(limit: std::time::Duration, mut ready: impl FnMut() -> bool, wha
     }
 }
 
+/// `prefgen ARGS` in `p` with the S3 server's AWS environment.
+pub fn on(p: &Project, s3: &S3Server, args: &[&str]) -> Command {
+    let mut c = p.command(args);
+    c.envs(s3.env());
+    c
+}
+
+/// Runs `c`, insisting on success and that the S3 server's secret key is
+/// never printed.
+pub fn ok(mut c: Command) -> Run {
+    let run = Run(c.output().unwrap());
+    assert!(run.0.status.success(), "{}\n{}", run.stdout(), run.stderr());
+    assert!(
+        !run.stderr().contains("testing-secret") && !run.stdout().contains("testing-secret"),
+        "a secret was printed"
+    );
+    run
+}
+
 /// An S3-compatible server (moto's, from PyPI) on 127.0.0.1, stopped on drop.
 pub struct S3Server {
     pub port: u16,
