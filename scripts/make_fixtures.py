@@ -13,6 +13,8 @@
     python3 scripts/make_fixtures.py mistral    # ... Mistral (sliding window on every layer)
     python3 scripts/make_fixtures.py decode     # decoded text under each clean_up_tokenization_spaces
                                                 # setting, and a cut UTF-8 sequence (transformers)
+    python3 scripts/make_fixtures.py templates  # template switches (enable_thinking) rendered and
+                                                # tokenized by transformers
 
 Everything is seeded, so re-running reproduces the committed files.
 """
@@ -598,6 +600,70 @@ def decode_fixture():
     dump(os.path.join(ROOT, "decode-reference.json"), {"tokenizer": "tiny-llama3", "cases": cases})
 
 
+# A template in the style of Qwen3's published one, written for this test:
+# the constructs it relies on (a namespace, a reversed walk over the
+# messages, Python string methods with arguments, `is string`), its
+# reasoning split of assistant turns, and the `enable_thinking` switch.
+THINKING_TEMPLATE = """{%- set ns = namespace(last_user=messages|length - 1) %}
+{%- for message in messages[::-1] %}
+    {%- if message.role == 'user' and message.content is string and not message.content.startswith('<tool_response>') %}
+        {%- set ns.last_user = (messages|length - 1) - loop.index0 %}
+        {%- break %}
+    {%- endif %}
+{%- endfor %}
+{%- for message in messages %}
+    {%- if message.role == 'assistant' %}
+        {%- set content = message.content %}
+        {%- set thought = '' %}
+        {%- if '</think>' in content %}
+            {%- set thought = content.split('</think>')[0].rstrip('\\n').split('<think>')[-1].lstrip('\\n') %}
+            {%- set content = content.split('</think>')[-1].lstrip('\\n') %}
+        {%- endif %}
+        {%- if loop.index0 > ns.last_user and loop.last %}
+            {{- '<|im_start|>assistant\\n<think>\\n' + thought.strip('\\n') + '\\n</think>\\n\\n' + content.lstrip('\\n') }}
+        {%- else %}
+            {{- '<|im_start|>assistant\\n' + content }}
+        {%- endif %}
+        {{- '<|im_end|>\\n' }}
+    {%- else %}
+        {{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\\n' }}
+    {%- if enable_thinking is defined and enable_thinking is false %}
+        {{- '<think>\\n\\n</think>\\n\\n' }}
+    {%- endif %}
+{%- endif %}"""
+
+
+def templates_fixture():
+    """Template switches (`apply_chat_template(..., enable_thinking=False)`)
+    as transformers renders and tokenizes them, with the tiny Qwen3's
+    tokenizer (tokenizer only: needs transformers, not torch)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(os.path.join(ROOT, "tiny-qwen3"))
+    convs = [
+        [{"role": "user", "content": "What is the capital of France?"}],
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "café 你好 🌍"}],
+        [{"role": "user", "content": "2 + 2 = ?"},
+         {"role": "assistant", "content": "<think>\nTwo and two.\n</think>\n\nFour."}],
+        [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
+         {"role": "user", "content": "List three prime numbers."}],
+    ]
+    cases = []
+    for conv in convs:
+        for gen in (True, False):
+            for kwargs in ({}, {"enable_thinking": False}, {"enable_thinking": True}):
+                text = tok.apply_chat_template(conv, chat_template=THINKING_TEMPLATE, tokenize=False,
+                                               add_generation_prompt=gen, **kwargs)
+                ids = tok(text, add_special_tokens=False).input_ids
+                cases.append({"messages": conv, "add_generation_prompt": gen, "kwargs": kwargs, "text": text, "ids": ids})
+    dump(os.path.join(ROOT, "template-kwargs-reference.json"),
+         {"tokenizer": "tiny-qwen3", "template": THINKING_TEMPLATE, "cases": cases})
+
+
 if __name__ == "__main__":
     import sys
 
@@ -619,6 +685,8 @@ if __name__ == "__main__":
         mistral_fixture()
     elif sys.argv[1:] == ["decode"]:
         decode_fixture()
+    elif sys.argv[1:] == ["templates"]:
+        templates_fixture()
     else:
         simpo_fixture()
         hub_fixture()

@@ -276,3 +276,36 @@ fn the_small_demo_reproduces_its_committed_lock_on_this_cpu() {
         "the lock was rewritten"
     );
 }
+
+/// `generate.template_kwargs` reaches the policy's template (tiny Qwen3's
+/// `enable_thinking` switch empties the thinking block of every prompt),
+/// enters the key, and the card names it; unset, the template's default
+/// holds and the key is as it was before the option existed.
+#[test]
+fn template_kwargs_switch_the_prompt_and_are_recorded() {
+    let p = Project::new();
+    let qwen3 = format!("model = \"{}\"", fixtures().join("tiny-qwen3").display());
+    let r = tiny_recipe(&p, 3, &format!("[generate]\n{qwen3}\nmax_tokens = 2"));
+    let r = r.to_str().unwrap();
+    let prompts = |p: &Project| -> Vec<String> {
+        let rows: Vec<serde_json::Value> =
+            serde_json::from_slice(&std::fs::read(p.path("out/output_1.json")).unwrap()).unwrap();
+        rows.iter().map(|row| row["format_prompt"].as_str().unwrap().to_string()).collect()
+    };
+    let empty_block = "<|im_start|>assistant\n<think>\n\n</think>\n\n";
+    p.ok(&["run", r]);
+    assert!(prompts(&p).iter().all(|t| t.ends_with("<|im_start|>assistant\n")), "{:?}", prompts(&p));
+    let off = ["--set", "generate.template_kwargs.enable_thinking=false"];
+    let plan = p.ok(&[&["plan", r][..], &off].concat()).stdout();
+    assert!(plan.contains("generate.template_kwargs is new ({\"enable_thinking\":false})"), "{plan}");
+    p.ok(&[&["run", r][..], &off].concat());
+    assert!(prompts(&p).iter().all(|t| t.ends_with(empty_block)), "{:?}", prompts(&p));
+    let card = std::fs::read_to_string(p.path("out/README.md")).unwrap();
+    assert!(card.contains("generate.template_kwargs"), "the card does not name the template variables");
+    // A variable prefgen sets itself cannot be given.
+    fails(
+        &p,
+        &["plan", r, "--set", "generate.template_kwargs.messages=[]"],
+        &["generate.template_kwargs", "\"messages\""],
+    );
+}

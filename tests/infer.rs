@@ -1,10 +1,11 @@
 //! Tokenizer and chat-template parity with `transformers`, on references made
-//! by `scripts/make_fixtures.py smollm2|gemma3` (transformers' own GGUF
-//! tokenizer converter and `apply_chat_template`), and the int8 kernels'
-//! parity with their scalar reference on the real models' weights.
+//! by `scripts/make_fixtures.py smollm2|gemma3|templates` (transformers' own
+//! GGUF tokenizer converter and `apply_chat_template`, with its keyword
+//! arguments), and the int8 kernels' parity with their scalar reference on
+//! the real models' weights.
 
 use prefgen::infer::gguf::GgufFile;
-use prefgen::infer::template::{ChatTemplate, Turn};
+use prefgen::infer::template::{ChatTemplate, Kwargs, Turn};
 use serde_json::Value;
 use std::path::Path;
 
@@ -74,9 +75,46 @@ fn chat_templates_render_as_transformers() {
             .iter()
             .map(|m| Turn { role: m["role"].as_str().unwrap(), content: m["content"].as_str().unwrap() })
             .collect();
-        let got = t.render(&msgs, case["add_generation_prompt"].as_bool().unwrap()).unwrap();
+        let got = t.render(&msgs, case["add_generation_prompt"].as_bool().unwrap(), &Kwargs::new()).unwrap();
         assert_eq!(got, case["text"].as_str().unwrap(), "{name} on {:?}", case["messages"]);
     }
+}
+
+/// Template switches (`enable_thinking`) render and tokenize as transformers'
+/// `apply_chat_template(..., enable_thinking=...)` does, on a Qwen3-style
+/// template (a namespace, a reversed walk, string methods, `break`, the
+/// reasoning split of assistant turns): unset leaves the template's default,
+/// and `false` changes the generation prompt's ids.
+#[test]
+fn template_kwargs_render_as_transformers() {
+    let r = fixture("template-kwargs-reference.json");
+    let tmp = tempfile::tempdir().unwrap();
+    let template = tmp.path().join("qwen3-style.jinja");
+    std::fs::write(&template, r["template"].as_str().unwrap()).unwrap();
+    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(r["tokenizer"].as_str().unwrap());
+    let chat = prefgen::infer::chat::Chat::load(&model, Some(&template)).unwrap();
+    let mut switched = 0;
+    let mut default_ids = None;
+    for case in r["cases"].as_array().unwrap() {
+        let msgs: Vec<Turn> = case["messages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| Turn { role: m["role"].as_str().unwrap(), content: m["content"].as_str().unwrap() })
+            .collect();
+        let kwargs: Kwargs = serde_json::from_value(case["kwargs"].clone()).unwrap();
+        let generation = case["add_generation_prompt"].as_bool().unwrap();
+        let text = chat.render(&msgs, generation, &kwargs).unwrap();
+        assert_eq!(text, case["text"].as_str().unwrap(), "{kwargs:?} on {:?}", case["messages"]);
+        let ids = chat.encode(&text, false).unwrap();
+        assert_eq!(ids, serde_json::from_value::<Vec<u32>>(case["ids"].clone()).unwrap(), "ids of {text:?}");
+        if kwargs.is_empty() {
+            default_ids = Some(ids);
+        } else if generation && kwargs["enable_thinking"] == false {
+            switched += usize::from(default_ids.as_ref() != Some(&ids));
+        }
+    }
+    assert!(switched >= 4, "enable_thinking = false changed the prompt ids of only {switched} conversations");
 }
 
 /// Response text is decoded as transformers decodes it, under each

@@ -4,7 +4,7 @@
 
 use super::files;
 use super::gguf::GgufFile;
-use super::template::{ChatTemplate, Turn};
+use super::template::{ChatTemplate, Kwargs, Turn};
 use anyhow::{Context, Result, bail};
 use std::path::Path;
 use tokenizers::Tokenizer;
@@ -146,14 +146,19 @@ impl Chat {
     }
 
     /// The prompt as the model sees it: its chat template over one user turn,
-    /// with the generation prompt.
+    /// with the generation prompt, the template's variables at their defaults.
     pub fn format_prompt(&self, prompt: &str) -> Result<String> {
-        self.render(&[Turn { role: "user", content: prompt }], true)
+        self.prompt_with(prompt, &Kwargs::new())
+    }
+
+    /// [`Chat::format_prompt`] with the template variables `kwargs`.
+    pub fn prompt_with(&self, prompt: &str, kwargs: &Kwargs) -> Result<String> {
+        self.render(&[Turn { role: "user", content: prompt }], true, kwargs)
     }
 
     /// The chat template over `turns`.
-    pub fn render(&self, turns: &[Turn], add_generation_prompt: bool) -> Result<String> {
-        self.template.render(turns, add_generation_prompt)
+    pub fn render(&self, turns: &[Turn], add_generation_prompt: bool, kwargs: &Kwargs) -> Result<String> {
+        self.template.render(turns, add_generation_prompt, kwargs)
     }
 
     /// Token ids of a rendered prompt. Its special tokens come from the

@@ -6,7 +6,7 @@
 //! generation and score sequences of different lengths packed in one batch.
 
 use super::models::decoder::{Linear, Safetensors};
-use super::template::Turn;
+use super::template::{Kwargs, Turn};
 use super::{Load, Policy};
 use anyhow::{Context, Result, bail};
 use candle_core::{D, DType, Tensor};
@@ -198,13 +198,14 @@ impl RewardModel {
         let text = match &self.head {
             Head::Judge { rubric, .. } => {
                 let ask = rubric.replace("{prompt}", prompt).replace("{response}", response);
-                let mut t = self.policy.chat.render(&[Turn { role: "user", content: &ask }], true)?;
+                let mut t = self.policy.chat.render(&[Turn { role: "user", content: &ask }], true, &Kwargs::new())?;
                 t.push_str(JUDGE_PRIMER);
                 t
             }
             _ => self.policy.chat.render(
                 &[Turn { role: "user", content: prompt }, Turn { role: "assistant", content: response }],
                 false,
+                &Kwargs::new(),
             )?,
         };
         // The template writes the special tokens, as apply_chat_template's

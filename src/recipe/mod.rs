@@ -8,6 +8,7 @@
 pub mod section;
 
 use crate::infer::reward::{Kind, Overflow};
+use crate::infer::template::{self, Kwargs};
 use anyhow::{Context, Result, anyhow, bail};
 use section::{Field, Role, section};
 use serde::{Deserialize, Serialize};
@@ -108,6 +109,12 @@ section! {
         /// models, such as a GGUF without `tokenizer.chat_template`, need one).
         chat_template: Option<String> = None, "the model's",
             Source("by its contents");
+        /// Variables the chat template reads besides the conversation, as
+        /// transformers' `apply_chat_template` takes them as keyword arguments:
+        /// `{ enable_thinking = false }` turns Qwen3's thinking off
+        /// (`--set generate.template_kwargs.enable_thinking=false`). A
+        /// variable left out keeps the template's own default.
+        template_kwargs: Kwargs = Kwargs::new(), "none: the template's defaults", Key;
         /// One response per prompt per seed, combined in this order; distinct.
         seeds: Vec<u64> = Vec::new(), "required",
             Shape("one generate node per seed, keyed by its seed; their order keys `filter`");
@@ -339,6 +346,12 @@ impl Recipe {
         }
         if g.shard_size == 0 {
             return err(generate::shard_size, "must be > 0");
+        }
+        if let Some(name) = g.template_kwargs.keys().find(|k| template::RESERVED.contains(&k.as_str())) {
+            return err(
+                generate::template_kwargs,
+                &format!("{name:?} is set by prefgen itself; it cannot be a variable"),
+            );
         }
         let several_splits = self.splits().len() > 1;
         match (&g.import, &g.model) {

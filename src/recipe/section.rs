@@ -41,7 +41,8 @@ pub(crate) use shown_default;
 
 /// Declares a recipe section: the struct (serde, `deny_unknown_fields`, every
 /// key defaulted), its `Default`, `FIELDS` (keys, docs, defaults, roles),
-/// `keyed()` (the values of its `Key` fields by recipe key), and a module
+/// `keyed()` (the values of its `Key` fields by recipe key, empty tables
+/// left out), and a module
 /// named after the section with one constant per key (`generate::model` is
 /// `"generate.model"`), so code names a key without typing it.
 ///
@@ -98,10 +99,12 @@ macro_rules! section {
                 let mut out = std::collections::BTreeMap::new();
                 $(
                     if matches!({ #[allow(unused_imports)] use $crate::recipe::section::Role::*; $role }, $crate::recipe::section::Role::Key) {
-                        out.insert(
-                            concat!(stringify!($module), ".", stringify!($field)).to_string(),
-                            serde_json::to_value(&self.$field).expect("recipe values serialise"),
-                        );
+                        let value = serde_json::to_value(&self.$field).expect("recipe values serialise");
+                        // An empty table sets nothing, so a table-valued key
+                        // added later keeps every key made before it.
+                        if value.as_object().is_none_or(|t| !t.is_empty()) {
+                            out.insert(concat!(stringify!($module), ".", stringify!($field)).to_string(), value);
+                        }
                     }
                 )*
                 out

@@ -230,7 +230,7 @@ fn render(prompts: &[String], chat: &Chat, g: &recipe::Generate) -> Result<(Vec<
     let mut formatted = Vec::with_capacity(prompts.len());
     let mut ids = Vec::with_capacity(prompts.len());
     for prompt in prompts {
-        let text = chat.format_prompt(prompt)?;
+        let text = chat.prompt_with(prompt, &g.template_kwargs)?;
         ids.push(chat.encode(&text, g.vllm_compat)?);
         formatted.push(text);
     }
