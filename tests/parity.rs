@@ -177,34 +177,51 @@ fn tiny_gemma2_matches_transformers() {
 /// fixture's 49 prompts, 4 seeds, 300 tokens at temperature 1, identical.
 #[test]
 fn dense_sampled_responses_do_not_depend_on_batch_size() {
-    let set = prefgen::stages::prompts::build(&[fixtures().join("simpo/prompts.jsonl")], &Default::default()).unwrap();
-    let prompts: Vec<String> = prefgen::formats::simpo::parse_rows(&set.files[0].1, "prompts").unwrap();
-    assert_eq!(prompts.len(), 49);
     for name in ["llama3", "gemma2"] {
-        let policy = Policy::load(&fixtures().join(format!("tiny-{name}")), &Load::default()).unwrap();
-        let run = |batch: usize| {
-            let jobs = [13u64, 21, 42, 79]
-                .iter()
-                .flat_map(|&seed| prompts.iter().map(move |p| (seed, p)))
-                .map(|(seed, prompt)| {
-                    let ids = policy.chat.encode(&policy.chat.format_prompt(prompt).unwrap(), false).unwrap();
-                    Job { prompt: ids, stream: Stream::new(seed, prompt) }
-                })
-                .collect();
-            engine::generate(&policy, jobs, Sampling { temperature: 1.0, top_p: 1.0 }, 300, batch, |_| {}).unwrap()
-        };
-        let one = run(1);
-        let tokens: usize = one
+        sampled_responses_do_not_depend_on_batch_size(name, 49, &[13, 21, 42, 79], &[3, 8, 32]);
+    }
+}
+
+/// The same for the other families, on fewer prompts: their q/k/v biases,
+/// q/k norms and sliding windows run per sequence too.
+#[test]
+fn every_family_samples_the_same_at_any_batch_size() {
+    for name in ["qwen2", "qwen3", "mistral"] {
+        sampled_responses_do_not_depend_on_batch_size(name, 12, &[13, 42], &[5, 24]);
+    }
+}
+
+/// `n` of the SimPO fixture's prompts under each seed, 300 tokens at
+/// temperature 1, decoded one at a time and at each of `batches`.
+fn sampled_responses_do_not_depend_on_batch_size(name: &str, n: usize, seeds: &[u64], batches: &[usize]) {
+    let set = prefgen::stages::prompts::build(&[fixtures().join("simpo/prompts.jsonl")], &Default::default()).unwrap();
+    let mut prompts: Vec<String> = prefgen::formats::simpo::parse_rows(&set.files[0].1, "prompts").unwrap();
+    assert!(prompts.len() >= n);
+    prompts.truncate(n);
+    let policy = Policy::load(&fixtures().join(format!("tiny-{name}")), &Load::default()).unwrap();
+    let run = |batch: usize| {
+        let jobs = seeds
             .iter()
-            .map(|o| match o {
-                engine::Outcome::Done(ids) => ids.len(),
-                engine::Outcome::TooLong => 0,
+            .flat_map(|&seed| prompts.iter().map(move |p| (seed, p)))
+            .map(|(seed, prompt)| {
+                let ids = policy.chat.encode(&policy.chat.format_prompt(prompt).unwrap(), false).unwrap();
+                Job { prompt: ids, stream: Stream::new(seed, prompt) }
             })
-            .sum();
-        assert!(tokens > 49 * 4 * 100, "{name}: responses long enough to show a difference ({tokens} tokens)");
-        for batch in [3, 8, 32] {
-            assert!(one == run(batch), "{name}: batch 1 vs {batch}");
-        }
+            .collect();
+        engine::generate(&policy, jobs, Sampling { temperature: 1.0, top_p: 1.0 }, 300, batch, |_| {}).unwrap()
+    };
+    let one = run(1);
+    let tokens: usize = one
+        .iter()
+        .map(|o| match o {
+            engine::Outcome::Done(ids) => ids.len(),
+            engine::Outcome::TooLong => 0,
+        })
+        .sum();
+    let least = n * seeds.len() * 100;
+    assert!(tokens > least, "{name}: responses long enough to show a difference ({tokens} tokens)");
+    for &batch in batches {
+        assert!(one == run(batch), "{name}: batch 1 vs {batch}");
     }
 }
 
