@@ -11,6 +11,9 @@
     python3 scripts/make_fixtures.py qwen2      # ... Qwen2 (q/k/v biases, tied embeddings)
     python3 scripts/make_fixtures.py qwen3      # ... Qwen3 (q/k norms, explicit head_dim)
     python3 scripts/make_fixtures.py mistral    # ... Mistral (sliding window on every layer)
+    python3 scripts/make_fixtures.py reward     # a tiny ArmoRM and sequence classifier of each family
+                                                # with transformers' scores, and the judge's ratings on
+                                                # every causal fixture (run after the families')
     python3 scripts/make_fixtures.py decode     # decoded text under each clean_up_tokenization_spaces
                                                 # setting, and a cut UTF-8 sequence (transformers)
 

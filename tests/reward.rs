@@ -174,3 +174,16 @@ fn armorm_needs_the_end_of_user_turn() {
     let err = model.score(&[&ids]).unwrap_err();
     assert!(format!("{err:#}").contains("end of the user turn"), "{err:#}");
 }
+
+/// A sequence classifier is not a judge, even where its tied embeddings
+/// would pass for an LM head (Gemma-2, small Qwen2): an error naming the
+/// key, not ratings from the embedding matrix.
+#[test]
+fn a_classifier_cannot_be_the_judge() {
+    let dir = fixtures().join("tiny-gemma2-classifier");
+    let err = RewardModel::load(&dir, Some(Kind::Judge), None, &Load::default()).err().expect("refused");
+    assert!(
+        format!("{err:#}").contains("annotate.kind") && format!("{err:#}").contains("sequence classifier"),
+        "{err:#}"
+    );
+}
