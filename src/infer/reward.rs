@@ -2,8 +2,9 @@
 //! (`LlamaForRewardModelWithGating`), sequence classifiers
 //! (`*ForSequenceClassification` of any family in `FAMILIES`, one label:
 //! Skywork-Reward(-V2), FsfairX), and a judge (an instruct model of any
-//! family asked to rate the response; the score is its expected rating). All three share the decoder backbone of
-//! generation and score sequences of different lengths packed in one batch.
+//! family asked to rate the response; the score is its expected rating).
+//! All three share the decoder backbone of generation and score sequences
+//! of different lengths packed in one batch.
 
 use super::models::decoder::{Linear, Safetensors};
 use super::models::family::Family;
