@@ -11,6 +11,9 @@
     python3 scripts/make_fixtures.py qwen2      # ... Qwen2 (q/k/v biases, tied embeddings)
     python3 scripts/make_fixtures.py qwen3      # ... Qwen3 (q/k norms, explicit head_dim)
     python3 scripts/make_fixtures.py mistral    # ... Mistral (sliding window on every layer)
+    python3 scripts/make_fixtures.py reward     # a tiny ArmoRM and sequence classifier of each family
+                                                # with transformers' scores, and the judge's ratings on
+                                                # every causal fixture (run after the families')
     python3 scripts/make_fixtures.py decode     # decoded text under each clean_up_tokenization_spaces
                                                 # setting, and a cut UTF-8 sequence (transformers)
     python3 scripts/make_fixtures.py templates  # template switches (enable_thinking) rendered and
@@ -562,6 +565,131 @@ def reward_fixtures():
     cases = [{"prompt": p, "response": r, "input_ids": i, "score": sc}
              for (p, r), i, sc in zip(REWARD_CONVERSATIONS, inputs, scores)]
     dump(os.path.join(ROOT, "tiny-classifier-reference.json"), {"cases": cases})
+
+    for family, features in CLASSIFIER_FAMILIES.items():
+        family_classifier(family, *features)
+    judge_reference()
+
+
+def fixture_tokenizer(folder):
+    """A fixture's tokenizer as its tokenizer.json writes it. (transformers
+    5's AutoTokenizer picks Qwen2Tokenizer by model_type, which imposes
+    Qwen2's split regex over a tokenizer.json that lacks it; real Qwen files
+    carry that regex, so the two agree on them.)"""
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast.from_pretrained(folder)
+
+
+# The other families' sequence classifiers, each on its causal fixture's
+# config and tokenizer: (pad_token_id in config.json, parameters whose
+# transformers initialisation would hide the family's feature). "eos": the
+# eos id, which Mistral's template writes after the response, so the score
+# is read one token earlier; None: no pad id, so the last token;
+# "absent": no key, so the config class's default (Gemma-2's is 0).
+CLASSIFIER_FAMILIES = {
+    "qwen2": ("<|endoftext|>", ["_proj.bias"]),
+    "qwen3": (None, ["q_norm", "k_norm"]),
+    "gemma2": ("absent", ["norm"]),
+    "mistral": ("eos", []),
+}
+
+
+def family_classifier(family, pad, randomize):
+    """A tiny `{Family}ForSequenceClassification` with one label, and
+    transformers' scores of the reward conversations, one at a time, read
+    back from the saved folder; plus the longest conversation right-padded
+    with the pad id, as a padded batch would hold it. The score head is
+    scaled so scores lie near +-5, where Gemma-2's final soft-cap (its LM
+    head's, not the score head's) would move them by 1e-2."""
+    import torch
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    src = os.path.join(ROOT, f"tiny-{family}")
+    tok = fixture_tokenizer(src)
+    config = AutoConfig.from_pretrained(src)
+    arch = config.architectures[0].replace("ForCausalLM", "ForSequenceClassification")
+    config.architectures, config.num_labels = [arch], 1
+    special = {"eos": tok.eos_token_id, None: None, "absent": None}
+    config.pad_token_id = special[pad] if pad in special else tok.convert_tokens_to_ids(pad)
+    torch.manual_seed(3)
+    model = AutoModelForSequenceClassification.from_config(config).eval()
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if any(r in pname for r in randomize):
+                p.normal_(0.0 if family.startswith("gemma") else 1.0 if "norm" in pname else 0.0, 0.3)
+        model.score.weight.mul_(4.0)
+    out = os.path.join(ROOT, f"tiny-{family}-classifier")
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    if pad == "absent":
+        path = os.path.join(out, "config.json")
+        with open(path) as f:
+            cfg = json.load(f)
+        del cfg["pad_token_id"]
+        with open(path, "w") as f:
+            json.dump(cfg, f, indent=2, sort_keys=True)
+    model = AutoModelForSequenceClassification.from_pretrained(out).eval()
+    assert type(model).__name__ == arch
+    pad_id = model.config.pad_token_id
+    convs = [[{"role": "user", "content": p}, {"role": "assistant", "content": r}] for p, r in REWARD_CONVERSATIONS]
+    inputs = [tok(tok.apply_chat_template(c, tokenize=False), add_special_tokens=False).input_ids for c in convs]
+    padded = [max(inputs, key=len) + [pad_id] * 3] if pad_id is not None else []
+
+    def score(ids):
+        with torch.no_grad():
+            return float(model(torch.tensor([ids])).logits[0, 0])
+
+    cases = [{"prompt": p, "response": r, "input_ids": i, "score": score(i)}
+             for (p, r), i in zip(REWARD_CONVERSATIONS, inputs)]
+    ends_in_pad = sum(i[-1] == pad_id for i in inputs)
+    print(f"{family} classifier: pad id {pad_id}, {ends_in_pad} conversations end in it, "
+          f"scores {min(c['score'] for c in cases):.2f} to {max(c['score'] for c in cases):.2f}")
+    dump(os.path.join(ROOT, f"tiny-{family}-classifier-reference.json"),
+         {"pad_token_id": pad_id, "cases": cases, "padded": [{"input_ids": i, "score": score(i)} for i in padded]})
+
+
+# prefgen's built-in rubric and primer (src/infer/reward.rs; the test checks
+# they still agree).
+JUDGE_RUBRIC = ("Rate how well the response answers the user's request, considering "
+                "helpfulness, correctness and clarity. Use a scale from 1 (useless or wrong) to 9 (excellent). Reply with a "
+                "single digit.\n\n[Request]\n{prompt}\n\n[Response]\n{response}")
+JUDGE_PRIMER = "Rating:"
+
+
+def judge_reference():
+    """The judge on every causal family's tiny fixture: the rubric as the
+    user turn, the generation prompt primed with `Rating:`, and the expected
+    rating under transformers' next-token probabilities of the single-token
+    digits 1-9 (with and without a leading space), renormalised over them."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    families = {}
+    for family in ("llama3", "qwen2", "qwen3", "mistral", "gemma2"):
+        src = os.path.join(ROOT, f"tiny-{family}")
+        tok = fixture_tokenizer(src)
+        model = AutoModelForCausalLM.from_pretrained(src).eval()
+        ratings = {}
+        for d in range(1, 10):
+            for text in (f"{d}", f" {d}"):
+                ids = tok(text, add_special_tokens=False).input_ids
+                if len(ids) == 1:
+                    ratings.setdefault(ids[0], d)
+        cases = []
+        for p, r in REWARD_CONVERSATIONS:
+            ask = JUDGE_RUBRIC.replace("{prompt}", p).replace("{response}", r)
+            text = tok.apply_chat_template([{"role": "user", "content": ask}], tokenize=False, add_generation_prompt=True)
+            ids = tok(text + JUDGE_PRIMER, add_special_tokens=False).input_ids
+            with torch.no_grad():
+                probs = torch.softmax(model(torch.tensor([ids])).logits[0, -1].double(), -1)
+            mass = sum(float(probs[i]) for i in ratings)
+            cases.append({"prompt": p, "response": r, "input_ids": ids,
+                          "score": sum(float(probs[i]) * v for i, v in ratings.items()) / mass})
+        print(f"judge on {family}: {len(ratings)} rating tokens, ratings "
+              f"{min(c['score'] for c in cases):.3f} to {max(c['score'] for c in cases):.3f}")
+        families[family] = cases
+    dump(os.path.join(ROOT, "judge-reference.json"), {"rubric": JUDGE_RUBRIC, "primer": JUDGE_PRIMER, "families": families})
 
 
 def decode_fixture():

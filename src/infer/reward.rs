@@ -1,11 +1,13 @@
 //! Reward models: one score per (prompt, response). ArmoRM
 //! (`LlamaForRewardModelWithGating`), sequence classifiers
-//! (`LlamaForSequenceClassification` with one label: Skywork-Reward,
-//! FsfairX), and a judge (an instruct model asked to rate the response; the
-//! score is its expected rating). All three share the decoder backbone of
-//! generation and score sequences of different lengths packed in one batch.
+//! (`*ForSequenceClassification` of any family in `FAMILIES`, one label:
+//! Skywork-Reward(-V2), FsfairX), and a judge (an instruct model of any
+//! family asked to rate the response; the score is its expected rating).
+//! All three share the decoder backbone of generation and score sequences
+//! of different lengths packed in one batch.
 
 use super::models::decoder::{Linear, Safetensors};
+use super::models::family::Family;
 use super::template::{Kwargs, Turn};
 use super::{Load, Policy};
 use anyhow::{Context, Result, bail};
@@ -80,7 +82,10 @@ pub struct RewardModel {
 struct HeadConfig {
     #[serde(default)]
     architectures: Vec<String>,
-    pad_token_id: Option<u32>,
+    /// None where the key is absent (the family's default applies), Some(None)
+    /// where it is null.
+    #[serde(default, deserialize_with = "present")]
+    pad_token_id: Option<Option<u32>>,
     num_objectives: Option<usize>,
     gating_temperature: Option<f64>,
     gating_n_hidden: Option<usize>,
@@ -98,14 +103,25 @@ impl RewardModel {
             }
             false => None,
         };
-        let detected = match config.as_ref().and_then(|c| c.architectures.first()).map(String::as_str) {
+        let architecture = config.as_ref().and_then(|c| c.architectures.first()).map(String::as_str);
+        let classifier = architecture.is_some_and(|a| a.ends_with("ForSequenceClassification"));
+        let detected = match architecture {
             Some("LlamaForRewardModelWithGating") => Kind::Armorm,
-            Some("LlamaForSequenceClassification") => Kind::Classifier,
+            _ if classifier => Kind::Classifier,
             _ => Kind::Judge,
         };
         let kind = kind.unwrap_or(detected);
-        let policy = Policy::load(path, options)?;
         let shown = path.display();
+        if kind == Kind::Judge && classifier {
+            // Its tied embeddings would pass for an LM head (Qwen2, Gemma-2).
+            bail!("annotate.kind: {shown} is a sequence classifier, which has no LM head to judge with");
+        }
+        let policy = Policy::load(path, options)?;
+        // transformers reads the pad id of config.json, else the config class's default.
+        let pad = |c: &HeadConfig| {
+            c.pad_token_id
+                .unwrap_or_else(|| architecture.and_then(Family::of_architecture).and_then(|f| f.pad_by_default))
+        };
         let head = match (kind, &config) {
             (Kind::Judge, _) => Head::Judge {
                 rubric: rubric.unwrap_or_else(|| DEFAULT_RUBRIC.to_string()),
@@ -137,7 +153,7 @@ impl RewardModel {
                     logit_scale: get("gating.logit_scale")?.flatten_all()?.to_vec1::<f32>()?[0] as f64,
                     transform: Linear::dense(get("reward_transform_matrix")?.t()?.contiguous()?)?,
                     pattern: policy.chat.encode(text, false)?,
-                    pad: c.pad_token_id,
+                    pad: pad(c),
                 }
             }
             (Kind::Classifier, Some(c)) => {
@@ -145,7 +161,7 @@ impl RewardModel {
                 if score.dim(0)? != 1 {
                     bail!("{shown}: the score head has {} labels; a reward model has one", score.dim(0)?);
                 }
-                Head::Classifier { score: Linear::dense(score)?, pad: c.pad_token_id }
+                Head::Classifier { score: Linear::dense(score)?, pad: pad(c) }
             }
         };
         Ok(RewardModel { policy, head, kind })
@@ -252,7 +268,10 @@ impl RewardModel {
                 (g * transform.forward(&rewards)?)?.sum(D::Minus1)?
             }
             Head::Classifier { score, pad } => {
-                // The last token that is not the pad token, as transformers pools.
+                // The last token that is not the pad token, as transformers
+                // pools (the first when all are; the last without a pad id).
+                // The score head's output is not soft-capped (Gemma-2 caps
+                // only its LM head's).
                 let last = rows(&|s| Ok(s.iter().rposition(|&t| Some(t) != *pad).unwrap_or(0)))?;
                 score.forward(&last)?.squeeze(1)?
             }
@@ -292,4 +311,10 @@ fn rating_tokens(policy: &Policy) -> Result<Vec<(u32, f64)>> {
         bail!("annotate.model: the judge's tokenizer has no single-token digits to rate with");
     }
     Ok(out)
+}
+
+/// Deserialises a key that may be null into Some, so that an absent key
+/// (serde's default, None) differs from a null one.
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Option<Option<u32>>, D::Error> {
+    <Option<u32> as serde::Deserialize>::deserialize(d).map(Some)
 }

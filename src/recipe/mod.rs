@@ -183,8 +183,10 @@ section! {
         revision: Option<String> = None, "`main`",
             Source("by the files of the snapshot it resolves to");
         /// `armorm` (`LlamaForRewardModelWithGating`), `classifier`
-        /// (`LlamaForSequenceClassification`, one label) or `judge` (any causal
-        /// LM, a GGUF file).
+        /// (`LlamaForSequenceClassification`, `Qwen2ForSequenceClassification`,
+        /// `Qwen3ForSequenceClassification`, `MistralForSequenceClassification`,
+        /// `Gemma2ForSequenceClassification`; one label) or `judge` (a causal
+        /// LM of any supported family, a GGUF file).
         kind: Option<Kind> = None, "from `config.json`", Key;
         /// Longest conversation scored, in tokens; 0 is the model's context.
         max_length: usize = 0, _, Key;

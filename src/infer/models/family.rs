@@ -47,8 +47,9 @@ pub struct Gguf {
 pub struct Family {
     /// What the README's table calls it.
     pub name: &'static str,
-    /// `architectures[0]` of the config.json files it loads; empty where
-    /// prefgen loads it from GGUF only.
+    /// `architectures[0]` of the config.json files it loads (causal LMs,
+    /// and reward models: `*ForSequenceClassification` with one label);
+    /// empty where prefgen loads it from GGUF only.
     pub architectures: &'static [&'static str],
     pub gguf: Option<Gguf>,
     /// RMSNorm scales by `1 + w` (Gemma): folded into the weights on load.
@@ -66,7 +67,8 @@ pub struct Family {
     pub local_rope_base: bool,
     /// Scores scaled by `query_pre_attn_scalar` rather than head_dim (Gemma).
     pub query_scalar: bool,
-    /// `attn_logit_softcapping` and `final_logit_softcapping` (Gemma-2).
+    /// `attn_logit_softcapping` and `final_logit_softcapping` (Gemma-2); the
+    /// final cap is the LM head's, so a score head's output is not capped.
     pub softcaps: bool,
     /// Embeddings multiplied by sqrt(hidden) (Gemma).
     pub embed_scale: bool,
@@ -74,6 +76,10 @@ pub struct Family {
     /// `tie_word_embeddings` where config.json leaves it out (transformers'
     /// default for the family's config class).
     pub tied_by_default: bool,
+    /// `pad_token_id` where config.json leaves the key out (the config
+    /// class's default): a sequence classifier pools at the last token that
+    /// is not it.
+    pub pad_by_default: Option<u32>,
 }
 
 /// Llama: every feature off. The others say only how they differ.
@@ -92,6 +98,7 @@ const LLAMA: Family = Family {
     embed_scale: false,
     activation: Activation::Silu,
     tied_by_default: false,
+    pad_by_default: None,
 };
 
 /// Every family prefgen runs.
@@ -99,7 +106,7 @@ pub const FAMILIES: &[Family] = &[
     LLAMA,
     Family {
         name: "Qwen2 (Qwen2, Qwen2.5)",
-        architectures: &["Qwen2ForCausalLM"],
+        architectures: &["Qwen2ForCausalLM", "Qwen2ForSequenceClassification"],
         gguf: None,
         qkv_bias: true,
         window: Window::Switched,
@@ -107,16 +114,22 @@ pub const FAMILIES: &[Family] = &[
     },
     Family {
         name: "Qwen3",
-        architectures: &["Qwen3ForCausalLM"],
+        architectures: &["Qwen3ForCausalLM", "Qwen3ForSequenceClassification"],
         gguf: None,
         qk_norm: true,
         window: Window::Switched,
         ..LLAMA
     },
-    Family { name: "Mistral", architectures: &["MistralForCausalLM"], gguf: None, window: Window::Every, ..LLAMA },
+    Family {
+        name: "Mistral",
+        architectures: &["MistralForCausalLM", "MistralForSequenceClassification"],
+        gguf: None,
+        window: Window::Every,
+        ..LLAMA
+    },
     Family {
         name: "Gemma-2",
-        architectures: &["Gemma2ForCausalLM"],
+        architectures: &["Gemma2ForCausalLM", "Gemma2ForSequenceClassification"],
         gguf: Some(Gguf { arch: "gemma2", interleaved_rope: false, wide_query_depth: Some(46) }),
         norm_offset: true,
         post_norms: true,
@@ -126,6 +139,7 @@ pub const FAMILIES: &[Family] = &[
         embed_scale: true,
         activation: Activation::GeluTanh,
         tied_by_default: true,
+        pad_by_default: Some(0),
         ..LLAMA
     },
     Family {
@@ -200,6 +214,7 @@ impl Family {
         };
         let tied = (self.tied_by_default != LLAMA.tied_by_default)
             .then(|| format!("`tie_word_embeddings` defaults to {}", self.tied_by_default));
+        let pad = self.pad_by_default.map(|id| format!("`pad_token_id` defaults to {id}"));
         let flags = [
             (self.norm_offset, "RMSNorm by 1 + w"),
             (self.post_norms, "post-attention and post-MLP norms"),
@@ -207,7 +222,7 @@ impl Family {
             (self.qk_norm, "per-head q/k RMS norms"),
             (self.local_rope_base, "sliding layers' own rope base"),
             (self.query_scalar, "`query_pre_attn_scalar`"),
-            (self.softcaps, "attention and logit soft-capping"),
+            (self.softcaps, "attention and LM-head logit soft-capping (not on a score head)"),
             (self.embed_scale, "embeddings scaled by sqrt(hidden)"),
         ];
         let all: Vec<String> = flags
@@ -217,6 +232,7 @@ impl Family {
             .chain(window)
             .chain(activation)
             .chain(tied)
+            .chain(pad)
             .collect();
         if all.is_empty() { "(the base)".to_string() } else { all.join("; ") }
     }
