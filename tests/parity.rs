@@ -21,8 +21,15 @@ fn fixtures() -> std::path::PathBuf {
 /// Template text, token ids, last-position logits (within 1e-4) and 32
 /// greedy tokens of every prompt, decoded one at a time and all in one batch.
 fn matches_transformers(name: &str) {
-    let policy = Policy::load(&fixtures().join(format!("tiny-{name}")), &Load::default()).unwrap();
-    let path = fixtures().join(format!("tiny-{name}-reference.json"));
+    model_matches_transformers(&format!("tiny-{name}"), name);
+}
+
+/// The same for the fixture `model` (a folder, or a `.gguf` file run
+/// dequantized) against `tiny-{reference}-reference.json`.
+fn model_matches_transformers(model: &str, reference: &str) {
+    let load = Load { dequantize: true, ..Load::default() };
+    let policy = Policy::load(&fixtures().join(model), &load).unwrap();
+    let path = fixtures().join(format!("tiny-{reference}-reference.json"));
     let r: Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
     let cases = r["cases"].as_array().unwrap();
     assert!(cases.len() >= 8);
@@ -48,7 +55,7 @@ fn matches_transformers(name: &str) {
         }
         prompts.push(ids);
     }
-    eprintln!("{name}: largest last-position logit difference: {worst:e}");
+    eprintln!("{model}: largest last-position logit difference: {worst:e}");
     assert!(worst <= 1e-4, "last-position logits differ by up to {worst:e}");
     // One at a time, then every prompt together, prompts of different
     // lengths in one batch.
@@ -129,6 +136,28 @@ fn tiny_qwen3_matches_transformers() {
 #[test]
 fn tiny_mistral_matches_transformers() {
     matches_transformers("mistral");
+}
+
+/// The tiny Qwen2 as llama.cpp's converter writes it (`qwen2`: q/k/v
+/// biases as `attn_{q,k,v}.bias`, the tied head left out, rotated halves),
+/// with its tokenizer (Qwen2's split rules) and chat template from the file.
+#[test]
+fn tiny_qwen2_gguf_matches_transformers() {
+    model_matches_transformers("tiny-qwen2.gguf", "qwen2");
+}
+
+/// `qwen3`: q/k norms as `attn_{q,k}_norm`, head_dim as `key_length`.
+#[test]
+fn tiny_qwen3_gguf_matches_transformers() {
+    model_matches_transformers("tiny-qwen3.gguf", "qwen3");
+}
+
+/// Mistral converted by llama.cpp is a `llama` file without the sliding
+/// window (the converter leaves `sliding_window` out): it matches
+/// transformers' Mistral with `sliding_window` null, as v0.3 has it.
+#[test]
+fn tiny_mistral_gguf_matches_transformers_without_its_window() {
+    model_matches_transformers("tiny-mistral.gguf", "mistral-gguf");
 }
 
 /// Qwen2's q/k/v biases, zeroed in the copy's weights.
