@@ -290,10 +290,11 @@ impl KvCache {
 
 impl Decoder {
     /// Loads a GGUF file's weights (the families with a [`super::family::Gguf`]
-    /// name: `llama`, `qwen2`, `qwen3`, `gemma2`, `gemma3`). Quantized matmuls quantize the activations too (to
-    /// Q8, as llama.cpp does), which moves Gemma-3 270M's logits by up to ~0.8
-    /// from an f32 evaluation of the same weights; `dequantize` runs the
-    /// weights in f32 instead, slower, and equal to that evaluation.
+    /// name: `llama`, `qwen2`, `qwen3`, `gemma2`, `gemma3`). Quantized matmuls
+    /// quantize the activations too (to Q8, as llama.cpp does), which moves
+    /// Gemma-3 270M's logits by up to ~0.8 from an f32 evaluation of the same
+    /// weights; `dequantize` runs the weights in f32 instead, slower, and
+    /// equal to that evaluation.
     pub fn from_gguf(file: &GgufFile, device: &Device, dequantize: bool) -> Result<Decoder> {
         let arch = file.architecture()?;
         let Some(family) = Family::of_gguf(&arch) else {
@@ -351,7 +352,11 @@ impl Decoder {
             embed_scale: family.embed_scale.then(|| (hidden as f64).sqrt()),
             attn_softcap: f("attn_logit_softcapping").ok().map(f64::from).filter(|_| family.softcaps),
             final_softcap: f("final_logit_softcapping").ok().map(f64::from).filter(|_| family.softcaps),
-            sliding_window: u("attention.sliding_window").ok().filter(|_| family.window != Window::Never),
+            // Qwen's switch (`use_sliding_window`) is not in a GGUF file, and
+            // llama.cpp's qwen2 and qwen3 never slide.
+            sliding_window: u("attention.sliding_window")
+                .ok()
+                .filter(|_| matches!(family.window, Window::Every | Window::FullEvery(_))),
             activation: family.activation,
         };
         // Norm weights: llama.cpp's converter has already folded Gemma's 1 in.
