@@ -512,6 +512,8 @@ def qwen2_fixture():
     family_fixture("qwen2", "Qwen2Config", "Qwen2ForCausalLM", ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
                    None, "<|im_end|>", QWEN2_TEMPLATE, ["_proj.bias"], "qwen2", qwen=True,
                    tie_word_embeddings=True, rope_theta=1000000.0, use_sliding_window=False)
+    # Also quantized, as users download GGUF files, to run prefgen's int8 kernels.
+    to_gguf(os.path.join(ROOT, "tiny-qwen2"), os.path.join(ROOT, "tiny-qwen2.q8_0.gguf"), "qwen2", "q8_0")
 
 
 def qwen3_fixture():

@@ -146,6 +146,38 @@ fn tiny_qwen2_gguf_matches_transformers() {
     model_matches_transformers("tiny-qwen2.gguf", "qwen2");
 }
 
+/// The tiny Qwen2 converted to Q8_0 and run as users run GGUF files:
+/// quantized, in prefgen's int8 kernels (activations quantized too, as
+/// llama.cpp does). The last-position logits move by up to ~0.2 (of ~4)
+/// from transformers' f32 ones (0.19 of it is the weights' rounding:
+/// transformers on the file's dequantized weights moves as much), enough to
+/// change some of the 32 greedy
+/// tokens of a tiny random model (its top-1 margins are ~1e-3), but the next
+/// token is transformers' on at least 6 of 8 prompts (7 measured), and batch
+/// 8 gives batch 1's tokens.
+#[test]
+fn tiny_qwen2_q8_0_gguf_runs_quantized() {
+    let policy = Policy::load(&fixtures().join("tiny-qwen2.q8_0.gguf"), &Load::default()).unwrap();
+    let r: Value =
+        serde_json::from_slice(&std::fs::read(fixtures().join("tiny-qwen2-reference.json")).unwrap()).unwrap();
+    let cases = r["cases"].as_array().unwrap();
+    let ids: Vec<Vec<u32>> = cases.iter().map(|c| serde_json::from_value(c["input_ids"].clone()).unwrap()).collect();
+    let argmax = |v: &[f32]| (0..v.len()).fold(0, |m, i| if v[i] > v[m] { i } else { m });
+    let (mut worst, mut same_top) = (0f32, 0);
+    for (case, ids) in cases.iter().zip(&ids) {
+        let mut cache = policy.model.new_cache();
+        let got = policy.model.forward(&[ids], &mut [&mut cache]).unwrap().to_vec2::<f32>().unwrap().remove(0);
+        let want: Vec<f32> = serde_json::from_value(case["logits"].clone()).unwrap();
+        worst = got.iter().zip(&want).fold(worst, |w, (a, b)| w.max((a - b).abs()));
+        same_top += usize::from(argmax(&got) == argmax(&want));
+    }
+    eprintln!("qwen2 Q8_0: largest logit difference {worst:e}; next token as transformers' on {same_top} of 8");
+    assert!(worst < 0.5, "logits differ by up to {worst:e}");
+    assert!(same_top >= 6, "the next token is transformers' on only {same_top} prompts");
+    let jobs = || ids.iter().map(|p| Job { prompt: p.clone(), stream: Stream::new(0, "") }).collect();
+    assert_eq!(greedy(&policy, &r, jobs(), 1), greedy(&policy, &r, jobs(), 8), "batch 8 against batch 1");
+}
+
 /// `qwen3`: q/k norms as `attn_{q,k}_norm`, head_dim as `key_length`.
 #[test]
 fn tiny_qwen3_gguf_matches_transformers() {
