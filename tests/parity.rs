@@ -151,10 +151,9 @@ fn tiny_qwen2_gguf_matches_transformers() {
 /// llama.cpp does). The last-position logits move by up to ~0.2 (of ~4)
 /// from transformers' f32 ones (0.19 of it is the weights' rounding:
 /// transformers on the file's dequantized weights moves as much), enough to
-/// change some of the 32 greedy
-/// tokens of a tiny random model (its top-1 margins are ~1e-3), but the next
-/// token is transformers' on at least 6 of 8 prompts (7 measured), and batch
-/// 8 gives batch 1's tokens.
+/// change some of the 32 greedy tokens of a tiny random model (its top-1
+/// margins are ~1e-3), but the next token is transformers' on at least 6 of
+/// 8 prompts (7 measured), and batch 8 gives batch 1's tokens.
 #[test]
 fn tiny_qwen2_q8_0_gguf_runs_quantized() {
     let policy = Policy::load(&fixtures().join("tiny-qwen2.q8_0.gguf"), &Load::default()).unwrap();
