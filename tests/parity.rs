@@ -6,7 +6,9 @@
 //! embeddings; Qwen3's q/k norms and head_dim; Mistral's sliding window), a
 //! trained BPE tokenizer with the family's special tokens and chat template.
 //! Each new family's feature is shown to matter: switched off in a copy of
-//! the fixture, some greedy text changes.
+//! the fixture, some greedy text changes. The Qwen2, Qwen3 and Mistral
+//! fixtures are also converted to GGUF by llama.cpp's own converter, and
+//! those files pass the same test.
 
 use prefgen::infer::engine::{self, Job, Outcome};
 use prefgen::infer::sampler::{Sampling, Stream};
