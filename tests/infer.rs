@@ -1,8 +1,9 @@
 //! Tokenizer and chat-template parity with `transformers`, on references made
 //! by `scripts/make_fixtures.py smollm2|gemma3` (transformers' own GGUF
 //! tokenizer converter and `apply_chat_template`) and `qwen2|qwen3|mistral`
-//! (the hub tokenizers of GGUF files llama.cpp's converter wrote), and the int8 kernels'
-//! parity with their scalar reference on the real models' weights.
+//! (the hub tokenizers of GGUF files llama.cpp's converter wrote), and the
+//! int8 kernels' parity with their scalar reference on the real models'
+//! weights.
 
 use prefgen::infer::gguf::GgufFile;
 use prefgen::infer::template::{ChatTemplate, Turn};
