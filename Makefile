@@ -82,7 +82,7 @@ gpu-check-rehearsal:
 	scripts/gpucheck/pack.sh target/prefgen-cpu.gz target/gpu-check-cpu
 	bash target/gpu-check-cpu/run.sh target/gpu-check-cpu-report --tiny --cpu
 
-## fixtures: regenerate the committed test fixtures (the model references need torch and transformers)
+## fixtures: regenerate the committed test fixtures (the model references need torch and transformers; the GGUF conversions llama.cpp's source, target/llama.cpp, and sentencepiece)
 fixtures: models
 	$(PYTHON) scripts/make_fixtures.py
 	for f in smollm2 llama3 gemma2 qwen2 qwen3 mistral gemma3 reward decode templates; do $(PYTHON) scripts/make_fixtures.py $$f; done

@@ -11,6 +11,8 @@
     python3 scripts/make_fixtures.py qwen2      # ... Qwen2 (q/k/v biases, tied embeddings)
     python3 scripts/make_fixtures.py qwen3      # ... Qwen3 (q/k norms, explicit head_dim)
     python3 scripts/make_fixtures.py mistral    # ... Mistral (sliding window on every layer)
+                                                # (qwen2, qwen3, mistral: also converted to GGUF by
+                                                # llama.cpp's converter, target/llama.cpp/src)
     python3 scripts/make_fixtures.py reward     # a tiny ArmoRM and sequence classifier of each family
                                                 # with transformers' scores, and the judge's ratings on
                                                 # every causal fixture (run after the families')
@@ -289,12 +291,13 @@ def gemma3_fixture():
     dump(os.path.join(ROOT, "gemma3_reference.json"), {"model": name, "tokenizer": cases, "generation": gens})
 
 
-def train_tokenizer(specials, bos=""):
+def train_tokenizer(specials, bos="", qwen=False):
     """A small byte-level BPE trained on real prompts, with a family's special
     tokens; like the real ones, it adds the BOS (`bos`; by default the first
     special if it is Llama-3's, else `<bos>`) when asked for special tokens,
-    or none when `bos` is None (Qwen)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    or none when `bos` is None (Qwen). `qwen`: NFC and Qwen2's split regex
+    (single digits), as Qwen2.5's and Qwen3's tokenizer.json have them."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
     texts = []
     for name in ("mt_bench_questions.jsonl", "vicuna_bench_questions.jsonl"):
@@ -304,6 +307,14 @@ def train_tokenizer(specials, bos=""):
                 texts.extend(q.get("turns") or [q.get("text", "")])
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if qwen:
+        from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+
+        tok.normalizer = normalizers.NFC()
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
+        ])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(texts, trainer)
@@ -326,8 +337,9 @@ PARITY_PROMPTS = [
 ]
 
 
-def parity_reference(name, model, tok):
-    """Greedy tokens and last-position logits of every parity prompt."""
+def parity_reference(name, model, tok, **extra):
+    """Greedy tokens and last-position logits of every parity prompt (and
+    `extra` keys)."""
     import torch
 
     cases, margin = [], float("inf")
@@ -347,7 +359,54 @@ def parity_reference(name, model, tok):
         cases.append({"prompt": prompt, "text": text, "input_ids": input_ids[0].tolist(), "vllm_input_ids": vllm_ids,
                       "logits": logits.tolist(), "generated": new})
     print(f"{name}: smallest greedy top-1 margin {margin:.2e} (a tie would make the test fragile)")
-    dump(os.path.join(ROOT, f"tiny-{name}-reference.json"), {"max_new_tokens": 32, "cases": cases})
+    dump(os.path.join(ROOT, f"tiny-{name}-reference.json"), {"max_new_tokens": 32, "cases": cases, **extra})
+
+
+def tokenizer_cases(tok, specials):
+    """transformers' ids (with and without special tokens) and decoded text
+    of strings that exercise a tokenizer: digits, whitespace runs, unicode
+    (composed and decomposed), the family's special tokens inside text."""
+    texts = TEXTS + PARITY_PROMPTS + [
+        "".join(specials) + " between " + " ".join(specials),
+        "e\u0301 vs \u00e9, A\u030a, \ufb01 ligature, \u2460 \uff21",
+        "1234567890 12.5% 3/4 2024-01-01 0x1F 1e-5",
+        "a  b   c    d\n\n\ne\t\tf \u00a0nbsp",
+        "Ελληνικά Русский العربية हिन्दी 한국어 ไทย",
+        "I've they'll we'd YOU'RE It'S",
+        "```python\nprint('hi')\n```",
+    ]
+    return [{"text": t, "ids": tok(t, add_special_tokens=False).input_ids, "with_specials": tok(t).input_ids,
+             "decoded": tok.decode(tok(t, add_special_tokens=False).input_ids, skip_special_tokens=True)}
+            for t in texts]
+
+
+LLAMA_CPP = os.path.join(ROOT, "..", "..", "target", "llama.cpp", "src")
+
+
+def to_gguf(folder, out, pre, outtype="f32"):
+    """Converts a hub folder to GGUF with llama.cpp's own converter (the
+    llama.cpp source the tests build), as a user converts a checkpoint.
+
+    `pre` is the llama.cpp pre-tokenizer name written as tokenizer.ggml.pre
+    (e.g. "qwen2", "llama-bpe", "gpt-2"): the converter recognises a
+    pre-tokenizer by a hash of the tokenizer's ids on a test string, and no
+    tiny trained vocabulary gives a real model's hash, so the fixture states
+    the name its tokenizer's split rules belong to."""
+    import importlib
+
+    for path in (LLAMA_CPP, os.path.join(LLAMA_CPP, "gguf-py")):
+        if path not in sys.path:
+            sys.path.insert(0, path)
+    converter = importlib.import_module("convert_hf_to_gguf")
+    from conversion.base import TextModel
+
+    TextModel.get_vocab_base_pre = lambda self, tokenizer: pre
+    argv = sys.argv
+    sys.argv = ["convert_hf_to_gguf.py", folder, "--outfile", out, "--outtype", outtype]
+    try:
+        converter.main()
+    finally:
+        sys.argv = argv
 
 
 def gemma2_fixture():
@@ -413,17 +472,20 @@ def llama3_fixture():
     parity_reference("llama3", model, tok)
 
 
-def family_fixture(name, config_class, model_class, specials, bos, eos, template, randomize, **config):
+def family_fixture(name, config_class, model_class, specials, bos, eos, template, randomize, pre, qwen=False,
+                   **config):
     """A tiny random-weight model of a family, with its special tokens and
-    chat template, and its greedy tokens and logits. `randomize`: parameter
-    names whose transformers initialisation (zero biases, unit norms) would
-    leave the family's feature without effect."""
+    chat template, its greedy tokens and logits and its tokenizer's ids, and
+    the same model converted to GGUF (f32) by llama.cpp's converter, with
+    `pre` as its pre-tokenizer. `randomize`: parameter names whose
+    transformers initialisation (zero biases, unit norms) would leave the
+    family's feature without effect. Returns the model."""
     import torch
     import transformers
     from transformers import PreTrainedTokenizerFast
 
     out = os.path.join(ROOT, f"tiny-{name}")
-    backend = train_tokenizer(specials, bos=bos)
+    backend = train_tokenizer(specials, bos=bos, qwen=qwen)
     ids = {t: backend.token_to_id(t) for t in specials}
     tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=bos, eos_token=eos, pad_token=specials[0])
     tok.chat_template = template
@@ -444,30 +506,40 @@ def family_fixture(name, config_class, model_class, specials, bos, eos, template
     model.generation_config.pad_token_id = ids[specials[0]]
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
-    parity_reference(name, model, tok)
+    parity_reference(name, model, tok, tokenizer=tokenizer_cases(tok, specials))
+    to_gguf(out, os.path.join(ROOT, f"tiny-{name}.gguf"), pre)
+    return model, tok
 
 
 def qwen2_fixture():
     """Qwen2.5-shaped: q/k/v biases (random, so they matter), embeddings tied
     as the small Qwen2.5 checkpoints tie them, no sliding window."""
     family_fixture("qwen2", "Qwen2Config", "Qwen2ForCausalLM", ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-                   None, "<|im_end|>", QWEN2_TEMPLATE, ["_proj.bias"], tie_word_embeddings=True,
-                   rope_theta=1000000.0, use_sliding_window=False)
+                   None, "<|im_end|>", QWEN2_TEMPLATE, ["_proj.bias"], "qwen2", qwen=True,
+                   tie_word_embeddings=True, rope_theta=1000000.0, use_sliding_window=False)
+    # Also quantized, as users download GGUF files, to run prefgen's int8 kernels.
+    to_gguf(os.path.join(ROOT, "tiny-qwen2"), os.path.join(ROOT, "tiny-qwen2.q8_0.gguf"), "qwen2", "q8_0")
 
 
 def qwen3_fixture():
     """Qwen3-shaped: per-head q/k RMS norms (random weights) and a head_dim
     (32) that is not hidden / heads (16)."""
     family_fixture("qwen3", "Qwen3Config", "Qwen3ForCausalLM", ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-                   None, "<|im_end|>", QWEN3_TEMPLATE, ["q_norm", "k_norm"], head_dim=32,
+                   None, "<|im_end|>", QWEN3_TEMPLATE, ["q_norm", "k_norm"], "qwen2", qwen=True, head_dim=32,
                    tie_word_embeddings=False, rope_theta=1000000.0, use_sliding_window=False)
 
 
 def mistral_fixture():
     """Mistral-shaped: a sliding window (8) on every layer, shorter than
     every prompt."""
-    family_fixture("mistral", "MistralConfig", "MistralForCausalLM", ["<unk>", "<s>", "</s>"], "<s>", "</s>",
-                   MISTRAL_TEMPLATE, [], sliding_window=8, tie_word_embeddings=False, rope_theta=10000.0)
+    model, tok = family_fixture("mistral", "MistralConfig", "MistralForCausalLM", ["<unk>", "<s>", "</s>"], "<s>",
+                                "</s>", MISTRAL_TEMPLATE, [], "gpt-2", sliding_window=8, tie_word_embeddings=False,
+                                rope_theta=10000.0)
+    # llama.cpp's converter writes Mistral as `llama` and drops
+    # `sliding_window`: its GGUF is the model without a window (as v0.3 is),
+    # so its reference is transformers' with the window off.
+    model.config.sliding_window = None
+    parity_reference("mistral-gguf", model, tok)
 
 
 REWARD_CONVERSATIONS = [

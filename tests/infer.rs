@@ -1,8 +1,9 @@
 //! Tokenizer and chat-template parity with `transformers`, on references made
 //! by `scripts/make_fixtures.py smollm2|gemma3|templates` (transformers' own
 //! GGUF tokenizer converter and `apply_chat_template`, with its keyword
-//! arguments), and the int8 kernels' parity with their scalar reference on
-//! the real models' weights.
+//! arguments) and `qwen2|qwen3|mistral` (the hub tokenizers of GGUF files
+//! llama.cpp's converter wrote), and the int8 kernels' parity with their
+//! scalar reference on the real models' weights.
 
 use prefgen::infer::gguf::GgufFile;
 use prefgen::infer::template::{ChatTemplate, Kwargs, Turn};
@@ -22,8 +23,8 @@ fn fixture(name: &str) -> Value {
 /// every reference string as transformers' GGUF loader does (and, where the
 /// reference has them, adds the same special tokens).
 fn tokenizer_matches(model: &str, reference: &str, min_cases: usize) {
-    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("models").join(model);
-    assert!(model.is_file(), "{} is missing: run `make models`", model.display());
+    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join(model);
+    assert!(model.is_file(), "{} is missing (models/: run `make models`)", model.display());
     let tok = GgufFile::open(&model).unwrap().tokenizer().unwrap();
     let cases = fixture(reference)["tokenizer"].as_array().unwrap().clone();
     assert!(cases.len() >= min_cases);
@@ -42,14 +43,26 @@ fn tokenizer_matches(model: &str, reference: &str, min_cases: usize) {
 
 #[test]
 fn gguf_tokenizer_matches_transformers() {
-    tokenizer_matches("SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2_reference.json", 10);
+    tokenizer_matches("models/SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2_reference.json", 10);
 }
 
 /// Gemma's sentencepiece vocabulary: merges recovered from the vocabulary
 /// order, byte fallback, whitespace-run tokens, BOS added.
 #[test]
 fn gemma3_tokenizer_matches_transformers() {
-    tokenizer_matches("gemma-3-270m-q4_k_m.gguf", "gemma3_reference.json", 15);
+    tokenizer_matches("models/gemma-3-270m-q4_k_m.gguf", "gemma3_reference.json", 15);
+}
+
+/// The tiny Qwen2, Qwen3 and Mistral as llama.cpp's converter writes them
+/// (`scripts/make_fixtures.py qwen2|qwen3|mistral`), against their hub
+/// tokenizers: Qwen's single-digit split and NFC (`tokenizer.ggml.pre =
+/// qwen2`), GPT-2's split and BOS added for Mistral, special tokens inside
+/// text, composed and decomposed unicode.
+#[test]
+fn converted_tokenizers_match_transformers() {
+    for name in ["qwen2", "qwen3", "mistral"] {
+        tokenizer_matches(&format!("tests/fixtures/tiny-{name}.gguf"), &format!("tiny-{name}-reference.json"), 25);
+    }
 }
 
 #[test]

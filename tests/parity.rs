@@ -6,7 +6,9 @@
 //! embeddings; Qwen3's q/k norms and head_dim; Mistral's sliding window), a
 //! trained BPE tokenizer with the family's special tokens and chat template.
 //! Each new family's feature is shown to matter: switched off in a copy of
-//! the fixture, some greedy text changes.
+//! the fixture, some greedy text changes. The Qwen2, Qwen3 and Mistral
+//! fixtures are also converted to GGUF by llama.cpp's own converter, and
+//! those files pass the same test.
 
 use prefgen::infer::engine::{self, Job, Outcome};
 use prefgen::infer::sampler::{Sampling, Stream};
@@ -21,8 +23,15 @@ fn fixtures() -> std::path::PathBuf {
 /// Template text, token ids, last-position logits (within 1e-4) and 32
 /// greedy tokens of every prompt, decoded one at a time and all in one batch.
 fn matches_transformers(name: &str) {
-    let policy = Policy::load(&fixtures().join(format!("tiny-{name}")), &Load::default()).unwrap();
-    let path = fixtures().join(format!("tiny-{name}-reference.json"));
+    model_matches_transformers(&format!("tiny-{name}"), name);
+}
+
+/// The same for the fixture `model` (a folder, or a `.gguf` file run
+/// dequantized) against `tiny-{reference}-reference.json`.
+fn model_matches_transformers(model: &str, reference: &str) {
+    let load = Load { dequantize: true, ..Load::default() };
+    let policy = Policy::load(&fixtures().join(model), &load).unwrap();
+    let path = fixtures().join(format!("tiny-{reference}-reference.json"));
     let r: Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
     let cases = r["cases"].as_array().unwrap();
     assert!(cases.len() >= 8);
@@ -48,7 +57,7 @@ fn matches_transformers(name: &str) {
         }
         prompts.push(ids);
     }
-    eprintln!("{name}: largest last-position logit difference: {worst:e}");
+    eprintln!("{model}: largest last-position logit difference: {worst:e}");
     assert!(worst <= 1e-4, "last-position logits differ by up to {worst:e}");
     // One at a time, then every prompt together, prompts of different
     // lengths in one batch.
@@ -129,6 +138,59 @@ fn tiny_qwen3_matches_transformers() {
 #[test]
 fn tiny_mistral_matches_transformers() {
     matches_transformers("mistral");
+}
+
+/// The tiny Qwen2 as llama.cpp's converter writes it (`qwen2`: q/k/v
+/// biases as `attn_{q,k,v}.bias`, the tied head left out, rotated halves),
+/// with its tokenizer (Qwen2's split rules) and chat template from the file.
+#[test]
+fn tiny_qwen2_gguf_matches_transformers() {
+    model_matches_transformers("tiny-qwen2.gguf", "qwen2");
+}
+
+/// The tiny Qwen2 converted to Q8_0 and run as users run GGUF files:
+/// quantized, in prefgen's int8 kernels (activations quantized too, as
+/// llama.cpp does). The last-position logits move by up to ~0.2 (of ~4)
+/// from transformers' f32 ones (0.19 of it is the weights' rounding:
+/// transformers on the file's dequantized weights moves as much), enough to
+/// change some of the 32 greedy tokens of a tiny random model (its top-1
+/// margins are ~1e-3), but the next token is transformers' on at least 6 of
+/// 8 prompts (7 measured), and batch 8 gives batch 1's tokens.
+#[test]
+fn tiny_qwen2_q8_0_gguf_runs_quantized() {
+    let policy = Policy::load(&fixtures().join("tiny-qwen2.q8_0.gguf"), &Load::default()).unwrap();
+    let r: Value =
+        serde_json::from_slice(&std::fs::read(fixtures().join("tiny-qwen2-reference.json")).unwrap()).unwrap();
+    let cases = r["cases"].as_array().unwrap();
+    let ids: Vec<Vec<u32>> = cases.iter().map(|c| serde_json::from_value(c["input_ids"].clone()).unwrap()).collect();
+    let argmax = |v: &[f32]| (0..v.len()).fold(0, |m, i| if v[i] > v[m] { i } else { m });
+    let (mut worst, mut same_top) = (0f32, 0);
+    for (case, ids) in cases.iter().zip(&ids) {
+        let mut cache = policy.model.new_cache();
+        let got = policy.model.forward(&[ids], &mut [&mut cache]).unwrap().to_vec2::<f32>().unwrap().remove(0);
+        let want: Vec<f32> = serde_json::from_value(case["logits"].clone()).unwrap();
+        worst = got.iter().zip(&want).fold(worst, |w, (a, b)| w.max((a - b).abs()));
+        same_top += usize::from(argmax(&got) == argmax(&want));
+    }
+    eprintln!("qwen2 Q8_0: largest logit difference {worst:e}; next token as transformers' on {same_top} of 8");
+    assert!(worst < 0.5, "logits differ by up to {worst:e}");
+    assert!(same_top >= 6, "the next token is transformers' on only {same_top} prompts");
+    let jobs = || ids.iter().map(|p| Job { prompt: p.clone(), stream: Stream::new(0, "") }).collect();
+    assert_eq!(greedy(&policy, &r, jobs(), 1), greedy(&policy, &r, jobs(), 8), "batch 8 against batch 1");
+}
+
+/// `qwen3`: q/k norms as `attn_{q,k}_norm`, head_dim as `key_length`.
+#[test]
+fn tiny_qwen3_gguf_matches_transformers() {
+    model_matches_transformers("tiny-qwen3.gguf", "qwen3");
+}
+
+/// Mistral converted by llama.cpp is a `llama` file without the sliding
+/// window (the converter leaves `sliding_window` out): it matches
+/// transformers' Mistral with `sliding_window` null, as v0.3 has it.
+#[test]
+fn tiny_mistral_gguf_matches_transformers_without_its_window() {
+    model_matches_transformers("tiny-mistral.gguf", "mistral-gguf");
 }
 
 /// Qwen2's q/k/v biases, zeroed in the copy's weights.

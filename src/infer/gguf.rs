@@ -9,9 +9,10 @@ use std::path::Path;
 use tokenizers::decoders::{self, DecoderWrapper, byte_fallback::ByteFallback, fuse::Fuse};
 use tokenizers::models::bpe::{BPE, Vocab};
 use tokenizers::normalizers::replace::Replace;
+use tokenizers::normalizers::unicode::NFC;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::sequence::Sequence;
-use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+use tokenizers::pre_tokenizers::split::{self, SplitPattern};
 use tokenizers::processors::template::TemplateProcessing;
 use tokenizers::{AddedToken, PreTokenizerWrapper, SplitDelimiterBehavior, Tokenizer};
 
@@ -111,10 +112,10 @@ impl GgufFile {
             .map(|t| AddedToken::from(t.clone(), false).normalized(false))
             .collect();
         tok.add_tokens(&user);
-        if kind == "llama"
-            && self.get("tokenizer.ggml.add_bos_token").ok().and_then(|v| v.to_bool().ok()) != Some(false)
-        {
-            // Sentencepiece vocabularies add BOS unless the file says not to.
+        // Sentencepiece vocabularies add BOS unless the file says not to,
+        // byte-level ones only where it says to (Mistral's).
+        let add_bos = self.get("tokenizer.ggml.add_bos_token").ok().and_then(|v| v.to_bool().ok());
+        if add_bos.unwrap_or(kind == "llama") {
             let bos_id = self.u32("tokenizer.ggml.bos_token_id")?;
             let bos = self.token(bos_id)?;
             let post = TemplateProcessing::builder()
@@ -153,14 +154,18 @@ impl GgufFile {
             .map_err(|e| anyhow!("building the BPE tokenizer: {e}"))?;
         let mut tok = Tokenizer::new(bpe);
         let pre = self.string("tokenizer.ggml.pre").unwrap_or_default();
-        match split_regex(&pre) {
-            Some(regex) => {
-                let split = Split::new(SplitPattern::Regex(regex.into()), SplitDelimiterBehavior::Isolated, false)
-                    .map_err(|e| anyhow!("{e}"))?;
+        match split_rules(&pre) {
+            Some(rules) => {
+                let split =
+                    split::Split::new(SplitPattern::Regex(rules.regex.into()), SplitDelimiterBehavior::Isolated, false)
+                        .map_err(|e| anyhow!("{e}"))?;
                 tok.with_pre_tokenizer(Some(PreTokenizerWrapper::Sequence(Sequence::new(vec![
                     split.into(),
                     ByteLevel::new(false, true, false).into(),
                 ]))));
+                if rules.nfc {
+                    tok.with_normalizer(Some(NFC));
+                }
             }
             None => {
                 tok.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)));
@@ -214,10 +219,25 @@ impl GgufFile {
     }
 }
 
-/// The split regex llama.cpp's pre-tokenizer names stand for; None is GPT-2's own.
-fn split_regex(pre: &str) -> Option<&'static str> {
+/// How the text is split before BPE under a llama.cpp pre-tokenizer name (as
+/// transformers' GGUF loader and the family's tokenizer.json split it), and
+/// whether it is NFC-normalised first; None is GPT-2's own split.
+struct Split {
+    regex: &'static str,
+    /// Qwen2's tokenizer.json normalises to NFC (llama.cpp does not;
+    /// prefgen tokenizes as transformers does).
+    nfc: bool,
+}
+
+fn split_rules(pre: &str) -> Option<Split> {
     const LLAMA3: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
-    matches!(pre, "llama3" | "llama-v3" | "llama-bpe" | "smaug-bpe" | "dbrx").then_some(LLAMA3)
+    // Llama-3's with single digits.
+    const QWEN2: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+    match pre {
+        "llama3" | "llama-v3" | "llama-bpe" | "smaug-bpe" | "dbrx" => Some(Split { regex: LLAMA3, nfc: false }),
+        "qwen2" | "deepseek-r1-qwen" => Some(Split { regex: QWEN2, nfc: true }),
+        _ => None,
+    }
 }
 
 /// GPT-2's reversible map from bytes to printable characters.

@@ -99,7 +99,7 @@ section! {
     pub struct Generate in generate {
         /// The policy: a hub id (`LlamaForCausalLM`, `Gemma2ForCausalLM`), a
         /// local model folder as a hub snapshot holds it, or a `.gguf` file
-        /// (Llama, Gemma-2, Gemma-3).
+        /// (Llama, Qwen2, Qwen3, Mistral, Gemma-2, Gemma-3).
         model: Option<String> = None, "required unless `import`",
             Source("by the files its loader reads (hub sha256 where recorded, else content); other files in the folder do not count");
         /// The hub revision of `model`.

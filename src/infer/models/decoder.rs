@@ -290,10 +290,11 @@ impl KvCache {
 
 impl Decoder {
     /// Loads a GGUF file's weights (the families with a [`super::family::Gguf`]
-    /// name: `llama`, `gemma2`, `gemma3`). Quantized matmuls quantize the activations too (to
-    /// Q8, as llama.cpp does), which moves Gemma-3 270M's logits by up to ~0.8
-    /// from an f32 evaluation of the same weights; `dequantize` runs the
-    /// weights in f32 instead, slower, and equal to that evaluation.
+    /// name: `llama`, `qwen2`, `qwen3`, `gemma2`, `gemma3`). Quantized matmuls
+    /// quantize the activations too (to Q8, as llama.cpp does), which moves
+    /// Gemma-3 270M's logits by up to ~0.8 from an f32 evaluation of the same
+    /// weights; `dequantize` runs the weights in f32 instead, slower, and
+    /// equal to that evaluation.
     pub fn from_gguf(file: &GgufFile, device: &Device, dequantize: bool) -> Result<Decoder> {
         let arch = file.architecture()?;
         let Some(family) = Family::of_gguf(&arch) else {
@@ -351,7 +352,11 @@ impl Decoder {
             embed_scale: family.embed_scale.then(|| (hidden as f64).sqrt()),
             attn_softcap: f("attn_logit_softcapping").ok().map(f64::from).filter(|_| family.softcaps),
             final_softcap: f("final_logit_softcapping").ok().map(f64::from).filter(|_| family.softcaps),
-            sliding_window: u("attention.sliding_window").ok().filter(|_| family.window != Window::Never),
+            // Qwen's switch (`use_sliding_window`) is not in a GGUF file, and
+            // llama.cpp's qwen2 and qwen3 never slide.
+            sliding_window: u("attention.sliding_window")
+                .ok()
+                .filter(|_| matches!(family.window, Window::Every | Window::FullEvery(_))),
             activation: family.activation,
         };
         // Norm weights: llama.cpp's converter has already folded Gemma's 1 in.
@@ -368,9 +373,16 @@ impl Decoder {
                 |n: &str| -> Result<Linear> { matmul(tensor(&format!("blk.{i}.{n}.weight"))?, device, dequantize) };
             let (wq, wk, wv, wo) = (q("attn_q")?, q("attn_k")?, q("attn_v")?, q("attn_output")?);
             let (gate, up, down) = (q("ffn_gate")?, q("ffn_up")?, q("ffn_down")?);
-            let mut norm = |n: &str| -> Result<Tensor> { Ok(dense(tensor(&format!("blk.{i}.{n}.weight"))?)?) };
+            let mut vector = |n: &str| -> Result<Tensor> { Ok(dense(tensor(&format!("blk.{i}.{n}"))?)?) };
+            let qkv_bias = family
+                .qkv_bias
+                .then(|| {
+                    Ok::<_, anyhow::Error>((vector("attn_q.bias")?, vector("attn_k.bias")?, vector("attn_v.bias")?))
+                })
+                .transpose()?;
+            let mut norm = |n: &str| vector(&format!("{n}.weight"));
             blocks.push(Block {
-                qkv_bias: None,
+                qkv_bias,
                 post_attn_norm: family.post_norms.then(|| norm("post_attention_norm")).transpose()?,
                 post_ffn_norm: family.post_norms.then(|| norm("post_ffw_norm")).transpose()?,
                 q_norm: family.qk_norm.then(|| norm("attn_q_norm")).transpose()?,

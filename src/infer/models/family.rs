@@ -84,7 +84,7 @@ pub struct Family {
 
 /// Llama: every feature off. The others say only how they differ.
 const LLAMA: Family = Family {
-    name: "Llama (Llama-3, 3.1 rope scaling; SmolLM2)",
+    name: "Llama (Llama-3, 3.1 rope scaling; SmolLM2; Mistral's GGUF files)",
     architectures: &["LlamaForCausalLM", "LlamaForSequenceClassification", "LlamaForRewardModelWithGating"],
     gguf: Some(Gguf { arch: "llama", interleaved_rope: true, wide_query_depth: None }),
     norm_offset: false,
@@ -107,7 +107,8 @@ pub const FAMILIES: &[Family] = &[
     Family {
         name: "Qwen2 (Qwen2, Qwen2.5)",
         architectures: &["Qwen2ForCausalLM", "Qwen2ForSequenceClassification"],
-        gguf: None,
+        // Rotated halves (llama.cpp's NEOX rope), as on the hub.
+        gguf: Some(Gguf { arch: "qwen2", interleaved_rope: false, wide_query_depth: None }),
         qkv_bias: true,
         window: Window::Switched,
         ..LLAMA
@@ -115,13 +116,15 @@ pub const FAMILIES: &[Family] = &[
     Family {
         name: "Qwen3",
         architectures: &["Qwen3ForCausalLM", "Qwen3ForSequenceClassification"],
-        gguf: None,
+        gguf: Some(Gguf { arch: "qwen3", interleaved_rope: false, wide_query_depth: None }),
         qk_norm: true,
         window: Window::Switched,
         ..LLAMA
     },
+    // llama.cpp's converter writes Mistral as `llama` and leaves out
+    // `sliding_window`: its GGUF files are read as Llama, with no window.
     Family {
-        name: "Mistral",
+        name: "Mistral (GGUF: as Llama, no window)",
         architectures: &["MistralForCausalLM", "MistralForSequenceClassification"],
         gguf: None,
         window: Window::Every,
