@@ -85,7 +85,7 @@ gpu-check-rehearsal:
 ## fixtures: regenerate the committed test fixtures (the model references need torch and transformers)
 fixtures: models
 	$(PYTHON) scripts/make_fixtures.py
-	for f in smollm2 llama3 gemma2 qwen2 qwen3 mistral gemma3 reward decode; do $(PYTHON) scripts/make_fixtures.py $$f; done
+	for f in smollm2 llama3 gemma2 qwen2 qwen3 mistral gemma3-tiny llama32 gemma3 reward decode; do $(PYTHON) scripts/make_fixtures.py $$f; done
 
 .PHONY: pydeps
 pydeps:

@@ -161,6 +161,55 @@ fn mistral_sliding_window_changes_greedy_text() {
 }
 
 #[test]
+fn tiny_gemma3_matches_transformers() {
+    matches_transformers("gemma3");
+}
+
+/// Llama-3.2 as its 1B and 3B ship: embeddings tied, and no lm_head.weight
+/// in the safetensors.
+#[test]
+fn tiny_llama32_matches_transformers() {
+    let weights = fixtures().join("tiny-llama32/model.safetensors");
+    let names = candle_core::safetensors::load(weights, &candle_core::Device::Cpu).unwrap();
+    assert!(!names.contains_key("lm_head.weight"), "the head is the embedding, as in the real checkpoints");
+    matches_transformers("llama32");
+}
+
+/// Gemma-3's sliding layers' own rope base (10000), set to the full
+/// layers' (1e6) in the copy's config.
+#[test]
+fn gemma3_local_rope_base_changes_greedy_text() {
+    feature_changes_greedy_text("gemma3", |dir| {
+        edit_config(dir, |c| c["rope_parameters"]["sliding_attention"]["rope_theta"] = serde_json::json!(1e6))
+    });
+}
+
+/// Gemma-3's sliding/full layer pattern: every layer full in the copy.
+#[test]
+fn gemma3_sliding_layers_change_greedy_text() {
+    feature_changes_greedy_text("gemma3", |dir| {
+        edit_config(dir, |c| c["layer_types"] = serde_json::json!(vec!["full_attention"; 3]))
+    });
+}
+
+/// Linear rope scaling on Gemma-3's full layer (the 4B and up), removed in
+/// the copy.
+#[test]
+fn gemma3_linear_rope_scaling_changes_greedy_text() {
+    feature_changes_greedy_text("gemma3", |dir| {
+        edit_config(dir, |c| c["rope_parameters"]["full_attention"] = serde_json::json!({"rope_theta": 1e6}))
+    });
+}
+
+/// Llama-3.2's rope scaling factor 32, made Llama-3.1's 8 in the copy.
+#[test]
+fn llama32_rope_factor_changes_greedy_text() {
+    feature_changes_greedy_text("llama32", |dir| {
+        edit_config(dir, |c| c["rope_parameters"]["factor"] = serde_json::json!(8.0))
+    });
+}
+
+#[test]
 fn tiny_llama3_matches_transformers() {
     matches_transformers("llama3");
 }

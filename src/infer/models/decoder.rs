@@ -62,7 +62,15 @@ struct RopeScaling {
     pub factor: f32,
     pub low_freq_factor: f32,
     pub high_freq_factor: f32,
-    pub original_max_position_embeddings: usize,
+    /// transformers' default: `max_position_embeddings`.
+    pub original_max_position_embeddings: Option<usize>,
+}
+
+/// One rotary embedding as config.json describes it: its base, and the
+/// divisor of each frequency where it is scaled.
+struct RopeSpec {
+    theta: f32,
+    factors: Option<Vec<f32>>,
 }
 
 /// `config.json` of a checkpoint of one of the [`super::family::FAMILIES`]
@@ -81,6 +89,11 @@ pub struct HubConfig {
     pub max_window_layers: Option<usize>,
     /// `sliding_attention` / `full_attention` per layer (transformers >= 5).
     pub layer_types: Option<Vec<String>>,
+    /// Older Gemma-3 configs' every n-th layer attends fully, where there
+    /// is no `layer_types`.
+    pub sliding_window_pattern: Option<usize>,
+    /// EmbeddingGemma's bidirectional attention, which a causal decoder is not.
+    pub use_bidirectional_attention: Option<bool>,
     pub rope_local_base_freq: Option<f32>,
     pub hidden_size: usize,
     pub num_hidden_layers: usize,
@@ -90,7 +103,9 @@ pub struct HubConfig {
     pub rms_norm_eps: f64,
     pub rope_theta: Option<f32>,
     pub rope_scaling: Option<serde_json::Value>,
-    /// transformers >= 5 writes `rope_theta` and the scaling here instead.
+    /// transformers >= 5 writes `rope_theta` and the scaling here instead,
+    /// nested by layer type where they differ (Gemma-3: `full_attention`,
+    /// `sliding_attention`).
     pub rope_parameters: Option<serde_json::Value>,
     pub max_position_embeddings: usize,
     /// The family's default where left out.
@@ -131,10 +146,62 @@ impl HubConfig {
                 return Err(format!("{key} is true; prefgen runs checkpoints without those biases"));
             }
         }
+        if self.use_bidirectional_attention == Some(true) {
+            return Err("use_bidirectional_attention is true; prefgen runs causal decoders".into());
+        }
         if self.head_dim.is_none() && !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return Err("hidden_size is not a multiple of num_attention_heads, and there is no head_dim".into());
         }
         Ok(())
+    }
+
+    /// The rotary embeddings of the full-attention layers and of the
+    /// sliding ones, as transformers reads them: `rope_parameters` nested by
+    /// layer type (Gemma-3 from transformers >= 5) or one for every layer,
+    /// or the older `rope_theta`, `rope_scaling` and (the sliding layers')
+    /// `rope_local_base_freq`. Bases left out are 10000.
+    fn ropes(&self, head_dim: usize) -> std::result::Result<(RopeSpec, RopeSpec), String> {
+        let of_type = |t: &str| self.rope_parameters.as_ref().and_then(|p| p.get(t)).filter(|v| v.is_object());
+        let (full, sliding) = (of_type("full_attention"), of_type("sliding_attention"));
+        let nested = full.is_some() || sliding.is_some();
+        let scaling = self.rope_scaling.as_ref().filter(|v| !v.is_null());
+        let shared = if nested { None } else { scaling.or(self.rope_parameters.as_ref()) };
+        let global = self.rope(full.or(scaling).or(shared), self.rope_theta, head_dim, "full_attention")?;
+        let local = self.rope(sliding, self.rope_local_base_freq, head_dim, "sliding_attention")?;
+        Ok((global, local))
+    }
+
+    /// One rotary embedding from its parameters (`rope_type`, or the older
+    /// `type`; `rope_theta`, else `theta`): default, linear, or llama3.
+    fn rope(
+        &self,
+        params: Option<&serde_json::Value>,
+        theta: Option<f32>,
+        head_dim: usize,
+        layers: &str,
+    ) -> std::result::Result<RopeSpec, String> {
+        let field = |k: &str| params.and_then(|p| p.get(k));
+        let theta = field("rope_theta").and_then(|t| t.as_f64()).map(|t| t as f32).or(theta).unwrap_or(10_000.0);
+        let factor = || -> std::result::Result<f32, String> {
+            match field("factor").and_then(|f| f.as_f64()) {
+                Some(f) if f > 0.0 => Ok(f as f32),
+                _ => Err(format!("the {layers} layers' rope scaling has no factor > 0")),
+            }
+        };
+        let factors = match field("rope_type").or(field("type")).and_then(|t| t.as_str()) {
+            None | Some("default") => None,
+            Some("linear") => Some(vec![factor()?; head_dim / 2]),
+            Some("llama3") => {
+                let mut s: RopeScaling = serde_json::from_value(params.cloned().unwrap_or_default())
+                    .map_err(|e| format!("the {layers} layers' llama3 rope scaling: {e}"))?;
+                s.original_max_position_embeddings.get_or_insert(self.max_position_embeddings);
+                Some(s.factors(theta, head_dim))
+            }
+            Some(other) => {
+                return Err(format!("rope scaling {other:?} is not supported (linear and llama3 are)"));
+            }
+        };
+        Ok(RopeSpec { theta, factors })
     }
 }
 
@@ -375,7 +442,7 @@ impl Decoder {
                 post_ffn_norm: family.post_norms.then(|| norm("post_ffw_norm")).transpose()?,
                 q_norm: family.qk_norm.then(|| norm("attn_q_norm")).transpose()?,
                 k_norm: family.qk_norm.then(|| norm("attn_k_norm")).transpose()?,
-                sliding: family.slides(i, None, None),
+                sliding: family.slides(i, None, None, None),
                 attn_norm: norm("attn_norm")?,
                 ffn_norm: norm("ffn_norm")?,
                 wq,
@@ -410,18 +477,13 @@ impl Decoder {
                 Family::supported_architectures()
             )
         };
-        let params = hc.rope_scaling.as_ref().or(hc.rope_parameters.as_ref()).filter(|v| !v.is_null());
-        let rope_scaling: Option<RopeScaling> =
-            match params.map(|v| (v, v.get("rope_type").or(v.get("type")).and_then(|t| t.as_str()))) {
-                Some((v, Some("llama3"))) => Some(serde_json::from_value(v.clone())?),
-                Some((_, None | Some("default"))) | None => None,
-                Some((v, _)) => bail!("{}/config.json: rope scaling {v} is not supported (llama3 is)", dir.display()),
-            };
-        let rope_theta = hc
-            .rope_theta
-            .or_else(|| hc.rope_parameters.as_ref().and_then(|p| p["rope_theta"].as_f64()).map(|t| t as f32))
-            .unwrap_or(10_000.0);
         let head_dim = hc.head_dim.unwrap_or(hc.hidden_size / hc.num_attention_heads);
+        let refuse = |why: String| anyhow::anyhow!("{}: {why}", config.display());
+        let (global, local) = hc.ropes(head_dim).map_err(refuse)?;
+        // Only the full-attention layers' rotation is scaled (Gemma-3's 4B and up).
+        if family.local_rope_base && local.factors.is_some() {
+            return Err(refuse("rope scaling on the sliding_attention layers is not supported".into()));
+        }
         let cfg = Config {
             n_layer: hc.num_hidden_layers,
             n_head: hc.num_attention_heads,
@@ -429,9 +491,9 @@ impl Decoder {
             head_dim,
             hidden: hc.hidden_size,
             rms_eps: hc.rms_norm_eps as f32,
-            rope_base: rope_theta,
-            rope_local_base: family.local_rope_base.then(|| hc.rope_local_base_freq.unwrap_or(10_000.0)),
-            rope_factors: rope_scaling.map(|s| s.factors(rope_theta, head_dim)),
+            rope_base: global.theta,
+            rope_local_base: family.local_rope_base.then_some(local.theta),
+            rope_factors: global.factors,
             context: hc.max_position_embeddings,
             interleaved_rope: false,
             attn_scale: 1.0
@@ -500,7 +562,7 @@ impl Decoder {
                 post_ffn_norm,
                 q_norm: family.qk_norm.then(|| norm(&attn("q_norm.weight"))).transpose()?,
                 k_norm: family.qk_norm.then(|| norm(&attn("k_norm.weight"))).transpose()?,
-                sliding: family.slides(i, layer_type, hc.max_window_layers),
+                sliding: family.slides(i, layer_type, hc.max_window_layers, hc.sliding_window_pattern),
                 attn_norm: norm(&format!("{p}.input_layernorm.weight"))?,
                 wq: projection(&format!("{p}.self_attn.q_proj.weight"), q, cfg.hidden)?,
                 wk: projection(&format!("{p}.self_attn.k_proj.weight"), kv, cfg.hidden)?,
@@ -787,7 +849,7 @@ impl RopeScaling {
     /// stores as `rope_freqs.weight`): long wavelengths are slowed by
     /// `factor`, short ones kept, and the band between interpolated.
     fn factors(&self, base: f32, head_dim: usize) -> Vec<f32> {
-        let old = self.original_max_position_embeddings as f32;
+        let old = self.original_max_position_embeddings.unwrap_or_default() as f32;
         let (low_wavelen, high_wavelen) = (old / self.low_freq_factor, old / self.high_freq_factor);
         (0..head_dim / 2)
             .map(|i| {
@@ -903,7 +965,9 @@ mod tests {
     /// soft-capping, sliding layers, q/k/v biases and q/k norms.
     #[test]
     fn fused_attention_matches_the_tensor_ops() {
-        for name in ["tiny-llama3", "tiny-gemma2", "tiny-qwen2", "tiny-qwen3", "tiny-mistral"] {
+        for name in
+            ["tiny-llama3", "tiny-gemma2", "tiny-qwen2", "tiny-qwen3", "tiny-mistral", "tiny-gemma3", "tiny-llama32"]
+        {
             let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name);
             let fused = Decoder::from_safetensors(&dir, &Device::Cpu, None).unwrap();
             let mut tensors = Decoder::from_safetensors(&dir, &Device::Cpu, None).unwrap();

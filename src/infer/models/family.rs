@@ -13,7 +13,8 @@ pub enum Window {
     /// Every layer (Mistral; none when `sliding_window` is null, as in v0.3).
     Every,
     /// Every n-th layer attends fully, the others slide: Gemma-2 (2),
-    /// Gemma-3 (6). `layer_types` in config.json overrides the pattern.
+    /// Gemma-3 (6). `layer_types` in config.json overrides the pattern, as
+    /// older Gemma-3 configs' `sliding_window_pattern` overrides n.
     FullEvery(usize),
     /// Only when `use_sliding_window` is true, from layer
     /// `max_window_layers` on (Qwen2, Qwen3); `layer_types` overrides.
@@ -62,11 +63,14 @@ pub struct Family {
     /// rotary embedding (Qwen3, Gemma-3).
     pub qk_norm: bool,
     pub window: Window,
-    /// Sliding layers rotate with `rope_local_base_freq` (Gemma-3).
+    /// Sliding layers rotate with their own base, `rope_local_base_freq` or
+    /// `rope_parameters.sliding_attention` (Gemma-3); the full layers' may
+    /// be scaled.
     pub local_rope_base: bool,
     /// Scores scaled by `query_pre_attn_scalar` rather than head_dim (Gemma).
     pub query_scalar: bool,
-    /// `attn_logit_softcapping` and `final_logit_softcapping` (Gemma-2).
+    /// `attn_logit_softcapping` and `final_logit_softcapping` where
+    /// config.json sets them (Gemma-2 does; Gemma-3's are null).
     pub softcaps: bool,
     /// Embeddings multiplied by sqrt(hidden) (Gemma).
     pub embed_scale: bool,
@@ -130,7 +134,7 @@ pub const FAMILIES: &[Family] = &[
     },
     Family {
         name: "Gemma-3 (text)",
-        architectures: &[],
+        architectures: &["Gemma3ForCausalLM"],
         gguf: Some(Gguf { arch: "gemma3", interleaved_rope: false, wide_query_depth: Some(62) }),
         norm_offset: true,
         post_norms: true,
@@ -138,6 +142,7 @@ pub const FAMILIES: &[Family] = &[
         window: Window::FullEvery(6),
         local_rope_base: true,
         query_scalar: true,
+        softcaps: true,
         embed_scale: true,
         activation: Activation::GeluTanh,
         tied_by_default: true,
@@ -172,12 +177,18 @@ impl Family {
     /// one): as config.json's `layer_types` says where it says (transformers
     /// 5 writes it; Mistral's attention does not read it), else by the
     /// family's pattern (`max_window_layers`: Qwen's first full layers).
-    pub fn slides(&self, i: usize, layer_type: Option<&str>, max_window_layers: Option<usize>) -> bool {
+    pub fn slides(
+        &self,
+        i: usize,
+        layer_type: Option<&str>,
+        max_window_layers: Option<usize>,
+        pattern: Option<usize>,
+    ) -> bool {
         match (self.window, layer_type) {
             (Window::Never, _) => false,
             (Window::Every, _) => true,
             (_, Some(t)) => t == "sliding_attention",
-            (Window::FullEvery(n), None) => !(i + 1).is_multiple_of(n),
+            (Window::FullEvery(n), None) => !(i + 1).is_multiple_of(pattern.filter(|&p| p > 0).unwrap_or(n)),
             (Window::Switched, None) => max_window_layers.is_none_or(|m| i >= m),
         }
     }
@@ -207,7 +218,7 @@ impl Family {
             (self.qk_norm, "per-head q/k RMS norms"),
             (self.local_rope_base, "sliding layers' own rope base"),
             (self.query_scalar, "`query_pre_attn_scalar`"),
-            (self.softcaps, "attention and logit soft-capping"),
+            (self.softcaps, "attention and logit soft-capping (where config.json sets them)"),
             (self.embed_scale, "embeddings scaled by sqrt(hidden)"),
         ];
         let all: Vec<String> = flags
