@@ -13,6 +13,7 @@
     python3 scripts/make_fixtures.py mistral    # ... Mistral (sliding window on every layer)
     python3 scripts/make_fixtures.py gemma3-tiny  # ... Gemma-3 (q/k norms, sliding pattern, local rope base)
     python3 scripts/make_fixtures.py llama32    # ... Llama-3.2 (tied embeddings, rope factor 32)
+                                                # (both also converted to GGUF by llama.cpp's converter)
     python3 scripts/make_fixtures.py decode     # decoded text under each clean_up_tokenization_spaces
                                                 # setting, and a cut UTF-8 sequence (transformers)
 
@@ -490,6 +491,35 @@ def parity_reference(name, model, tok, template_kwargs={}):
     dump(os.path.join(ROOT, f"tiny-{name}-reference.json"), {"max_new_tokens": 32, "cases": cases})
 
 
+LLAMA_CPP = os.path.join(ROOT, "..", "..", "target", "llama.cpp", "src")
+
+
+def to_gguf(folder, out, pre, outtype="f32"):
+    """Converts a hub folder to GGUF with llama.cpp's own converter (the
+    llama.cpp source the tests build), as a user converts a checkpoint.
+
+    `pre` is the llama.cpp pre-tokenizer name written as tokenizer.ggml.pre
+    (e.g. "qwen2", "llama-bpe", "gpt-2"): the converter recognises a
+    pre-tokenizer by a hash of the tokenizer's ids on a test string, and no
+    tiny trained vocabulary gives a real model's hash, so the fixture states
+    the name its tokenizer's split rules belong to."""
+    import importlib
+
+    for path in (LLAMA_CPP, os.path.join(LLAMA_CPP, "gguf-py")):
+        if path not in sys.path:
+            sys.path.insert(0, path)
+    converter = importlib.import_module("convert_hf_to_gguf")
+    from conversion.base import TextModel
+
+    TextModel.get_vocab_base_pre = lambda self, tokenizer: pre
+    argv = sys.argv
+    sys.argv = ["convert_hf_to_gguf.py", folder, "--outfile", out, "--outtype", outtype]
+    try:
+        converter.main()
+    finally:
+        sys.argv = argv
+
+
 def gemma2_fixture():
     """A tiny Gemma2ForCausalLM with Gemma-2's config fields (soft-capping,
     alternating sliding window shorter than the longer prompts,
@@ -591,6 +621,7 @@ def family_fixture(name, config_class, model_class, specials, bos, eos, template
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
     parity_reference(name, model, tok, template_kwargs or {})
+    return model, tok
 
 
 def qwen2_fixture():
@@ -623,15 +654,36 @@ def gemma3_tiny_fixture():
     sliding layers' own rope base (`rope_local_base_freq`), linear rope
     scaling on the full layer (as the 4B and up have it), and
     query_pre_attn_scalar != head_dim. Stops at <eos> and <end_of_turn>, as
-    the instruct models' generation config says."""
-    family_fixture("gemma3", "Gemma3TextConfig", "Gemma3ForCausalLM",
-                   ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"], "<bos>", "<eos>",
-                   GEMMA3_TEMPLATE, ["norm"], stops=["<eos>", "<end_of_turn>"], norm_mean=0.0,
-                   num_hidden_layers=3, head_dim=16, query_pre_attn_scalar=24, sliding_window=8,
-                   layer_types=["sliding_attention", "sliding_attention", "full_attention"],
-                   rope_parameters={"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0},
-                                    "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}},
-                   hidden_activation="gelu_pytorch_tanh", tie_word_embeddings=True)
+    the instruct models' generation config says.
+
+    Also converted to GGUF (`gemma3`, f32) by llama.cpp's converter, which
+    records neither `layer_types` nor `query_pre_attn_scalar`: llama.cpp
+    reads such a file with every 6th layer full (here: none) and scores
+    scaled by head_dim, so the file's reference is transformers' model with
+    those two settings."""
+    import torch
+    from transformers import Gemma3ForCausalLM
+
+    name = "gemma3"
+    model, tok = family_fixture(
+        name, "Gemma3TextConfig", "Gemma3ForCausalLM",
+        ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"], "<bos>", "<eos>",
+        GEMMA3_TEMPLATE, ["norm"], stops=["<eos>", "<end_of_turn>"], norm_mean=0.0,
+        num_hidden_layers=3, head_dim=16, query_pre_attn_scalar=24, sliding_window=8,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+        rope_parameters={"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}},
+        hidden_activation="gelu_pytorch_tanh", tie_word_embeddings=True)
+    to_gguf(os.path.join(ROOT, f"tiny-{name}"), os.path.join(ROOT, f"tiny-{name}.gguf"), "gpt-2")
+    config = model.config.__class__.from_dict(model.config.to_dict())
+    config.layer_types = ["sliding_attention"] * config.num_hidden_layers
+    config.query_pre_attn_scalar = config.head_dim
+    as_read = Gemma3ForCausalLM(config).eval()
+    as_read.load_state_dict(model.state_dict())
+    as_read.generation_config = model.generation_config
+    with torch.no_grad():
+        assert not torch.equal(as_read(torch.tensor([[2, 5, 9]])).logits, model(torch.tensor([[2, 5, 9]])).logits)
+    parity_reference(f"{name}-gguf", as_read, tok)
 
 
 def llama32_fixture():
@@ -649,6 +701,9 @@ def llama32_fixture():
                                     "rope_theta": 500000.0},
                    tie_word_embeddings=True)
     assert "lm_head.weight" not in safetensors_names(os.path.join(ROOT, "tiny-llama32", "model.safetensors"))
+    # llama.cpp's converter: `llama`, the rope scaling as rope_freqs.weight,
+    # no output.weight (the head is the embedding).
+    to_gguf(os.path.join(ROOT, "tiny-llama32"), os.path.join(ROOT, "tiny-llama32.gguf"), "gpt-2")
 
 
 def safetensors_names(path):

@@ -21,8 +21,15 @@ fn fixtures() -> std::path::PathBuf {
 /// Template text, token ids, last-position logits (within 1e-4) and 32
 /// greedy tokens of every prompt, decoded one at a time and all in one batch.
 fn matches_transformers(name: &str) {
-    let policy = Policy::load(&fixtures().join(format!("tiny-{name}")), &Load::default()).unwrap();
-    let path = fixtures().join(format!("tiny-{name}-reference.json"));
+    model_matches_transformers(&format!("tiny-{name}"), name);
+}
+
+/// The same for the fixture `model` (a folder, or a `.gguf` file run
+/// dequantized) against `tiny-{reference}-reference.json`.
+fn model_matches_transformers(model: &str, reference: &str) {
+    let load = Load { dequantize: true, ..Load::default() };
+    let policy = Policy::load(&fixtures().join(model), &load).unwrap();
+    let path = fixtures().join(format!("tiny-{reference}-reference.json"));
     let r: Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
     let cases = r["cases"].as_array().unwrap();
     assert!(cases.len() >= 8);
@@ -48,7 +55,7 @@ fn matches_transformers(name: &str) {
         }
         prompts.push(ids);
     }
-    eprintln!("{name}: largest last-position logit difference: {worst:e}");
+    eprintln!("{model}: largest last-position logit difference: {worst:e}");
     assert!(worst <= 1e-4, "last-position logits differ by up to {worst:e}");
     // One at a time, then every prompt together, prompts of different
     // lengths in one batch.
@@ -173,6 +180,25 @@ fn tiny_llama32_matches_transformers() {
     let names = candle_core::safetensors::load(weights, &candle_core::Device::Cpu).unwrap();
     assert!(!names.contains_key("lm_head.weight"), "the head is the embedding, as in the real checkpoints");
     matches_transformers("llama32");
+}
+
+/// The tiny Gemma-3 as llama.cpp's converter writes it (`gemma3`: norms
+/// with Gemma's 1 folded in, q/k norms as `attn_{q,k}_norm`, the sliding
+/// layers' base as `rope.freq_base_swa`, the tied head left out), with its
+/// tokenizer (byte-level BPE) and chat template from the file. The file
+/// records neither `layer_types` nor `query_pre_attn_scalar`; it matches
+/// transformers' model as llama.cpp reads such a file: every 6th layer full
+/// (none of 3) and scores scaled by head_dim.
+#[test]
+fn tiny_gemma3_gguf_matches_transformers() {
+    model_matches_transformers("tiny-gemma3.gguf", "gemma3-gguf");
+}
+
+/// The tiny Llama-3.2 as llama.cpp's converter writes it (`llama`: q and k
+/// permuted, the rope factor 32 as `rope_freqs.weight`, no `output.weight`).
+#[test]
+fn tiny_llama32_gguf_matches_transformers() {
+    model_matches_transformers("tiny-llama32.gguf", "llama32");
 }
 
 /// Gemma-3's sliding layers' own rope base (10000), set to the full

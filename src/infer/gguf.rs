@@ -111,10 +111,10 @@ impl GgufFile {
             .map(|t| AddedToken::from(t.clone(), false).normalized(false))
             .collect();
         tok.add_tokens(&user);
-        if kind == "llama"
-            && self.get("tokenizer.ggml.add_bos_token").ok().and_then(|v| v.to_bool().ok()) != Some(false)
-        {
-            // Sentencepiece vocabularies add BOS unless the file says not to.
+        // Sentencepiece vocabularies add BOS unless the file says not to,
+        // byte-level ones only where it says to (Mistral's).
+        let add_bos = self.get("tokenizer.ggml.add_bos_token").ok().and_then(|v| v.to_bool().ok());
+        if add_bos.unwrap_or(kind == "llama") {
             let bos_id = self.u32("tokenizer.ggml.bos_token_id")?;
             let bos = self.token(bos_id)?;
             let post = TemplateProcessing::builder()
