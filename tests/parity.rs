@@ -201,6 +201,49 @@ fn tiny_llama32_gguf_matches_transformers() {
     model_matches_transformers("tiny-llama32.gguf", "llama32");
 }
 
+/// gemma-3-4b, 12b and 27b ship as `Gemma3ForConditionalGeneration`: the
+/// text model's config under `text_config` and its weights beside the
+/// vision tower's, under `model.language_model.` (as transformers 5 writes
+/// them) or `language_model.model.` (as the hub's files were first
+/// written). The tiny Gemma-3 laid out either way gives transformers'
+/// logits and greedy tokens.
+#[test]
+fn gemma3_text_model_of_a_multimodal_folder_matches_transformers() {
+    use candle_core::{Device, Tensor};
+    let src = fixtures().join("tiny-gemma3");
+    for prefix in ["model.language_model.", "language_model.model."] {
+        let tmp = tempfile::tempdir().unwrap();
+        for entry in std::fs::read_dir(&src).unwrap() {
+            let entry = entry.unwrap();
+            std::fs::copy(entry.path(), tmp.path().join(entry.file_name())).unwrap();
+        }
+        edit_config(tmp.path(), |c| {
+            let mut text = c.clone();
+            text.as_object_mut().unwrap().remove("architectures");
+            text["model_type"] = serde_json::json!("gemma3_text");
+            *c = serde_json::json!({
+                "architectures": ["Gemma3ForConditionalGeneration"],
+                "model_type": "gemma3",
+                "text_config": text,
+                "vision_config": {"model_type": "siglip_vision_model", "hidden_size": 8},
+            });
+        });
+        let path = tmp.path().join("model.safetensors");
+        let weights = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
+        let mut moved: std::collections::HashMap<String, Tensor> = weights
+            .into_iter()
+            .map(|(name, w)| (format!("{prefix}{}", name.strip_prefix("model.").unwrap()), w))
+            .collect();
+        let vision = if prefix.starts_with("model.") { "model.vision_tower" } else { "vision_tower" };
+        moved.insert(
+            format!("{vision}.vision_model.post_layernorm.weight"),
+            Tensor::ones(8, candle_core::DType::F32, &Device::Cpu).unwrap(),
+        );
+        candle_core::safetensors::save(&moved, &path).unwrap();
+        model_matches_transformers(tmp.path().to_str().unwrap(), "gemma3");
+    }
+}
+
 /// Gemma-3's sliding layers' own rope base (10000), set to the full
 /// layers' (1e6) in the copy's config.
 #[test]

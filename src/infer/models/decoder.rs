@@ -21,6 +21,10 @@ use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
 use std::path::Path;
 
+/// Where a multimodal checkpoint keeps its language model's weights:
+/// transformers >= 5, and the layout the hub's files were first written in.
+const TEXT_PREFIXES: [&str; 2] = ["model.language_model.", "language_model.model."];
+
 /// Hyper-parameters, from the GGUF metadata or `config.json` read through
 /// the family's description.
 #[derive(Debug, Clone)]
@@ -465,18 +469,35 @@ impl Decoder {
     pub fn from_safetensors(dir: &Path, device: &Device, dtype: Option<DType>) -> Result<Decoder> {
         let text = std::fs::read_to_string(dir.join(files::CONFIG))
             .with_context(|| format!("{}: no {}", dir.display(), files::CONFIG))?;
-        let hc: HubConfig = serde_json::from_str(&text).with_context(|| format!("{}/config.json", dir.display()))?;
         let config = dir.join(files::CONFIG);
-        hc.check().map_err(|why| anyhow::anyhow!("{}: {why}", config.display()))?;
-        let architecture = hc.architectures.first().map(String::as_str);
-        let Some(family) = architecture.and_then(Family::of_architecture) else {
+        let raw: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{}", config.display()))?;
+        let architecture = raw["architectures"][0].as_str().map(str::to_string);
+        let Some((family, wrapped)) = architecture.as_deref().and_then(Family::of_architecture) else {
             bail!(
                 "{}: architecture {} is not supported ({} are)",
                 config.display(),
-                architecture.unwrap_or("(none given)"),
+                architecture.as_deref().unwrap_or("(none given)"),
                 Family::supported_architectures()
             )
         };
+        let weights = Safetensors::open(dir)?;
+        // A multimodal checkpoint's language model: its own config and weights.
+        let text =
+            family.text_config(&raw, wrapped).with_context(|| format!("{}: no text_config", config.display()))?;
+        let prefix = if wrapped {
+            match TEXT_PREFIXES.iter().find(|p| weights.has(&format!("{p}embed_tokens.weight"))) {
+                Some(p) => *p,
+                None => bail!(
+                    "{}: no language model's embed_tokens.weight under {}",
+                    dir.display(),
+                    TEXT_PREFIXES.join(" or ")
+                ),
+            }
+        } else {
+            "model."
+        };
+        let hc: HubConfig = serde_json::from_value(text).with_context(|| format!("{}", config.display()))?;
+        hc.check().map_err(|why| anyhow::anyhow!("{}: {why}", config.display()))?;
         let head_dim = hc.head_dim.unwrap_or(hc.hidden_size / hc.num_attention_heads);
         let refuse = |why: String| anyhow::anyhow!("{}: {why}", config.display());
         let (global, local) = hc.ropes(head_dim).map_err(refuse)?;
@@ -508,7 +529,6 @@ impl Decoder {
             },
             activation: family.activation,
         };
-        let weights = Safetensors::open(dir)?;
         let dtype = dtype.unwrap_or(if device.is_cuda() { DType::BF16 } else { DType::F32 });
         let get = |name: &str| -> Result<Tensor> { weights.tensor(name, device, dtype) };
         // Gemma's RMSNorm scales by (1 + w): fold the 1 in once, here.
@@ -534,7 +554,7 @@ impl Decoder {
         };
         let mut blocks = Vec::with_capacity(cfg.n_layer);
         for i in 0..cfg.n_layer {
-            let p = format!("model.layers.{i}");
+            let p = format!("{prefix}layers.{i}");
             let layer_type = hc.layer_types.as_ref().and_then(|types| types.get(i)).map(String::as_str);
             let (ffn_norm, post_attn_norm, post_ffn_norm) = if family.post_norms {
                 (
@@ -574,7 +594,7 @@ impl Decoder {
                 down: dense(&format!("{p}.mlp.down_proj.weight"))?,
             });
         }
-        let embed = get("model.embed_tokens.weight")?;
+        let embed = get(&format!("{prefix}embed_tokens.weight"))?;
         let (vocab, width) = embed.dims2()?;
         if width != cfg.hidden {
             bail!(
@@ -593,7 +613,7 @@ impl Decoder {
             (false, false) => None,
         };
         let rope = Rope::new(&cfg, device, dtype)?;
-        Ok(Decoder { cfg, embed, blocks, norm: norm("model.norm.weight")?, head, rope })
+        Ok(Decoder { cfg, embed, blocks, norm: norm(&format!("{prefix}norm.weight"))?, head, rope })
     }
 
     /// What computes this model's outputs: prefgen's version, the device,
@@ -929,6 +949,31 @@ mod tests {
         let worst = a.iter().zip(&b).fold(0f32, |w, (x, y)| w.max((x - y).abs()));
         eprintln!("bf16 against f32 over 500 tokens: {worst} (largest logit {scale})");
         assert!(worst <= 0.03 * scale, "bf16 logits differ from f32 by {worst} (largest logit {scale})");
+    }
+
+    /// gemma-3-4b-it's config.json names six fields of its text model; the
+    /// rest are Gemma3TextConfig's defaults, resolved as transformers
+    /// resolves them (checked with transformers 5.25: 8 heads, 4 KV heads,
+    /// head_dim and query_pre_attn_scalar 256, bases 1e6 scaled by 8 and
+    /// 1e4 unscaled, every 6th layer full).
+    #[test]
+    fn gemma3_4b_text_config_takes_the_config_class_defaults() {
+        let config = serde_json::json!({
+            "architectures": ["Gemma3ForConditionalGeneration"],
+            "text_config": {"hidden_size": 2560, "intermediate_size": 10240, "model_type": "gemma3_text",
+                            "num_hidden_layers": 34, "rope_scaling": {"factor": 8.0, "rope_type": "linear"},
+                            "sliding_window": 1024},
+        });
+        let (family, wrapped) = Family::of_architecture("Gemma3ForConditionalGeneration").unwrap();
+        let hc: HubConfig = serde_json::from_value(family.text_config(&config, wrapped).unwrap()).unwrap();
+        hc.check().unwrap();
+        assert_eq!((hc.num_attention_heads, hc.num_key_value_heads, hc.head_dim), (8, Some(4), Some(256)));
+        assert_eq!((hc.query_pre_attn_scalar, hc.max_position_embeddings), (Some(256.0), 131072));
+        let (global, local) = hc.ropes(256).unwrap();
+        assert_eq!((global.theta, global.factors), (1e6, Some(vec![8.0; 128])));
+        assert_eq!((local.theta, local.factors), (1e4, None));
+        let full: Vec<usize> = (0..34).filter(|&i| !family.slides(i, None, None, hc.sliding_window_pattern)).collect();
+        assert_eq!(full, [5, 11, 17, 23, 29]);
     }
 
     /// A config.json the families cannot run is refused naming the file and

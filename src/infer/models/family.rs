@@ -51,6 +51,12 @@ pub struct Family {
     /// `architectures[0]` of the config.json files it loads; empty where
     /// prefgen loads it from GGUF only.
     pub architectures: &'static [&'static str],
+    /// Multimodal architectures whose language model is this family's:
+    /// prefgen reads their `text_config` and the language model's weights.
+    pub wrapped_by: &'static [&'static str],
+    /// The family's config class's defaults (a JSON object) for the fields
+    /// config.json may leave out, as transformers fills them in.
+    pub config_defaults: Option<&'static str>,
     pub gguf: Option<Gguf>,
     /// RMSNorm scales by `1 + w` (Gemma): folded into the weights on load.
     pub norm_offset: bool,
@@ -85,6 +91,8 @@ const LLAMA: Family = Family {
     name: "Llama (Llama-3, 3.1 rope scaling; SmolLM2)",
     architectures: &["LlamaForCausalLM", "LlamaForSequenceClassification", "LlamaForRewardModelWithGating"],
     gguf: Some(Gguf { arch: "llama", interleaved_rope: true, wide_query_depth: None }),
+    wrapped_by: &[],
+    config_defaults: None,
     norm_offset: false,
     post_norms: false,
     qkv_bias: false,
@@ -135,6 +143,15 @@ pub const FAMILIES: &[Family] = &[
     Family {
         name: "Gemma-3 (text)",
         architectures: &["Gemma3ForCausalLM"],
+        // gemma-3-4b, 12b and 27b ship with their vision tower.
+        wrapped_by: &["Gemma3ForConditionalGeneration"],
+        // Gemma3TextConfig's: the 4B's text_config names only six fields.
+        config_defaults: Some(
+            r#"{"vocab_size": 262208, "hidden_size": 2304, "num_hidden_layers": 26, "num_attention_heads": 8,
+                "num_key_value_heads": 4, "head_dim": 256, "max_position_embeddings": 131072,
+                "rms_norm_eps": 1e-6, "query_pre_attn_scalar": 256, "sliding_window": 4096,
+                "rope_theta": 1000000.0, "rope_local_base_freq": 10000.0}"#,
+        ),
         gguf: Some(Gguf { arch: "gemma3", interleaved_rope: false, wide_query_depth: Some(62) }),
         norm_offset: true,
         post_norms: true,
@@ -151,9 +168,27 @@ pub const FAMILIES: &[Family] = &[
 ];
 
 impl Family {
-    /// The family of a config.json's `architectures[0]`.
-    pub fn of_architecture(name: &str) -> Option<&'static Family> {
-        FAMILIES.iter().find(|f| f.architectures.contains(&name))
+    /// The family of a config.json's `architectures[0]`, and whether that
+    /// architecture wraps the family's language model.
+    pub fn of_architecture(name: &str) -> Option<(&'static Family, bool)> {
+        FAMILIES.iter().find_map(|f| {
+            (f.architectures.contains(&name) || f.wrapped_by.contains(&name)).then(|| (f, f.wrapped_by.contains(&name)))
+        })
+    }
+
+    /// The language model's part of a config.json of this family (its
+    /// `text_config` where the architecture wraps it; None if it has none),
+    /// with the config class's defaults where it is silent.
+    pub fn text_config(&self, config: &serde_json::Value, wrapped: bool) -> Option<serde_json::Value> {
+        let mut text = if wrapped { config.get("text_config")?.clone() } else { config.clone() };
+        if let (Some(fields), Some(defaults)) = (text.as_object_mut(), self.config_defaults) {
+            let defaults: serde_json::Map<String, serde_json::Value> =
+                serde_json::from_str(defaults).expect("a family's defaults are a JSON object");
+            for (k, v) in defaults {
+                fields.entry(k).or_insert(v);
+            }
+        }
+        Some(text)
     }
 
     /// The family of a GGUF file's `general.architecture`.
@@ -242,7 +277,7 @@ pub fn model_table() -> String {
         if all.is_empty() { "-".to_string() } else { all.join(", ") }
     };
     for f in FAMILIES {
-        let hub = code(&mut f.architectures.iter().copied());
+        let hub = code(&mut f.architectures.iter().chain(f.wrapped_by).copied());
         let gguf = code(&mut f.gguf.iter().map(|g| g.arch));
         out.push_str(&format!("| {} | {hub} | {gguf} | {} |\n", f.name, f.differences()));
     }
@@ -263,7 +298,8 @@ mod tests {
     /// Each architecture and GGUF name belongs to one family.
     #[test]
     fn names_are_unique() {
-        let mut names: Vec<&str> = FAMILIES.iter().flat_map(|f| f.architectures.iter().copied()).collect();
+        let mut names: Vec<&str> =
+            FAMILIES.iter().flat_map(|f| f.architectures.iter().chain(f.wrapped_by).copied()).collect();
         names.extend(FAMILIES.iter().flat_map(|f| f.gguf.as_ref().map(|g| g.arch)));
         let n = names.len();
         names.sort();
