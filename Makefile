@@ -85,7 +85,7 @@ gpu-check-rehearsal:
 ## fixtures: regenerate the committed test fixtures (the model references need torch and transformers; the GGUF conversions llama.cpp's source, target/llama.cpp, and sentencepiece)
 fixtures: models
 	$(PYTHON) scripts/make_fixtures.py
-	for f in smollm2 llama3 gemma2 qwen2 qwen3 mistral gemma3 reward decode templates; do $(PYTHON) scripts/make_fixtures.py $$f; done
+	for f in smollm2 llama3 gemma2 qwen2 qwen3 mistral gemma3-tiny llama32 gemma3 reward decode templates; do $(PYTHON) scripts/make_fixtures.py $$f; done
 
 .PHONY: pydeps
 pydeps:

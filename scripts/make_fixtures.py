@@ -13,6 +13,9 @@
     python3 scripts/make_fixtures.py mistral    # ... Mistral (sliding window on every layer)
                                                 # (qwen2, qwen3, mistral: also converted to GGUF by
                                                 # llama.cpp's converter, target/llama.cpp/src)
+    python3 scripts/make_fixtures.py gemma3-tiny  # ... Gemma-3 (q/k norms, sliding pattern, local rope base)
+    python3 scripts/make_fixtures.py llama32    # ... Llama-3.2 (tied embeddings, rope factor 32)
+                                                # (both also converted to GGUF by llama.cpp's converter)
     python3 scripts/make_fixtures.py reward     # a tiny ArmoRM and sequence classifier of each family
                                                 # with transformers' scores, and the judge's ratings on
                                                 # every causal fixture (run after the families')
@@ -189,6 +192,148 @@ MISTRAL_TEMPLATE = (
     "{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}{% endfor %}"
 )
 
+# Gemma-3's (google/gemma-3-1b-it, tokenizer_config.json), image parts included.
+GEMMA3_TEMPLATE = """{{ bos_token }}
+{%- if messages[0]['role'] == 'system' -%}
+    {%- if messages[0]['content'] is string -%}
+        {%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}
+    {%- else -%}
+        {%- set first_user_prefix = messages[0]['content'][0]['text'] + '\n\n' -%}
+    {%- endif -%}
+    {%- set loop_messages = messages[1:] -%}
+{%- else -%}
+    {%- set first_user_prefix = "" -%}
+    {%- set loop_messages = messages -%}
+{%- endif -%}
+{%- for message in loop_messages -%}
+    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}
+        {{ raise_exception("Conversation roles must alternate user/assistant/user/assistant/...") }}
+    {%- endif -%}
+    {%- if (message['role'] == 'assistant') -%}
+        {%- set role = "model" -%}
+    {%- else -%}
+        {%- set role = message['role'] -%}
+    {%- endif -%}
+    {{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else "") }}
+    {%- if message['content'] is string -%}
+        {{ message['content'] | trim }}
+    {%- elif message['content'] is iterable -%}
+        {%- for item in message['content'] -%}
+            {%- if item['type'] == 'image' -%}
+                {{ '<start_of_image>' }}
+            {%- elif item['type'] == 'text' -%}
+                {{ item['text'] | trim }}
+            {%- endif -%}
+        {%- endfor -%}
+    {%- else -%}
+        {{ raise_exception("Invalid content type") }}
+    {%- endif -%}
+    {{ '<end_of_turn>\n' }}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+    {{'<start_of_turn>model\n'}}
+{%- endif -%}
+"""
+# Llama-3.2 Instruct's (1B and 3B, tokenizer_config.json). Its system turn
+# carries a date: transformers' `strftime_now` (today) where defined, else
+# the template's own "26 Jul 2024". prefgen renders the fallback, so a
+# response does not depend on the day it was sampled: the reference is
+# rendered with that date.
+LLAMA32_TEMPLATE = """{{- bos_token }}
+{%- if custom_tools is defined %}
+    {%- set tools = custom_tools %}
+{%- endif %}
+{%- if not tools_in_user_message is defined %}
+    {%- set tools_in_user_message = true %}
+{%- endif %}
+{%- if not date_string is defined %}
+    {%- if strftime_now is defined %}
+        {%- set date_string = strftime_now("%d %b %Y") %}
+    {%- else %}
+        {%- set date_string = "26 Jul 2024" %}
+    {%- endif %}
+{%- endif %}
+{%- if not tools is defined %}
+    {%- set tools = none %}
+{%- endif %}
+
+{#- This block extracts the system message, so we can slot it into the right place. #}
+{%- if messages[0]['role'] == 'system' %}
+    {%- set system_message = messages[0]['content']|trim %}
+    {%- set messages = messages[1:] %}
+{%- else %}
+    {%- set system_message = "" %}
+{%- endif %}
+
+{#- System message #}
+{{- "<|start_header_id|>system<|end_header_id|>\n\n" }}
+{%- if tools is not none %}
+    {{- "Environment: ipython\n" }}
+{%- endif %}
+{{- "Cutting Knowledge Date: December 2023\n" }}
+{{- "Today Date: " + date_string + "\n\n" }}
+{%- if tools is not none and not tools_in_user_message %}
+    {{- "You have access to the following functions. To call a function, please respond with JSON for a function call." }}
+    {{- 'Respond in the format {"name": function name, "parameters": dictionary of argument name and its value}.' }}
+    {{- "Do not use variables.\n\n" }}
+    {%- for t in tools %}
+        {{- t | tojson(indent=4) }}
+        {{- "\n\n" }}
+    {%- endfor %}
+{%- endif %}
+{{- system_message }}
+{{- "<|eot_id|>" }}
+
+{#- Custom tools are passed in a user message with some extra guidance #}
+{%- if tools_in_user_message and not tools is none %}
+    {#- Extract the first user message so we can plug it in here #}
+    {%- if messages | length != 0 %}
+        {%- set first_user_message = messages[0]['content']|trim %}
+        {%- set messages = messages[1:] %}
+    {%- else %}
+        {{- raise_exception("Cannot put tools in the first user message when there's no first user message!") }}
+{%- endif %}
+    {{- '<|start_header_id|>user<|end_header_id|>\n\n' -}}
+    {{- "Given the following functions, please respond with a JSON for a function call " }}
+    {{- "with its proper arguments that best answers the given prompt.\n\n" }}
+    {{- 'Respond in the format {"name": function name, "parameters": dictionary of argument name and its value}.' }}
+    {{- "Do not use variables.\n\n" }}
+    {%- for t in tools %}
+        {{- t | tojson(indent=4) }}
+        {{- "\n\n" }}
+    {%- endfor %}
+    {{- first_user_message + "<|eot_id|>"}}
+{%- endif %}
+
+{%- for message in messages %}
+    {%- if not (message.role == 'ipython' or message.role == 'tool' or 'tool_calls' in message) %}
+        {{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' }}
+    {%- elif 'tool_calls' in message %}
+        {%- if not message.tool_calls|length == 1 %}
+            {{- raise_exception("This model only supports single tool-calls at once!") }}
+        {%- endif %}
+        {%- set tool_call = message.tool_calls[0].function %}
+        {{- '<|start_header_id|>assistant<|end_header_id|>\n\n' -}}
+        {{- '{"name": "' + tool_call.name + '", ' }}
+        {{- '"parameters": ' }}
+        {{- tool_call.arguments | tojson }}
+        {{- "}" }}
+        {{- "<|eot_id|>" }}
+    {%- elif message.role == "tool" or message.role == "ipython" %}
+        {{- "<|start_header_id|>ipython<|end_header_id|>\n\n" }}
+        {%- if message.content is mapping or message.content is iterable %}
+            {{- message.content | tojson }}
+        {%- else %}
+            {{- message.content }}
+        {%- endif %}
+        {{- "<|eot_id|>" }}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|start_header_id|>assistant<|end_header_id|>\n\n' }}
+{%- endif %}
+"""
+
 TEXTS = [
     "Hello world",
     "What is 2 + 2? 12345 67890 3.14159 1,000,000",
@@ -337,14 +482,15 @@ PARITY_PROMPTS = [
 ]
 
 
-def parity_reference(name, model, tok, **extra):
-    """Greedy tokens and last-position logits of every parity prompt (and
-    `extra` keys)."""
+def parity_reference(name, model, tok, template_kwargs=None, **extra):
+    """Greedy tokens and last-position logits of every parity prompt, the
+    template rendered with `template_kwargs` (and `extra` keys)."""
     import torch
 
     cases, margin = [], float("inf")
     for prompt in PARITY_PROMPTS:
-        text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+        text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True,
+                                       **(template_kwargs or {}))
         input_ids = tok(text, add_special_tokens=False, return_tensors="pt").input_ids
         with torch.no_grad():
             logits = model(input_ids).logits[0, -1]
@@ -473,13 +619,17 @@ def llama3_fixture():
 
 
 def family_fixture(name, config_class, model_class, specials, bos, eos, template, randomize, pre, qwen=False,
-                   **config):
+                   stops=None, norm_mean=1.0, template_kwargs=None, **config):
     """A tiny random-weight model of a family, with its special tokens and
     chat template, its greedy tokens and logits and its tokenizer's ids, and
     the same model converted to GGUF (f32) by llama.cpp's converter, with
     `pre` as its pre-tokenizer. `randomize`: parameter names whose
     transformers initialisation (zero biases, unit norms) would leave the
-    family's feature without effect. Returns the model."""
+    family's feature without effect (norms drawn around `norm_mean`: 0 where
+    the family scales by 1 + w). `stops`: the generation config's stop tokens
+    (`eos` alone by default); `template_kwargs`: what the reference renders
+    the template with; `config` overrides the shared tiny shape. Returns the
+    model and its tokenizer."""
     import torch
     import transformers
     from transformers import PreTrainedTokenizerFast
@@ -489,24 +639,26 @@ def family_fixture(name, config_class, model_class, specials, bos, eos, template
     ids = {t: backend.token_to_id(t) for t in specials}
     tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=bos, eos_token=eos, pad_token=specials[0])
     tok.chat_template = template
-    stops = [ids[eos]]
-    config = getattr(transformers, config_class)(
+    stops = [ids[t] for t in (stops or [eos])]
+    shape = dict(
         vocab_size=backend.get_vocab_size(), hidden_size=64, intermediate_size=176, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-6,
         initializer_range=0.15, bos_token_id=ids[bos] if bos else None, eos_token_id=stops,
-        pad_token_id=ids[specials[0]], attn_implementation="eager", **config,
+        pad_token_id=ids[specials[0]], attn_implementation="eager",
     )
+    shape.update(config)
+    config = getattr(transformers, config_class)(**shape)
     torch.manual_seed(0)
     model = getattr(transformers, model_class)(config).eval()
     with torch.no_grad():
         for pname, p in model.named_parameters():
             if any(r in pname for r in randomize):
-                p.normal_(1.0 if "norm" in pname else 0.0, 0.3)
+                p.normal_(norm_mean if "norm" in pname else 0.0, 0.3)
     model.generation_config.eos_token_id = stops
     model.generation_config.pad_token_id = ids[specials[0]]
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
-    parity_reference(name, model, tok, tokenizer=tokenizer_cases(tok, specials))
+    parity_reference(name, model, tok, template_kwargs, tokenizer=tokenizer_cases(tok, specials))
     to_gguf(out, os.path.join(ROOT, f"tiny-{name}.gguf"), pre)
     return model, tok
 
@@ -540,6 +692,70 @@ def mistral_fixture():
     # so its reference is transformers' with the window off.
     model.config.sliding_window = None
     parity_reference("mistral-gguf", model, tok)
+
+
+def gemma3_tiny_fixture():
+    """Gemma-3-shaped (Gemma3ForCausalLM, gemma3_text): per-head q/k norms
+    (random weights, scaled by 1 + w), sliding layers (window 8, shorter
+    than the longer prompts) beside a full one as `layer_types` says, the
+    sliding layers' own rope base (`rope_local_base_freq`), linear rope
+    scaling on the full layer (as the 4B and up have it), and
+    query_pre_attn_scalar != head_dim. Stops at <eos> and <end_of_turn>, as
+    the instruct models' generation config says.
+
+    Also converted to GGUF (`gemma3`, f32) by llama.cpp's converter, which
+    records neither `layer_types` nor `query_pre_attn_scalar`: llama.cpp
+    reads such a file with every 6th layer full (here: none) and scores
+    scaled by head_dim, so the file's reference is transformers' model with
+    those two settings."""
+    import torch
+    from transformers import Gemma3ForCausalLM
+
+    name = "gemma3"
+    model, tok = family_fixture(
+        name, "Gemma3TextConfig", "Gemma3ForCausalLM",
+        ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"], "<bos>", "<eos>",
+        GEMMA3_TEMPLATE, ["norm"], "gpt-2", stops=["<eos>", "<end_of_turn>"], norm_mean=0.0,
+        num_hidden_layers=3, head_dim=16, query_pre_attn_scalar=24, sliding_window=8,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+        rope_parameters={"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}},
+        hidden_activation="gelu_pytorch_tanh", tie_word_embeddings=True)
+    config = model.config.__class__.from_dict(model.config.to_dict())
+    config.layer_types = ["sliding_attention"] * config.num_hidden_layers
+    config.query_pre_attn_scalar = config.head_dim
+    as_read = Gemma3ForCausalLM(config).eval()
+    as_read.load_state_dict(model.state_dict())
+    as_read.generation_config = model.generation_config
+    with torch.no_grad():
+        assert not torch.equal(as_read(torch.tensor([[2, 5, 9]])).logits, model(torch.tensor([[2, 5, 9]])).logits)
+    parity_reference(f"{name}-gguf", as_read, tok)
+
+
+def llama32_fixture():
+    """Llama-3.2-shaped (1B/3B): embeddings tied, so the safetensors hold no
+    lm_head.weight, as the real ones ship; llama3 rope scaling with factor
+    32; Llama-3.2's own chat template (its system turn and date), and its
+    three stop tokens."""
+    specials = ["<|end_of_text|>", "<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
+                "<|eom_id|>", "<|python_tag|>"]
+    family_fixture("llama32", "LlamaConfig", "LlamaForCausalLM", specials, "<|begin_of_text|>", "<|eot_id|>",
+                   LLAMA32_TEMPLATE, [], "gpt-2", stops=["<|end_of_text|>", "<|eom_id|>", "<|eot_id|>"],
+                   template_kwargs={"date_string": "26 Jul 2024"}, rms_norm_eps=1e-5, head_dim=16,
+                   rope_parameters={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                                    "high_freq_factor": 4.0, "original_max_position_embeddings": 64,
+                                    "rope_theta": 500000.0},
+                   tie_word_embeddings=True)
+    # Its GGUF (llama.cpp's converter): `llama`, the rope scaling as
+    # rope_freqs.weight, no output.weight (the head is the embedding).
+    assert "lm_head.weight" not in safetensors_names(os.path.join(ROOT, "tiny-llama32", "model.safetensors"))
+
+
+def safetensors_names(path):
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as f:
+        return set(f.keys())
 
 
 REWARD_CONVERSATIONS = [
@@ -738,7 +954,7 @@ def judge_reference():
     from transformers import AutoModelForCausalLM
 
     families = {}
-    for family in ("llama3", "qwen2", "qwen3", "mistral", "gemma2"):
+    for family in ("llama3", "qwen2", "qwen3", "mistral", "gemma2", "gemma3"):
         src = os.path.join(ROOT, f"tiny-{family}")
         tok = fixture_tokenizer(src)
         model = AutoModelForCausalLM.from_pretrained(src).eval()
@@ -883,6 +1099,10 @@ if __name__ == "__main__":
         qwen3_fixture()
     elif sys.argv[1:] == ["mistral"]:
         mistral_fixture()
+    elif sys.argv[1:] == ["gemma3-tiny"]:
+        gemma3_tiny_fixture()
+    elif sys.argv[1:] == ["llama32"]:
+        llama32_fixture()
     elif sys.argv[1:] == ["decode"]:
         decode_fixture()
     elif sys.argv[1:] == ["templates"]:

@@ -223,6 +223,117 @@ fn mistral_sliding_window_changes_greedy_text() {
 }
 
 #[test]
+fn tiny_gemma3_matches_transformers() {
+    matches_transformers("gemma3");
+}
+
+/// Llama-3.2 as its 1B and 3B ship: embeddings tied, and no lm_head.weight
+/// in the safetensors.
+#[test]
+fn tiny_llama32_matches_transformers() {
+    let weights = fixtures().join("tiny-llama32/model.safetensors");
+    let names = candle_core::safetensors::load(weights, &candle_core::Device::Cpu).unwrap();
+    assert!(!names.contains_key("lm_head.weight"), "the head is the embedding, as in the real checkpoints");
+    matches_transformers("llama32");
+}
+
+/// The tiny Gemma-3 as llama.cpp's converter writes it (`gemma3`: norms
+/// with Gemma's 1 folded in, q/k norms as `attn_{q,k}_norm`, the sliding
+/// layers' base as `rope.freq_base_swa`, the tied head left out), with its
+/// tokenizer (byte-level BPE) and chat template from the file. The file
+/// records neither `layer_types` nor `query_pre_attn_scalar`; it matches
+/// transformers' model as llama.cpp reads such a file: every 6th layer full
+/// (none of 3) and scores scaled by head_dim.
+#[test]
+fn tiny_gemma3_gguf_matches_transformers() {
+    model_matches_transformers("tiny-gemma3.gguf", "gemma3-gguf");
+}
+
+/// The tiny Llama-3.2 as llama.cpp's converter writes it (`llama`: q and k
+/// permuted, the rope factor 32 as `rope_freqs.weight`, no `output.weight`).
+#[test]
+fn tiny_llama32_gguf_matches_transformers() {
+    model_matches_transformers("tiny-llama32.gguf", "llama32");
+}
+
+/// gemma-3-4b, 12b and 27b ship as `Gemma3ForConditionalGeneration`: the
+/// text model's config under `text_config` and its weights beside the
+/// vision tower's, under `model.language_model.` (as transformers 5 writes
+/// them) or `language_model.model.` (as the hub's files were first
+/// written). The tiny Gemma-3 laid out either way gives transformers'
+/// logits and greedy tokens.
+#[test]
+fn gemma3_text_model_of_a_multimodal_folder_matches_transformers() {
+    use candle_core::{Device, Tensor};
+    let src = fixtures().join("tiny-gemma3");
+    for prefix in ["model.language_model.", "language_model.model."] {
+        let tmp = tempfile::tempdir().unwrap();
+        for entry in std::fs::read_dir(&src).unwrap() {
+            let entry = entry.unwrap();
+            std::fs::copy(entry.path(), tmp.path().join(entry.file_name())).unwrap();
+        }
+        edit_config(tmp.path(), |c| {
+            let mut text = c.clone();
+            text.as_object_mut().unwrap().remove("architectures");
+            text["model_type"] = serde_json::json!("gemma3_text");
+            *c = serde_json::json!({
+                "architectures": ["Gemma3ForConditionalGeneration"],
+                "model_type": "gemma3",
+                "text_config": text,
+                "vision_config": {"model_type": "siglip_vision_model", "hidden_size": 8},
+            });
+        });
+        let path = tmp.path().join("model.safetensors");
+        let weights = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
+        let mut moved: std::collections::HashMap<String, Tensor> = weights
+            .into_iter()
+            .map(|(name, w)| (format!("{prefix}{}", name.strip_prefix("model.").unwrap()), w))
+            .collect();
+        let vision = if prefix.starts_with("model.") { "model.vision_tower" } else { "vision_tower" };
+        moved.insert(
+            format!("{vision}.vision_model.post_layernorm.weight"),
+            Tensor::ones(8, candle_core::DType::F32, &Device::Cpu).unwrap(),
+        );
+        candle_core::safetensors::save(&moved, &path).unwrap();
+        model_matches_transformers(tmp.path().to_str().unwrap(), "gemma3");
+    }
+}
+
+/// Gemma-3's sliding layers' own rope base (10000), set to the full
+/// layers' (1e6) in the copy's config.
+#[test]
+fn gemma3_local_rope_base_changes_greedy_text() {
+    feature_changes_greedy_text("gemma3", |dir| {
+        edit_config(dir, |c| c["rope_parameters"]["sliding_attention"]["rope_theta"] = serde_json::json!(1e6))
+    });
+}
+
+/// Gemma-3's sliding/full layer pattern: every layer full in the copy.
+#[test]
+fn gemma3_sliding_layers_change_greedy_text() {
+    feature_changes_greedy_text("gemma3", |dir| {
+        edit_config(dir, |c| c["layer_types"] = serde_json::json!(vec!["full_attention"; 3]))
+    });
+}
+
+/// Linear rope scaling on Gemma-3's full layer (the 4B and up), removed in
+/// the copy.
+#[test]
+fn gemma3_linear_rope_scaling_changes_greedy_text() {
+    feature_changes_greedy_text("gemma3", |dir| {
+        edit_config(dir, |c| c["rope_parameters"]["full_attention"] = serde_json::json!({"rope_theta": 1e6}))
+    });
+}
+
+/// Llama-3.2's rope scaling factor 32, made Llama-3.1's 8 in the copy.
+#[test]
+fn llama32_rope_factor_changes_greedy_text() {
+    feature_changes_greedy_text("llama32", |dir| {
+        edit_config(dir, |c| c["rope_parameters"]["factor"] = serde_json::json!(8.0))
+    });
+}
+
+#[test]
 fn tiny_llama3_matches_transformers() {
     matches_transformers("llama3");
 }

@@ -131,7 +131,7 @@ fn judge_matches_transformers_on_every_family() {
     assert_eq!(r["rubric"], DEFAULT_RUBRIC, "scripts/make_fixtures.py's rubric is prefgen's");
     assert_eq!(r["primer"], JUDGE_PRIMER);
     let families = r["families"].as_object().unwrap();
-    assert_eq!(families.len(), 5);
+    assert_eq!(families.len(), 6);
     for (family, cases) in families {
         let model =
             RewardModel::load(&fixtures().join(format!("tiny-{family}")), None, None, &Load::default()).unwrap();

@@ -4,6 +4,7 @@
 
 use super::files;
 use super::gguf::GgufFile;
+use super::models::family::Family;
 use super::template::{ChatTemplate, Kwargs, Turn};
 use anyhow::{Context, Result, bail};
 use std::path::Path;
@@ -122,7 +123,12 @@ impl Chat {
         let bpe = matches!(tokenizer.get_model(), tokenizers::ModelWrapper::BPE(_));
         let clean_up = flag("clean_up_tokenization_spaces")
             && (!bpe || flag("clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output"));
-        let context = config["max_position_embeddings"]
+        // A multimodal checkpoint's is its language model's.
+        let text = match config["architectures"][0].as_str().and_then(Family::of_architecture) {
+            Some((family, wrapped)) => family.text_config(&config, wrapped),
+            None => None,
+        };
+        let context = text.as_ref().unwrap_or(&config)["max_position_embeddings"]
             .as_u64()
             .with_context(|| format!("{}: config.json has no max_position_embeddings", dir.display()))?;
         Ok(Chat::assemble(tokenizer, template, stop, clean_up, context as usize))

@@ -120,7 +120,7 @@ impl RewardModel {
         // transformers reads the pad id of config.json, else the config class's default.
         let pad = |c: &HeadConfig| {
             c.pad_token_id
-                .unwrap_or_else(|| architecture.and_then(Family::of_architecture).and_then(|f| f.pad_by_default))
+                .unwrap_or_else(|| architecture.and_then(Family::of_architecture).and_then(|(f, _)| f.pad_by_default))
         };
         let head = match (kind, &config) {
             (Kind::Judge, _) => Head::Judge {

@@ -21,6 +21,10 @@ use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
 use std::path::Path;
 
+/// Where a multimodal checkpoint keeps its language model's weights:
+/// transformers >= 5, and the layout the hub's files were first written in.
+const TEXT_PREFIXES: [&str; 2] = ["model.language_model.", "language_model.model."];
+
 /// Hyper-parameters, from the GGUF metadata or `config.json` read through
 /// the family's description.
 #[derive(Debug, Clone)]
@@ -62,7 +66,15 @@ struct RopeScaling {
     pub factor: f32,
     pub low_freq_factor: f32,
     pub high_freq_factor: f32,
-    pub original_max_position_embeddings: usize,
+    /// transformers' default: `max_position_embeddings`.
+    pub original_max_position_embeddings: Option<usize>,
+}
+
+/// One rotary embedding as config.json describes it: its base, and the
+/// divisor of each frequency where it is scaled.
+struct RopeSpec {
+    theta: f32,
+    factors: Option<Vec<f32>>,
 }
 
 /// `config.json` of a checkpoint of one of the [`super::family::FAMILIES`]
@@ -81,6 +93,11 @@ pub struct HubConfig {
     pub max_window_layers: Option<usize>,
     /// `sliding_attention` / `full_attention` per layer (transformers >= 5).
     pub layer_types: Option<Vec<String>>,
+    /// Older Gemma-3 configs' every n-th layer attends fully, where there
+    /// is no `layer_types`.
+    pub sliding_window_pattern: Option<usize>,
+    /// EmbeddingGemma's bidirectional attention, which a causal decoder is not.
+    pub use_bidirectional_attention: Option<bool>,
     pub rope_local_base_freq: Option<f32>,
     pub hidden_size: usize,
     pub num_hidden_layers: usize,
@@ -90,7 +107,9 @@ pub struct HubConfig {
     pub rms_norm_eps: f64,
     pub rope_theta: Option<f32>,
     pub rope_scaling: Option<serde_json::Value>,
-    /// transformers >= 5 writes `rope_theta` and the scaling here instead.
+    /// transformers >= 5 writes `rope_theta` and the scaling here instead,
+    /// nested by layer type where they differ (Gemma-3: `full_attention`,
+    /// `sliding_attention`).
     pub rope_parameters: Option<serde_json::Value>,
     pub max_position_embeddings: usize,
     /// The family's default where left out.
@@ -131,10 +150,62 @@ impl HubConfig {
                 return Err(format!("{key} is true; prefgen runs checkpoints without those biases"));
             }
         }
+        if self.use_bidirectional_attention == Some(true) {
+            return Err("use_bidirectional_attention is true; prefgen runs causal decoders".into());
+        }
         if self.head_dim.is_none() && !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return Err("hidden_size is not a multiple of num_attention_heads, and there is no head_dim".into());
         }
         Ok(())
+    }
+
+    /// The rotary embeddings of the full-attention layers and of the
+    /// sliding ones, as transformers reads them: `rope_parameters` nested by
+    /// layer type (Gemma-3 from transformers >= 5) or one for every layer,
+    /// or the older `rope_theta`, `rope_scaling` and (the sliding layers')
+    /// `rope_local_base_freq`. Bases left out are 10000.
+    fn ropes(&self, head_dim: usize) -> std::result::Result<(RopeSpec, RopeSpec), String> {
+        let of_type = |t: &str| self.rope_parameters.as_ref().and_then(|p| p.get(t)).filter(|v| v.is_object());
+        let (full, sliding) = (of_type("full_attention"), of_type("sliding_attention"));
+        let nested = full.is_some() || sliding.is_some();
+        let scaling = self.rope_scaling.as_ref().filter(|v| !v.is_null());
+        let shared = if nested { None } else { scaling.or(self.rope_parameters.as_ref()) };
+        let global = self.rope(full.or(scaling).or(shared), self.rope_theta, head_dim, "full_attention")?;
+        let local = self.rope(sliding, self.rope_local_base_freq, head_dim, "sliding_attention")?;
+        Ok((global, local))
+    }
+
+    /// One rotary embedding from its parameters (`rope_type`, or the older
+    /// `type`; `rope_theta`, else `theta`): default, linear, or llama3.
+    fn rope(
+        &self,
+        params: Option<&serde_json::Value>,
+        theta: Option<f32>,
+        head_dim: usize,
+        layers: &str,
+    ) -> std::result::Result<RopeSpec, String> {
+        let field = |k: &str| params.and_then(|p| p.get(k));
+        let theta = field("rope_theta").and_then(|t| t.as_f64()).map(|t| t as f32).or(theta).unwrap_or(10_000.0);
+        let factor = || -> std::result::Result<f32, String> {
+            match field("factor").and_then(|f| f.as_f64()) {
+                Some(f) if f > 0.0 => Ok(f as f32),
+                _ => Err(format!("the {layers} layers' rope scaling has no factor > 0")),
+            }
+        };
+        let factors = match field("rope_type").or(field("type")).and_then(|t| t.as_str()) {
+            None | Some("default") => None,
+            Some("linear") => Some(vec![factor()?; head_dim / 2]),
+            Some("llama3") => {
+                let mut s: RopeScaling = serde_json::from_value(params.cloned().unwrap_or_default())
+                    .map_err(|e| format!("the {layers} layers' llama3 rope scaling: {e}"))?;
+                s.original_max_position_embeddings.get_or_insert(self.max_position_embeddings);
+                Some(s.factors(theta, head_dim))
+            }
+            Some(other) => {
+                return Err(format!("rope scaling {other:?} is not supported (linear and llama3 are)"));
+            }
+        };
+        Ok(RopeSpec { theta, factors })
     }
 }
 
@@ -387,7 +458,7 @@ impl Decoder {
                 post_ffn_norm: family.post_norms.then(|| norm("post_ffw_norm")).transpose()?,
                 q_norm: family.qk_norm.then(|| norm("attn_q_norm")).transpose()?,
                 k_norm: family.qk_norm.then(|| norm("attn_k_norm")).transpose()?,
-                sliding: family.slides(i, None, None),
+                sliding: family.slides(i, None, None, None),
                 attn_norm: norm("attn_norm")?,
                 ffn_norm: norm("ffn_norm")?,
                 wq,
@@ -410,30 +481,42 @@ impl Decoder {
     pub fn from_safetensors(dir: &Path, device: &Device, dtype: Option<DType>) -> Result<Decoder> {
         let text = std::fs::read_to_string(dir.join(files::CONFIG))
             .with_context(|| format!("{}: no {}", dir.display(), files::CONFIG))?;
-        let hc: HubConfig = serde_json::from_str(&text).with_context(|| format!("{}/config.json", dir.display()))?;
         let config = dir.join(files::CONFIG);
-        hc.check().map_err(|why| anyhow::anyhow!("{}: {why}", config.display()))?;
-        let architecture = hc.architectures.first().map(String::as_str);
-        let Some(family) = architecture.and_then(Family::of_architecture) else {
+        let raw: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{}", config.display()))?;
+        let architecture = raw["architectures"][0].as_str().map(str::to_string);
+        let Some((family, wrapped)) = architecture.as_deref().and_then(Family::of_architecture) else {
             bail!(
                 "{}: architecture {} is not supported ({} are)",
                 config.display(),
-                architecture.unwrap_or("(none given)"),
+                architecture.as_deref().unwrap_or("(none given)"),
                 Family::supported_architectures()
             )
         };
-        let params = hc.rope_scaling.as_ref().or(hc.rope_parameters.as_ref()).filter(|v| !v.is_null());
-        let rope_scaling: Option<RopeScaling> =
-            match params.map(|v| (v, v.get("rope_type").or(v.get("type")).and_then(|t| t.as_str()))) {
-                Some((v, Some("llama3"))) => Some(serde_json::from_value(v.clone())?),
-                Some((_, None | Some("default"))) | None => None,
-                Some((v, _)) => bail!("{}/config.json: rope scaling {v} is not supported (llama3 is)", dir.display()),
-            };
-        let rope_theta = hc
-            .rope_theta
-            .or_else(|| hc.rope_parameters.as_ref().and_then(|p| p["rope_theta"].as_f64()).map(|t| t as f32))
-            .unwrap_or(10_000.0);
+        let weights = Safetensors::open(dir)?;
+        // A multimodal checkpoint's language model: its own config and weights.
+        let text =
+            family.text_config(&raw, wrapped).with_context(|| format!("{}: no text_config", config.display()))?;
+        let prefix = if wrapped {
+            match TEXT_PREFIXES.iter().find(|p| weights.has(&format!("{p}embed_tokens.weight"))) {
+                Some(p) => *p,
+                None => bail!(
+                    "{}: no language model's embed_tokens.weight under {}",
+                    dir.display(),
+                    TEXT_PREFIXES.join(" or ")
+                ),
+            }
+        } else {
+            "model."
+        };
+        let hc: HubConfig = serde_json::from_value(text).with_context(|| format!("{}", config.display()))?;
+        hc.check().map_err(|why| anyhow::anyhow!("{}: {why}", config.display()))?;
         let head_dim = hc.head_dim.unwrap_or(hc.hidden_size / hc.num_attention_heads);
+        let refuse = |why: String| anyhow::anyhow!("{}: {why}", config.display());
+        let (global, local) = hc.ropes(head_dim).map_err(refuse)?;
+        // Only the full-attention layers' rotation is scaled (Gemma-3's 4B and up).
+        if family.local_rope_base && local.factors.is_some() {
+            return Err(refuse("rope scaling on the sliding_attention layers is not supported".into()));
+        }
         let cfg = Config {
             n_layer: hc.num_hidden_layers,
             n_head: hc.num_attention_heads,
@@ -441,9 +524,9 @@ impl Decoder {
             head_dim,
             hidden: hc.hidden_size,
             rms_eps: hc.rms_norm_eps as f32,
-            rope_base: rope_theta,
-            rope_local_base: family.local_rope_base.then(|| hc.rope_local_base_freq.unwrap_or(10_000.0)),
-            rope_factors: rope_scaling.map(|s| s.factors(rope_theta, head_dim)),
+            rope_base: global.theta,
+            rope_local_base: family.local_rope_base.then_some(local.theta),
+            rope_factors: global.factors,
             context: hc.max_position_embeddings,
             interleaved_rope: false,
             attn_scale: 1.0
@@ -458,7 +541,6 @@ impl Decoder {
             },
             activation: family.activation,
         };
-        let weights = Safetensors::open(dir)?;
         let dtype = dtype.unwrap_or(if device.is_cuda() { DType::BF16 } else { DType::F32 });
         let get = |name: &str| -> Result<Tensor> { weights.tensor(name, device, dtype) };
         // Gemma's RMSNorm scales by (1 + w): fold the 1 in once, here.
@@ -484,7 +566,7 @@ impl Decoder {
         };
         let mut blocks = Vec::with_capacity(cfg.n_layer);
         for i in 0..cfg.n_layer {
-            let p = format!("model.layers.{i}");
+            let p = format!("{prefix}layers.{i}");
             let layer_type = hc.layer_types.as_ref().and_then(|types| types.get(i)).map(String::as_str);
             let (ffn_norm, post_attn_norm, post_ffn_norm) = if family.post_norms {
                 (
@@ -512,7 +594,7 @@ impl Decoder {
                 post_ffn_norm,
                 q_norm: family.qk_norm.then(|| norm(&attn("q_norm.weight"))).transpose()?,
                 k_norm: family.qk_norm.then(|| norm(&attn("k_norm.weight"))).transpose()?,
-                sliding: family.slides(i, layer_type, hc.max_window_layers),
+                sliding: family.slides(i, layer_type, hc.max_window_layers, hc.sliding_window_pattern),
                 attn_norm: norm(&format!("{p}.input_layernorm.weight"))?,
                 wq: projection(&format!("{p}.self_attn.q_proj.weight"), q, cfg.hidden)?,
                 wk: projection(&format!("{p}.self_attn.k_proj.weight"), kv, cfg.hidden)?,
@@ -524,7 +606,7 @@ impl Decoder {
                 down: dense(&format!("{p}.mlp.down_proj.weight"))?,
             });
         }
-        let embed = get("model.embed_tokens.weight")?;
+        let embed = get(&format!("{prefix}embed_tokens.weight"))?;
         let (vocab, width) = embed.dims2()?;
         if width != cfg.hidden {
             bail!(
@@ -543,7 +625,7 @@ impl Decoder {
             (false, false) => None,
         };
         let rope = Rope::new(&cfg, device, dtype)?;
-        Ok(Decoder { cfg, embed, blocks, norm: norm("model.norm.weight")?, head, rope })
+        Ok(Decoder { cfg, embed, blocks, norm: norm(&format!("{prefix}norm.weight"))?, head, rope })
     }
 
     /// What computes this model's outputs: prefgen's version, the device,
@@ -799,7 +881,7 @@ impl RopeScaling {
     /// stores as `rope_freqs.weight`): long wavelengths are slowed by
     /// `factor`, short ones kept, and the band between interpolated.
     fn factors(&self, base: f32, head_dim: usize) -> Vec<f32> {
-        let old = self.original_max_position_embeddings as f32;
+        let old = self.original_max_position_embeddings.unwrap_or_default() as f32;
         let (low_wavelen, high_wavelen) = (old / self.low_freq_factor, old / self.high_freq_factor);
         (0..head_dim / 2)
             .map(|i| {
@@ -881,6 +963,31 @@ mod tests {
         assert!(worst <= 0.03 * scale, "bf16 logits differ from f32 by {worst} (largest logit {scale})");
     }
 
+    /// gemma-3-4b-it's config.json names six fields of its text model; the
+    /// rest are Gemma3TextConfig's defaults, resolved as transformers
+    /// resolves them (checked with transformers 5.25: 8 heads, 4 KV heads,
+    /// head_dim and query_pre_attn_scalar 256, bases 1e6 scaled by 8 and
+    /// 1e4 unscaled, every 6th layer full).
+    #[test]
+    fn gemma3_4b_text_config_takes_the_config_class_defaults() {
+        let config = serde_json::json!({
+            "architectures": ["Gemma3ForConditionalGeneration"],
+            "text_config": {"hidden_size": 2560, "intermediate_size": 10240, "model_type": "gemma3_text",
+                            "num_hidden_layers": 34, "rope_scaling": {"factor": 8.0, "rope_type": "linear"},
+                            "sliding_window": 1024},
+        });
+        let (family, wrapped) = Family::of_architecture("Gemma3ForConditionalGeneration").unwrap();
+        let hc: HubConfig = serde_json::from_value(family.text_config(&config, wrapped).unwrap()).unwrap();
+        hc.check().unwrap();
+        assert_eq!((hc.num_attention_heads, hc.num_key_value_heads, hc.head_dim), (8, Some(4), Some(256)));
+        assert_eq!((hc.query_pre_attn_scalar, hc.max_position_embeddings), (Some(256.0), 131072));
+        let (global, local) = hc.ropes(256).unwrap();
+        assert_eq!((global.theta, global.factors), (1e6, Some(vec![8.0; 128])));
+        assert_eq!((local.theta, local.factors), (1e4, None));
+        let full: Vec<usize> = (0..34).filter(|&i| !family.slides(i, None, None, hc.sliding_window_pattern)).collect();
+        assert_eq!(full, [5, 11, 17, 23, 29]);
+    }
+
     /// A config.json the families cannot run is refused naming the file and
     /// the key: an architecture no family reads, or biases none has.
     #[test]
@@ -915,7 +1022,9 @@ mod tests {
     /// soft-capping, sliding layers, q/k/v biases and q/k norms.
     #[test]
     fn fused_attention_matches_the_tensor_ops() {
-        for name in ["tiny-llama3", "tiny-gemma2", "tiny-qwen2", "tiny-qwen3", "tiny-mistral"] {
+        for name in
+            ["tiny-llama3", "tiny-gemma2", "tiny-qwen2", "tiny-qwen3", "tiny-mistral", "tiny-gemma3", "tiny-llama32"]
+        {
             let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name);
             let fused = Decoder::from_safetensors(&dir, &Device::Cpu, None).unwrap();
             let mut tensors = Decoder::from_safetensors(&dir, &Device::Cpu, None).unwrap();

@@ -13,7 +13,8 @@ pub enum Window {
     /// Every layer (Mistral; none when `sliding_window` is null, as in v0.3).
     Every,
     /// Every n-th layer attends fully, the others slide: Gemma-2 (2),
-    /// Gemma-3 (6). `layer_types` in config.json overrides the pattern.
+    /// Gemma-3 (6). `layer_types` in config.json overrides the pattern, as
+    /// older Gemma-3 configs' `sliding_window_pattern` overrides n.
     FullEvery(usize),
     /// Only when `use_sliding_window` is true, from layer
     /// `max_window_layers` on (Qwen2, Qwen3); `layer_types` overrides.
@@ -51,6 +52,12 @@ pub struct Family {
     /// and reward models: `*ForSequenceClassification` with one label);
     /// empty where prefgen loads it from GGUF only.
     pub architectures: &'static [&'static str],
+    /// Multimodal architectures whose language model is this family's:
+    /// prefgen reads their `text_config` and the language model's weights.
+    pub wrapped_by: &'static [&'static str],
+    /// The family's config class's defaults (a JSON object) for the fields
+    /// config.json may leave out, as transformers fills them in.
+    pub config_defaults: Option<&'static str>,
     pub gguf: Option<Gguf>,
     /// RMSNorm scales by `1 + w` (Gemma): folded into the weights on load.
     pub norm_offset: bool,
@@ -63,12 +70,15 @@ pub struct Family {
     /// rotary embedding (Qwen3, Gemma-3).
     pub qk_norm: bool,
     pub window: Window,
-    /// Sliding layers rotate with `rope_local_base_freq` (Gemma-3).
+    /// Sliding layers rotate with their own base, `rope_local_base_freq` or
+    /// `rope_parameters.sliding_attention` (Gemma-3); the full layers' may
+    /// be scaled.
     pub local_rope_base: bool,
     /// Scores scaled by `query_pre_attn_scalar` rather than head_dim (Gemma).
     pub query_scalar: bool,
-    /// `attn_logit_softcapping` and `final_logit_softcapping` (Gemma-2); the
-    /// final cap is the LM head's, so a score head's output is not capped.
+    /// `attn_logit_softcapping` and `final_logit_softcapping` where
+    /// config.json sets them (Gemma-2 does; Gemma-3's are null); the final
+    /// cap is the LM head's, so a score head's output is not capped.
     pub softcaps: bool,
     /// Embeddings multiplied by sqrt(hidden) (Gemma).
     pub embed_scale: bool,
@@ -87,6 +97,8 @@ const LLAMA: Family = Family {
     name: "Llama (Llama-3, 3.1 rope scaling; SmolLM2; Mistral's GGUF files)",
     architectures: &["LlamaForCausalLM", "LlamaForSequenceClassification", "LlamaForRewardModelWithGating"],
     gguf: Some(Gguf { arch: "llama", interleaved_rope: true, wide_query_depth: None }),
+    wrapped_by: &[],
+    config_defaults: None,
     norm_offset: false,
     post_norms: false,
     qkv_bias: false,
@@ -147,7 +159,16 @@ pub const FAMILIES: &[Family] = &[
     },
     Family {
         name: "Gemma-3 (text)",
-        architectures: &[],
+        architectures: &["Gemma3ForCausalLM"],
+        // gemma-3-4b, 12b and 27b ship with their vision tower.
+        wrapped_by: &["Gemma3ForConditionalGeneration"],
+        // Gemma3TextConfig's: the 4B's text_config names only six fields.
+        config_defaults: Some(
+            r#"{"vocab_size": 262208, "hidden_size": 2304, "num_hidden_layers": 26, "num_attention_heads": 8,
+                "num_key_value_heads": 4, "head_dim": 256, "max_position_embeddings": 131072,
+                "rms_norm_eps": 1e-6, "query_pre_attn_scalar": 256, "sliding_window": 4096,
+                "rope_theta": 1000000.0, "rope_local_base_freq": 10000.0}"#,
+        ),
         gguf: Some(Gguf { arch: "gemma3", interleaved_rope: false, wide_query_depth: Some(62) }),
         norm_offset: true,
         post_norms: true,
@@ -155,6 +176,7 @@ pub const FAMILIES: &[Family] = &[
         window: Window::FullEvery(6),
         local_rope_base: true,
         query_scalar: true,
+        softcaps: true,
         embed_scale: true,
         activation: Activation::GeluTanh,
         tied_by_default: true,
@@ -163,9 +185,27 @@ pub const FAMILIES: &[Family] = &[
 ];
 
 impl Family {
-    /// The family of a config.json's `architectures[0]`.
-    pub fn of_architecture(name: &str) -> Option<&'static Family> {
-        FAMILIES.iter().find(|f| f.architectures.contains(&name))
+    /// The family of a config.json's `architectures[0]`, and whether that
+    /// architecture wraps the family's language model.
+    pub fn of_architecture(name: &str) -> Option<(&'static Family, bool)> {
+        FAMILIES.iter().find_map(|f| {
+            (f.architectures.contains(&name) || f.wrapped_by.contains(&name)).then(|| (f, f.wrapped_by.contains(&name)))
+        })
+    }
+
+    /// The language model's part of a config.json of this family (its
+    /// `text_config` where the architecture wraps it; None if it has none),
+    /// with the config class's defaults where it is silent.
+    pub fn text_config(&self, config: &serde_json::Value, wrapped: bool) -> Option<serde_json::Value> {
+        let mut text = if wrapped { config.get("text_config")?.clone() } else { config.clone() };
+        if let (Some(fields), Some(defaults)) = (text.as_object_mut(), self.config_defaults) {
+            let defaults: serde_json::Map<String, serde_json::Value> =
+                serde_json::from_str(defaults).expect("a family's defaults are a JSON object");
+            for (k, v) in defaults {
+                fields.entry(k).or_insert(v);
+            }
+        }
+        Some(text)
     }
 
     /// The family of a GGUF file's `general.architecture`.
@@ -189,12 +229,18 @@ impl Family {
     /// one): as config.json's `layer_types` says where it says (transformers
     /// 5 writes it; Mistral's attention does not read it), else by the
     /// family's pattern (`max_window_layers`: Qwen's first full layers).
-    pub fn slides(&self, i: usize, layer_type: Option<&str>, max_window_layers: Option<usize>) -> bool {
+    pub fn slides(
+        &self,
+        i: usize,
+        layer_type: Option<&str>,
+        max_window_layers: Option<usize>,
+        pattern: Option<usize>,
+    ) -> bool {
         match (self.window, layer_type) {
             (Window::Never, _) => false,
             (Window::Every, _) => true,
             (_, Some(t)) => t == "sliding_attention",
-            (Window::FullEvery(n), None) => !(i + 1).is_multiple_of(n),
+            (Window::FullEvery(n), None) => !(i + 1).is_multiple_of(pattern.filter(|&p| p > 0).unwrap_or(n)),
             (Window::Switched, None) => max_window_layers.is_none_or(|m| i >= m),
         }
     }
@@ -225,7 +271,7 @@ impl Family {
             (self.qk_norm, "per-head q/k RMS norms"),
             (self.local_rope_base, "sliding layers' own rope base"),
             (self.query_scalar, "`query_pre_attn_scalar`"),
-            (self.softcaps, "attention and LM-head logit soft-capping (not on a score head)"),
+            (self.softcaps, "attention and LM-head logit soft-capping where config.json sets them (not on a score head)"),
             (self.embed_scale, "embeddings scaled by sqrt(hidden)"),
         ];
         let all: Vec<String> = flags
@@ -250,7 +296,7 @@ pub fn model_table() -> String {
         if all.is_empty() { "-".to_string() } else { all.join(", ") }
     };
     for f in FAMILIES {
-        let hub = code(&mut f.architectures.iter().copied());
+        let hub = code(&mut f.architectures.iter().chain(f.wrapped_by).copied());
         let gguf = code(&mut f.gguf.iter().map(|g| g.arch));
         out.push_str(&format!("| {} | {hub} | {gguf} | {} |\n", f.name, f.differences()));
     }
@@ -271,7 +317,8 @@ mod tests {
     /// Each architecture and GGUF name belongs to one family.
     #[test]
     fn names_are_unique() {
-        let mut names: Vec<&str> = FAMILIES.iter().flat_map(|f| f.architectures.iter().copied()).collect();
+        let mut names: Vec<&str> =
+            FAMILIES.iter().flat_map(|f| f.architectures.iter().chain(f.wrapped_by).copied()).collect();
         names.extend(FAMILIES.iter().flat_map(|f| f.gguf.as_ref().map(|g| g.arch)));
         let n = names.len();
         names.sort();
