@@ -12,7 +12,7 @@
 //! prefgen; the pipe ends when prefgen ends, however it ends, and then the
 //! reaper stops the group. It knows nothing of models or stages.
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Context, Result, bail};
 use std::ffi::OsString;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -360,9 +360,4 @@ fn descendants() -> Vec<i32> {
         false
     };
     procs.iter().filter(|&(&pid, &(_, pgrp))| pid != me && (pgrp == me || below(pid))).map(|(&pid, _)| pid).collect()
-}
-
-/// An error naming the launched server, for a failure while it served.
-pub fn while_serving(launched: &Launched, e: anyhow::Error) -> anyhow::Error {
-    anyhow!("{e:#} (the server launched by {})", launched.describe())
 }
