@@ -164,6 +164,7 @@ impl Launched {
 
 impl Drop for Launched {
     fn drop(&mut self) {
+        eprintln!("stopping {}", self.describe());
         self.stop();
     }
 }

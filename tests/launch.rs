@@ -164,7 +164,7 @@ fn a_launched_server_gives_the_hand_started_server_s_files_and_is_stopped() {
     let run = ok(marked(&p, &["run", &r, "generate"], &m));
     none_left(&m, 1);
     let err = run.stderr();
-    assert!(err.contains("launched `") && err.contains("stopping the server launched by generate.launch"), "{err}");
+    assert!(err.contains("launched `") && err.contains("stopping `"), "{err}");
     assert_eq!(outputs(&p), outputs(&by_hand), "the launched server's responses differ from the hand-started one's");
     let logs = std::fs::read_dir(p.path("cache/logs")).unwrap().count();
     assert_eq!(logs, 1, "one log for the one launched server");
@@ -220,6 +220,8 @@ fn a_launch_command_that_cannot_start_fails_naming_it_and_its_log() {
     assert!(std::fs::read_to_string(&log).unwrap().contains("not found"), "the log lacks the shell's message");
     assert!(!p.path("out/output_7.json").exists());
     none_left(&m, 1);
+    // A command without {port} is refused before anything runs.
+    fails(&p, &["plan", &r, "--set", "generate.launch=llama-server -m {model}"], &["generate.launch", "{port}"]);
 }
 
 /// The launched server killed mid-run is restarted, the shard in flight is

@@ -135,13 +135,7 @@ impl Models {
     pub fn stop_launched(&self, stage: &str) {
         let mut launched = self.launched.borrow_mut();
         let before = launched.len();
-        launched.retain(|((key, _, _), l)| {
-            let keep = key.split('.').next() != Some(stage);
-            if !keep {
-                eprintln!("stopping the server launched by {key} (port {})", l.port());
-            }
-            keep
-        });
+        launched.retain(|((key, _, _), _)| key.split('.').next() != Some(stage));
         if launched.len() != before {
             self.servers.borrow_mut().clear();
         }
