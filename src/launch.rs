@@ -1,5 +1,5 @@
-//! Servers prefgen starts itself (`generate.launch`): a shell command with
-//! `{port}` (a free port on 127.0.0.1) and `{model}` (a local path)
+//! Servers prefgen starts itself (`generate.launch`): a shell command
+//! with `{port}` (a free port on 127.0.0.1) and `{model}` (a local path)
 //! substituted, waited for until it answers, restarted when it dies, and
 //! stopped, its whole process group and every descendant, SIGTERM then
 //! SIGKILL, when it is dropped.
@@ -129,7 +129,7 @@ impl Launched {
             if waited >= self.timeout {
                 self.stop();
                 bail!(
-                    "{} did not answer on {} within {}s (generate.launch_timeout_secs){}",
+                    "{} did not answer on {} within {}s, its launch timeout{}",
                     self.describe(),
                     self.url(),
                     self.timeout.as_secs(),
