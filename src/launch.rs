@@ -46,7 +46,7 @@ pub struct Launched {
 impl Launched {
     /// Starts `command` (which must contain `{port}`; `{model}` becomes
     /// `model`, quoted for the shell) with its output appended to `log`,
-    /// and waits up to `timeout` until `GET /v1/models` answers 200.
+    /// and waits up to `timeout` until `GET /v1/models` answers.
     pub fn start(command: &str, model: &Path, timeout: Duration, log: &Path) -> Result<Launched> {
         if !command.contains("{port}") {
             bail!("{command:?} does not contain {{port}}: prefgen picks the port the server listens on");
@@ -201,10 +201,16 @@ fn spawn(command: &str, log: &Path) -> Result<(Child, ChildStdin)> {
     Ok((reaper, lifeline))
 }
 
-/// Whether `GET {url}/models` answers 200 within `timeout`.
+/// Whether `GET {url}/models` answers within `timeout`: anything but 5xx
+/// (llama.cpp answers 503 while it loads; a server started with an API key
+/// answers 401 to this keyless request once it is up).
 fn answers(url: &str, timeout: Duration) -> bool {
     let agent = ureq::AgentBuilder::new().timeout(timeout).build();
-    matches!(agent.get(&format!("{url}/models")).call(), Ok(r) if r.status() == 200)
+    match agent.get(&format!("{url}/models")).call() {
+        Ok(_) => true,
+        Err(ureq::Error::Status(code, _)) => code < 500,
+        Err(ureq::Error::Transport(_)) => false,
+    }
 }
 
 fn exit_text(status: std::process::ExitStatus) -> String {

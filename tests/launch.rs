@@ -142,13 +142,15 @@ fn until(mut c: Command, marker: &str) -> (Child, Vec<String>, Receiver<String>)
         }
     }
     let _ = child.kill();
+    let _ = child.wait();
     panic!("no line with {marker:?}:\n{}", log.join("\n"));
 }
 
-/// A recipe with `generate.launch` builds; the launched server is gone once
-/// prefgen exits; the files equal those sampled through the same server
-/// started by hand, and `plan` finds the hand-served run's cache fresh for
-/// the launched recipe (neither the command nor the URL is in the key).
+/// A recipe with `generate.launch` builds on a `--worker`; the launched
+/// server is gone once prefgen exits; the assembling run launches none; the
+/// files equal those sampled through the same server started by hand, and
+/// `plan` finds the hand-served run's cache fresh for the launched recipe
+/// (neither the command nor the URL is in the key).
 #[test]
 fn a_launched_server_gives_the_hand_started_server_s_files_and_is_stopped() {
     let _turn = one_at_a_time();
@@ -158,13 +160,17 @@ fn a_launched_server_gives_the_hand_started_server_s_files_and_is_stopped() {
         let r = recipe(&by_hand, &format!("server = \"http://127.0.0.1:{}/v1\"", server.port));
         by_hand.ok(&["run", &r, "generate"]);
     }
+    // A worker (as `prefgen slurm` runs them) launches its own server and
+    // stops it; the run that assembles afterwards launches none.
     let p = Project::new();
     let r = launched(&p);
     let m = mark("builds");
-    let run = ok(marked(&p, &["run", &r, "generate"], &m));
+    let run = ok(marked(&p, &["run", &r, "generate", "--worker"], &m));
     none_left(&m, 1);
     let err = run.stderr();
     assert!(err.contains("launched `") && err.contains("stopping `"), "{err}");
+    let assembled = ok(marked(&p, &["run", &r, "generate"], &m));
+    assert!(!assembled.stderr().contains("launched `"), "{}", assembled.stderr());
     assert_eq!(outputs(&p), outputs(&by_hand), "the launched server's responses differ from the hand-started one's");
     let logs = std::fs::read_dir(p.path("cache/logs")).unwrap().count();
     assert_eq!(logs, 1, "one log for the one launched server");
