@@ -144,9 +144,24 @@ section! {
         /// its OpenAI-compatible base URL (`http://gpu-7:8000/v1`; vLLM, SGLang,
         /// llama.cpp's `llama-server`). `${VAR}` is read from the environment,
         /// so each worker can name its own server. prefgen still renders and
-        /// tokenizes every prompt with `generate.model`'s files.
+        /// tokenizes every prompt with `generate.model`'s files. With
+        /// `generate.launch`, `{port}` is the launched server's port.
         server: Option<String> = None, "unset: the built-in engine",
             Source("by whether a server samples, not by its URL: moving the server keeps the cache");
+        /// A command that starts the server on this machine, run by `sh`:
+        /// `{port}` becomes a free port on 127.0.0.1 and `{model}` the policy's
+        /// local path (its `.gguf` file or model folder). prefgen waits until
+        /// it answers, restarts it should it die, and stops it (its whole
+        /// process group) when this machine's generation is done, when the
+        /// run fails, or when prefgen dies; its output goes to
+        /// `cache/logs/`. With `generate.server` unset, prefgen talks to
+        /// `http://127.0.0.1:{port}/v1`.
+        launch: Option<String> = None, "unset",
+            Free("how the server is started, not what it samples: the policy's files and the sampling parameters are keyed, as with `generate.server`");
+        /// Seconds a launched server may take to answer (loading an 8B model
+        /// on vLLM, compiling included, takes minutes).
+        launch_timeout_secs: u64 = 900, _,
+            Free("how long to wait, not what is answered");
         /// The name the server serves the policy under, when it is not
         /// `generate.model` or its file or folder name.
         served_model: Option<String> = None, "unset",
@@ -381,6 +396,14 @@ impl Recipe {
             // `${VAR}` may give the whole URL; it is checked once read.
             if !(crate::infer::server::is_http(url) || url.starts_with("${")) {
                 return err(generate::server, "must be an http:// or https:// URL (such as http://gpu-7:8000/v1)");
+            }
+        }
+        if let Some(command) = &g.launch {
+            if g.import.is_some() {
+                return err(generate::launch, "and generate.import are both set: sample or import, not both");
+            }
+            if !command.contains("{port}") {
+                return err(generate::launch, "must contain {port}, the port prefgen picks for the server");
             }
         }
         if g.concurrency == 0 {

@@ -310,9 +310,9 @@ pub trait Models {
     fn policy(&self, model: &Path, chat_template: Option<&Path>) -> Result<Rc<Policy>>;
     /// A policy's tokenizer, template and stop tokens, without its weights.
     fn chat(&self, model: &Path, chat_template: Option<&Path>) -> Result<Rc<Chat>>;
-    /// The inference server at `url` (`${VAR}` read from the environment),
-    /// checked to serve the policy.
-    fn server(&self, url: &str, options: &server::Options) -> Result<Rc<Server>>;
+    /// The inference server at `endpoint` (connected, or launched on this
+    /// machine), checked to serve the policy.
+    fn server(&self, endpoint: &server::Endpoint, options: &server::Options) -> Result<Rc<Server>>;
     fn reward(
         &self,
         model: &Path,
