@@ -80,33 +80,38 @@ fn draw(logits: &[f32], s: Sampling, stream: &mut Stream) -> u32 {
         return argmax(logits);
     }
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-    let mut probs: Vec<(u32, f64)> =
-        logits.iter().enumerate().map(|(i, &x)| (i as u32, ((x as f64 - max) / s.temperature).exp())).collect();
-    let total: f64 = probs.iter().map(|p| p.1).sum();
-    if s.top_p < 1.0 {
+    let weights: Vec<f64> = logits.iter().map(|&x| ((x as f64 - max) / s.temperature).exp()).collect();
+    let total: f64 = weights.iter().sum();
+    let probs: Vec<(u32, f64)> = if s.top_p < 1.0 {
         // Most probable first, ties by lower id (a total order, so the result
-        // is exact). The nucleus is usually small: sort only the top k,
-        // widening k until it holds the nucleus.
+        // is exact). The nucleus is usually small: sort only the tokens at
+        // least as probable as the least probable of the k largest logits (a
+        // head of the full order, ties included, at least k long), widening
+        // k until they hold the nucleus.
         let order = |a: &(u32, f64), b: &(u32, f64)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
-        let mut k = 64.min(probs.len());
-        let keep = loop {
-            if k < probs.len() {
-                probs.select_nth_unstable_by(k, order);
-            }
-            probs[..k].sort_by(order);
+        let mut values = logits.to_vec();
+        let mut k = 64.min(logits.len());
+        loop {
+            let t = *values.select_nth_unstable_by(logits.len() - k, f32::total_cmp).1;
+            let floor =
+                logits.iter().zip(&weights).filter(|(x, _)| **x >= t).fold(f64::INFINITY, |m, (_, p)| m.min(*p));
+            let mut top: Vec<(u32, f64)> =
+                weights.iter().enumerate().filter(|(_, p)| **p >= floor).map(|(i, &p)| (i as u32, p)).collect();
+            top.sort_unstable_by(order);
             let mut mass = 0.0;
-            let found = probs[..k].iter().position(|p| {
+            let found = top.iter().position(|p| {
                 mass += p.1 / total;
                 mass >= s.top_p
             });
             match found {
-                Some(i) => break i + 1,
-                None if k == probs.len() => break k,
-                None => k = (k * 4).min(probs.len()),
+                Some(i) => break top[..=i].to_vec(),
+                None if top.len() == logits.len() => break top,
+                None => k = (k * 4).min(logits.len()),
             }
-        };
-        probs.truncate(keep);
-    }
+        }
+    } else {
+        weights.iter().enumerate().map(|(i, &p)| (i as u32, p)).collect()
+    };
     let kept: f64 = probs.iter().map(|p| p.1).sum();
     let mut u = stream.next_f64() * kept;
     for &(id, p) in &probs {
@@ -116,6 +121,21 @@ fn draw(logits: &[f32], s: Sampling, stream: &mut Stream) -> u32 {
         u -= p;
     }
     probs.last().expect("the vocabulary is not empty").0
+}
+
+/// [`sample`] for each row of `logits` with its own stream, the rows
+/// spread over the threads (a row's draw does not depend on the others).
+pub fn sample_rows(logits: &[Vec<f32>], s: Sampling, streams: &mut [Stream]) -> Vec<Result<u32, f32>> {
+    let slots: Vec<std::sync::Mutex<(&mut Stream, Option<Result<u32, f32>>)>> =
+        streams.iter_mut().map(|stream| std::sync::Mutex::new((stream, None))).collect();
+    candle_core::utils::barrier_pool().execute_chunked(logits.len(), |rows| {
+        for r in rows {
+            let mut slot = slots[r].lock().expect("a draw does not panic");
+            let (stream, out) = &mut *slot;
+            *out = Some(sample(&logits[r], s, stream));
+        }
+    });
+    slots.into_iter().map(|m| m.into_inner().expect("a draw does not panic").1.expect("every row is drawn")).collect()
 }
 
 #[cfg(test)]
@@ -171,6 +191,21 @@ mod tests {
         let want: Vec<u32> = (0..200).map(|_| reference(&mut b)).collect();
         assert_eq!(draws, want);
         assert!(draws.iter().any(|&t| t > 64), "the test must reach past the first window");
+    }
+
+    /// Rows drawn together, spread over the threads, draw what each would alone.
+    #[test]
+    fn rows_draw_as_they_would_alone() {
+        let rows: Vec<Vec<f32>> =
+            (0..9).map(|r| (0..3000).map(|i| ((i * 7 + r * 13) % 101) as f32 / 9.0).collect()).collect();
+        let s = Sampling { temperature: 0.8, top_p: 0.95 };
+        let mut together: Vec<Stream> = (0..9).map(|r| Stream::new(r, "p")).collect();
+        let mut alone = together.clone();
+        for _ in 0..5 {
+            let got = sample_rows(&rows, s, &mut together);
+            let want: Vec<_> = rows.iter().zip(&mut alone).map(|(row, st)| sample(row, s, st)).collect();
+            assert_eq!(got, want);
+        }
     }
 
     #[test]
