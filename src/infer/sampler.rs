@@ -80,38 +80,33 @@ fn draw(logits: &[f32], s: Sampling, stream: &mut Stream) -> u32 {
         return argmax(logits);
     }
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-    let weights: Vec<f64> = logits.iter().map(|&x| ((x as f64 - max) / s.temperature).exp()).collect();
-    let total: f64 = weights.iter().sum();
-    let probs: Vec<(u32, f64)> = if s.top_p < 1.0 {
+    let mut probs: Vec<(u32, f64)> =
+        logits.iter().enumerate().map(|(i, &x)| (i as u32, ((x as f64 - max) / s.temperature).exp())).collect();
+    let total: f64 = probs.iter().map(|p| p.1).sum();
+    if s.top_p < 1.0 {
         // Most probable first, ties by lower id (a total order, so the result
-        // is exact). The nucleus is usually small: sort only the tokens at
-        // least as probable as the least probable of the k largest logits (a
-        // head of the full order, ties included, at least k long), widening
-        // k until they hold the nucleus.
+        // is exact). The nucleus is usually small: sort only the top k,
+        // widening k until it holds the nucleus.
         let order = |a: &(u32, f64), b: &(u32, f64)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
-        let mut values = logits.to_vec();
-        let mut k = 64.min(logits.len());
-        loop {
-            let t = *values.select_nth_unstable_by(logits.len() - k, f32::total_cmp).1;
-            let floor =
-                logits.iter().zip(&weights).filter(|(x, _)| **x >= t).fold(f64::INFINITY, |m, (_, p)| m.min(*p));
-            let mut top: Vec<(u32, f64)> =
-                weights.iter().enumerate().filter(|(_, p)| **p >= floor).map(|(i, &p)| (i as u32, p)).collect();
-            top.sort_unstable_by(order);
+        let mut k = 64.min(probs.len());
+        let keep = loop {
+            if k < probs.len() {
+                probs.select_nth_unstable_by(k, order);
+            }
+            probs[..k].sort_by(order);
             let mut mass = 0.0;
-            let found = top.iter().position(|p| {
+            let found = probs[..k].iter().position(|p| {
                 mass += p.1 / total;
                 mass >= s.top_p
             });
             match found {
-                Some(i) => break top[..=i].to_vec(),
-                None if top.len() == logits.len() => break top,
-                None => k = (k * 4).min(logits.len()),
+                Some(i) => break i + 1,
+                None if k == probs.len() => break k,
+                None => k = (k * 4).min(probs.len()),
             }
-        }
-    } else {
-        weights.iter().enumerate().map(|(i, &p)| (i as u32, p)).collect()
-    };
+        };
+        probs.truncate(keep);
+    }
     let kept: f64 = probs.iter().map(|p| p.1).sum();
     let mut u = stream.next_f64() * kept;
     for &(id, p) in &probs {
