@@ -90,9 +90,11 @@ pub fn generate(
             .collect();
         let mut caches: Vec<&mut _> = active.iter_mut().map(|a| &mut a.cache).collect();
         let rows = model.forward(&inputs, &mut caches)?.to_vec2::<f32>().map_err(anyhow::Error::from)?;
-        for (mut a, row) in active.drain(..).zip(rows).collect::<Vec<_>>() {
-            let tok = sampler::sample(&row, sampling, &mut jobs[a.job].stream)
-                .map_err(|value| EngineError::NonFinite { job: a.job, position: a.out.len(), value })?;
+        let mut streams: Vec<Stream> = active.iter().map(|a| jobs[a.job].stream.clone()).collect();
+        let drawn = sampler::sample_rows(&rows, sampling, &mut streams);
+        for ((mut a, tok), stream) in active.drain(..).zip(drawn).zip(streams).collect::<Vec<_>>() {
+            jobs[a.job].stream = stream;
+            let tok = tok.map_err(|value| EngineError::NonFinite { job: a.job, position: a.out.len(), value })?;
             let stop = policy.chat.stop.contains(&tok);
             if !stop {
                 a.out.push(tok);

@@ -118,6 +118,21 @@ fn draw(logits: &[f32], s: Sampling, stream: &mut Stream) -> u32 {
     probs.last().expect("the vocabulary is not empty").0
 }
 
+/// [`sample`] for each row of `logits` with its own stream, the rows
+/// spread over the threads (a row's draw does not depend on the others).
+pub fn sample_rows(logits: &[Vec<f32>], s: Sampling, streams: &mut [Stream]) -> Vec<Result<u32, f32>> {
+    let slots: Vec<std::sync::Mutex<(&mut Stream, Option<Result<u32, f32>>)>> =
+        streams.iter_mut().map(|stream| std::sync::Mutex::new((stream, None))).collect();
+    candle_core::utils::barrier_pool().execute_chunked(logits.len(), |rows| {
+        for r in rows {
+            let mut slot = slots[r].lock().expect("a draw does not panic");
+            let (stream, out) = &mut *slot;
+            *out = Some(sample(&logits[r], s, stream));
+        }
+    });
+    slots.into_iter().map(|m| m.into_inner().expect("a draw does not panic").1.expect("every row is drawn")).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -171,6 +186,21 @@ mod tests {
         let want: Vec<u32> = (0..200).map(|_| reference(&mut b)).collect();
         assert_eq!(draws, want);
         assert!(draws.iter().any(|&t| t > 64), "the test must reach past the first window");
+    }
+
+    /// Rows drawn together, spread over the threads, draw what each would alone.
+    #[test]
+    fn rows_draw_as_they_would_alone() {
+        let rows: Vec<Vec<f32>> =
+            (0..9).map(|r| (0..3000).map(|i| ((i * 7 + r * 13) % 101) as f32 / 9.0).collect()).collect();
+        let s = Sampling { temperature: 0.8, top_p: 0.95 };
+        let mut together: Vec<Stream> = (0..9).map(|r| Stream::new(r, "p")).collect();
+        let mut alone = together.clone();
+        for _ in 0..5 {
+            let got = sample_rows(&rows, s, &mut together);
+            let want: Vec<_> = rows.iter().zip(&mut alone).map(|(row, st)| sample(row, s, st)).collect();
+            assert_eq!(got, want);
+        }
     }
 
     #[test]

@@ -7,7 +7,11 @@
 use super::{Activations, BLOCK, SUB, Scales, TILE, Tile, Width};
 use std::arch::x86_64::*;
 
-/// Rows `span` of the outputs of one tile, four rows at a time.
+/// Activation rows taken together against a tile's block: its eight
+/// registers of values, eight accumulators and their scales fit in 32.
+const TOGETHER: usize = 8;
+
+/// Rows `span` of the outputs of one tile, [`TOGETHER`] rows at a time.
 ///
 /// SAFETY: the CPU has AVX512F, BW and VNNI; `tile.out` holds `span.end *
 /// tile.n` floats.
@@ -18,14 +22,18 @@ pub(super) unsafe fn tile(tile: &Tile, a: &Activations, span: std::ops::Range<us
     while r < span.end {
         // Tails run the same per-row code with fewer rows.
         unsafe {
-            match (span.end - r).min(4) {
+            match (span.end - r).min(TOGETHER) {
+                8 => rows::<8>(tile, a, r, mask),
+                7 => rows::<7>(tile, a, r, mask),
+                6 => rows::<6>(tile, a, r, mask),
+                5 => rows::<5>(tile, a, r, mask),
                 4 => rows::<4>(tile, a, r, mask),
                 3 => rows::<3>(tile, a, r, mask),
                 2 => rows::<2>(tile, a, r, mask),
                 _ => rows::<1>(tile, a, r, mask),
             }
         }
-        r += 4;
+        r += TOGETHER;
     }
 }
 

@@ -5,7 +5,8 @@
 //! are repacked once, at load, into tiles of 16 output rows: each 32-weight
 //! block as unsigned integers `u` with a scale and an offset per row (`w =
 //! scale*u + offset`, the file's weights exactly; nothing is re-quantized).
-//! A tile is read once for up to four activation rows.
+//! A tile is read once for up to eight activation rows (four on AVX2 and
+//! NEON, whose registers hold fewer).
 //!
 //! # The numeric definition
 //!

@@ -59,13 +59,14 @@ fn awkward_activations(m: usize, k: usize) -> Vec<f32> {
 
 /// Every kernel gives the scalar reference's bits: every packed type, a
 /// partial last tile (37 rows: a full half and 5 columns of the next), row
-/// groups of 4 with a tail, and a prefill batch split across work items.
+/// groups of 4 and of 8 with every kind of tail, and a prefill batch split
+/// across work items.
 #[test]
 fn every_kernel_computes_the_reference_bits() {
     let (n, k) = (37, 512);
     let w = Tensor::from_vec(values(n * k, 1), (n, k), &Device::Cpu).unwrap();
     let kernels = kernels_here("the kernel-against-reference test");
-    for m in [1, 7, 70] {
+    for m in [1, 3, 7, 13, 70] {
         let x = awkward_activations(m, k);
         for dtype in all_types() {
             let q = QTensor::quantize(&w, dtype).unwrap();
