@@ -28,6 +28,7 @@ const PROBES: &[(&str, &str)] = &[
     ("generate.concurrency", "3"),
     ("generate.request_timeout_secs", "5"),
     ("generate.request_retries", "1"),
+    ("generate.launch_timeout_secs", "5"),
     ("filter.drop_identical", "false"),
     ("annotate.kind", "\"armorm\""),
     ("annotate.max_length", "64"),

@@ -157,7 +157,7 @@ section! {
         /// `cache/logs/`. With `generate.server` unset, prefgen talks to
         /// `http://127.0.0.1:{port}/v1`.
         launch: Option<String> = None, "unset",
-            Free("how the server is started, not what it samples: the policy's files and the sampling parameters are keyed, as with `generate.server`");
+            Source("as `generate.server`: by whether a server samples, not by the command that starts it");
         /// Seconds a launched server may take to answer (loading an 8B model
         /// on vLLM, compiling included, takes minutes).
         launch_timeout_secs: u64 = 900, _,
