@@ -178,9 +178,10 @@ section! {
     /// `[annotate]`: scoring every response with a reward model.
     pub struct Annotate in annotate {
         /// The reward model: a hub id or a local model folder; a `.gguf` file
-        /// for a judge.
+        /// for a judge; with `annotate.endpoint = "chat"`, a hosted judge's
+        /// name (`gpt-4o-mini`), which is then its only identity.
         model: Option<String> = None, "required unless `import`",
-            Source("by the files its loader reads (hub sha256 where recorded, else content); other files in the folder do not count");
+            Source("by the files its loader reads (hub sha256 where recorded, else content); other files in the folder do not count; a hosted judge by its name alone");
         /// The hub revision of `model`.
         revision: Option<String> = None, "`main`",
             Source("by the files of the snapshot it resolves to");
