@@ -9,6 +9,7 @@ pub mod formats;
 pub mod hub;
 pub mod infer;
 pub mod input;
+pub mod launch;
 pub mod lock;
 pub mod plan;
 #[cfg(test)]

@@ -6,6 +6,11 @@ use prefgen::cli::{self, Cli};
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
+    // A launched server's reaper (src/launch.rs) is prefgen re-executed.
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if args.get(1).is_some_and(|a| a == prefgen::launch::REAPER) {
+        return prefgen::launch::reaper(&args[2..]);
+    }
     // SAFETY: nothing has started a thread yet.
     unsafe { prefgen::infer::settle_thread_count() };
     // Rust ignores SIGPIPE, so printing to a closed pipe (`prefgen plan R |

@@ -262,3 +262,53 @@ fn a_hosted_judge_by_name_through_chat() {
     let lock = std::fs::read_to_string(p.path("judged.lock")).unwrap();
     assert!(lock.contains("judge through /chat/completions"), "{lock}");
 }
+
+/// The environment variable that marks the processes a test's prefgen
+/// starts: a launched server inherits it, so one holding it after prefgen
+/// is gone is an orphan.
+const MARK: &str = "PREFGEN_TEST_JUDGE_MARK";
+
+/// The live processes whose environment holds `MARK=mark`.
+fn holding(mark: &str) -> Vec<String> {
+    let needle = format!("{MARK}={mark}");
+    let mut found = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(env) = std::fs::read(e.path().join("environ")) else { continue };
+        if env.split(|&b| b == 0).any(|v| v == needle.as_bytes()) {
+            found.push(e.file_name().to_string_lossy().into_owned());
+        }
+    }
+    found
+}
+
+/// `annotate.launch`: prefgen starts llama-server for the judge itself; the
+/// scores equal those through the same server started by hand, `plan` is
+/// fresh across the two, and no process of the server is left.
+#[test]
+fn a_launched_judge_scores_as_a_hand_started_one() {
+    let _turn = one_at_a_time();
+    let by_hand = Project::new();
+    let r = recipe(&by_hand, "");
+    {
+        let server = serve();
+        let url = format!("annotate.server=http://127.0.0.1:{}/v1", server.port);
+        by_hand.ok(&["run", &r, "annotate", "--set", &url]);
+    }
+    let bin = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/llama.cpp/build/bin/llama-server");
+    let command = format!(
+        "annotate.launch={} -m {{model}} --host 127.0.0.1 --port {{port}} -t 2 -np 1 -c 2048 --no-webui",
+        bin.display()
+    );
+    let p = Project::new();
+    let r = recipe(&p, "");
+    let mark = format!("{}", std::process::id());
+    let mut c = p.command(&["run", &r, "annotate", "--set", &command]);
+    c.env(MARK, &mark);
+    let run = ok(c);
+    assert!(run.stderr().contains("judging through llama.cpp"), "{}", run.stderr());
+    assert!(holding(&mark).is_empty(), "the launched server outlived the run: {:?}", holding(&mark));
+    assert_eq!(scores(&p, "out"), scores(&by_hand, "out"));
+    let plan = p.ok(&["plan", &r, "annotate", "--set", "annotate.server=http://127.0.0.1:1/v1"]).stdout();
+    let line = plan.lines().find(|l| l.contains("annotate[")).unwrap_or_default();
+    assert!(line.contains("fresh"), "{plan}");
+}

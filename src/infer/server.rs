@@ -67,6 +67,31 @@ pub struct Options {
     pub identity: Option<Identity>,
 }
 
+/// Where a stage's server is: at a URL, or started by the runner.
+#[derive(Debug, Clone, Copy)]
+pub struct Endpoint<'a> {
+    /// The recipe key of the URL (`generate.server`), for messages.
+    pub key: &'static str,
+    /// Its base URL, `${VAR}` read from the environment; with `launch`,
+    /// `{port}` is the launched server's port, and None is
+    /// `http://127.0.0.1:{port}/v1`.
+    pub url: Option<&'a str>,
+    pub launch: Option<Launch<'a>>,
+}
+
+/// A server command the runner starts on this machine (see `crate::launch`).
+#[derive(Debug, Clone, Copy)]
+pub struct Launch<'a> {
+    /// The recipe key that holds the command (`generate.launch`), for
+    /// messages and for stopping a stage's servers once it is done.
+    pub key: &'static str,
+    pub command: &'a str,
+    /// The model's local path, for `{model}`.
+    pub model: &'a std::path::Path,
+    /// How long it may take to answer.
+    pub timeout: Duration,
+}
+
 /// Texts whose token ids tell tokenizers apart: words, digits, spacing,
 /// code and non-ASCII text.
 const PROBES: [&str; 3] = [

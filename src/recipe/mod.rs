@@ -137,9 +137,24 @@ section! {
         /// its OpenAI-compatible base URL (`http://gpu-7:8000/v1`; vLLM, SGLang,
         /// llama.cpp's `llama-server`). `${VAR}` is read from the environment,
         /// so each worker can name its own server. prefgen still renders and
-        /// tokenizes every prompt with `generate.model`'s files.
+        /// tokenizes every prompt with `generate.model`'s files. With
+        /// `generate.launch`, `{port}` is the launched server's port.
         server: Option<String> = None, "unset: the built-in engine",
             Source("by whether a server samples, not by its URL: moving the server keeps the cache");
+        /// A command that starts the server on this machine, run by `sh`:
+        /// `{port}` becomes a free port on 127.0.0.1 and `{model}` the policy's
+        /// local path (its `.gguf` file or model folder). prefgen waits until
+        /// it answers, restarts it should it die, and stops it (its whole
+        /// process group) when this machine's generation is done, when the
+        /// run fails, or when prefgen dies; its output goes to
+        /// `cache/logs/`. With `generate.server` unset, prefgen talks to
+        /// `http://127.0.0.1:{port}/v1`.
+        launch: Option<String> = None, "unset",
+            Free("how the server is started, not what it samples: the policy's files and the sampling parameters are keyed, as with `generate.server`");
+        /// Seconds a launched server may take to answer (loading an 8B model
+        /// on vLLM, compiling included, takes minutes).
+        launch_timeout_secs: u64 = 900, _,
+            Free("how long to wait, not what is answered");
         /// The name the server serves the policy under, when it is not
         /// `generate.model` or its file or folder name.
         served_model: Option<String> = None, "unset",
@@ -220,6 +235,18 @@ section! {
         /// returns.
         server: Option<String> = None, "unset: in-process",
             Source("by whether a server scores (and through which endpoint), not by its URL: moving the server keeps the cache");
+        /// A command that starts the judge's server on this machine, as
+        /// `generate.launch` starts the policy's: `{port}` and `{model}` (the
+        /// judge's local path) are substituted, prefgen waits until it
+        /// answers, restarts it should it die, and stops it when this
+        /// machine's annotation is done, when the run fails, or when prefgen
+        /// dies. With `annotate.server` unset, prefgen talks to
+        /// `http://127.0.0.1:{port}/v1`.
+        launch: Option<String> = None, "unset",
+            Free("how the server is started, not what it scores: keyed as `annotate.server` is");
+        /// Seconds the judge's launched server may take to answer.
+        launch_timeout_secs: u64 = 900, _,
+            Free("how long to wait, not what is answered");
         /// How `annotate.server` is asked: `completions` sends prefgen's own
         /// prompt ids (rubric, template and the primed `Rating:`) to
         /// `/completions` (vLLM, SGLang, llama-server); `chat` sends the rubric
@@ -279,10 +306,15 @@ impl Annotate {
     /// The judge's name when it is a hosted model with no local files: asked
     /// through `chat` and not a local path. Its identity is only that name.
     pub fn hosted_name(&self) -> Option<&str> {
-        match (&self.server, self.endpoint, &self.model) {
-            (Some(_), Endpoint::Chat, Some(m)) if !Path::new(m).exists() => Some(m),
+        match (self.through_server(), self.endpoint, &self.model) {
+            (true, Endpoint::Chat, Some(m)) if !Path::new(m).exists() && self.launch.is_none() => Some(m),
             _ => None,
         }
+    }
+
+    /// Whether a server scores: at `annotate.server`, or launched.
+    pub fn through_server(&self) -> bool {
+        self.server.is_some() || self.launch.is_some()
     }
 }
 
@@ -449,6 +481,14 @@ impl Recipe {
                 return err(generate::server, "must be an http:// or https:// URL (such as http://gpu-7:8000/v1)");
             }
         }
+        if let Some(command) = &g.launch {
+            if g.import.is_some() {
+                return err(generate::launch, "and generate.import are both set: sample or import, not both");
+            }
+            if !command.contains("{port}") {
+                return err(generate::launch, "must contain {port}, the port prefgen picks for the server");
+            }
+        }
         if g.concurrency == 0 {
             return err(generate::concurrency, "must be > 0");
         }
@@ -483,6 +523,20 @@ impl Recipe {
                 return err(
                     annotate::kind,
                     "must be judge with annotate.server: a server gives next-token log-probabilities, not a reward head",
+                );
+            }
+        }
+        if let Some(command) = &a.launch {
+            if a.import.is_some() {
+                return err(annotate::launch, "and annotate.import are both set: score or import, not both");
+            }
+            if !command.contains("{port}") {
+                return err(annotate::launch, "must contain {port}, the port prefgen picks for the server");
+            }
+            if a.kind.is_some_and(|k| k != Kind::Judge) {
+                return err(
+                    annotate::kind,
+                    "must be judge with annotate.launch: a server gives next-token log-probabilities, not a reward head",
                 );
             }
         }

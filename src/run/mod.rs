@@ -149,11 +149,18 @@ fn build_all(
     let mut summary = Summary::default();
     let mut stored = BTreeSet::new();
     let mut memory = Memory::new(graph, selected);
-    let models = models::Models::default();
+    let models = models::Models::new(cache.root().join("logs"));
     let mut deferred = vec![false; graph.nodes.len()];
     for idx in (0..graph.nodes.len()).filter(|&i| selected[i]) {
         let node = &graph.nodes[idx];
         let label = node.label();
+        // A stage's launched servers are stopped once no node of it is left
+        // (the next stage may want the GPU).
+        for stage in Stage::ALL {
+            if !(idx..graph.nodes.len()).any(|i| selected[i] && graph.nodes[i].stage() == stage) {
+                models.stop_launched(stage.name());
+            }
+        }
         if node.deps.iter().chain(&node.key_deps).any(|&d| deferred[d]) {
             deferred[idx] = true;
             summary.deferred.push(label);
@@ -195,7 +202,10 @@ fn build_all(
             }
             Work::Sharded(shards) => {
                 let externals = node.spec.keyed.externals.keys().map(String::as_str).collect();
-                match shards::run(cache, &label, &material, &externals, shards, claims).with_context(context)? {
+                let recover = |e| models.recover(e);
+                match shards::run(cache, &label, &material, &externals, shards, claims, &recover)
+                    .with_context(context)?
+                {
                     ShardRun::Done { output, engines, parts } => {
                         let lock = cache.lock(&key, &label)?;
                         match built_meanwhile(cache, &key)? {
@@ -258,7 +268,7 @@ pub fn shard_progress(walk: &mut Walk, idx: usize, material: &KeyMaterial) -> Re
     let node = &graph.nodes[idx];
     let memory = Memory::new(graph, &vec![false; graph.nodes.len()]);
     let Pass::Done(inputs) = inputs(walk, &memory, idx)? else { return Ok(None) };
-    let models = models::Models::default();
+    let models = models::Models::new(walk.cache.root().join("logs"));
     let Work::Sharded(work) = stages::work(&node.spec, &graph.recipe, inputs, &models)? else { return Ok(None) };
     let externals = node.spec.keyed.externals.keys().map(String::as_str).collect();
     let materials = shards::materials(material, &externals, work.as_ref());

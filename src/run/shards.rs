@@ -172,12 +172,13 @@ pub fn run(
     externals: &BTreeSet<&str>,
     shards: Box<dyn Shards + '_>,
     claims: Claims,
+    recover: &dyn Fn(anyhow::Error) -> Result<()>,
 ) -> Result<ShardRun> {
     let n = shards.count();
     let bar = Progress::new(label, (0..n).map(|i| shards.units(i)).sum(), shards.unit());
     let materials = materials(material, externals, shards.as_ref());
     cache.prefetch(&materials.iter().map(KeyMaterial::key).collect::<Vec<_>>())?;
-    let mut node = Node { cache, shards, bar };
+    let mut node = Node { cache, shards, bar, recover };
     let mut entries: Vec<Option<ActionEntry>> = vec![None; n];
     let mut pending = 0;
     let mut busy = Vec::new();
@@ -232,6 +233,8 @@ struct Node<'c, 's> {
     cache: &'c Cache,
     shards: Box<dyn Shards + 's>,
     bar: Progress,
+    /// Whether a failed shard can be built again (a launched server restarted).
+    recover: &'c dyn Fn(anyhow::Error) -> Result<()>,
 }
 
 impl Node<'_, '_> {
@@ -317,7 +320,16 @@ impl Node<'_, '_> {
         }
         let started = Instant::now();
         let bar = &self.bar;
-        let built = self.shards.build(i, &|tokens| bar.unit_done(tokens))?;
+        // Only the shard in flight is built again.
+        let built = loop {
+            match self.shards.build(i, &|tokens| bar.unit_done(tokens)) {
+                Ok(built) => break built,
+                Err(e) => {
+                    (self.recover)(e)?;
+                    bar.log(&format!("{what}: building it again"));
+                }
+            }
+        };
         let secs = started.elapsed().as_secs_f64();
         let digest = self.cache.put_object(&built.bytes)?;
         let file = OutputFile { path: SHARD_FILE.into(), digest, size: built.bytes.len() as u64 };

@@ -50,7 +50,7 @@ pub fn keyed(at: &At) -> Keyed {
                 }
             }
             let mut params = a.keyed();
-            if a.server.is_some() {
+            if a.through_server() {
                 // Which endpoint, not which host: another host keeps the cache.
                 params.insert(recipe::annotate::server.into(), json!(endpoint_keyed(a.endpoint)));
                 params.insert(recipe::annotate::top_logprobs.into(), json!(a.top_logprobs));
@@ -91,8 +91,8 @@ pub fn work<'a>(
         a.shard_size,
         ("responses", |r: &FilteredRow| r.all_generated_responses.len()),
         move |chunk, progress| {
-            let (out, engine) = match &a.server {
-                None => {
+            let (out, engine) = match a.through_server() {
+                false => {
                     let model = model.expect("an in-process scoring node keys its model's files");
                     let rm = models.reward(model, a.kind, template, rubric)?;
                     let max_length = if a.max_length == 0 { rm.context() } else { a.max_length };
@@ -100,11 +100,18 @@ pub fn work<'a>(
                         .map_err(|e| anyhow!("annotate.model {}: {e:#}", model.display()))?;
                     (out, rm.engine())
                 }
-                Some(url) => {
+                true => {
                     // A hosted model with no local files has no tokenizer here.
                     let chat = model.map(|m| models.chat(recipe::Annotate::SECTION, m, template)).transpose()?;
                     let judge = Judge::new(chat.as_deref(), models.rubric(rubric)?)?;
-                    let server = models.server(url, &server_options(a, model, chat.as_deref())?)?;
+                    let launch = a.launch.as_deref().map(|command| server::Launch {
+                        key: recipe::annotate::launch,
+                        command,
+                        model: model.expect("a launched judge has local files"),
+                        timeout: Duration::from_secs(a.launch_timeout_secs),
+                    });
+                    let endpoint = server::Endpoint { key: recipe::annotate::server, url: a.server.as_deref(), launch };
+                    let server = models.server(&endpoint, &server_options(a, model, chat.as_deref())?)?;
                     let out = score_through(chunk, &judge, chat.as_deref(), &server, a, progress)?;
                     let how = match a.endpoint {
                         Endpoint::Completions => "/completions",

@@ -37,7 +37,7 @@ pub fn keyed(at: &At, seed: u64) -> Keyed {
         }
         None => {
             params.extend(g.keyed());
-            if g.server.is_some() {
+            if g.server.is_some() || g.launch.is_some() {
                 // Which engine samples, not where it runs: another host keeps the cache.
                 params.insert(recipe::generate::server.into(), json!(SERVER));
             }
@@ -76,16 +76,23 @@ pub fn work<'a>(
                 tokens += n;
                 progress(n);
             };
-            let (rows, skipped, engine) = match &g.server {
-                None => {
+            let launch = g.launch.as_deref().map(|command| server::Launch {
+                key: recipe::generate::launch,
+                command,
+                model,
+                timeout: Duration::from_secs(g.launch_timeout_secs),
+            });
+            let endpoint = server::Endpoint { key: recipe::generate::server, url: g.server.as_deref(), launch };
+            let (rows, skipped, engine) = match (&g.server, &g.launch) {
+                (None, None) => {
                     let policy = models.policy(model, template)?;
                     let (rows, skipped) = sample(chunk, &policy, g, seed, count)
                         .map_err(|e| anyhow!("generate.model {}: {e:#}", model.display()))?;
                     (rows, skipped, policy.engine())
                 }
-                Some(url) => {
+                _ => {
                     let chat = models.chat(recipe::Generate::SECTION, model, template)?;
-                    let server = models.server(url, &server_options(g, model, &chat)?)?;
+                    let server = models.server(&endpoint, &server_options(g, model, &chat)?)?;
                     let (rows, skipped) = sample_through(chunk, &chat, &server, g, seed, count)?;
                     (rows, skipped, server.engine.clone())
                 }

@@ -313,9 +313,9 @@ pub trait Models {
     /// A model's tokenizer, template and stop tokens, without its weights;
     /// `section` (`generate`, `annotate`) names its keys in messages.
     fn chat(&self, section: &str, model: &Path, chat_template: Option<&Path>) -> Result<Rc<Chat>>;
-    /// The inference server at `url` (`${VAR}` read from the environment),
-    /// checked to serve the model `options` describe.
-    fn server(&self, url: &str, options: &server::Options) -> Result<Rc<Server>>;
+    /// The inference server at `endpoint` (connected, or launched on this
+    /// machine), checked to serve the model `options` describe.
+    fn server(&self, endpoint: &server::Endpoint, options: &server::Options) -> Result<Rc<Server>>;
     /// The judge's rubric from `annotate.judge_rubric` (None: the built-in one).
     fn rubric(&self, path: Option<&Path>) -> Result<Option<String>>;
     fn reward(
