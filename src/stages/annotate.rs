@@ -259,14 +259,14 @@ pub fn score_through(
         Ask::Ids(ids) => ids.len(),
         Ask::Chat(_) => 0,
     };
-    let answers = server::each(&asks, a.concurrency, |(_, _, ask)| server.next_token(ask, a.top_logprobs), |_| {})
-        .map_err(|(i, e)| {
-            let (r, k, _) = &asks[i];
-            anyhow!("annotate.server: response {} of {:?}: {e:#}", k + 1, preview(&rows[*r].prompt))
-        })?;
+    let ask = |(_, _, ask): &(usize, usize, Ask)| server.next_token(ask, a.top_logprobs).map(|got| (size(ask), got));
+    let answers = server::each(&asks, a.concurrency, ask, |(tokens, _)| progress(*tokens)).map_err(|(i, e)| {
+        let (r, k, _) = &asks[i];
+        anyhow!("annotate.server: response {} of {:?}: {e:#}", k + 1, preview(&rows[*r].prompt))
+    })?;
     let mut scores: Vec<Vec<f64>> = rows.iter().map(|r| vec![f64::NAN; r.all_generated_responses.len()]).collect();
     let mut tokens = 0;
-    for ((r, k, ask), answer) in asks.iter().zip(answers) {
+    for ((r, k, _), (size, answer)) in asks.iter().zip(answers) {
         let Some(candidates) = answer else {
             fits[*r] = false;
             continue;
@@ -283,8 +283,7 @@ pub fn score_through(
             );
         };
         scores[*r][*k] = s;
-        tokens += size(ask);
-        progress(size(ask));
+        tokens += size;
     }
     let out = rows
         .iter()
