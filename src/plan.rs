@@ -60,7 +60,11 @@ impl Graph {
             _ => Ok(None),
         };
         let policy = resolve(recipe::generate::model, &g.model, &g.import, &g.revision)?;
-        let reward = resolve(recipe::annotate::model, &a.model, &a.import, &a.revision)?;
+        // A hosted judge is only a name: there are no files to resolve.
+        let reward = match a.hosted_name() {
+            Some(_) => None,
+            None => resolve(recipe::annotate::model, &a.model, &a.import, &a.revision)?,
+        };
         let mut nodes: Vec<Node> = Vec::new();
         let mut push = |n: Node| {
             nodes.push(n);
@@ -243,6 +247,15 @@ impl<'a> Walk<'a> {
                     let digest = self.cache.model_identity(p).map_err(|e| anyhow!("{key}: {e:#}"))?;
                     Resolved { key: key.clone(), source: described(p), digest, per_split: false }
                 }
+                External::Name(name) => Resolved {
+                    key: key.clone(),
+                    source: format!(
+                        "{name}, a hosted model known only by this name (no local files: what the name serves may \
+                         change without notice)"
+                    ),
+                    digest: Digest::of_json(&name),
+                    per_split: false,
+                },
                 External::Prompts(source) => {
                     let split = node.spec.split.clone().expect("prompt sources belong to a split");
                     let r = self.source(&split, source)?;

@@ -5,8 +5,13 @@ answer as one JSON line (so a test can read the prompt ids the server
 received), and answers 503 instead of forwarding every Nth completion
 request (so a test can check that prefgen retries through them). As a
 misbehaving server it can also rewrite what the upstream answers: every
-served model's `owned_by` (`--owned-by TEXT`) and the token ids of every
-completion (`--token-ids JSON`).
+served model's `owned_by` (`--owned-by TEXT`), the token ids of every
+completion (`--token-ids JSON`), or drop every completion's log-probabilities
+(`--no-logprobs`). As a rate-limited hosted API it answers 429 with
+`Retry-After: S` to every Nth completion (`--too-many-every N --retry-after
+S`) and closes the connection without answering every Mth
+(`--drop-every M`). Each record carries when the request arrived and the
+bearer token it came with.
 
     python3 tests/openai_proxy.py --upstream http://127.0.0.1:8080 --port 9000 --log log.jsonl --fail-every 3
 """
@@ -14,6 +19,7 @@ completion (`--token-ids JSON`).
 import argparse
 import json
 import threading
+import time
 import urllib.error
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -27,6 +33,10 @@ def main():
     ap.add_argument("--fail-every", type=int, default=0)
     ap.add_argument("--owned-by")
     ap.add_argument("--token-ids", type=json.loads)
+    ap.add_argument("--no-logprobs", action="store_true")
+    ap.add_argument("--too-many-every", type=int, default=0)
+    ap.add_argument("--retry-after", default="1")
+    ap.add_argument("--drop-every", type=int, default=0)
     args = ap.parse_args()
     lock = threading.Lock()
     completions = [0]
@@ -53,6 +63,9 @@ def main():
             for choice in answer.get("choices", []):
                 if "token_ids" in choice:
                     choice["token_ids"] = args.token_ids
+        elif args.no_logprobs and path.endswith("/completions"):
+            for choice in answer.get("choices", []):
+                choice.pop("logprobs", None)
         else:
             return body
         return json.dumps(answer).encode()
@@ -61,8 +74,10 @@ def main():
         def log_message(self, *a):
             pass
 
-        def answer(self, status, body):
+        def answer(self, status, body, headers=()):
             self.send_response(status)
+            for name, value in headers:
+                self.send_header(name, value)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
@@ -70,15 +85,25 @@ def main():
 
         def forward(self, method):
             raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-            entry = {"method": method, "path": self.path, "body": parsed(raw)}
-            if method == "POST" and self.path.endswith("/completions") and args.fail_every:
+            entry = {"method": method, "path": self.path, "body": parsed(raw), "time": time.time(),
+                     "auth": self.headers.get("Authorization")}
+            if method == "POST" and self.path.endswith("/completions"):
                 with lock:
                     completions[0] += 1
-                    fail = completions[0] % args.fail_every == 0
-                if fail:
+                    n = completions[0]
+                every = lambda k: k and n % k == 0
+                if every(args.fail_every):
                     body = b'{"error": {"code": 503, "message": "the proxy is busy"}}'
                     record({**entry, "status": 503, "response": parsed(body)})
                     return self.answer(503, body)
+                if every(args.too_many_every):
+                    body = b'{"error": {"code": 429, "message": "rate limit reached"}}'
+                    record({**entry, "status": 429, "response": parsed(body)})
+                    return self.answer(429, body, [("Retry-After", args.retry_after)])
+                if every(args.drop_every):
+                    record({**entry, "status": 0, "response": None})
+                    self.close_connection = True
+                    return
             req = urllib.request.Request(args.upstream + self.path, data=raw if method == "POST" else None,
                                          method=method, headers={"Content-Type": "application/json"})
             try:

@@ -6,8 +6,10 @@
 //! All three share the decoder backbone of generation and score sequences
 //! of different lengths packed in one batch.
 
+use super::chat::Chat;
 use super::models::decoder::{Linear, Safetensors};
 use super::models::family::Family;
+use super::server::Token;
 use super::template::{Kwargs, Turn};
 use super::{Load, Policy};
 use anyhow::{Context, Result, bail};
@@ -62,12 +64,70 @@ enum Head {
         score: Linear,
         pad: Option<u32>,
     },
-    Judge {
-        rubric: String,
-        /// Rating tokens and their values (a digit may be spelled with and
-        /// without a leading space).
-        ratings: Vec<(u32, f64)>,
-    },
+    Judge(Judge),
+}
+
+/// The judge's question and how its answer is read, wherever the model runs
+/// (in-process, or on a server that returns next-token log-probabilities).
+#[derive(Debug, Clone)]
+pub struct Judge {
+    rubric: String,
+    /// Rating tokens and their values (a digit may be spelled with and
+    /// without a leading space); empty for a model with no local tokenizer.
+    ratings: Vec<(u32, f64)>,
+}
+
+impl Judge {
+    /// A judge with `rubric` (None: the built-in one); `chat`, the model's
+    /// tokenizer when it has local files, names its rating tokens.
+    pub fn new(chat: Option<&Chat>, rubric: Option<String>) -> Result<Judge> {
+        let ratings = match chat {
+            Some(chat) => rating_tokens(chat)?,
+            None => Vec::new(),
+        };
+        Ok(Judge { rubric: rubric.unwrap_or_else(|| DEFAULT_RUBRIC.to_string()), ratings })
+    }
+
+    /// The user's turn: the rubric with the prompt and the response.
+    pub fn ask(&self, prompt: &str, response: &str) -> String {
+        self.rubric.replace("{prompt}", prompt).replace("{response}", response)
+    }
+
+    /// The token ids the judge reads: `chat`'s template over the question
+    /// as the user's turn, then the assistant's turn primed with
+    /// [`JUDGE_PRIMER`], so the next token is the rating.
+    pub fn render(&self, chat: &Chat, prompt: &str, response: &str) -> Result<Vec<u32>> {
+        let mut text =
+            chat.render(&[Turn { role: "user", content: &self.ask(prompt, response) }], true, &Kwargs::new())?;
+        text.push_str(JUDGE_PRIMER);
+        // The template writes the special tokens, as apply_chat_template's
+        // tokenization (no special tokens added) has it.
+        chat.encode(&text, false)
+    }
+
+    /// The rating a next token stands for: a rating token by id, or by its
+    /// text (a digit 1-9, with or without a leading space) where a server
+    /// names no ids.
+    fn rating(&self, token: &Token) -> Option<f64> {
+        match token {
+            Token::Id(id) => self.ratings.iter().find(|(r, _)| r == id).map(|&(_, v)| v),
+            Token::Text(text) => match text.strip_prefix(' ').unwrap_or(text).as_bytes() {
+                [d @ b'1'..=b'9'] => Some((d - b'0') as f64),
+                _ => None,
+            },
+        }
+    }
+
+    /// The expected rating over the rating tokens among `candidates` (next
+    /// tokens with their probabilities): the score. None when none of them
+    /// is a rating token.
+    pub fn expected(&self, candidates: impl IntoIterator<Item = (Token, f64)>) -> Option<f64> {
+        let (mass, sum) = candidates.into_iter().fold((0f64, 0f64), |(m, s), (token, p)| match self.rating(&token) {
+            Some(v) => (m + p, s + p * v),
+            None => (m, s),
+        });
+        (mass > 0.0).then(|| sum / mass)
+    }
 }
 
 /// A loaded reward model.
@@ -123,10 +183,7 @@ impl RewardModel {
                 .unwrap_or_else(|| architecture.and_then(Family::of_architecture).and_then(|(f, _)| f.pad_by_default))
         };
         let head = match (kind, &config) {
-            (Kind::Judge, _) => Head::Judge {
-                rubric: rubric.unwrap_or_else(|| DEFAULT_RUBRIC.to_string()),
-                ratings: rating_tokens(&policy)?,
-            },
+            (Kind::Judge, _) => Head::Judge(Judge::new(Some(&policy.chat), rubric)?),
             (_, None) => bail!("annotate.kind: {shown} is a GGUF file, which can only be a judge"),
             (Kind::Armorm, Some(c)) => {
                 let w = Safetensors::open(path)?;
@@ -189,44 +246,20 @@ impl RewardModel {
     /// skipped, as `overflow` says; None too when even an empty response
     /// does not fit.
     pub fn encode(&self, prompt: &str, response: &str, max_len: usize, overflow: Overflow) -> Result<Option<Vec<u32>>> {
-        let ids = self.render(prompt, response)?;
-        if ids.len() <= max_len {
-            return Ok(Some(ids));
-        }
-        if overflow == Overflow::Skip {
-            return Ok(None);
-        }
-        let words = self.policy.chat.encode(response, false)?;
-        let mut keep = words.len().saturating_sub(ids.len() - max_len);
-        loop {
-            let ids = self.render(prompt, &self.policy.chat.decode(&words[..keep])?)?;
-            if ids.len() <= max_len {
-                return Ok(Some(ids));
-            }
-            if keep == 0 {
-                return Ok(None);
-            }
-            keep = keep.saturating_sub(ids.len() - max_len).min(keep - 1);
-        }
-    }
-
-    fn render(&self, prompt: &str, response: &str) -> Result<Vec<u32>> {
-        let text = match &self.head {
-            Head::Judge { rubric, .. } => {
-                let ask = rubric.replace("{prompt}", prompt).replace("{response}", response);
-                let mut t = self.policy.chat.render(&[Turn { role: "user", content: &ask }], true, &Kwargs::new())?;
-                t.push_str(JUDGE_PRIMER);
-                t
-            }
-            _ => self.policy.chat.render(
-                &[Turn { role: "user", content: prompt }, Turn { role: "assistant", content: response }],
+        let chat = &self.policy.chat;
+        fit(chat, response, max_len, overflow, |response| match &self.head {
+            Head::Judge(judge) => judge.render(chat, prompt, response),
+            // The template writes the special tokens, as apply_chat_template's
+            // tokenization (no special tokens added) has it.
+            _ => chat.encode(
+                &chat.render(
+                    &[Turn { role: "user", content: prompt }, Turn { role: "assistant", content: response }],
+                    false,
+                    &Kwargs::new(),
+                )?,
                 false,
-                &Kwargs::new(),
-            )?,
-        };
-        // The template writes the special tokens, as apply_chat_template's
-        // tokenization (no special tokens added) has it.
-        self.policy.chat.encode(&text, false)
+            ),
+        })
     }
 
     /// Scores of sequences from [`RewardModel::encode`], run as one packed
@@ -275,16 +308,14 @@ impl RewardModel {
                 let last = rows(&|s| Ok(s.iter().rposition(|&t| Some(t) != *pad).unwrap_or(0)))?;
                 score.forward(&last)?.squeeze(1)?
             }
-            Head::Judge { ratings, .. } => {
+            Head::Judge(judge) => {
                 let last = rows(&|s| Ok(s.len() - 1))?;
                 let probs = candle_nn::ops::softmax_last_dim(&self.policy.model.logits(&last)?)?.to_vec2::<f32>()?;
                 let expected = probs
                     .iter()
                     .map(|p| {
-                        let (mass, sum) = ratings.iter().fold((0f64, 0f64), |(m, s), &(id, v)| {
-                            (m + p[id as usize] as f64, s + p[id as usize] as f64 * v)
-                        });
-                        sum / mass
+                        let tokens = judge.ratings.iter().map(|&(id, _)| (Token::Id(id), p[id as usize] as f64));
+                        judge.expected(tokens).unwrap_or(f64::NAN)
                     })
                     .collect();
                 return Ok(expected);
@@ -294,13 +325,44 @@ impl RewardModel {
     }
 }
 
+/// `render(response)`'s ids when they fit in `max_len`; longer: the
+/// response cut from the right until they do (`truncate`), or None
+/// (`skip`, or when even an empty response does not fit).
+pub fn fit(
+    chat: &Chat,
+    response: &str,
+    max_len: usize,
+    overflow: Overflow,
+    render: impl Fn(&str) -> Result<Vec<u32>>,
+) -> Result<Option<Vec<u32>>> {
+    let ids = render(response)?;
+    if ids.len() <= max_len {
+        return Ok(Some(ids));
+    }
+    if overflow == Overflow::Skip {
+        return Ok(None);
+    }
+    let words = chat.encode(response, false)?;
+    let mut keep = words.len().saturating_sub(ids.len() - max_len);
+    loop {
+        let ids = render(&chat.decode(&words[..keep])?)?;
+        if ids.len() <= max_len {
+            return Ok(Some(ids));
+        }
+        if keep == 0 {
+            return Ok(None);
+        }
+        keep = keep.saturating_sub(ids.len() - max_len).min(keep - 1);
+    }
+}
+
 /// The judge's rating tokens: each digit 1-9 as a single token, with and
 /// without a leading space.
-fn rating_tokens(policy: &Policy) -> Result<Vec<(u32, f64)>> {
+fn rating_tokens(chat: &Chat) -> Result<Vec<(u32, f64)>> {
     let mut out = Vec::new();
     for d in 1..=9u32 {
         for text in [format!("{d}"), format!(" {d}")] {
-            if let [id] = policy.chat.encode(&text, false)?[..]
+            if let [id] = chat.encode(&text, false)?[..]
                 && !out.iter().any(|&(i, _)| i == id)
             {
                 out.push((id, d as f64));

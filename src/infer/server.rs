@@ -1,5 +1,7 @@
-//! Sampling through an inference server that speaks the OpenAI-compatible
-//! API (vLLM, SGLang, llama.cpp's `llama-server`). prefgen renders and
+//! Sampling and judging through an inference server that speaks the
+//! OpenAI-compatible API (vLLM, SGLang, llama.cpp's `llama-server`, hosted
+//! APIs). One client serves both stages: the recipe section it works for
+//! (`generate`, `annotate`) names it in messages. prefgen renders and
 //! tokenizes each prompt itself and sends the token ids to `/completions`,
 //! so the server cannot add or drop a BOS; it reads the response's token ids
 //! back where the server returns them and decodes them itself.
@@ -23,6 +25,14 @@
 //! it must be the policy's. What a server returns is checked too: its token
 //! ids must be the policy's, and its own names (`owned_by`, versions) reach
 //! the entries, the lock and the card only as plain text.
+//!
+//! A judge asks for the next token's top log-probabilities
+//! ([`Server::next_token`]): `/completions` with prefgen's prompt ids, or
+//! `/chat/completions` for APIs that speak only chat.
+//!
+//! A hosted API is a server too: the key comes from the environment variable
+//! the stage names (never shown), a 429's `Retry-After` is waited out, and
+//! requests are paced to the stage's requests-per-minute limit.
 
 use super::chat::Chat;
 use crate::redact::redact;
@@ -30,11 +40,14 @@ use anyhow::{Context, Result, anyhow, bail};
 use serde_json::{Value, json};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, mpsc};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// How prefgen talks to a server.
 #[derive(Debug, Clone)]
 pub struct Options {
+    /// The recipe section the server works for (`generate`, `annotate`):
+    /// messages name its keys (`annotate.server`, `annotate.model`).
+    pub section: &'static str,
     /// The name the server serves the policy under; None: it must serve one
     /// whose name is one of `names`.
     pub served_model: Option<String>,
@@ -45,8 +58,13 @@ pub struct Options {
     pub timeout: Duration,
     /// Retries of a request after a connection error, a timeout, 429 or 5xx.
     pub retries: u32,
-    /// What the policy's tokenizer does, which the server's must do too.
-    pub identity: Identity,
+    /// Most requests per minute (0: no limit).
+    pub requests_per_minute: u32,
+    /// The environment variable holding the API key.
+    pub api_key_env: String,
+    /// What the model's tokenizer does, which the server's must do too; None
+    /// for a hosted model with no local files, known only by its name.
+    pub identity: Option<Identity>,
 }
 
 /// Where a stage's server is: at a URL, or started by the runner.
@@ -105,6 +123,8 @@ impl Identity {
 
 /// A server checked to serve the policy.
 pub struct Server {
+    /// The recipe section it works for, for messages.
+    section: &'static str,
     /// The base URL, ending in `/v1` or whatever prefix the server has.
     base: String,
     /// `base` as messages show it (no user or password).
@@ -116,11 +136,14 @@ pub struct Server {
     pub engine: String,
     agent: ureq::Agent,
     retries: u32,
-    /// `OPENAI_API_KEY`, sent as a bearer token; never shown.
+    /// When the next request may start, and the least time between two
+    /// (`requests_per_minute`); None: no limit.
+    pace: Option<(Mutex<Instant>, Duration)>,
+    /// The API key from the environment, sent as a bearer token; never shown.
     api_key: Option<String>,
-    /// The policy's vocabulary size: a returned id at or past it is not one
-    /// of its tokens.
-    vocab: usize,
+    /// The model's vocabulary size: a returned id at or past it is not one
+    /// of its tokens (None: not known, for a hosted model).
+    vocab: Option<usize>,
     /// How the server was checked to serve the policy, for messages.
     pub checked: String,
 }
@@ -155,7 +178,9 @@ pub enum Reply {
 
 /// A failed request: whether retrying may help, and the message.
 enum Failure {
-    Transient(String),
+    /// Worth retrying, after the wait the server asked for (`Retry-After`)
+    /// when it named one.
+    Transient(String, Option<Duration>),
     TooLong,
     Rejected(String),
 }
@@ -227,18 +252,23 @@ impl Server {
         let base = url.trim_end_matches('/').to_string();
         let shown = redact(&base);
         let agent = ureq::AgentBuilder::new().timeout_connect(Duration::from_secs(10)).timeout(options.timeout).build();
+        let section = options.section;
+        let pace = (options.requests_per_minute > 0)
+            .then(|| (Mutex::new(Instant::now()), Duration::from_secs_f64(60.0 / options.requests_per_minute as f64)));
         let mut server = Server {
+            section,
             base,
             shown,
             model: String::new(),
             engine: String::new(),
             agent,
             retries: options.retries,
-            api_key: std::env::var("OPENAI_API_KEY").ok().filter(|k| !k.is_empty()),
-            vocab: options.identity.vocab,
+            pace,
+            api_key: std::env::var(&options.api_key_env).ok().filter(|k| !k.is_empty()),
+            vocab: options.identity.as_ref().map(|i| i.vocab),
             checked: String::new(),
         };
-        let models = server.get("/models").context("generate.server")?;
+        let models = server.get("/models").with_context(|| format!("{section}.server"))?;
         let served: Vec<&Value> = models["data"].as_array().map(|d| d.iter().collect()).unwrap_or_default();
         let ids: Vec<String> = served.iter().filter_map(|m| m["id"].as_str().map(str::to_string)).collect();
         let aliases = |m: &Value| -> Vec<String> {
@@ -256,19 +286,22 @@ impl Server {
         });
         let Some(chosen) = chosen else {
             let wanted = match &options.served_model {
-                Some(name) => format!("generate.served_model {name:?}"),
-                None => format!("generate.model ({})", options.names.join(", ")),
+                Some(name) => format!("{section}.served_model {name:?}"),
+                None => format!("{section}.model ({})", options.names.join(", ")),
             };
             bail!(
-                "generate.server {} serves {}, not {wanted}: start it with that model, or set \
-                 generate.served_model to the name it serves the policy under",
+                "{section}.server {} serves {}, not {wanted}: start it with that model, or set \
+                 {section}.served_model to the name it serves the model under",
                 server.shown,
                 if ids.is_empty() { "no model".to_string() } else { ids.join(", ") }
             );
         };
         server.model = chosen["id"].as_str().unwrap_or_default().to_string();
         server.engine = server.identify(&plain(chosen["owned_by"].as_str().unwrap_or_default()));
-        server.checked = server.check_identity(&options.identity, chosen["meta"]["n_vocab"].as_u64(), options)?;
+        server.checked = match &options.identity {
+            Some(identity) => server.check_identity(identity, chosen["meta"]["n_vocab"].as_u64(), options)?,
+            None => "a hosted model, known only by its name".to_string(),
+        };
         Ok(server)
     }
 
@@ -280,7 +313,7 @@ impl Server {
         if let Some(n) = n_vocab
             && n != identity.vocab as u64
         {
-            differences.push(format!("its vocabulary has {n} tokens, the policy's {}", identity.vocab));
+            differences.push(format!("its vocabulary has {n} tokens, the model's {}", identity.vocab));
         }
         let mut tokenized = Vec::new();
         for (text, wanted) in &identity.probes {
@@ -292,7 +325,7 @@ impl Server {
         // The first probe that differs, and how many did.
         if let Some((text, got, wanted)) = tokenized.first() {
             differences.push(format!(
-                "it tokenizes {:?} as {}, the policy as {} ({} of {} probe texts differ)",
+                "it tokenizes {:?} as {}, the model as {} ({} of {} probe texts differ)",
                 text.chars().take(40).collect::<String>(),
                 ids_shown(got),
                 ids_shown(wanted),
@@ -302,12 +335,13 @@ impl Server {
         }
         if !differences.is_empty() {
             bail!(
-                "generate.server {} serves {:?}, which is not generate.model ({}): {} (another model under the same \
-                 name? start the server on the policy's own files)",
+                "{s}.server {} serves {:?}, which is not {s}.model ({}): {} (another model under the same \
+                 name? start the server on the model's own files)",
                 self.shown,
                 self.model,
                 options.names.join(", "),
-                differences.join("; ")
+                differences.join("; "),
+                s = self.section
             );
         }
         let vocab = if n_vocab.is_some() { " and its vocabulary size" } else { "" };
@@ -334,22 +368,20 @@ impl Server {
         if answer.is_err() && root != self.base {
             answer = self.with_retries(|| self.post(&format!("{}/tokenize", self.base), &body)).or(answer);
         }
+        let s = self.section;
         let v = answer.map_err(|f| {
-            let m = match f {
-                Failure::Transient(m) | Failure::Rejected(m) => m,
-                Failure::TooLong => "rejected".to_string(),
-            };
             anyhow!(
-                "generate.server {}: POST /tokenize: {m}; prefgen checks that a server serves the policy by its \
+                "{s}.server {}: POST /tokenize: {}; prefgen checks that a server serves the model by its \
                  tokenization, so a server must answer /tokenize (llama.cpp, vLLM and SGLang do)",
-                self.shown
+                self.shown,
+                f.message()
             )
         })?;
         let tokens = v["tokens"]
             .as_array()
-            .with_context(|| format!("generate.server {}: POST /tokenize answered no \"tokens\" list", self.shown))?;
+            .with_context(|| format!("{s}.server {}: POST /tokenize answered no \"tokens\" list", self.shown))?;
         tokens.iter().map(|t| t.as_u64()).collect::<Option<_>>().with_context(|| {
-            format!("generate.server {}: POST /tokenize answered tokens that are not all integers", self.shown)
+            format!("{s}.server {}: POST /tokenize answered tokens that are not all integers", self.shown)
         })
     }
 
@@ -393,10 +425,7 @@ impl Server {
     /// GET `{base}{path}` as JSON, retried like a completion.
     fn get(&self, path: &str) -> Result<Value> {
         let url = format!("{}{path}", self.base);
-        self.with_retries(|| self.fetch(&url)).map_err(|f| match f {
-            Failure::Transient(m) | Failure::Rejected(m) => anyhow!("GET {}{path}: {m}", self.shown),
-            Failure::TooLong => anyhow!("GET {}{path}: rejected", self.shown),
-        })
+        self.with_retries(|| self.fetch(&url)).map_err(|f| anyhow!("GET {}{path}: {}", self.shown, f.message()))
     }
 
     /// GET an absolute URL once (engine details: absent on some servers).
@@ -415,47 +444,80 @@ impl Server {
     fn read(response: Result<ureq::Response, ureq::Error>) -> Result<Value, Failure> {
         match response {
             Ok(r) => {
-                let body = r.into_string().map_err(|e| Failure::Transient(format!("reading the response: {e}")))?;
+                let body =
+                    r.into_string().map_err(|e| Failure::Transient(format!("reading the response: {e}"), None))?;
                 serde_json::from_str(&body).map_err(|e| Failure::Rejected(format!("the response is not JSON: {e}")))
             }
             Err(ureq::Error::Status(code, r)) => {
+                let wait = r.header("Retry-After").and_then(retry_after);
                 let message = message_of(&r.into_string().unwrap_or_default());
                 match code {
-                    408 | 429 | 500..=599 => Err(Failure::Transient(format!("HTTP {code}: {message}"))),
+                    408 | 429 | 500..=599 => Err(Failure::Transient(format!("HTTP {code}: {message}"), wait)),
                     400 | 413 if is_too_long(&message) => Err(Failure::TooLong),
                     _ => Err(Failure::Rejected(format!("HTTP {code}: {message}"))),
                 }
             }
-            Err(ureq::Error::Transport(t)) => Err(Failure::Transient(redact(&t.to_string()))),
+            Err(ureq::Error::Transport(t)) => Err(Failure::Transient(redact(&t.to_string()), None)),
         }
     }
 
     /// Runs `attempt` until it succeeds or fails for good: transient
-    /// failures are retried `retries` times, after exponential backoff with
-    /// full jitter (0.5 s doubling, at most 20 s).
+    /// failures are retried `retries` times, after the server's `Retry-After`
+    /// when it gives one, else exponential backoff with full jitter (0.5 s
+    /// doubling, at most 20 s).
     fn with_retries<T>(&self, mut attempt: impl FnMut() -> Result<T, Failure>) -> Result<T, Failure> {
         let mut tries = 0;
         loop {
             match attempt() {
-                Err(Failure::Transient(m)) if tries < self.retries => {
+                Err(Failure::Transient(m, asked)) if tries < self.retries => {
                     let ceiling = (0.5 * 2f64.powi(tries as i32)).min(20.0);
                     let mut noise = [0u8; 4];
                     let _ = getrandom::fill(&mut noise);
                     let fraction = u32::from_le_bytes(noise) as f64 / u32::MAX as f64;
+                    let (wait, why) = match asked {
+                        Some(wait) => (wait, " as its Retry-After asks"),
+                        None => (Duration::from_secs_f64(ceiling * fraction), ""),
+                    };
                     tries += 1;
                     eprintln!(
-                        "{}: {m}; retrying ({tries} of {}) in {:.1}s",
+                        "{}: {m}; retrying ({tries} of {}) in {:.1}s{why}",
                         self.shown,
                         self.retries,
-                        ceiling * fraction
+                        wait.as_secs_f64()
                     );
-                    std::thread::sleep(Duration::from_secs_f64(ceiling * fraction));
+                    std::thread::sleep(wait);
                 }
-                Err(Failure::Transient(m)) if tries > 0 => {
-                    return Err(Failure::Transient(format!("{m} (after {tries} retries)")));
+                Err(Failure::Transient(m, _)) if tries > 0 => {
+                    return Err(Failure::Transient(format!("{m} (after {tries} retries)"), None));
                 }
                 other => return other,
             }
+        }
+    }
+
+    /// Waits for the request's turn under `requests_per_minute`.
+    fn paced(&self) {
+        let Some((next, gap)) = &self.pace else { return };
+        let at = {
+            let mut next = next.lock().unwrap_or_else(|e| e.into_inner());
+            let at = (*next).max(Instant::now());
+            *next = at + *gap;
+            at
+        };
+        std::thread::sleep(at.saturating_duration_since(Instant::now()));
+    }
+
+    /// POSTs `body` to `{base}{path}`, paced and retried; "too long" is
+    /// None, any other failure the error, naming the URL.
+    fn ask(&self, path: &str, body: &Value) -> Result<Option<Value>> {
+        let (url, body) = (format!("{}{path}", self.base), body.to_string());
+        match self.with_retries(|| {
+            self.paced();
+            self.post(&url, &body)
+        }) {
+            Ok(v) => Ok(Some(v)),
+            Err(Failure::TooLong) => Ok(None),
+            Err(f) => bail!("POST {}{path}: {}", self.shown, f.message()),
         }
     }
 
@@ -486,37 +548,33 @@ impl Server {
     /// Completes one prompt (retried); a rejection other than "too long" is
     /// the error, with the server's message.
     pub fn complete(&self, request: &Request, sampling: &Sampling) -> Result<Reply> {
-        let url = format!("{}/completions", self.base);
-        let body = self.body(request, sampling).to_string();
-        let answer = self.with_retries(|| self.post(&url, &body));
-        let v = match answer {
-            Ok(v) => v,
-            Err(Failure::TooLong) => return Ok(Reply::TooLong),
-            Err(Failure::Transient(m) | Failure::Rejected(m)) => bail!("POST {}/completions: {m}", self.shown),
-        };
+        let Some(v) = self.ask("/completions", &self.body(request, sampling))? else { return Ok(Reply::TooLong) };
         let choice = &v["choices"][0];
         let ids = choice["token_ids"].as_array().or(v["__verbose"]["tokens"].as_array());
         if let Some(ids) = ids {
             // An id that is not one of the policy's tokens is an error, never
             // wrapped to another token or dropped from the text.
-            let ids: Vec<u32> = ids
-                .iter()
-                .map(|t| match t.as_u64() {
-                    Some(id) if id < self.vocab as u64 => Ok(id as u32),
-                    _ => Err(anyhow!(
-                        "POST {}/completions: the response's token id {t} is not one of the policy's {} tokens \
-                         (does the server serve another model?)",
-                        self.shown,
-                        self.vocab
-                    )),
-                })
-                .collect::<Result<_>>()?;
+            let ids: Vec<u32> = ids.iter().map(|t| self.id(t, "/completions")).collect::<Result<_>>()?;
             let end = ids.iter().position(|t| sampling.stop.contains(t)).unwrap_or(ids.len());
             return Ok(Reply::Ids(ids[..end.min(request.max_tokens)].to_vec()));
         }
         match choice["text"].as_str() {
             Some(text) => Ok(Reply::Text(text.to_string())),
             None => bail!("POST {}/completions: the response has neither token ids nor text", self.shown),
+        }
+    }
+
+    /// A token id the server returned, checked to be one of the model's.
+    fn id(&self, t: &Value, path: &str) -> Result<u32> {
+        match (t.as_u64(), self.vocab) {
+            (Some(id), Some(vocab)) if id < vocab as u64 => Ok(id as u32),
+            (Some(id), None) if id <= u32::MAX as u64 => Ok(id as u32),
+            _ => bail!(
+                "POST {}{path}: the response's token id {t} is not one of the model's {} tokens (does the server \
+                 serve another model?)",
+                self.shown,
+                self.vocab.unwrap_or_default()
+            ),
         }
     }
 
@@ -530,60 +588,173 @@ impl Server {
         concurrency: usize,
         mut progress: impl FnMut(usize),
     ) -> Result<Vec<Reply>, (usize, anyhow::Error)> {
-        let next = Mutex::new(0usize);
-        let failed = AtomicBool::new(false);
-        let mut replies: Vec<Option<Reply>> = vec![None; requests.len()];
-        let (tx, rx) = mpsc::channel::<(usize, Result<Reply>)>();
-        let first_error = std::thread::scope(|scope| {
-            for _ in 0..concurrency.clamp(1, requests.len().max(1)) {
-                let tx = tx.clone();
-                let (next, failed) = (&next, &failed);
-                scope.spawn(move || {
-                    loop {
-                        let i = {
-                            let mut n = next.lock().expect("the request counter is never poisoned");
-                            let i = *n;
-                            *n += 1;
-                            i
+        let tokens = |r: &Reply| match r {
+            Reply::Ids(ids) => ids.len(),
+            _ => 0,
+        };
+        each(requests, concurrency, |r| self.complete(r, sampling), |r| progress(tokens(r)))
+    }
+
+    /// The next token's `n` most likely candidates and their log-probabilities
+    /// after `ask` (greedy, one token); None when the server rejects the
+    /// prompt as longer than its context. An answer without log-probabilities
+    /// is an error naming the server.
+    pub fn next_token(&self, ask: &Ask, n: usize) -> Result<Option<Vec<(Token, f64)>>> {
+        let (path, body) = match ask {
+            // `logprobs` is the count for vLLM, SGLang and llama.cpp (its
+            // `n_probs`, from the full softmax before any sampler);
+            // `return_tokens_as_token_ids` has vLLM name ids, not texts.
+            Ask::Ids(ids) => (
+                "/completions",
+                json!({
+                    "model": self.model, "prompt": ids, "max_tokens": 1, "temperature": 0.0, "n": 1,
+                    "stream": false, "logprobs": n, "return_tokens_as_token_ids": true, "cache_prompt": false,
+                }),
+            ),
+            Ask::Chat(text) => (
+                "/chat/completions",
+                json!({
+                    "model": self.model, "messages": [{"role": "user", "content": text}], "max_tokens": 1,
+                    "temperature": 0.0, "n": 1, "stream": false, "logprobs": true, "top_logprobs": n,
+                }),
+            ),
+        };
+        let Some(v) = self.ask(path, &body)? else { return Ok(None) };
+        let logprobs = &v["choices"][0]["logprobs"];
+        let entry = |token: Token, lp: &Value| lp.as_f64().map(|lp| (token, lp));
+        // Chat, llama.cpp and newer servers: a list of {id?, token, logprob};
+        // the legacy completions format (vLLM, SGLang, OpenAI): {token: logprob}.
+        let candidates: Option<Vec<(Token, f64)>> =
+            match (logprobs["content"][0]["top_logprobs"].as_array(), logprobs["top_logprobs"][0].as_object()) {
+                (Some(list), _) => list
+                    .iter()
+                    .map(|c| {
+                        let token = match (ask, c["id"].as_u64()) {
+                            // Chat: the server's ids are not checked to be the model's.
+                            (Ask::Ids(_), Some(_)) => Token::Id(self.id(&c["id"], path).ok()?),
+                            _ => Token::of(c["token"].as_str()?),
                         };
-                        if i >= requests.len() || failed.load(Ordering::Relaxed) {
-                            break;
-                        }
-                        let reply = self.complete(&requests[i], sampling);
-                        if reply.is_err() {
-                            failed.store(true, Ordering::Relaxed);
-                        }
-                        if tx.send((i, reply)).is_err() {
-                            break;
-                        }
+                        entry(token, &c["logprob"])
+                    })
+                    .collect(),
+                (None, Some(map)) => map.iter().map(|(t, lp)| entry(Token::of(t), lp)).collect(),
+                (None, None) => None,
+            };
+        match candidates {
+            Some(c) if !c.is_empty() => Ok(Some(c)),
+            _ => bail!(
+                "{}.server {}: POST {path} answered no next-token log-probabilities, which the judge's score is \
+                 computed from (vLLM, SGLang and llama-server return them; a hosted API must support \
+                 `logprobs` with `top_logprobs`)",
+                self.section,
+                self.shown
+            ),
+        }
+    }
+}
+
+/// What a judge asks a server.
+#[derive(Debug, Clone)]
+pub enum Ask {
+    /// prefgen's own prompt ids, to `/completions`.
+    Ids(Vec<u32>),
+    /// One user message, to `/chat/completions` (the server renders it).
+    Chat(String),
+}
+
+/// A candidate next token: its id where the server names ids, else its text.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Token {
+    Id(u32),
+    Text(String),
+}
+
+impl Token {
+    /// A token as a server spells it: `token_id:42` (vLLM's
+    /// `return_tokens_as_token_ids`) is an id; anything else its text.
+    fn of(text: &str) -> Token {
+        match text.strip_prefix("token_id:").and_then(|id| id.parse().ok()) {
+            Some(id) => Token::Id(id),
+            None => Token::Text(text.to_string()),
+        }
+    }
+}
+
+/// `work` on every item, `concurrency` at a time on scoped threads;
+/// `done` is called as each finishes. The first item that fails stops the
+/// rest, and its error names its index.
+pub fn each<I: Sync, T: Send>(
+    items: &[I],
+    concurrency: usize,
+    work: impl Fn(&I) -> Result<T> + Sync,
+    mut done: impl FnMut(&T),
+) -> Result<Vec<T>, (usize, anyhow::Error)> {
+    let next = Mutex::new(0usize);
+    let failed = AtomicBool::new(false);
+    let mut out: Vec<Option<T>> = (0..items.len()).map(|_| None).collect();
+    let (tx, rx) = mpsc::channel::<(usize, Result<T>)>();
+    let first_error = std::thread::scope(|scope| {
+        for _ in 0..concurrency.clamp(1, items.len().max(1)) {
+            let tx = tx.clone();
+            let (next, failed, work) = (&next, &failed, &work);
+            scope.spawn(move || {
+                loop {
+                    let i = {
+                        let mut n = next.lock().expect("the item counter is never poisoned");
+                        let i = *n;
+                        *n += 1;
+                        i
+                    };
+                    if i >= items.len() || failed.load(Ordering::Relaxed) {
+                        break;
                     }
-                });
-            }
-            drop(tx);
-            let mut first_error = None;
-            for (i, reply) in rx {
-                match reply {
-                    Ok(r) => {
-                        progress(match &r {
-                            Reply::Ids(ids) => ids.len(),
-                            _ => 0,
-                        });
-                        replies[i] = Some(r);
+                    let result = work(&items[i]);
+                    if result.is_err() {
+                        failed.store(true, Ordering::Relaxed);
                     }
-                    Err(e) => {
-                        if first_error.is_none() {
-                            first_error = Some((i, e));
-                        }
+                    if tx.send((i, result)).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        drop(tx);
+        let mut first_error = None;
+        for (i, result) in rx {
+            match result {
+                Ok(r) => {
+                    done(&r);
+                    out[i] = Some(r);
+                }
+                Err(e) => {
+                    if first_error.is_none() {
+                        first_error = Some((i, e));
                     }
                 }
             }
-            first_error
-        });
-        match first_error {
-            Some(e) => Err(e),
-            None => Ok(replies.into_iter().map(|r| r.expect("every request is answered")).collect()),
+        }
+        first_error
+    });
+    match first_error {
+        Some(e) => Err(e),
+        None => Ok(out.into_iter().map(|r| r.expect("every item is done")).collect()),
+    }
+}
+
+impl Failure {
+    fn message(self) -> String {
+        match self {
+            Failure::Transient(m, _) | Failure::Rejected(m) => m,
+            Failure::TooLong => "rejected as longer than the model's context".to_string(),
         }
     }
+}
+
+/// A `Retry-After` header's wait: seconds (an HTTP date is left to the
+/// backoff), at most 10 minutes.
+fn retry_after(value: &str) -> Option<Duration> {
+    let secs: f64 = value.trim().parse().ok()?;
+    (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs.min(600.0)))
 }
 
 /// Whether a served model id names the policy `name`: equal, or equal file
@@ -619,6 +790,16 @@ mod tests {
         assert!(same_model("models/SmolLM2-135M-Instruct.Q4_1.gguf", "/abs/SmolLM2-135M-Instruct.Q4_1.gguf"));
         assert!(same_model("meta-llama/Meta-Llama-3-8B-Instruct", "meta-llama/Meta-Llama-3-8B-Instruct"));
         assert!(!same_model("gemma-3-270m-q4_k_m.gguf", "SmolLM2-135M-Instruct.Q4_1.gguf"));
+    }
+
+    #[test]
+    fn retry_after_is_read_in_seconds() {
+        assert_eq!(retry_after("2"), Some(Duration::from_secs(2)));
+        assert_eq!(retry_after(" 0.5 "), Some(Duration::from_millis(500)));
+        assert_eq!(retry_after("86400"), Some(Duration::from_secs(600)));
+        assert_eq!(retry_after("Wed, 21 Oct 2015 07:28:00 GMT"), None);
+        assert_eq!(Token::of("token_id:42"), Token::Id(42));
+        assert_eq!(Token::of(" 7"), Token::Text(" 7".into()));
     }
 
     #[test]

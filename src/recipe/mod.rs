@@ -173,9 +173,18 @@ section! {
         request_timeout_secs: u64 = 600, _,
             Free("how long to wait, not what is answered");
         /// Retries of a request after a connection error, a timeout, 429 or
-        /// 5xx, with exponential backoff and jitter.
+        /// 5xx, with exponential backoff and jitter (or as long as a
+        /// `Retry-After` header says).
         request_retries: u32 = 5, _,
             Free("how long to wait, not what is answered");
+        /// Most requests per minute to `generate.server` (a hosted API's rate
+        /// limit); 0 is no limit.
+        requests_per_minute: u32 = 0, _,
+            Free("how fast to ask, not what is answered");
+        /// The environment variable whose value is sent to `generate.server` as
+        /// a bearer token (an API key); never printed or stored.
+        api_key_env: String = API_KEY_ENV.to_string(), _,
+            Free("a credential: never stored, never shown");
     }
 }
 
@@ -191,9 +200,10 @@ section! {
     /// `[annotate]`: scoring every response with a reward model.
     pub struct Annotate in annotate {
         /// The reward model: a hub id or a local model folder; a `.gguf` file
-        /// for a judge.
+        /// for a judge; with `annotate.endpoint = "chat"`, a hosted judge's
+        /// name (`gpt-4o-mini`), which is then its only identity.
         model: Option<String> = None, "required unless `import`",
-            Source("by the files its loader reads (hub sha256 where recorded, else content); other files in the folder do not count");
+            Source("by the files its loader reads (hub sha256 where recorded, else content); other files in the folder do not count; a hosted judge by its name alone");
         /// The hub revision of `model`.
         revision: Option<String> = None, "`main`",
             Source("by the files of the snapshot it resolves to");
@@ -226,6 +236,94 @@ section! {
         /// `{split}` is replaced when there are several splits.
         import: Option<String> = None, "unset",
             Source("by the imported file's contents");
+        /// Score with the judge through an inference server or a hosted API
+        /// instead of in-process: its OpenAI-compatible base URL
+        /// (`http://gpu-7:8000/v1`, `https://api.openai.com/v1`); `${VAR}` is
+        /// read from the environment. The score is the in-process judge's
+        /// expected rating, from the next-token log-probabilities the server
+        /// returns.
+        server: Option<String> = None, "unset: in-process",
+            Source("by whether a server scores (and through which endpoint), not by its URL: moving the server keeps the cache");
+        /// A command that starts the judge's server on this machine, as
+        /// `generate.launch` starts the policy's: `{port}` and `{model}` (the
+        /// judge's local path) are substituted, prefgen waits until it
+        /// answers, restarts it should it die, and stops it when this
+        /// machine's annotation is done, when the run fails, or when prefgen
+        /// dies. With `annotate.server` unset, prefgen talks to
+        /// `http://127.0.0.1:{port}/v1`.
+        launch: Option<String> = None, "unset",
+            Free("how the server is started, not what it scores: keyed as `annotate.server` is");
+        /// Seconds the judge's launched server may take to answer.
+        launch_timeout_secs: u64 = 900, _,
+            Free("how long to wait, not what is answered");
+        /// How `annotate.server` is asked: `completions` sends prefgen's own
+        /// prompt ids (rubric, template and the primed `Rating:`) to
+        /// `/completions` (vLLM, SGLang, llama-server); `chat` sends the rubric
+        /// as a user message to `/chat/completions` (hosted APIs): the server
+        /// renders its template and the reply is not primed, and
+        /// `annotate.model` may be a bare name with no local files.
+        endpoint: Endpoint = Endpoint::Completions, _,
+            Source("keyed with `annotate.server`: a different prompt, so different scores");
+        /// How many of the next token's most likely candidates `annotate.server`
+        /// is asked for. The score is the expected rating over the rating
+        /// tokens among them, the in-process judge's when all 18 (1-9, with
+        /// and without a leading space) are there or those missing are
+        /// negligible. vLLM answers at most its `--max-logprobs` (20 unless
+        /// raised), OpenAI 20; llama-server any number.
+        top_logprobs: usize = 20, _,
+            Source("keyed with `annotate.server`: candidates left out change the score");
+        /// The name the server serves the judge under, when it is not
+        /// `annotate.model` or its file or folder name.
+        served_model: Option<String> = None, "unset",
+            Free("checked against the server's `/models` before any request");
+        /// Requests in flight to `annotate.server`.
+        concurrency: usize = 16, _,
+            Free("a score does not depend on the requests beside it");
+        /// Seconds one request to `annotate.server` may take.
+        request_timeout_secs: u64 = 600, _,
+            Free("how long to wait, not what is answered");
+        /// Retries of a request after a connection error, a timeout, 429 or
+        /// 5xx, with exponential backoff and jitter (or as long as a
+        /// `Retry-After` header says).
+        request_retries: u32 = 5, _,
+            Free("how long to wait, not what is answered");
+        /// Most requests per minute to `annotate.server` (a hosted API's rate
+        /// limit); 0 is no limit.
+        requests_per_minute: u32 = 0, _,
+            Free("how fast to ask, not what is answered");
+        /// The environment variable whose value is sent to `annotate.server`
+        /// as a bearer token (an API key); never printed or stored.
+        api_key_env: String = API_KEY_ENV.to_string(), _,
+            Free("a credential: never stored, never shown");
+    }
+}
+
+/// The variable an API key is read from unless a stage names another.
+pub const API_KEY_ENV: &str = "OPENAI_API_KEY";
+
+/// How a judge on a server is asked for its rating.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Endpoint {
+    /// `/completions` with prefgen's own prompt ids.
+    Completions,
+    /// `/chat/completions` with the rubric as the user's message.
+    Chat,
+}
+
+impl Annotate {
+    /// The judge's name when it is a hosted model with no local files: asked
+    /// through `chat` and not a local path. Its identity is only that name.
+    pub fn hosted_name(&self) -> Option<&str> {
+        match (self.through_server(), self.endpoint, &self.model) {
+            (true, Endpoint::Chat, Some(m)) if !Path::new(m).exists() && self.launch.is_none() => Some(m),
+            _ => None,
+        }
+    }
+
+    /// Whether a server scores: at `annotate.server`, or launched.
+    pub fn through_server(&self) -> bool {
+        self.server.is_some() || self.launch.is_some()
     }
 }
 
@@ -428,6 +526,40 @@ impl Recipe {
             }
             (None, None) => return err(annotate::model, "is required unless annotate.import is set"),
             _ => {}
+        }
+        if let Some(url) = &a.server {
+            if a.import.is_some() {
+                return err(annotate::server, "and annotate.import are both set: score or import, not both");
+            }
+            if !(crate::infer::server::is_http(url) || url.starts_with("${")) {
+                return err(annotate::server, "must be an http:// or https:// URL (such as http://gpu-7:8000/v1)");
+            }
+            if a.kind.is_some_and(|k| k != Kind::Judge) {
+                return err(
+                    annotate::kind,
+                    "must be judge with annotate.server: a server gives next-token log-probabilities, not a reward head",
+                );
+            }
+        }
+        if let Some(command) = &a.launch {
+            if a.import.is_some() {
+                return err(annotate::launch, "and annotate.import are both set: score or import, not both");
+            }
+            if !command.contains("{port}") {
+                return err(annotate::launch, "must contain {port}, the port prefgen picks for the server");
+            }
+            if a.kind.is_some_and(|k| k != Kind::Judge) {
+                return err(
+                    annotate::kind,
+                    "must be judge with annotate.launch: a server gives next-token log-probabilities, not a reward head",
+                );
+            }
+        }
+        if a.top_logprobs == 0 {
+            return err(annotate::top_logprobs, "must be > 0");
+        }
+        if a.concurrency == 0 {
+            return err(annotate::concurrency, "must be > 0");
         }
         if self.export.dir.trim().is_empty() {
             return err(export::dir, "is required and must not be empty");

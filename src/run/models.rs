@@ -35,7 +35,7 @@ type LaunchId = (&'static str, String, PathBuf);
 pub struct Models {
     policies: RefCell<HashMap<Files, Rc<Policy>>>,
     chats: RefCell<HashMap<Files, Rc<Chat>>>,
-    servers: RefCell<HashMap<String, Rc<Server>>>,
+    servers: RefCell<HashMap<(&'static str, String), Rc<Server>>>,
     rewards: RefCell<HashMap<Files, Rc<RewardModel>>>,
     launched: RefCell<Vec<(LaunchId, Launched)>>,
     /// Where launched servers' output goes.
@@ -157,13 +157,14 @@ impl stages::Models for Models {
         Ok(policy)
     }
 
-    fn chat(&self, model: &Path, chat_template: Option<&Path>) -> Result<Rc<Chat>> {
+    fn chat(&self, section: &str, model: &Path, chat_template: Option<&Path>) -> Result<Rc<Chat>> {
         let files = (model.to_path_buf(), chat_template.map(Path::to_path_buf));
         if let Some(c) = self.chats.borrow().get(&files) {
             return Ok(c.clone());
         }
+        let (model_key, template_key) = (format!("{section}.model"), format!("{section}.chat_template"));
         let chat = Chat::load(model, chat_template)
-            .with_context(|| loading(recipe::generate::model, model, recipe::generate::chat_template, chat_template))?;
+            .with_context(|| loading(&model_key, model, &template_key, chat_template))?;
         let chat = Rc::new(chat);
         self.chats.borrow_mut().insert(files, chat.clone());
         Ok(chat)
@@ -171,13 +172,25 @@ impl stages::Models for Models {
 
     fn server(&self, endpoint: &server::Endpoint, options: &server::Options) -> Result<Rc<Server>> {
         let url = self.url(endpoint)?;
-        if let Some(s) = self.servers.borrow().get(&url) {
+        // One connection per stage: a server checked to serve the policy is
+        // not thereby checked to serve the judge.
+        let id = (options.section, url);
+        if let Some(s) = self.servers.borrow().get(&id) {
             return Ok(s.clone());
         }
-        let server = Rc::new(Server::connect(&url, options).map_err(|e| self.naming_launched(endpoint, e))?);
-        eprintln!("sampling through {} at {}; {}", server.engine, server.shown, server.checked);
-        self.servers.borrow_mut().insert(url, server.clone());
+        let server = Rc::new(Server::connect(&id.1, options).map_err(|e| self.naming_launched(endpoint, e))?);
+        let doing = if options.section == recipe::Generate::SECTION { "sampling" } else { "judging" };
+        eprintln!("{doing} through {} at {}; {}", server.engine, server.shown, server.checked);
+        self.servers.borrow_mut().insert(id, server.clone());
         Ok(server)
+    }
+
+    fn rubric(&self, path: Option<&Path>) -> Result<Option<String>> {
+        path.map(|p| {
+            std::fs::read_to_string(p)
+                .with_context(|| format!("{}: cannot read {}", recipe::annotate::judge_rubric, p.display()))
+        })
+        .transpose()
     }
 
     fn reward(
@@ -192,13 +205,7 @@ impl stages::Models for Models {
             return Ok(m.clone());
         }
         eprintln!("loading {}", model.display());
-        let rubric = match rubric {
-            Some(p) => Some(
-                std::fs::read_to_string(p)
-                    .with_context(|| format!("{}: cannot read {}", recipe::annotate::judge_rubric, p.display()))?,
-            ),
-            None => None,
-        };
+        let rubric = stages::Models::rubric(self, rubric)?;
         let load = Load { chat_template, ..Load::default() };
         let rm = RewardModel::load(model, kind, rubric, &load)
             .with_context(|| loading(recipe::annotate::model, model, recipe::annotate::chat_template, chat_template))?;

@@ -1,15 +1,20 @@
 //! `annotate`: one score per response, as SimPO's `all_outputs_rm.json`:
-//! scored with a reward model, or imported (published or precomputed scores).
+//! scored with a reward model in-process, by a judge through an inference
+//! server or a hosted API, or imported (published or precomputed scores).
 
 use super::generate::preview;
 use super::{At, ByShard, Counts, External, Keyed, Models, NodeSpec, ShardOut, StageOutput, Work};
 use crate::formats::simpo::{self, FilteredRow, ScoredRow};
-use crate::infer::reward::{Overflow, RewardModel};
-use crate::recipe::{self, Recipe};
+use crate::infer::chat::Chat;
+use crate::infer::reward::{self, Judge, Overflow, RewardModel};
+use crate::infer::server::{self, Ask, Server};
+use crate::recipe::{self, Endpoint, Recipe};
 use anyhow::{Result, anyhow, bail};
+use serde_json::json;
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 /// Bumped when tokenization, the heads or batching change what a score is.
 pub const VERSION: u32 = 3;
@@ -31,8 +36,12 @@ pub fn keyed(at: &At) -> Keyed {
             BTreeMap::new()
         }
         None => {
-            let model = at.reward.expect("the planner resolves annotate.model when it is set");
-            externals.insert(recipe::annotate::model.into(), External::Model(model.to_path_buf()));
+            let model = match (a.hosted_name(), at.reward) {
+                (Some(name), _) => External::Name(name.to_string()),
+                (None, Some(path)) => External::Model(path.to_path_buf()),
+                (None, None) => unreachable!("the planner resolves annotate.model when it is set"),
+            };
+            externals.insert(recipe::annotate::model.into(), model);
             for (key, path) in
                 [(recipe::annotate::chat_template, &a.chat_template), (recipe::annotate::judge_rubric, &a.judge_rubric)]
             {
@@ -40,10 +49,25 @@ pub fn keyed(at: &At) -> Keyed {
                     externals.insert(key.into(), External::File(path.into()));
                 }
             }
-            a.keyed()
+            let mut params = a.keyed();
+            if a.through_server() {
+                // Which endpoint, not which host: another host keeps the cache.
+                params.insert(recipe::annotate::server.into(), json!(endpoint_keyed(a.endpoint)));
+                params.insert(recipe::annotate::top_logprobs.into(), json!(a.top_logprobs));
+            }
+            params
         }
     };
     Keyed { params, externals }
+}
+
+/// `annotate.server` in a key: what a server was asked, whichever and
+/// wherever it runs.
+fn endpoint_keyed(endpoint: Endpoint) -> &'static str {
+    match endpoint {
+        Endpoint::Completions => "an OpenAI-compatible server's /completions, with prefgen's prompt ids",
+        Endpoint::Chat => "an OpenAI-compatible server's /chat/completions, with the rubric as a user message",
+    }
 }
 
 /// An annotate node's work: its scores imported, or its rows scored shard
@@ -59,7 +83,7 @@ pub fn work<'a>(
         return Ok(Work::whole(move || import(&prompt_set, &rows, path)));
     }
     let a = &recipe.annotate;
-    let model = spec.external(recipe::annotate::model).expect("a scoring node keys its model");
+    let model = spec.external(recipe::annotate::model);
     let template = spec.external(recipe::annotate::chat_template);
     let rubric = spec.external(recipe::annotate::judge_rubric);
     let shards = ByShard::new(
@@ -67,12 +91,37 @@ pub fn work<'a>(
         a.shard_size,
         ("responses", |r: &FilteredRow| r.all_generated_responses.len()),
         move |chunk, progress| {
-            let rm = models.reward(model, a.kind, template, rubric)?;
-            let max_length = if a.max_length == 0 { rm.context() } else { a.max_length };
-            let out = score(chunk, &rm, max_length, a, progress)
-                .map_err(|e| anyhow!("annotate.model {}: {e:#}", model.display()))?;
+            let (out, engine) = match a.through_server() {
+                false => {
+                    let model = model.expect("an in-process scoring node keys its model's files");
+                    let rm = models.reward(model, a.kind, template, rubric)?;
+                    let max_length = if a.max_length == 0 { rm.context() } else { a.max_length };
+                    let out = score(chunk, &rm, max_length, a, progress)
+                        .map_err(|e| anyhow!("annotate.model {}: {e:#}", model.display()))?;
+                    (out, rm.engine())
+                }
+                true => {
+                    // A hosted model with no local files has no tokenizer here.
+                    let chat = model.map(|m| models.chat(recipe::Annotate::SECTION, m, template)).transpose()?;
+                    let judge = Judge::new(chat.as_deref(), models.rubric(rubric)?)?;
+                    let launch = a.launch.as_deref().map(|command| server::Launch {
+                        key: recipe::annotate::launch,
+                        command,
+                        model: model.expect("a launched judge has local files"),
+                        timeout: Duration::from_secs(a.launch_timeout_secs),
+                    });
+                    let endpoint = server::Endpoint { key: recipe::annotate::server, url: a.server.as_deref(), launch };
+                    let server = models.server(&endpoint, &server_options(a, model, chat.as_deref())?)?;
+                    let out = score_through(chunk, &judge, chat.as_deref(), &server, a, progress)?;
+                    let how = match a.endpoint {
+                        Endpoint::Completions => "/completions",
+                        Endpoint::Chat => "/chat/completions",
+                    };
+                    (out, format!("{}, judge through {how}", server.engine))
+                }
+            };
             let counts = Counts { skipped_too_long: Some(out.skipped as u64), ..Counts::default() };
-            Ok(ShardOut { rows: out.rows, counts, tokens: out.tokens, engine: rm.engine() })
+            Ok(ShardOut { rows: out.rows, counts, tokens: out.tokens, engine })
         },
         move |rows, counts| {
             let skipped = counts.skipped_too_long.unwrap_or(0);
@@ -170,6 +219,101 @@ pub fn score(
         })
         .collect();
     Ok(Scored { rows: out, skipped: fits.iter().filter(|f| !**f).count(), tokens })
+}
+
+/// Scores every response of `rows` through a server, as [`score`] does
+/// in-process: the same prompt ids (`completions`, with `chat`, the judge's
+/// tokenizer) or the rubric as a message (`chat`), and the expected rating
+/// over the rating tokens among the next token's top log-probabilities. A
+/// conversation that does not fit (or that the server rejects as too long)
+/// leaves its row out, counted.
+pub fn score_through(
+    rows: &[FilteredRow],
+    judge: &Judge,
+    chat: Option<&Chat>,
+    server: &Server,
+    a: &recipe::Annotate,
+    mut progress: impl FnMut(usize),
+) -> Result<Scored> {
+    let mut asks: Vec<(usize, usize, Ask)> = Vec::new();
+    let mut fits = vec![true; rows.len()];
+    for (r, row) in rows.iter().enumerate() {
+        for (k, response) in row.all_generated_responses.iter().enumerate() {
+            let ask = match (a.endpoint, chat) {
+                (Endpoint::Completions, Some(chat)) => {
+                    let max_length = if a.max_length == 0 { chat.context } else { a.max_length };
+                    reward::fit(chat, response, max_length, a.overflow, |resp| judge.render(chat, &row.prompt, resp))?
+                        .map(Ask::Ids)
+                }
+                (Endpoint::Completions, None) => unreachable!("a judge asked for ids has local files"),
+                (Endpoint::Chat, _) => Some(Ask::Chat(judge.ask(&row.prompt, response))),
+            };
+            match ask {
+                Some(ask) => asks.push((r, k, ask)),
+                None => fits[r] = false,
+            }
+        }
+    }
+    asks.retain(|(r, _, _)| fits[*r]);
+    let size = |ask: &Ask| match ask {
+        Ask::Ids(ids) => ids.len(),
+        Ask::Chat(_) => 0,
+    };
+    let ask = |(_, _, ask): &(usize, usize, Ask)| server.next_token(ask, a.top_logprobs).map(|got| (size(ask), got));
+    let answers = server::each(&asks, a.concurrency, ask, |(tokens, _)| progress(*tokens)).map_err(|(i, e)| {
+        let (r, k, _) = &asks[i];
+        anyhow!("annotate.server: response {} of {:?}: {e:#}", k + 1, preview(&rows[*r].prompt))
+    })?;
+    let mut scores: Vec<Vec<f64>> = rows.iter().map(|r| vec![f64::NAN; r.all_generated_responses.len()]).collect();
+    let mut tokens = 0;
+    for ((r, k, _), (size, answer)) in asks.iter().zip(answers) {
+        let Some(candidates) = answer else {
+            fits[*r] = false;
+            continue;
+        };
+        let n = candidates.len();
+        let probs = candidates.into_iter().map(|(token, lp)| (token, lp.exp()));
+        let Some(s) = judge.expected(probs) else {
+            bail!(
+                "annotate.server: response {} of {:?}: none of the {n} most likely next tokens the server returned \
+                 is a rating (a digit 1-9): raise {} (vLLM: and its --max-logprobs), or ask for a digit in the rubric",
+                k + 1,
+                preview(&rows[*r].prompt),
+                recipe::annotate::top_logprobs
+            );
+        };
+        scores[*r][*k] = s;
+        tokens += size;
+    }
+    let out = rows
+        .iter()
+        .zip(scores)
+        .zip(&fits)
+        .filter(|(_, fits)| **fits)
+        .map(|((row, all_rm_scores), _)| ScoredRow {
+            prompt: row.prompt.clone(),
+            all_generated_responses: row.all_generated_responses.clone(),
+            all_rm_scores,
+        })
+        .collect();
+    Ok(Scored { rows: out, skipped: fits.iter().filter(|f| !**f).count(), tokens })
+}
+
+/// How to reach `annotate.server` for the judge: by its files' names and
+/// tokenizer (`chat`), or, for a hosted model, by its name alone.
+fn server_options(a: &recipe::Annotate, model: Option<&Path>, chat: Option<&Chat>) -> Result<server::Options> {
+    let mut names: Vec<String> = a.model.iter().cloned().collect();
+    names.extend(model.and_then(Path::file_name).map(|n| n.to_string_lossy().into_owned()));
+    Ok(server::Options {
+        section: recipe::Annotate::SECTION,
+        served_model: a.served_model.clone(),
+        names,
+        timeout: Duration::from_secs(a.request_timeout_secs),
+        retries: a.request_retries,
+        requests_per_minute: a.requests_per_minute,
+        api_key_env: a.api_key_env.clone(),
+        identity: chat.map(server::Identity::of).transpose()?,
+    })
 }
 
 /// Takes the scores for `rows` from a scored file, matched by prompt. The

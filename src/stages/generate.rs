@@ -91,7 +91,7 @@ pub fn work<'a>(
                     (rows, skipped, policy.engine())
                 }
                 _ => {
-                    let chat = models.chat(model, template)?;
+                    let chat = models.chat(recipe::Generate::SECTION, model, template)?;
                     let server = models.server(&endpoint, &server_options(g, model, &chat)?)?;
                     let (rows, skipped) = sample_through(chunk, &chat, &server, g, seed, count)?;
                     (rows, skipped, server.engine.clone())
@@ -264,11 +264,14 @@ fn server_options(g: &recipe::Generate, model: &Path, chat: &Chat) -> Result<ser
     let mut names: Vec<String> = g.model.iter().cloned().collect();
     names.extend(model.file_name().map(|n| n.to_string_lossy().into_owned()));
     Ok(server::Options {
+        section: recipe::Generate::SECTION,
         served_model: g.served_model.clone(),
         names,
         timeout: Duration::from_secs(g.request_timeout_secs),
         retries: g.request_retries,
-        identity: server::Identity::of(chat)?,
+        requests_per_minute: g.requests_per_minute,
+        api_key_env: g.api_key_env.clone(),
+        identity: Some(server::Identity::of(chat)?),
     })
 }
 

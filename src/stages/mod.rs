@@ -81,6 +81,8 @@ pub enum External {
     File(PathBuf),
     /// A model (a `.gguf` file or a model folder), by the files its loader reads.
     Model(PathBuf),
+    /// A hosted model with no local files, by its name alone.
+    Name(String),
     /// A split's prompt source: local files by contents, a hub dataset by
     /// commit and file names.
     Prompts(PromptSource),
@@ -92,7 +94,7 @@ impl External {
         match self {
             External::File(p) | External::Model(p) => Some(p),
             External::Prompts(PromptSource::Local { path, .. }) => Some(path),
-            External::Prompts(PromptSource::Hub { .. }) => None,
+            External::Prompts(PromptSource::Hub { .. }) | External::Name(_) => None,
         }
     }
 }
@@ -308,11 +310,14 @@ impl StageOutput {
 /// The models a stage runs, loaded by the runner (once per run and files).
 pub trait Models {
     fn policy(&self, model: &Path, chat_template: Option<&Path>) -> Result<Rc<Policy>>;
-    /// A policy's tokenizer, template and stop tokens, without its weights.
-    fn chat(&self, model: &Path, chat_template: Option<&Path>) -> Result<Rc<Chat>>;
+    /// A model's tokenizer, template and stop tokens, without its weights;
+    /// `section` (`generate`, `annotate`) names its keys in messages.
+    fn chat(&self, section: &str, model: &Path, chat_template: Option<&Path>) -> Result<Rc<Chat>>;
     /// The inference server at `endpoint` (connected, or launched on this
-    /// machine), checked to serve the policy.
+    /// machine), checked to serve the model `options` describe.
     fn server(&self, endpoint: &server::Endpoint, options: &server::Options) -> Result<Rc<Server>>;
+    /// The judge's rubric from `annotate.judge_rubric` (None: the built-in one).
+    fn rubric(&self, path: Option<&Path>) -> Result<Option<String>>;
     fn reward(
         &self,
         model: &Path,

@@ -271,7 +271,10 @@ impl Family {
             (self.qk_norm, "per-head q/k RMS norms"),
             (self.local_rope_base, "sliding layers' own rope base"),
             (self.query_scalar, "`query_pre_attn_scalar`"),
-            (self.softcaps, "attention and LM-head logit soft-capping where config.json sets them (not on a score head)"),
+            (
+                self.softcaps,
+                "attention and LM-head logit soft-capping where config.json sets them (not on a score head)",
+            ),
             (self.embed_scale, "embeddings scaled by sqrt(hidden)"),
         ];
         let all: Vec<String> = flags
