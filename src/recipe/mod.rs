@@ -252,7 +252,7 @@ section! {
         /// dies. With `annotate.server` unset, prefgen talks to
         /// `http://127.0.0.1:{port}/v1`.
         launch: Option<String> = None, "unset",
-            Free("how the server is started, not what it scores: keyed as `annotate.server` is");
+            Source("as `annotate.server`: by whether a server scores, not by the command that starts it");
         /// Seconds the judge's launched server may take to answer.
         launch_timeout_secs: u64 = 900, _,
             Free("how long to wait, not what is answered");
