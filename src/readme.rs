@@ -8,6 +8,10 @@ use std::path::Path;
 /// from {source} ... -->` and `<!-- end of {name} -->`) is `want`; with
 /// `PREFGEN_UPDATE_README` set, rewrites it instead.
 pub(crate) fn check_section(name: &str, source: &str, want: &str) {
+    // The sections' tests run in parallel: one rewrite at a time, so none
+    // writes back a README read before another's rewrite.
+    static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _held = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md");
     let readme = std::fs::read_to_string(&path).unwrap();
     let start_marker =
