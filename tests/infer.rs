@@ -82,15 +82,16 @@ fn chat_templates_render_as_transformers() {
             format!("the {name} template"),
         )
         .unwrap();
-        let msgs: Vec<Turn> = case["messages"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|m| Turn { role: m["role"].as_str().unwrap(), content: m["content"].as_str().unwrap() })
-            .collect();
+        let msgs = turns(&case["messages"]);
         let got = t.render(&msgs, case["add_generation_prompt"].as_bool().unwrap(), &Kwargs::new()).unwrap();
         assert_eq!(got, case["text"].as_str().unwrap(), "{name} on {:?}", case["messages"]);
     }
+}
+
+/// A reference's `[{"role", "content"}]` list.
+fn turns(messages: &Value) -> Vec<Turn<'_>> {
+    let turns = messages.as_array().unwrap().iter();
+    turns.map(|m| Turn { role: m["role"].as_str().unwrap(), content: m["content"].as_str().unwrap() }).collect()
 }
 
 /// Template switches (`enable_thinking`) render and tokenize as transformers'
@@ -109,12 +110,7 @@ fn template_kwargs_render_as_transformers() {
     let mut switched = 0;
     let mut default_ids = None;
     for case in r["cases"].as_array().unwrap() {
-        let msgs: Vec<Turn> = case["messages"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|m| Turn { role: m["role"].as_str().unwrap(), content: m["content"].as_str().unwrap() })
-            .collect();
+        let msgs = turns(&case["messages"]);
         let kwargs: Kwargs = serde_json::from_value(case["kwargs"].clone()).unwrap();
         let generation = case["add_generation_prompt"].as_bool().unwrap();
         let text = chat.render(&msgs, generation, &kwargs).unwrap();

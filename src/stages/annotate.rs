@@ -165,6 +165,24 @@ pub struct Scored {
     pub tokens: usize,
 }
 
+impl Scored {
+    /// The rows whose conversations fit, with their scores; the others counted.
+    fn keeping(rows: &[FilteredRow], scores: Vec<Vec<f64>>, fits: &[bool], tokens: usize) -> Scored {
+        let kept = rows
+            .iter()
+            .zip(scores)
+            .zip(fits)
+            .filter(|(_, fits)| **fits)
+            .map(|((row, all_rm_scores), _)| ScoredRow {
+                prompt: row.prompt.clone(),
+                all_generated_responses: row.all_generated_responses.clone(),
+                all_rm_scores,
+            })
+            .collect();
+        Scored { rows: kept, skipped: fits.iter().filter(|f| !**f).count(), tokens }
+    }
+}
+
 /// Scores every response of `rows`, longest conversations first, `batch_size`
 /// at a time; `progress(tokens)` is called per sequence scored. A row with a
 /// conversation longer than `max_length` tokens that cannot be cut
@@ -207,18 +225,7 @@ pub fn score(
             progress(ids.len());
         }
     }
-    let out = rows
-        .iter()
-        .zip(scores)
-        .zip(&fits)
-        .filter(|(_, fits)| **fits)
-        .map(|((row, all_rm_scores), _)| ScoredRow {
-            prompt: row.prompt.clone(),
-            all_generated_responses: row.all_generated_responses.clone(),
-            all_rm_scores,
-        })
-        .collect();
-    Ok(Scored { rows: out, skipped: fits.iter().filter(|f| !**f).count(), tokens })
+    Ok(Scored::keeping(rows, scores, &fits, tokens))
 }
 
 /// Scores every response of `rows` through a server, as [`score`] does
@@ -285,18 +292,7 @@ pub fn score_through(
         scores[*r][*k] = s;
         tokens += size;
     }
-    let out = rows
-        .iter()
-        .zip(scores)
-        .zip(&fits)
-        .filter(|(_, fits)| **fits)
-        .map(|((row, all_rm_scores), _)| ScoredRow {
-            prompt: row.prompt.clone(),
-            all_generated_responses: row.all_generated_responses.clone(),
-            all_rm_scores,
-        })
-        .collect();
-    Ok(Scored { rows: out, skipped: fits.iter().filter(|f| !**f).count(), tokens })
+    Ok(Scored::keeping(rows, scores, &fits, tokens))
 }
 
 /// How to reach `annotate.server` for the judge: by its files' names and
