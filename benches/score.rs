@@ -9,6 +9,7 @@
 
 use prefgen::infer::Load;
 use prefgen::infer::reward::{Overflow, RewardModel};
+use prefgen::infer::template::Kwargs;
 use std::path::Path;
 use std::time::Instant;
 
@@ -39,7 +40,7 @@ fn main() {
         // cuts them; one whose prompt alone is too long is left out.
         let seqs: Vec<Vec<u32>> = conversations
             .iter()
-            .filter_map(|(p, r)| model.encode(p, r, model.context(), Overflow::Truncate).unwrap())
+            .filter_map(|(p, r)| model.encode(p, r, model.context(), Overflow::Truncate, &Kwargs::new()).unwrap())
             .take(n)
             .collect();
         let n = seqs.len();

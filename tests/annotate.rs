@@ -7,6 +7,7 @@ mod common;
 use common::*;
 use prefgen::infer::Load;
 use prefgen::infer::reward::{Overflow, RewardModel};
+use prefgen::infer::template::Kwargs;
 
 fn recipe(p: &Project) -> String {
     let fx = fixtures();
@@ -34,7 +35,10 @@ fn armorm_scores_every_response_and_binarize_follows_the_scores() {
         let prompt = row["prompt"].as_str().unwrap();
         let scores: Vec<f64> = serde_json::from_value(row["all_rm_scores"].clone()).unwrap();
         for (response, got) in row["all_generated_responses"].as_array().unwrap().iter().zip(&scores) {
-            let ids = model.encode(prompt, response.as_str().unwrap(), 512, Overflow::Truncate).unwrap().unwrap();
+            let ids = model
+                .encode(prompt, response.as_str().unwrap(), 512, Overflow::Truncate, &Kwargs::new())
+                .unwrap()
+                .unwrap();
             let alone = model.score(&[&ids]).unwrap()[0];
             assert_eq!(alone.to_bits(), got.to_bits(), "{prompt:?}: {got} in the pipeline, {alone} alone");
         }

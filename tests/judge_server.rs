@@ -10,6 +10,7 @@ use common::llama_server::{LlamaServer, Shape};
 use common::proxy::Proxy;
 use common::*;
 use prefgen::infer::reward::{Kind, Overflow, RewardModel};
+use prefgen::infer::template::Kwargs;
 use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
 
@@ -143,7 +144,7 @@ fn the_judge_through_a_server_agrees_with_the_judge_in_process() {
     for (prompt, responses, served) in &through {
         for (response, score) in responses.iter().zip(served) {
             let ids: Vec<u64> = judge
-                .encode(prompt, response, usize::MAX, Overflow::Truncate)
+                .encode(prompt, response, usize::MAX, Overflow::Truncate, &Kwargs::new())
                 .unwrap()
                 .unwrap()
                 .into_iter()

@@ -37,6 +37,7 @@ const PROBES: &[(&str, &str)] = &[
     ("annotate.overflow", "\"skip\""),
     ("annotate.batch_size", "3"),
     ("annotate.shard_size", "2"),
+    ("annotate.template_kwargs", "{enable_thinking=false}"),
     ("annotate.launch_timeout_secs", "5"),
     ("annotate.served_model", "another-name"),
     ("annotate.concurrency", "3"),

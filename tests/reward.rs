@@ -9,6 +9,7 @@
 
 use prefgen::infer::Load;
 use prefgen::infer::reward::{DEFAULT_RUBRIC, JUDGE_PRIMER, Kind, Overflow, RewardModel};
+use prefgen::infer::template::Kwargs;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 
@@ -43,7 +44,7 @@ fn scores_match(name: &str, model: &RewardModel, cases: &[Value], sizes: &[usize
         .iter()
         .map(|c| {
             let (p, r) = (c["prompt"].as_str().unwrap(), c["response"].as_str().unwrap());
-            let ids = model.encode(p, r, model.context(), Overflow::Truncate).unwrap().unwrap();
+            let ids = model.encode(p, r, model.context(), Overflow::Truncate, &Kwargs::new()).unwrap().unwrap();
             let want: Vec<u32> = serde_json::from_value(c["input_ids"].clone()).unwrap();
             assert_eq!(ids, want, "{name}: tokens of {p:?} / {r:?}");
             ids
@@ -146,14 +147,14 @@ fn judge_matches_transformers_on_every_family() {
 fn long_conversations_are_truncated_or_skipped() {
     let (model, cases) = fixture("armorm");
     let (p, r) = (cases[9]["prompt"].as_str().unwrap(), cases[9]["response"].as_str().unwrap());
-    let full = model.encode(p, r, usize::MAX, Overflow::Truncate).unwrap().unwrap();
+    let full = model.encode(p, r, usize::MAX, Overflow::Truncate, &Kwargs::new()).unwrap().unwrap();
     let limit = full.len() - 5;
-    let cut = model.encode(p, r, limit, Overflow::Truncate).unwrap().unwrap();
+    let cut = model.encode(p, r, limit, Overflow::Truncate, &Kwargs::new()).unwrap().unwrap();
     assert!(cut.len() <= limit && cut.len() > limit - 8, "{} tokens for a limit of {limit}", cut.len());
     assert_eq!(cut[..20], full[..20], "the prompt is kept");
     assert!(model.score(&[&cut]).unwrap()[0].is_finite());
-    assert_eq!(model.encode(p, r, limit, Overflow::Skip).unwrap(), None);
-    assert_eq!(model.encode(p, r, 10, Overflow::Truncate).unwrap(), None, "not even the prompt fits");
+    assert_eq!(model.encode(p, r, limit, Overflow::Skip, &Kwargs::new()).unwrap(), None);
+    assert_eq!(model.encode(p, r, 10, Overflow::Truncate, &Kwargs::new()).unwrap(), None, "not even the prompt fits");
 }
 
 /// A template that never closes the user turn the way ArmoRM expects is an
@@ -170,7 +171,7 @@ fn armorm_needs_the_end_of_user_turn() {
     std::fs::write(&template, "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}").unwrap();
     let model =
         RewardModel::load(dir.path(), None, None, &Load { chat_template: Some(&template), ..Load::default() }).unwrap();
-    let ids = model.encode("Hi", "Hello", 512, Overflow::Truncate).unwrap().unwrap();
+    let ids = model.encode("Hi", "Hello", 512, Overflow::Truncate, &Kwargs::new()).unwrap().unwrap();
     let err = model.score(&[&ids]).unwrap_err();
     assert!(format!("{err:#}").contains("end of the user turn"), "{err:#}");
 }
@@ -186,4 +187,26 @@ fn a_classifier_cannot_be_the_judge() {
         format!("{err:#}").contains("annotate.kind") && format!("{err:#}").contains("sequence classifier"),
         "{err:#}"
     );
+}
+
+/// The judge's template variables reach its template: Qwen3's
+/// `enable_thinking = false` writes the empty thinking block before the
+/// primed rating, and the judge reads the rating after it.
+#[test]
+fn template_kwargs_reach_the_judge() {
+    let model = RewardModel::load(&fixtures().join("tiny-qwen3"), None, None, &Load::default()).unwrap();
+    let off = Kwargs::from([("enable_thinking".to_string(), false.into())]);
+    let encode = |kwargs: &Kwargs| model.encode("Hi", "Hello", 512, Overflow::Truncate, kwargs).unwrap().unwrap();
+    let (default, switched) = (encode(&Kwargs::new()), encode(&off));
+    let block = model_chat_ids("<think>\n\n</think>\n\nRating:");
+    assert!(switched.ends_with(&block), "no empty thinking block before the rating");
+    assert!(!default.ends_with(&block));
+    let scores = model.score(&[&default, &switched]).unwrap();
+    assert_ne!(scores[0], scores[1], "the judge read the same prompt");
+}
+
+/// Ids of `text` under the tiny Qwen3's tokenizer.
+fn model_chat_ids(text: &str) -> Vec<u32> {
+    let chat = prefgen::infer::chat::Chat::load(&fixtures().join("tiny-qwen3"), None).unwrap();
+    chat.encode(text, false).unwrap()
 }

@@ -96,9 +96,8 @@ impl Judge {
     /// The token ids the judge reads: `chat`'s template over the question
     /// as the user's turn, then the assistant's turn primed with
     /// [`JUDGE_PRIMER`], so the next token is the rating.
-    pub fn render(&self, chat: &Chat, prompt: &str, response: &str) -> Result<Vec<u32>> {
-        let mut text =
-            chat.render(&[Turn { role: "user", content: &self.ask(prompt, response) }], true, &Kwargs::new())?;
+    pub fn render(&self, chat: &Chat, prompt: &str, response: &str, kwargs: &Kwargs) -> Result<Vec<u32>> {
+        let mut text = chat.render(&[Turn { role: "user", content: &self.ask(prompt, response) }], true, kwargs)?;
         text.push_str(JUDGE_PRIMER);
         // The template writes the special tokens, as apply_chat_template's
         // tokenization (no special tokens added) has it.
@@ -242,20 +241,27 @@ impl RewardModel {
     /// The token ids the model scores for one response: the reward model's
     /// chat template over `[user prompt, assistant response]` without a
     /// generation prompt (the judge: its rubric as the user turn, and the
-    /// primed assistant turn). Longer than `max_len`: truncated or (None)
-    /// skipped, as `overflow` says; None too when even an empty response
-    /// does not fit.
-    pub fn encode(&self, prompt: &str, response: &str, max_len: usize, overflow: Overflow) -> Result<Option<Vec<u32>>> {
+    /// primed assistant turn), with the template variables `kwargs`. Longer
+    /// than `max_len`: truncated or (None) skipped, as `overflow` says; None
+    /// too when even an empty response does not fit.
+    pub fn encode(
+        &self,
+        prompt: &str,
+        response: &str,
+        max_len: usize,
+        overflow: Overflow,
+        kwargs: &Kwargs,
+    ) -> Result<Option<Vec<u32>>> {
         let chat = &self.policy.chat;
         fit(chat, response, max_len, overflow, |response| match &self.head {
-            Head::Judge(judge) => judge.render(chat, prompt, response),
+            Head::Judge(judge) => judge.render(chat, prompt, response, kwargs),
             // The template writes the special tokens, as apply_chat_template's
             // tokenization (no special tokens added) has it.
             _ => chat.encode(
                 &chat.render(
                     &[Turn { role: "user", content: prompt }, Turn { role: "assistant", content: response }],
                     false,
-                    &Kwargs::new(),
+                    kwargs,
                 )?,
                 false,
             ),

@@ -35,6 +35,7 @@
 //! requests are paced to the stage's requests-per-minute limit.
 
 use super::chat::Chat;
+use super::template::Kwargs;
 use crate::redact::redact;
 use anyhow::{Context, Result, anyhow, bail};
 use serde_json::{Value, json};
@@ -599,8 +600,8 @@ impl Server {
     /// after `ask` (greedy, one token); None when the server rejects the
     /// prompt as longer than its context. An answer without log-probabilities
     /// is an error naming the server.
-    pub fn next_token(&self, ask: &Ask, n: usize) -> Result<Option<Vec<(Token, f64)>>> {
-        let (path, body) = match ask {
+    pub fn next_token(&self, ask: &Ask, n: usize, kwargs: &Kwargs) -> Result<Option<Vec<(Token, f64)>>> {
+        let (path, mut body) = match ask {
             // `logprobs` is the count for vLLM, SGLang and llama.cpp (its
             // `n_probs`, from the full softmax before any sampler);
             // `return_tokens_as_token_ids` has vLLM name ids, not texts.
@@ -619,6 +620,12 @@ impl Server {
                 }),
             ),
         };
+        // The server renders a chat: the template variables go with it (vLLM,
+        // SGLang and llama.cpp read `chat_template_kwargs`); left out when
+        // none, for APIs that refuse fields they do not know.
+        if matches!(ask, Ask::Chat(_)) && !kwargs.is_empty() {
+            body["chat_template_kwargs"] = json!(kwargs);
+        }
         let Some(v) = self.ask(path, &body)? else { return Ok(None) };
         let logprobs = &v["choices"][0]["logprobs"];
         let entry = |token: Token, lp: &Value| lp.as_f64().map(|lp| (token, lp));

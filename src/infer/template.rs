@@ -14,7 +14,13 @@ use std::collections::BTreeMap;
 pub type Kwargs = BTreeMap<String, serde_json::Value>;
 
 /// The variables every template is given; a [`Kwargs`] may not name them.
-pub const RESERVED: [&str; 4] = ["messages", "add_generation_prompt", "bos_token", "eos_token"];
+const RESERVED: [&str; 4] = ["messages", "add_generation_prompt", "bos_token", "eos_token"];
+
+/// Why `kwargs` cannot be given to a template: it names a variable prefgen sets.
+pub fn reserved(kwargs: &Kwargs) -> Option<String> {
+    let name = kwargs.keys().find(|k| RESERVED.contains(&k.as_str()))?;
+    Some(format!("{name:?} is set by prefgen itself; it cannot be a variable"))
+}
 
 /// A chat message as templates see it.
 #[derive(Debug, Clone, Serialize)]

@@ -222,6 +222,11 @@ section! {
         /// A Jinja chat template file used instead of the reward model's own.
         chat_template: Option<String> = None, "the model's",
             Source("by its contents");
+        /// The reward model's (or judge's) template variables, as
+        /// `generate.template_kwargs` are the policy's: `{ enable_thinking =
+        /// false }` for a Qwen3 judge. Through `annotate.server` with
+        /// `annotate.endpoint = "chat"`, sent as `chat_template_kwargs`.
+        template_kwargs: Kwargs = Kwargs::new(), "none: the template's defaults", Key;
         /// The judge's rubric, a text file in which `{prompt}` and `{response}`
         /// are replaced.
         judge_rubric: Option<String> = None, "built in",
@@ -462,11 +467,8 @@ impl Recipe {
         if g.shard_size == 0 {
             return err(generate::shard_size, "must be > 0");
         }
-        if let Some(name) = g.template_kwargs.keys().find(|k| template::RESERVED.contains(&k.as_str())) {
-            return err(
-                generate::template_kwargs,
-                &format!("{name:?} is set by prefgen itself; it cannot be a variable"),
-            );
+        if let Some(why) = template::reserved(&g.template_kwargs) {
+            return err(generate::template_kwargs, &why);
         }
         let several_splits = self.splits().len() > 1;
         match (&g.import, &g.model) {
@@ -508,6 +510,9 @@ impl Recipe {
             return err(generate::concurrency, "must be > 0");
         }
         let a = &self.annotate;
+        if let Some(why) = template::reserved(&a.template_kwargs) {
+            return err(annotate::template_kwargs, &why);
+        }
         if a.batch_size == 0 {
             return err(annotate::batch_size, "must be > 0");
         }

@@ -198,7 +198,7 @@ pub fn score(
     let mut fits = vec![true; rows.len()];
     for (r, row) in rows.iter().enumerate() {
         for (k, response) in row.all_generated_responses.iter().enumerate() {
-            match model.encode(&row.prompt, response, max_length, a.overflow)? {
+            match model.encode(&row.prompt, response, max_length, a.overflow, &a.template_kwargs)? {
                 Some(ids) => seqs.push((r, k, ids)),
                 None => fits[r] = false,
             }
@@ -249,8 +249,10 @@ pub fn score_through(
             let ask = match (a.endpoint, chat) {
                 (Endpoint::Completions, Some(chat)) => {
                     let max_length = if a.max_length == 0 { chat.context } else { a.max_length };
-                    reward::fit(chat, response, max_length, a.overflow, |resp| judge.render(chat, &row.prompt, resp))?
-                        .map(Ask::Ids)
+                    reward::fit(chat, response, max_length, a.overflow, |resp| {
+                        judge.render(chat, &row.prompt, resp, &a.template_kwargs)
+                    })?
+                    .map(Ask::Ids)
                 }
                 (Endpoint::Completions, None) => unreachable!("a judge asked for ids has local files"),
                 (Endpoint::Chat, _) => Some(Ask::Chat(judge.ask(&row.prompt, response))),
@@ -266,7 +268,9 @@ pub fn score_through(
         Ask::Ids(ids) => ids.len(),
         Ask::Chat(_) => 0,
     };
-    let ask = |(_, _, ask): &(usize, usize, Ask)| server.next_token(ask, a.top_logprobs).map(|got| (size(ask), got));
+    let ask = |(_, _, ask): &(usize, usize, Ask)| {
+        server.next_token(ask, a.top_logprobs, &a.template_kwargs).map(|got| (size(ask), got))
+    };
     let answers = server::each(&asks, a.concurrency, ask, |(tokens, _)| progress(*tokens)).map_err(|(i, e)| {
         let (r, k, _) = &asks[i];
         anyhow!("annotate.server: response {} of {:?}: {e:#}", k + 1, preview(&rows[*r].prompt))
