@@ -149,7 +149,10 @@ impl Launched {
     /// killed from here.
     fn stop(&mut self) {
         self.lifeline = None;
-        let deadline = Instant::now() + GRACE + Duration::from_secs(5);
+        // Past the reaper's own SIGTERM, grace and SIGKILL pass, so this
+        // fallback never cuts that pass short (it alone reaches workers
+        // that left the group).
+        let deadline = Instant::now() + 2 * GRACE;
         while Instant::now() < deadline {
             if !matches!(self.reaper.try_wait(), Ok(None)) {
                 return;

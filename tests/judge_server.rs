@@ -245,11 +245,15 @@ fn a_hosted_judge_by_name_through_chat() {
     let _turn = one_at_a_time();
     let server = serve();
     let p = Project::new();
-    let name = smollm2().file_name().unwrap().to_string_lossy().into_owned();
+    let name = smollm2().display().to_string();
     let r = recipe(&p, "endpoint = \"chat\"");
+    // llama-server serves the model under its path: what the API is asked
+    // for, and so what identifies the judge.
     let sets = [
         "--set".to_string(),
-        format!("annotate.model={name}"),
+        "annotate.model=hosted-judge".to_string(),
+        "--set".to_string(),
+        format!("annotate.served_model={name}"),
         "--set".to_string(),
         format!("annotate.server=http://127.0.0.1:{}/v1", server.port),
     ];

@@ -319,9 +319,14 @@ pub enum Endpoint {
 impl Annotate {
     /// The judge's name when it is a hosted model with no local files: asked
     /// through `chat` and not a local path. Its identity is only that name.
+    /// A value written as a path (`./x`, `/x`, `~/x`, `x.gguf`) that does not
+    /// exist stays a path, so a typo is an error, not a hosted model.
     pub fn hosted_name(&self) -> Option<&str> {
+        let path_like = |m: &str| m.starts_with(['.', '/', '~']) || m.ends_with(".gguf");
         match (self.through_server(), self.endpoint, &self.model) {
-            (true, Endpoint::Chat, Some(m)) if !Path::new(m).exists() && self.launch.is_none() => Some(m),
+            (true, Endpoint::Chat, Some(m)) if !Path::new(m).exists() && !path_like(m) && self.launch.is_none() => {
+                Some(m)
+            }
             _ => None,
         }
     }

@@ -61,6 +61,19 @@ impl Models {
         if let Some((_, l)) = self.launched.borrow().iter().find(|(i, _)| *i == id) {
             return Ok(l.port());
         }
+        // One stage's servers at a time: the policy's and the judge's would
+        // share the GPU, and with several splits the stages alternate.
+        let stage = launch.key.split('.').next().unwrap_or_default();
+        let others: Vec<String> = self
+            .launched
+            .borrow()
+            .iter()
+            .map(|((key, _, _), _)| key.split('.').next().unwrap_or_default().to_string())
+            .filter(|s| s != stage)
+            .collect();
+        for other in others {
+            self.stop_launched(&other);
+        }
         // One file per host and process: the workers of a job share a cache.
         let n = self.launched.borrow().len();
         let log = self.logs.join(format!(

@@ -37,7 +37,8 @@ pub fn keyed(at: &At) -> Keyed {
         }
         None => {
             let model = match (a.hosted_name(), at.reward) {
-                (Some(name), _) => External::Name(name.to_string()),
+                // The name the API is asked for is what answers.
+                (Some(name), _) => External::Name(a.served_model.clone().unwrap_or_else(|| name.to_string())),
                 (None, Some(path)) => External::Model(path.to_path_buf()),
                 (None, None) => unreachable!("the planner resolves annotate.model when it is set"),
             };

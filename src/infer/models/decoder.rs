@@ -170,7 +170,14 @@ impl HubConfig {
         let nested = full.is_some() || sliding.is_some();
         let scaling = self.rope_scaling.as_ref().filter(|v| !v.is_null());
         let shared = if nested { None } else { scaling.or(self.rope_parameters.as_ref()) };
-        let global = self.rope(full.or(scaling).or(shared), self.rope_theta, head_dim, "full_attention")?;
+        // The base where the parameters read carry none: `rope_theta`, else
+        // the shared `rope_parameters`' (read beside an old `rope_scaling`).
+        let shared_theta = || {
+            let p = self.rope_parameters.as_ref().filter(|_| !nested)?;
+            p.get("rope_theta")?.as_f64().map(|t| t as f32)
+        };
+        let theta = self.rope_theta.or_else(shared_theta);
+        let global = self.rope(full.or(scaling).or(shared), theta, head_dim, "full_attention")?;
         let local = self.rope(sliding, self.rope_local_base_freq, head_dim, "sliding_attention")?;
         Ok((global, local))
     }
