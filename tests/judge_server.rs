@@ -39,8 +39,11 @@ fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
     ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// The server the tests start by hand, and launch.
+const SHAPE: Shape = Shape { slots: 1, threads: 2, context: 2048 };
+
 fn serve() -> LlamaServer {
-    LlamaServer::start(&smollm2(), free_port(), Shape { slots: 1, threads: 2, context: 2048 })
+    LlamaServer::start(&smollm2(), free_port(), SHAPE)
 }
 
 /// A recipe importing the responses and judging them with SmolLM2
@@ -299,11 +302,7 @@ fn a_launched_judge_scores_as_a_hand_started_one() {
         let url = format!("annotate.server=http://127.0.0.1:{}/v1", server.port);
         by_hand.ok(&["run", &r, "annotate", "--set", &url]);
     }
-    let bin = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/llama.cpp/build/bin/llama-server");
-    let command = format!(
-        "annotate.launch={} -m {{model}} --host 127.0.0.1 --port {{port}} -t 2 -np 1 -c 2048 --no-webui",
-        bin.display()
-    );
+    let command = format!("annotate.launch={}", SHAPE.launch_command());
     let p = Project::new();
     let r = recipe(&p, "");
     let mark = format!("{}", std::process::id());

@@ -30,15 +30,12 @@ fn smollm2() -> PathBuf {
     p
 }
 
-fn llama_server() -> PathBuf {
-    let bin = root().join("target/llama.cpp/build/bin/llama-server");
-    assert!(bin.is_file(), "{} is missing: `make servers` builds it", bin.display());
-    bin
-}
+/// The server `serve` below starts by hand.
+const SHAPE: Shape = Shape { slots: 1, threads: 2, context: 2048 };
 
-/// The command `serve` below runs by hand, as a launch command.
+/// That server as a launch command.
 fn launch_command() -> String {
-    format!("{} -m {{model}} --host 127.0.0.1 --port {{port}} -t 2 -np 1 -c 2048 --no-webui", llama_server().display())
+    SHAPE.launch_command()
 }
 
 /// One server runs at a time: two on two cores slow each other tenfold.
@@ -156,7 +153,7 @@ fn a_launched_server_gives_the_hand_started_server_s_files_and_is_stopped() {
     let _turn = one_at_a_time();
     let by_hand = Project::new();
     {
-        let server = LlamaServer::start(&smollm2(), free_port(), Shape { slots: 1, threads: 2, context: 2048 });
+        let server = LlamaServer::start(&smollm2(), free_port(), SHAPE);
         let r = recipe(&by_hand, &format!("server = \"http://127.0.0.1:{}/v1\"", server.port));
         by_hand.ok(&["run", &r, "generate"]);
     }

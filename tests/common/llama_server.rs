@@ -19,16 +19,35 @@ pub struct Shape {
     pub context: usize,
 }
 
+impl Shape {
+    /// The server's command line on `model` at `port`, program first.
+    fn command(&self, model: &str, port: &str) -> Vec<String> {
+        let bin = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/llama.cpp/build/bin/llama-server");
+        assert!(bin.is_file(), "{} is missing: `make servers` builds it", bin.display());
+        let (threads, slots, context) =
+            (self.threads.to_string(), self.slots.to_string(), (self.context * self.slots).to_string());
+        let args = ["-m", model, "--host", "127.0.0.1", "--port", port, "-t", &threads, "-np", &slots, "-c", &context];
+        std::iter::once(bin.display().to_string())
+            .chain(args.iter().map(|a| a.to_string()))
+            .chain(["--no-webui".into()])
+            .collect()
+    }
+
+    /// The same server as a `launch` command: `{model}` and `{port}` left
+    /// for prefgen to fill in.
+    #[allow(dead_code)] // the benchmark starts its servers itself
+    pub fn launch_command(&self) -> String {
+        self.command("{model}", "{port}").join(" ")
+    }
+}
+
 impl LlamaServer {
     /// Starts the server on `model` at `port` and waits until it has loaded
     /// the model.
     pub fn start(model: &Path, port: u16, shape: Shape) -> LlamaServer {
-        let bin = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/llama.cpp/build/bin/llama-server");
-        assert!(bin.is_file(), "{} is missing: `make servers` builds it", bin.display());
-        let child = Command::new(bin)
-            .args(["-m", &model.display().to_string(), "--host", "127.0.0.1", "--port", &port.to_string()])
-            .args(["-t", &shape.threads.to_string(), "-np", &shape.slots.to_string()])
-            .args(["-c", &(shape.context * shape.slots).to_string(), "--no-webui"])
+        let command = shape.command(&model.display().to_string(), &port.to_string());
+        let child = Command::new(&command[0])
+            .args(&command[1..])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
