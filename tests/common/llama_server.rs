@@ -35,7 +35,7 @@ impl Shape {
 
     /// The same server as a `launch` command: `{model}` and `{port}` left
     /// for prefgen to fill in.
-    #[allow(dead_code)] // the benchmark starts its servers itself
+    #[allow(dead_code)] // not every test binary launches a server
     pub fn launch_command(&self) -> String {
         self.command("{model}", "{port}").join(" ")
     }

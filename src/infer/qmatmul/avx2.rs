@@ -16,6 +16,7 @@
 //! its unsigned `u` as they are.
 #![cfg(target_arch = "x86_64")]
 
+use super::reference::ROUND;
 use super::{Activations, BLOCK, SUB, Scales, TILE, Tile, Width};
 use std::arch::asm;
 use std::arch::x86_64::*;
@@ -51,12 +52,43 @@ unsafe fn dpbusd<const DOT: u8>(mut acc: __m256i, u: __m256i, q: __m256i) -> __m
     acc
 }
 
-/// [`super::reference::quantize`], compiled for AVX2.
+/// [`super::reference::quantize`] a block in four registers: the same
+/// float operations on each value, in the same order (the compiler keeps the
+/// scalar code scalar, for `f32::max`'s NaN rule).
 ///
 /// SAFETY: the CPU has AVX2, FMA and F16C.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(super) unsafe fn quantize(x: &[f32], q: &mut [i8], d: &mut [f32], s: &mut [f32], sum: &mut [i32]) {
-    super::reference::quantize(x, q, d, s, sum)
+    let (magnitude, round) = (_mm256_castsi256_ps(_mm256_set1_epi32(i32::MAX)), _mm256_set1_ps(ROUND));
+    for (b, ((d, s), sum)) in d.iter_mut().zip(s.iter_mut()).zip(sum.iter_mut()).enumerate() {
+        let x = &x[b * BLOCK..(b + 1) * BLOCK];
+        // SAFETY (loads and the store): `x` and `q`'s block hold 32 values.
+        let v: [__m256; 4] = std::array::from_fn(|i| unsafe { _mm256_loadu_ps(x.as_ptr().add(8 * i)) });
+        // `vmaxps` returns its second operand when the first is NaN: a NaN
+        // is passed over, as `f32::max` does.
+        let m = v.iter().fold(_mm256_setzero_ps(), |m, &v| _mm256_max_ps(_mm256_and_ps(v, magnitude), m));
+        let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+        let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+        let amax = _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+        *d = amax / 127.0;
+        let inv = _mm256_set1_ps(if amax > 0.0 { 127.0 / amax } else { 0.0 });
+        // Rounded as the scalar code rounds; a NaN (an infinite `x` times a
+        // zero `inv`) becomes 0, as Rust's `as i32` makes it.
+        let ints = v.map(|v| {
+            let r = _mm256_sub_ps(_mm256_add_ps(_mm256_mul_ps(v, inv), round), round);
+            _mm256_and_si256(_mm256_cvtps_epi32(r), _mm256_castps_si256(_mm256_cmp_ps::<_CMP_ORD_Q>(r, r)))
+        });
+        let total = _mm256_add_epi32(_mm256_add_epi32(ints[0], ints[1]), _mm256_add_epi32(ints[2], ints[3]));
+        let total = _mm_add_epi32(_mm256_castsi256_si128(total), _mm256_extracti128_si256(total, 1));
+        let total = _mm_add_epi32(total, _mm_shuffle_epi32(total, 0b01_00_11_10));
+        let total = _mm_cvtsi128_si32(_mm_add_epi32(total, _mm_shuffle_epi32(total, 0b10_11_00_01)));
+        // Packing interleaves the 128-bit lanes; the permutation undoes it.
+        let bytes = _mm256_packs_epi16(_mm256_packs_epi32(ints[0], ints[1]), _mm256_packs_epi32(ints[2], ints[3]));
+        let bytes = _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        unsafe { _mm256_storeu_si256(q[b * BLOCK..(b + 1) * BLOCK].as_mut_ptr() as *mut __m256i, bytes) };
+        *sum = total;
+        *s = *d * total as f32;
+    }
 }
 
 /// Rows `span` of the outputs of one tile, a half at a time, four rows at
@@ -179,7 +211,7 @@ unsafe fn rows<const R: usize, const W: usize, const DOT: u8>(
             let qs = |g: usize| _mm256_set1_epi32(unsafe { (q.add(4 * g) as *const i32).read_unaligned() });
             let pairs = |g: usize| _mm256_maddubs_epi16(u[g], qs(g));
             let signed = |g: usize| _mm256_maddubs_epi16(u[g], _mm256_sign_epi8(qs(g), signs[g]));
-            let vnni = |groups: std::ops::Range<usize>| {
+            let vnni = |groups: std::iter::StepBy<std::ops::Range<usize>>| {
                 groups.fold(_mm256_setzero_si256(), |d, g| {
                     let q = if W == 6 { _mm256_sign_epi8(qs(g), signs[g]) } else { qs(g) };
                     // SAFETY: this function's promise.
@@ -187,10 +219,14 @@ unsafe fn rows<const R: usize, const W: usize, const DOT: u8>(
                 })
             };
             let dot = match W {
-                6 if DOT != MADD => {
-                    _mm256_add_epi32(_mm256_mullo_epi32(vnni(0..4), subs[0]), _mm256_mullo_epi32(vnni(4..8), subs[1]))
-                }
-                _ if DOT != MADD => vnni(0..8),
+                6 if DOT != MADD => _mm256_add_epi32(
+                    _mm256_mullo_epi32(vnni((0..4).step_by(1)), subs[0]),
+                    _mm256_mullo_epi32(vnni((4..8).step_by(1)), subs[1]),
+                ),
+                // Two chains of `vpdpbusd` rather than one eight long: a
+                // lone row waits on the instruction's latency otherwise, and
+                // integer sums are the same in any order.
+                _ if DOT != MADD => _mm256_add_epi32(vnni((0..8).step_by(2)), vnni((1..8).step_by(2))),
                 4 => {
                     let p = (1..8).fold(pairs(0), |p, g| _mm256_add_epi16(p, pairs(g)));
                     _mm256_madd_epi16(p, ones)

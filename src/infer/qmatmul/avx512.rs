@@ -95,7 +95,13 @@ unsafe fn rows<const R: usize>(tile: &Tile, a: &Activations, r0: usize, mask: __
                 };
                 _mm512_add_epi32(_mm512_mullo_epi32(part(0), subs[0]), _mm512_mullo_epi32(part(4), subs[1]))
             } else {
-                (0..8).fold(_mm512_setzero_si512(), |d, g| _mm512_dpbusd_epi32(d, u[g], qs(g)))
+                // Two chains rather than one eight long: a lone row waits on
+                // the instruction's latency otherwise, and integer sums are
+                // the same in any order.
+                let chain = |from: usize| {
+                    (from..8).step_by(2).fold(_mm512_setzero_si512(), |d, g| _mm512_dpbusd_epi32(d, u[g], qs(g)))
+                };
+                _mm512_add_epi32(chain(0), chain(1))
             };
             let s = _mm512_mul_ps(scale, _mm512_set1_ps(a.d[at]));
             *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), s, *acc);

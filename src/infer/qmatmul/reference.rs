@@ -6,12 +6,11 @@ use super::{Activations, BLOCK, SUB, Scales, TILE, Tile};
 /// Adding then subtracting 1.5 * 2^23 rounds an f32 of magnitude below 2^22
 /// to an integer, half to even (the default rounding, as `vcvtps2dq` does),
 /// in two plain float operations that vectorize on every CPU.
-const ROUND: f32 = 12_582_912.0;
+pub(super) const ROUND: f32 = 12_582_912.0;
 
 /// Quantizes 32-blocks of `x` into `q`, with their steps `d`, `s = d *
 /// sum(q)` and `sum(q)`. `q` is as long as `x`; the others hold a value per
 /// block.
-#[inline(always)]
 pub(super) fn quantize(x: &[f32], q: &mut [i8], d: &mut [f32], s: &mut [f32], sum: &mut [i32]) {
     for (b, ((d, s), sum)) in d.iter_mut().zip(s.iter_mut()).zip(sum.iter_mut()).enumerate() {
         let x = &x[b * BLOCK..(b + 1) * BLOCK];

@@ -120,6 +120,32 @@ fn the_reference_matches_the_dequantized_weights() {
     }
 }
 
+/// AVX2's quantization of activations gives the scalar code's bits, on the
+/// awkward blocks and on blocks holding an infinity or a NaN.
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn avx2_quantizes_as_the_reference_does() {
+    if !kernels_here("the quantization test").contains(&Kernel::Avx2) {
+        return;
+    }
+    let mut x = awkward_activations(2, 8 * BLOCK);
+    x[5 * BLOCK + 3] = f32::INFINITY;
+    x[6 * BLOCK + 7] = f32::NAN;
+    x[7 * BLOCK..8 * BLOCK].fill(f32::NEG_INFINITY);
+    let blocks = x.len() / BLOCK;
+    let quantized = |avx2: bool| {
+        let (mut q, mut d, mut s, mut sum) = (vec![0; x.len()], vec![0.0; blocks], vec![0.0; blocks], vec![0; blocks]);
+        match avx2 {
+            // SAFETY: the CPU has AVX2 (checked above).
+            true => unsafe { avx2::quantize(&x, &mut q, &mut d, &mut s, &mut sum) },
+            false => reference::quantize(&x, &mut q, &mut d, &mut s, &mut sum),
+        }
+        let bits = |v: Vec<f32>| v.into_iter().map(f32::to_bits).collect::<Vec<_>>();
+        (q, bits(d), bits(s), sum)
+    };
+    assert_eq!(quantized(true), quantized(false));
+}
+
 /// A row's outputs are the same bits alone or among other rows, on every
 /// kernel.
 #[test]
