@@ -190,6 +190,17 @@ fn the_link_checker_catches_what_it_should() {
     assert!(broken[0].ends_with("b.md: no such file") && broken[1].ends_with("no heading has the anchor #nothing"));
 }
 
+/// The README stays a page a newcomer reads in two minutes, and opens with
+/// the two commands: the demo end to end, and the tests.
+#[test]
+fn the_readme_is_short_and_opens_with_the_demo_and_the_tests() {
+    let readme = std::fs::read_to_string(root().join("README.md")).unwrap();
+    let lines = readme.lines().count();
+    assert!(lines <= 250, "README.md has {lines} lines; at most 250 (the rest belongs in docs/src/)");
+    let first: Vec<&str> = readme.lines().take(2).map(str::trim).collect();
+    assert!(first[0].starts_with("make demo") && first[1].starts_with("make test"), "{first:?}");
+}
+
 #[test]
 fn every_page_is_in_the_summary() {
     let summary = std::fs::read_to_string(root().join("docs/src/SUMMARY.md")).unwrap();
