@@ -54,17 +54,19 @@ test-build:
 	$(CARGO) test --no-run
 
 # mdBook, pinned, built from crates.io into target/tools/ the first time
-# `make docs` runs (on CI's fresh clone, once per run); without the
-# live-reload server and file watcher, which `make docs` does not use.
+# `make docs` runs (on CI's fresh clone, once per run; a new pin, a new
+# folder); without the live-reload server and file watcher, which
+# `make docs` does not use.
 MDBOOK_VERSION = 0.5.4
-MDBOOK = target/tools/bin/mdbook
+MDBOOK_ROOT = target/tools/mdbook-$(MDBOOK_VERSION)
+MDBOOK = $(MDBOOK_ROOT)/bin/mdbook
 
 ## docs: the book (docs/, mdBook) into target/book/; fails on a page SUMMARY.md names that is missing
 docs: $(MDBOOK)
 	$(MDBOOK) build docs
 
 $(MDBOOK):
-	$(CARGO) install mdbook --locked --version $(MDBOOK_VERSION) --no-default-features --features search --root target/tools
+	$(CARGO) install mdbook --locked --version $(MDBOOK_VERSION) --no-default-features --features search --root $(MDBOOK_ROOT)
 
 ## servers: llama.cpp's llama-server, built from the llama-cpp-python sdist's source (the server tests drive it)
 servers:
