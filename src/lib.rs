@@ -5,6 +5,8 @@ pub mod cache;
 pub mod cli;
 pub mod config;
 pub mod digest;
+#[cfg(test)]
+mod docs;
 pub mod formats;
 pub mod hub;
 pub mod infer;
@@ -12,8 +14,6 @@ pub mod input;
 pub mod launch;
 pub mod lock;
 pub mod plan;
-#[cfg(test)]
-mod readme;
 pub mod recipe;
 pub mod redact;
 pub mod run;

@@ -80,7 +80,7 @@ pub struct ActionEntry {
     pub counts: Counts,
     /// The engines that computed it (device, dtype, kernels, prefgen
     /// version), for sampled and scored outputs. Not in the key: see the
-    /// README's "Engines".
+    /// book's "Engines" (docs/src/cache.md).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub engines: Vec<String>,
     /// The shard entries it was assembled from, so `cache gc` keeps them

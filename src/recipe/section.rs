@@ -1,6 +1,6 @@
 //! How a recipe section is declared: every key once, with its doc comment,
 //! its default and its role (whether and how it enters action keys), so
-//! that keys, the README's table and `--set` all derive from one place.
+//! that keys, the book's key table and `--set` all derive from one place.
 
 /// How a recipe key bears on what prefgen builds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -23,7 +23,7 @@ pub struct Field {
     pub key: &'static str,
     /// The doc comment beside the field.
     pub doc: &'static str,
-    /// The default as the README shows it; None: the default value itself.
+    /// The default as the book's key table shows it; None: the default value itself.
     pub default: Option<&'static str>,
     pub role: Role,
 }

@@ -46,7 +46,7 @@ pub struct Gguf {
 /// A family: the checkpoints it reads, and how it differs from Llama.
 #[derive(Debug)]
 pub struct Family {
-    /// What the README's table calls it.
+    /// What the book's model table calls it.
     pub name: &'static str,
     /// `architectures[0]` of the config.json files it loads (causal LMs,
     /// and reward models: `*ForSequenceClassification` with one label);
@@ -245,7 +245,7 @@ impl Family {
         }
     }
 
-    /// How it differs from Llama, in words, for the README's table.
+    /// How it differs from Llama, in words, for the book's model table.
     fn differences(&self) -> String {
         let window = match self.window {
             Window::Never => None,
@@ -290,7 +290,7 @@ impl Family {
     }
 }
 
-/// The README's table of model families, rendered from [`FAMILIES`].
+/// The book's table of model families (docs/src/models.md), rendered from [`FAMILIES`].
 pub fn model_table() -> String {
     let mut out =
         String::from("| family | hub folder (`architectures`) | GGUF | differs from Llama by |\n|---|---|---|---|\n");
@@ -309,13 +309,6 @@ pub fn model_table() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// The README's model table is the one the descriptions render;
-    /// `PREFGEN_UPDATE_README=1` rewrites it.
-    #[test]
-    fn the_readme_model_table_is_rendered_from_the_families() {
-        crate::readme::check_section("model families", "src/infer/models/family.rs", &model_table());
-    }
 
     /// Each architecture and GGUF name belongs to one family.
     #[test]
