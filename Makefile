@@ -83,6 +83,7 @@ WHEEL_TARGETS = x86_64-unknown-linux-gnu aarch64-unknown-linux-gnu
 wheel:
 	$(PIP) $(MATURIN) ziglang==0.15.2
 	rustup target add $(WHEEL_TARGETS)
+	rm -f target/wheels/prefgen-*.whl
 	for t in $(WHEEL_TARGETS); do \
 		RUSTFLAGS= $(PYTHON) -m maturin build --release --strip --zig --compatibility $(WHEEL_TAG) --target $$t --out target/wheels || exit 1; \
 	done
