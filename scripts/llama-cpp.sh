@@ -31,6 +31,9 @@ if [ ${#missing[@]} -gt 0 ]; then
   cmake -S "$root/src" -B "$root/build" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_CURL=OFF \
     -DCMAKE_C_FLAGS="$noamx" -DCMAKE_CXX_FLAGS="$noamx" -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
     -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_SERVER=ON -DLLAMA_USE_PREBUILT_UI=OFF >&2
+  # Only the named tools and what they link: for llama-server that includes
+  # the multimodal library (mtmd, ~15% of the build), which its server code
+  # links; no cmake option drops it, and a unity build does not compile.
   cmake --build "$root/build" --target "${missing[@]}" -j "$(nproc)" >&2
 fi
 for tool in "$@"; do echo "$root/build/bin/$tool"; done

@@ -1,9 +1,15 @@
 //! prefgen: on-policy preference datasets as a reproducible, cached,
 //! make-style workflow. `main` parses the command line and dispatches.
 
-use clap::Parser;
 use prefgen::cli::{self, Cli};
 use std::process::ExitCode;
+
+/// The commit `--version` names. Read here, in the binary's own small crate:
+/// a new commit rebuilds this file, not the library.
+const COMMIT: &str = git_version::git_version!(
+    args = ["--always", "--exclude=*", "--abbrev=12", "--dirty=-modified"],
+    fallback = "unknown"
+);
 
 fn main() -> ExitCode {
     // A launched server's reaper (src/launch.rs) is prefgen re-executed.
@@ -18,7 +24,7 @@ fn main() -> ExitCode {
     // `cat` or `seq`. Sockets are unaffected: std sends with MSG_NOSIGNAL.
     // SAFETY: no other thread exists yet to race on the signal disposition.
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
-    match cli::dispatch(Cli::parse()) {
+    match cli::dispatch(Cli::parse_built_from(COMMIT)) {
         Ok(code) => code,
         Err(e) => {
             let chain: Vec<String> = e.chain().map(|c| c.to_string()).collect();

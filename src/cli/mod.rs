@@ -1,18 +1,20 @@
 //! The command line: one file per command; `main` parses and dispatches.
 
 pub mod cache;
+pub mod completions;
 pub mod infer;
 pub mod plan;
 pub mod run;
 pub mod slurm;
 pub mod verify;
+pub mod version;
 
 use crate::cache::{Cache, Remote};
 use crate::config::{Flags, RemoteSpec, Settings};
 use crate::plan::Graph;
 use crate::recipe::Recipe;
 use anyhow::Result;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -39,6 +41,13 @@ pub struct Cli {
 }
 
 impl Cli {
+    /// Parses this process's arguments (exiting on a usage error, `--help`
+    /// or `--version`); `commit` is the git commit the binary was built from.
+    pub fn parse_built_from(commit: &str) -> Cli {
+        let matches = Cli::command().long_version(version::long_version(commit)).get_matches();
+        Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
+    }
+
     fn flags(&self) -> Flags {
         Flags {
             config: self.config.clone(),
@@ -56,8 +65,7 @@ pub struct Caches {
 }
 
 impl Caches {
-    fn new(cli: &Cli) -> Result<Caches> {
-        let flags = cli.flags();
+    fn new(flags: Flags) -> Result<Caches> {
         Ok(Caches { settings: Settings::resolve(&flags)?, flags })
     }
 
@@ -117,6 +125,12 @@ pub enum Command {
         #[command(subcommand)]
         command: infer::Command,
     },
+    /// Print a completion script to stdout, e.g. `prefgen completions bash >
+    /// ~/.local/share/bash-completion/completions/prefgen`.
+    Completions {
+        /// The shell whose script to print.
+        shell: clap_complete::Shell,
+    },
 }
 
 /// The recipe a command works on.
@@ -140,14 +154,18 @@ impl RecipeArgs {
 
 /// Runs a parsed command line.
 pub fn dispatch(cli: Cli) -> Result<ExitCode> {
-    let caches = Caches::new(&cli)?;
+    let flags = cli.flags();
+    // Resolved by the commands that use a cache only, so `completions` and
+    // `infer` work wherever the command is installed.
+    let caches = || Caches::new(flags.clone());
     let remote = cli.remote.clone().filter(|_| !cli.no_remote);
     match cli.command {
-        Command::Run(args) => run::run(&caches, args),
-        Command::Plan(args) => plan::plan(&caches, args),
-        Command::Verify(args) => verify::verify(&caches, args),
-        Command::Slurm(args) => slurm::slurm(&caches, args),
-        Command::Cache { command } => cache::cache(&caches, remote.as_deref(), command),
+        Command::Run(args) => run::run(&caches()?, args),
+        Command::Plan(args) => plan::plan(&caches()?, args),
+        Command::Verify(args) => verify::verify(&caches()?, args),
+        Command::Slurm(args) => slurm::slurm(&caches()?, args),
+        Command::Cache { command } => cache::cache(&caches()?, remote.as_deref(), command),
         Command::Infer { command } => infer::infer(command),
+        Command::Completions { shell } => Ok(completions::completions(shell)),
     }
 }
