@@ -28,6 +28,8 @@ use std::time::Instant;
 
 const PROMPTS: usize = 32;
 const MAX_TOKENS: usize = 64;
+/// The in-process judge's batch.
+const JUDGE_BATCH: usize = 8;
 
 fn main() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
@@ -49,14 +51,15 @@ fn main() {
     println!("| engine | setting | seconds | of which start-up | prompts/s | generated tokens/s | same bytes twice |");
     println!("|---|---|---|---|---|---|---|");
     for batch in [8usize, 32] {
-        let run = Run::new(&model, &prompts, &[13], &format!("batch_size = {batch}"));
+        let mut run = Run::new(&model, &prompts, &[13], &format!("batch_size = {batch}"));
         let secs = run.time(&["generate"]);
         row("prefgen built-in", &format!("batch_size {batch}"), secs, "-", run.generated(&chat), "yes (tested)");
     }
     for slots in [1usize, 8] {
         let mut server = LlamaServer::start(&model, free_port(), shape(slots));
         let extra = format!("server = \"http://127.0.0.1:{}/v1\"\nconcurrency = {slots}", server.port);
-        let (first, second) = (Run::new(&model, &prompts, &[13], &extra), Run::new(&model, &prompts, &[13], &extra));
+        let (mut first, mut second) =
+            (Run::new(&model, &prompts, &[13], &extra), Run::new(&model, &prompts, &[13], &extra));
         let secs = first.time(&["generate"]);
         second.time(&["generate"]);
         let setting = format!("hand-started, {slots} slot(s), {slots} in flight");
@@ -65,7 +68,8 @@ fn main() {
     }
     let slots = 8;
     let extra = format!("launch = \"{}\"\nconcurrency = {slots}", shape(slots).launch_command());
-    let (first, second) = (Run::new(&model, &prompts, &[13], &extra), Run::new(&model, &prompts, &[13], &extra));
+    let (mut first, mut second) =
+        (Run::new(&model, &prompts, &[13], &extra), Run::new(&model, &prompts, &[13], &extra));
     let secs = first.time(&["generate"]);
     second.time(&["generate"]);
     let setting = format!("launched by prefgen, {slots} slots, {slots} in flight");
@@ -76,11 +80,11 @@ fn main() {
     println!("| judge | setting | seconds | of which start-up | responses/s | judged tokens/s |");
     println!("|---|---|---|---|---|---|");
     let judge = RewardModel::load(&model, Some(Kind::Judge), None, &Default::default()).expect("the judge loads");
-    let run = Run::new(&model, &prompts, &[13, 21], "batch_size = 32");
+    let mut run = Run::new(&model, &prompts, &[13, 21], "batch_size = 32");
     run.time(&["generate"]);
     let secs = run.time(&["annotate"]);
     let (responses, tokens) = run.judged(&judge);
-    judge_row("in-process", "batch_size 8", secs, "-", responses, tokens);
+    judge_row("in-process", &format!("batch_size {JUDGE_BATCH}"), secs, "-", responses, tokens);
     let launch = format!("annotate.launch={}", shape(slots).launch_command());
     // All the digits' log-probabilities, as the in-process judge reads them
     // (llama-server answers up to any count; hosted APIs stop at 20).
@@ -116,7 +120,7 @@ fn judge_row(judge: &str, setting: &str, secs: f64, start: &str, responses: usiz
 struct Run {
     dir: tempfile::TempDir,
     /// The last run's standard error.
-    stderr: std::cell::RefCell<String>,
+    stderr: String,
 }
 
 impl Run {
@@ -126,16 +130,16 @@ impl Run {
         let recipe = format!(
             "name = \"bench\"\n[prompts]\ndataset = \"prompts.jsonl\"\n[generate]\nmodel = \"{m}\"\nseeds = {seeds:?}\n\
              temperature = 0.8\ntop_p = 0.95\nmax_tokens = {MAX_TOKENS}\nshard_size = {PROMPTS}\n{extra}\n\
-             [annotate]\nmodel = \"{m}\"\nkind = \"judge\"\nbatch_size = 8\nshard_size = {n}\n[export]\ndir = \"out\"\n",
+             [annotate]\nmodel = \"{m}\"\nkind = \"judge\"\nbatch_size = {JUDGE_BATCH}\nshard_size = {n}\n[export]\ndir = \"out\"\n",
             m = model.display(),
             n = PROMPTS * seeds.len(),
         );
         std::fs::write(dir.path().join("bench.toml"), recipe).unwrap();
-        Run { dir, stderr: Default::default() }
+        Run { dir, stderr: String::new() }
     }
 
     /// Seconds one `prefgen run bench.toml ARGS` takes.
-    fn time(&self, args: &[&str]) -> f64 {
+    fn time(&mut self, args: &[&str]) -> f64 {
         let t = Instant::now();
         let out = Command::new(env!("CARGO_BIN_EXE_prefgen"))
             .args(["run", "bench.toml"])
@@ -145,15 +149,15 @@ impl Run {
             .output()
             .unwrap();
         let secs = t.elapsed().as_secs_f64();
-        *self.stderr.borrow_mut() = String::from_utf8_lossy(&out.stderr).into_owned();
-        assert!(out.status.success(), "{}", self.stderr.borrow());
+        self.stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "{}", self.stderr);
         secs
     }
 
     /// The seconds the last run's launched server took to answer.
     fn start_up(&self) -> f64 {
-        let stderr = self.stderr.borrow();
-        let line = stderr.lines().find_map(|l| l.split(" answers after ").nth(1)).expect("a launched server answered");
+        let line =
+            self.stderr.lines().find_map(|l| l.split(" answers after ").nth(1)).expect("a launched server answered");
         line.trim_end_matches('s').parse().expect("prefgen prints the seconds")
     }
 

@@ -52,7 +52,7 @@ unsafe fn dpbusd<const DOT: u8>(mut acc: __m256i, u: __m256i, q: __m256i) -> __m
     acc
 }
 
-/// [`super::reference::quantize`] a block in four registers: the same
+/// [`super::reference::quantize`], a block at a time in four registers: the same
 /// float operations on each value, in the same order (the compiler keeps the
 /// scalar code scalar, for `f32::max`'s NaN rule).
 ///
@@ -211,8 +211,8 @@ unsafe fn rows<const R: usize, const W: usize, const DOT: u8>(
             let qs = |g: usize| _mm256_set1_epi32(unsafe { (q.add(4 * g) as *const i32).read_unaligned() });
             let pairs = |g: usize| _mm256_maddubs_epi16(u[g], qs(g));
             let signed = |g: usize| _mm256_maddubs_epi16(u[g], _mm256_sign_epi8(qs(g), signs[g]));
-            let vnni = |groups: std::iter::StepBy<std::ops::Range<usize>>| {
-                groups.fold(_mm256_setzero_si256(), |d, g| {
+            let vnni = |groups: [usize; 4]| {
+                groups.into_iter().fold(_mm256_setzero_si256(), |d, g| {
                     let q = if W == 6 { _mm256_sign_epi8(qs(g), signs[g]) } else { qs(g) };
                     // SAFETY: this function's promise.
                     unsafe { dpbusd::<DOT>(d, u[g], q) }
@@ -220,13 +220,13 @@ unsafe fn rows<const R: usize, const W: usize, const DOT: u8>(
             };
             let dot = match W {
                 6 if DOT != MADD => _mm256_add_epi32(
-                    _mm256_mullo_epi32(vnni((0..4).step_by(1)), subs[0]),
-                    _mm256_mullo_epi32(vnni((4..8).step_by(1)), subs[1]),
+                    _mm256_mullo_epi32(vnni([0, 1, 2, 3]), subs[0]),
+                    _mm256_mullo_epi32(vnni([4, 5, 6, 7]), subs[1]),
                 ),
                 // Two chains of `vpdpbusd` rather than one eight long: a
                 // lone row waits on the instruction's latency otherwise, and
                 // integer sums are the same in any order.
-                _ if DOT != MADD => _mm256_add_epi32(vnni((0..8).step_by(2)), vnni((1..8).step_by(2))),
+                _ if DOT != MADD => _mm256_add_epi32(vnni([0, 2, 4, 6]), vnni([1, 3, 5, 7])),
                 4 => {
                     let p = (1..8).fold(pairs(0), |p, g| _mm256_add_epi16(p, pairs(g)));
                     _mm256_madd_epi16(p, ones)
