@@ -20,7 +20,7 @@ use std::time::Instant;
 
 fn main() {
     // SAFETY: nothing has started a thread yet.
-    unsafe { prefgen::infer::settle_thread_count() };
+    unsafe { prefgen::infer::settle_process() };
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
     let questions = std::fs::read_to_string(root.join("benches/data/mt_bench_questions.jsonl")).expect("benches/data");
     let prompts: Vec<String> = questions

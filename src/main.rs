@@ -18,7 +18,7 @@ fn main() -> ExitCode {
         return prefgen::launch::reaper(&args[2..]);
     }
     // SAFETY: nothing has started a thread yet.
-    unsafe { prefgen::infer::settle_thread_count() };
+    unsafe { prefgen::infer::settle_process() };
     // Rust ignores SIGPIPE, so printing to a closed pipe (`prefgen plan R |
     // head`) would panic; the default ends the process quietly, as it ends
     // `cat` or `seq`. Sockets are unaffected: std sends with MSG_NOSIGNAL.

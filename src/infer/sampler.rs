@@ -80,42 +80,50 @@ fn draw(logits: &[f32], s: Sampling, stream: &mut Stream) -> u32 {
         return argmax(logits);
     }
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-    let mut probs: Vec<(u32, f64)> =
-        logits.iter().enumerate().map(|(i, &x)| (i as u32, ((x as f64 - max) / s.temperature).exp())).collect();
-    let total: f64 = probs.iter().map(|p| p.1).sum();
-    if s.top_p < 1.0 {
-        // Most probable first, ties by lower id (a total order, so the result
-        // is exact). The nucleus is usually small: sort only the top k,
-        // widening k until it holds the nucleus.
-        let order = |a: &(u32, f64), b: &(u32, f64)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
-        let mut k = 64.min(probs.len());
-        let keep = loop {
-            if k < probs.len() {
-                probs.select_nth_unstable_by(k, order);
-            }
-            probs[..k].sort_by(order);
-            let mut mass = 0.0;
-            let found = probs[..k].iter().position(|p| {
-                mass += p.1 / total;
-                mass >= s.top_p
-            });
-            match found {
-                Some(i) => break i + 1,
-                None if k == probs.len() => break k,
-                None => k = (k * 4).min(probs.len()),
-            }
-        };
-        probs.truncate(keep);
-    }
-    let kept: f64 = probs.iter().map(|p| p.1).sum();
-    let mut u = stream.next_f64() * kept;
-    for &(id, p) in &probs {
+    let probs: Vec<f64> = logits.iter().map(|&x| ((x as f64 - max) / s.temperature).exp()).collect();
+    let total: f64 = probs.iter().sum();
+    let kept = if s.top_p < 1.0 {
+        nucleus(&probs, total, s.top_p)
+    } else {
+        probs.iter().enumerate().map(|(i, &p)| (i as u32, p)).collect()
+    };
+    let mass: f64 = kept.iter().map(|p| p.1).sum();
+    let mut u = stream.next_f64() * mass;
+    for &(id, p) in &kept {
         if u < p {
             return id;
         }
         u -= p;
     }
-    probs.last().expect("the vocabulary is not empty").0
+    kept.last().expect("the vocabulary is not empty").0
+}
+
+/// The most probable tokens (ties by lower id: a total order, so the result
+/// is exact) until their mass reaches `top_p`, the token that crosses it
+/// included, most probable first.
+///
+/// The tokens at or above a probability floor are a prefix of that order,
+/// and the nucleus is usually far smaller than the vocabulary: only they
+/// are sorted, and the floor is lowered (to 0, every token) until their
+/// mass reaches `top_p`. The mass is summed in the same order whatever the
+/// floor, so the nucleus is the one a full sort gives.
+fn nucleus(probs: &[f64], total: f64, top_p: f64) -> Vec<(u32, f64)> {
+    let order = |a: &(u32, f64), b: &(u32, f64)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+    let mut above = Vec::new();
+    // The most probable token's probability is exp(0) = 1.
+    for floor in [2f64.powi(-8), 2f64.powi(-24), 2f64.powi(-64), 0.0] {
+        above = probs.iter().enumerate().filter(|p| *p.1 >= floor).map(|(i, &p)| (i as u32, p)).collect();
+        above.sort_unstable_by(order);
+        let mut mass = 0.0;
+        if let Some(i) = above.iter().position(|p| {
+            mass += p.1 / total;
+            mass >= top_p
+        }) {
+            above.truncate(i + 1);
+            break;
+        }
+    }
+    above
 }
 
 /// [`sample`] for each row of `logits` with its own stream, the rows
@@ -149,43 +157,68 @@ mod tests {
         assert!(draws(1, "x").iter().all(|u| (0.0..1.0).contains(u)));
     }
 
+    /// The probabilities, their total and the nucleus by a full sort of the
+    /// vocabulary, as the definition reads.
+    fn reference(logits: &[f32], s: Sampling) -> (Vec<f64>, f64, Vec<(u32, f64)>) {
+        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+        let probs: Vec<f64> = logits.iter().map(|&x| ((x as f64 - max) / s.temperature).exp()).collect();
+        let total: f64 = probs.iter().sum();
+        let mut p: Vec<(u32, f64)> = probs.iter().enumerate().map(|(i, &q)| (i as u32, q)).collect();
+        p.sort_by(|x, y| y.1.total_cmp(&x.1).then(x.0.cmp(&y.0)));
+        let mut mass = 0.0;
+        let keep = p.iter().position(|q| {
+            mass += q.1 / total;
+            mass >= s.top_p
+        });
+        p.truncate(keep.map_or(p.len(), |k| k + 1));
+        (probs, total, p)
+    }
+
     #[test]
     fn the_nucleus_is_exact_however_wide() {
-        // A flat tail: the nucleus needs far more than the first 64 tokens.
-        let logits: Vec<f32> = (0..5000).map(|i| if i < 3 { 2.0 } else { 0.0 }).collect();
-        let mut a = Stream::new(7, "p");
-        let mut b = a.clone();
-        let s = Sampling { temperature: 1.0, top_p: 0.9 };
-        let draws: Vec<u32> = (0..200).map(|_| sample(&logits, s, &mut a).unwrap()).collect();
-        // Reference: a full sort.
-        let reference = |st: &mut Stream| {
-            let mut p: Vec<(u32, f64)> =
-                logits.iter().enumerate().map(|(i, &x)| (i as u32, ((x - 2.0) as f64).exp())).collect();
-            let total: f64 = p.iter().map(|q| q.1).sum();
-            p.sort_by(|x, y| y.1.total_cmp(&x.1).then(x.0.cmp(&y.0)));
-            let mut mass = 0.0;
-            let keep = p
-                .iter()
-                .position(|q| {
-                    mass += q.1 / total;
-                    mass >= 0.9
-                })
-                .unwrap()
-                + 1;
-            p.truncate(keep);
-            let kept: f64 = p.iter().map(|q| q.1).sum();
-            let mut u = st.next_f64() * kept;
-            for &(id, q) in &p {
-                if u < q {
-                    return id;
-                }
-                u -= q;
-            }
-            p.last().unwrap().0
+        let spread = |n: usize, scale: f32| -> Vec<f32> {
+            (0..n).map(|i| ((i * 7919 % 1009) as f32 / 1009.0 - 0.5) * scale).collect()
         };
-        let want: Vec<u32> = (0..200).map(|_| reference(&mut b)).collect();
-        assert_eq!(draws, want);
-        assert!(draws.iter().any(|&t| t > 64), "the test must reach past the first window");
+        let mut heavy = spread(30_000, 2.0);
+        (heavy[5], heavy[9]) = (10.0, 10.0);
+        let mut peaked = vec![0.0f32; 100_000];
+        peaked[77] = 30.0;
+        // (name, logits, top_p, the nucleus's least probability is below)
+        let cases: [(&str, Vec<f32>, f64, f64); 5] = [
+            // A flat tail: the nucleus is thousands of tokens, above the first floor.
+            ("flat", (0..5000).map(|i| if i < 3 { 2.0 } else { 0.0 }).collect(), 0.9, 1.0),
+            ("narrow", spread(30_000, 4.0), 0.95, 1.0),
+            ("wide", spread(30_000, 40.0), 0.95, 1.0),
+            // Two tokens e^10 times each of the rest, which hold more mass
+            // together: past the first floor.
+            ("heavy tail", heavy, 0.95, 2f64.powi(-8)),
+            // One token e^30 times the rest: the tail lies below the second
+            // floor, and a top_p this close to 1 reaches into it.
+            ("peaked", peaked, 1.0 - 1e-9, 2f64.powi(-24)),
+        ];
+        for (name, logits, top_p, below) in cases {
+            let s = Sampling { temperature: 1.0, top_p };
+            let (probs, total, want) = reference(&logits, s);
+            let got = nucleus(&probs, total, top_p);
+            assert_eq!(got, want, "{name}");
+            assert!(got.last().unwrap().1 < below, "{name}: the case must reach the floor it is meant to");
+            // And the draws from it.
+            let (mut a, mut b) = (Stream::new(7, name), Stream::new(7, name));
+            let kept: f64 = want.iter().map(|q| q.1).sum();
+            for _ in 0..50 {
+                let mut u = b.next_f64() * kept;
+                let expected = want.iter().find(|q| {
+                    let hit = u < q.1;
+                    u -= q.1;
+                    hit
+                });
+                assert_eq!(sample(&logits, s, &mut a).unwrap(), expected.unwrap_or(want.last().unwrap()).0);
+            }
+        }
+        // A mass that never reaches top_p keeps every token, most probable first.
+        let s = Sampling { temperature: 1.0, top_p: 2.0 };
+        let (probs, total, want) = reference(&spread(1000, 4.0), s);
+        assert_eq!((nucleus(&probs, total, 2.0), want.len()), (want, 1000));
     }
 
     /// Rows drawn together, spread over the threads, draw what each would alone.
