@@ -4,6 +4,7 @@
 
 use super::Policy;
 use super::sampler::{self, Sampling, Stream};
+use candle_core::{CpuStorage, Storage, Tensor};
 
 /// Tokens one forward takes at most (a single longer prompt aside): a
 /// batch of 64 prompts of 4,096 tokens prefilled at once would hold
@@ -89,9 +90,11 @@ pub fn generate(
             })
             .collect();
         let mut caches: Vec<&mut _> = active.iter_mut().map(|a| &mut a.cache).collect();
-        let rows = model.forward(&inputs, &mut caches)?.to_vec2::<f32>().map_err(anyhow::Error::from)?;
+        let logits = model.forward(&inputs, &mut caches)?;
         let mut streams: Vec<Stream> = active.iter().map(|a| jobs[a.job].stream.clone()).collect();
-        let drawn = sampler::sample_rows(&rows, sampling, &mut streams);
+        let width = logits.dim(1).map_err(anyhow::Error::from)?;
+        let drawn = with_values(&logits, |rows| sampler::sample_rows(rows, width, sampling, &mut streams))
+            .map_err(anyhow::Error::from)?;
         for ((mut a, tok), stream) in active.drain(..).zip(drawn).zip(streams).collect::<Vec<_>>() {
             jobs[a.job].stream = stream;
             let tok = tok.map_err(|value| EngineError::NonFinite { job: a.job, position: a.out.len(), value })?;
@@ -109,4 +112,17 @@ pub fn generate(
         }
     }
     Ok(results.into_iter().map(|r| r.expect("every job ends")).collect())
+}
+
+/// `f` of a 2-D f32 tensor's values, row after row: borrowed where they lie
+/// in memory on the CPU (a step's logits are tens of megabytes), copied
+/// from a GPU.
+fn with_values<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_core::Result<R> {
+    {
+        let (storage, layout) = t.storage_and_layout();
+        if let (Storage::Cpu(CpuStorage::F32(data)), Some((start, end))) = (&*storage, layout.contiguous_offsets()) {
+            return Ok(f(&data[start..end]));
+        }
+    }
+    Ok(f(&t.flatten_all()?.to_vec1::<f32>()?))
 }

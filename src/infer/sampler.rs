@@ -126,16 +126,19 @@ fn nucleus(probs: &[f64], total: f64, top_p: f64) -> Vec<(u32, f64)> {
     above
 }
 
-/// [`sample`] for each row of `logits` with its own stream, the rows
-/// spread over the threads (a row's draw does not depend on the others).
-pub fn sample_rows(logits: &[Vec<f32>], s: Sampling, streams: &mut [Stream]) -> Vec<Result<u32, f32>> {
+/// [`sample`] for each row of `logits` (rows of `width`) with its own
+/// stream, the rows spread over the threads (a row's draw does not depend
+/// on the others).
+pub fn sample_rows(logits: &[f32], width: usize, s: Sampling, streams: &mut [Stream]) -> Vec<Result<u32, f32>> {
+    let rows: Vec<&[f32]> = logits.chunks_exact(width).collect();
+    assert_eq!(rows.len(), streams.len(), "a stream for each row");
     let slots: Vec<std::sync::Mutex<(&mut Stream, Option<Result<u32, f32>>)>> =
         streams.iter_mut().map(|stream| std::sync::Mutex::new((stream, None))).collect();
-    candle_core::utils::barrier_pool().execute_chunked(logits.len(), |rows| {
-        for r in rows {
+    candle_core::utils::barrier_pool().execute_chunked(rows.len(), |span| {
+        for r in span {
             let mut slot = slots[r].lock().expect("a draw does not panic");
             let (stream, out) = &mut *slot;
-            *out = Some(sample(&logits[r], s, stream));
+            *out = Some(sample(rows[r], s, stream));
         }
     });
     slots.into_iter().map(|m| m.into_inner().expect("a draw does not panic").1.expect("every row is drawn")).collect()
@@ -230,7 +233,7 @@ mod tests {
         let mut together: Vec<Stream> = (0..9).map(|r| Stream::new(r, "p")).collect();
         let mut alone = together.clone();
         for _ in 0..5 {
-            let got = sample_rows(&rows, s, &mut together);
+            let got = sample_rows(&rows.concat(), 3000, s, &mut together);
             let want: Vec<_> = rows.iter().zip(&mut alone).map(|(row, st)| sample(row, s, st)).collect();
             assert_eq!(got, want);
         }
