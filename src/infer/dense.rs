@@ -12,6 +12,7 @@
 //! by rows and columns only, never along `k`.
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
+use std::mem::MaybeUninit;
 use std::ops::Range;
 
 const LANES: usize = 16;
@@ -40,6 +41,11 @@ impl DenseMatrix {
 
     /// `out (m, n) = x (m, k) @ w^T`.
     pub fn matmul(&self, x: &[f32], out: &mut [f32]) {
+        self.matmul_into(x, written(out))
+    }
+
+    /// [`DenseMatrix::matmul`] into memory not yet written; writes every value.
+    fn matmul_into(&self, x: &[f32], out: &mut [MaybeUninit<f32>]) {
         let (storage, layout) = self.w.storage_and_layout();
         let candle_core::Storage::Cpu(CpuStorage::F32(data)) = &*storage else {
             unreachable!("DenseMatrix::new keeps f32 weights on the CPU")
@@ -48,7 +54,7 @@ impl DenseMatrix {
         self.matmul_with(&data[start..end], x, out);
     }
 
-    fn matmul_with(&self, w: &[f32], x: &[f32], out: &mut [f32]) {
+    fn matmul_with(&self, w: &[f32], x: &[f32], out: &mut [MaybeUninit<f32>]) {
         let (n, k) = (self.n, self.k);
         assert!(
             k > 0 && x.len().is_multiple_of(k) && out.len() == x.len() / k * n,
@@ -106,7 +112,7 @@ impl Job<'_> {
         let (w, x, k, n) = (self.w, self.x, self.k, self.n);
         // SAFETY: blocks write disjoint (row, column) cells of the output,
         // which outlives the matmul.
-        let out = unsafe { std::slice::from_raw_parts_mut(self.out as *mut f32, self.m * n) };
+        let out = unsafe { std::slice::from_raw_parts_mut(self.out as *mut MaybeUninit<f32>, self.m * n) };
         let mut r = rows.start;
         while r < rows.end {
             let take = ROWS.min(rows.end - r);
@@ -128,7 +134,7 @@ impl Job<'_> {
                     for c in whole..k {
                         a[c - whole] += xr[c] * wj[c];
                     }
-                    out[(r + i) * n + j] = reduce(a);
+                    out[(r + i) * n + j].write(reduce(a));
                 }
             }
             r += take;
@@ -150,14 +156,22 @@ fn reduce(a: &[f32; LANES]) -> f32 {
     v[0]
 }
 
+/// `out` as memory to write into (a kernel's output view): it only ever
+/// receives initialized values.
+pub(crate) fn written(out: &mut [f32]) -> &mut [MaybeUninit<f32>] {
+    // SAFETY: same layout; writing initialized f32s keeps `out` initialized.
+    unsafe { &mut *(out as *mut [f32] as *mut [MaybeUninit<f32>]) }
+}
+
 /// A CPU matmul as a candle op: contiguous f32 activations `(..., k)` to
-/// `(..., n)` through `matmul(x, out)`. Both of prefgen's kernels run so.
+/// `(..., n)` through `matmul(x, out)`, which writes every value of `out`.
+/// Both of prefgen's kernels and the parallel activation run so.
 pub(crate) fn forward_rows(
     name: &str,
     (k, n): (usize, usize),
     storage: &CpuStorage,
     layout: &Layout,
-    matmul: impl FnOnce(&[f32], &mut [f32]),
+    matmul: impl FnOnce(&[f32], &mut [MaybeUninit<f32>]),
 ) -> candle_core::Result<(CpuStorage, Shape)> {
     let CpuStorage::F32(data) = storage else { candle_core::bail!("{name} takes f32 activations") };
     let Some((start, end)) = layout.contiguous_offsets() else {
@@ -168,8 +182,12 @@ pub(crate) fn forward_rows(
         candle_core::bail!("{name}: activations {dims:?} do not end in {k}");
     }
     let x = &data[start..end];
-    let mut out = vec![0f32; x.len() / k * n];
-    matmul(x, &mut out);
+    // Not zeroed first: a single-threaded memset was 3% of a prefill.
+    let len = x.len() / k * n;
+    let mut out = Vec::with_capacity(len);
+    matmul(x, &mut out.spare_capacity_mut()[..len]);
+    // SAFETY: `matmul` writes every value (its contract, below).
+    unsafe { out.set_len(len) };
     *dims.last_mut().expect("checked above") = n;
     Ok((CpuStorage::F32(out), Shape::from(dims)))
 }
@@ -180,7 +198,7 @@ impl CustomOp1 for DenseMatrix {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        forward_rows(self.name(), (self.k, self.n), storage, layout, |x, out| self.matmul(x, out))
+        forward_rows(self.name(), (self.k, self.n), storage, layout, |x, out| self.matmul_into(x, out))
     }
 }
 

@@ -868,9 +868,11 @@ impl candle_core::CustomOp1 for Parallel {
                 let span = chunks.start * CHUNK..(chunks.end * CHUNK).min(x.len());
                 // SAFETY: each range of chunks writes only its own values of
                 // `out`, which outlives the call.
-                let out = unsafe { std::slice::from_raw_parts_mut((at as *mut f32).add(span.start), span.len()) };
+                let out = unsafe {
+                    std::slice::from_raw_parts_mut((at as *mut std::mem::MaybeUninit<f32>).add(span.start), span.len())
+                };
                 for (o, &v) in out.iter_mut().zip(&x[span]) {
-                    *o = f(v);
+                    o.write(f(v));
                 }
             });
         })

@@ -304,6 +304,12 @@ impl PackedMatrix {
 
     /// `out (m, n) = x (m, k) @ w^T`.
     pub fn matmul(&self, x: &[f32], out: &mut [f32]) {
+        self.matmul_into(x, super::dense::written(out))
+    }
+
+    /// [`PackedMatrix::matmul`] into memory not yet written; writes every
+    /// value (every tile's columns of every row).
+    fn matmul_into(&self, x: &[f32], out: &mut [std::mem::MaybeUninit<f32>]) {
         let (n, k) = (self.n, self.k);
         assert!(
             x.len().is_multiple_of(k) && out.len() == x.len() / k * n,
@@ -525,7 +531,7 @@ impl CustomOp1 for PackedMatrix {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        super::dense::forward_rows(self.name(), (self.k, self.n), storage, layout, |x, out| self.matmul(x, out))
+        super::dense::forward_rows(self.name(), (self.k, self.n), storage, layout, |x, out| self.matmul_into(x, out))
     }
 }
 
