@@ -5,6 +5,7 @@ pub mod chat;
 pub mod dense;
 pub mod engine;
 pub mod files;
+pub mod gelu;
 pub mod gguf;
 pub mod models;
 pub mod qmatmul;
