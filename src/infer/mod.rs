@@ -4,6 +4,7 @@
 pub mod chat;
 pub mod dense;
 pub mod engine;
+pub mod exp;
 pub mod files;
 pub mod gelu;
 pub mod gguf;
