@@ -12,8 +12,9 @@
 //!
 //! The same code is the AVX-VNNI kernel: with `DOT` = [`VEX`] or [`EVEX`],
 //! a group's dot product is one `vpdpbusd` (u8 x i8 quadruples summed into
-//! i32, no saturation), so every width sums all eight groups and Q8_0 takes
-//! its unsigned `u` as they are.
+//! i32, no saturation), so every width sums all eight groups, and Q8_0 and
+//! Q6_K take their unsigned `u` as they are (Q6_K taking `32 * sum(q)` of
+//! each 16 values back out).
 #![cfg(target_arch = "x86_64")]
 
 use super::reference::ROUND;
@@ -188,7 +189,7 @@ unsafe fn rows<const R: usize, const W: usize, const DOT: u8>(
         let values = unsafe { block.add(header + 32 * half) };
         let load = |g: usize| unsafe { _mm256_loadu_si256(values.add(64 * g) as *const __m256i) };
         let mut u = [_mm256_setzero_si256(); 8];
-        // Q8_0 and Q6_K: the signed weights, for the signs of the activations.
+        // AVX2's Q8_0 and Q6_K: the signed weights, for the signs of the activations.
         let mut signs = [_mm256_setzero_si256(); 8];
         if W == 4 {
             for g in 0..4 {
@@ -199,7 +200,7 @@ unsafe fn rows<const R: usize, const W: usize, const DOT: u8>(
         } else {
             for (g, u) in u.iter_mut().enumerate() {
                 *u = load(g);
-                if W == 6 || (W == 8 && DOT == MADD) {
+                if DOT == MADD && (W == 6 || W == 8) {
                     signs[g] = if W == 8 { _mm256_xor_si256(*u, flip) } else { _mm256_sub_epi8(*u, bias) };
                     *u = _mm256_abs_epi8(signs[g]);
                 }
@@ -211,22 +212,24 @@ unsafe fn rows<const R: usize, const W: usize, const DOT: u8>(
             let qs = |g: usize| _mm256_set1_epi32(unsafe { (q.add(4 * g) as *const i32).read_unaligned() });
             let pairs = |g: usize| _mm256_maddubs_epi16(u[g], qs(g));
             let signed = |g: usize| _mm256_maddubs_epi16(u[g], _mm256_sign_epi8(qs(g), signs[g]));
-            let vnni = |groups: [usize; 4]| {
-                groups.into_iter().fold(_mm256_setzero_si256(), |d, g| {
-                    let q = if W == 6 { _mm256_sign_epi8(qs(g), signs[g]) } else { qs(g) };
+            let vnni = |groups: [usize; 4], from: i32| {
+                groups.into_iter().fold(_mm256_set1_epi32(from), |d, g| {
                     // SAFETY: this function's promise.
-                    unsafe { dpbusd::<DOT>(d, u[g], q) }
+                    unsafe { dpbusd::<DOT>(d, u[g], qs(g)) }
                 })
             };
             let dot = match W {
-                6 if DOT != MADD => _mm256_add_epi32(
-                    _mm256_mullo_epi32(vnni([0, 1, 2, 3]), subs[0]),
-                    _mm256_mullo_epi32(vnni([4, 5, 6, 7]), subs[1]),
-                ),
+                6 if DOT != MADD => {
+                    let (first, second) = (a.halves[at], a.sum[at] - a.halves[at]);
+                    _mm256_add_epi32(
+                        _mm256_mullo_epi32(vnni([0, 1, 2, 3], -32 * first), subs[0]),
+                        _mm256_mullo_epi32(vnni([4, 5, 6, 7], -32 * second), subs[1]),
+                    )
+                }
                 // Two chains of `vpdpbusd` rather than one eight long: a
                 // lone row waits on the instruction's latency otherwise, and
                 // integer sums are the same in any order.
-                _ if DOT != MADD => _mm256_add_epi32(vnni([0, 2, 4, 6]), vnni([1, 3, 5, 7])),
+                _ if DOT != MADD => _mm256_add_epi32(vnni([0, 2, 4, 6], 0), vnni([1, 3, 5, 7], 0)),
                 4 => {
                     let p = (1..8).fold(pairs(0), |p, g| _mm256_add_epi16(p, pairs(g)));
                     _mm256_madd_epi16(p, ones)

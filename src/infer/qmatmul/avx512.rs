@@ -1,7 +1,7 @@
 //! The definition on AVX512-VNNI: a 16-row tile's block against one
-//! activation block is eight `vpdpbusd` giving 16 outputs. Q6_K's signed
-//! `u - 32` take their signs to the activations (`vpdpbusd` wants one
-//! unsigned side) and sum each 16 values apart, for their scale.
+//! activation block is eight `vpdpbusd` giving 16 outputs. Q6_K sums its
+//! unsigned `u` each 16 values apart, for their scale, and takes `32 *
+//! sum(q)` of those 16 back out: the dot product of `u - 32`.
 #![cfg(target_arch = "x86_64")]
 
 use super::{Activations, BLOCK, SUB, Scales, TILE, Tile, Width};
@@ -62,8 +62,6 @@ unsafe fn rows<const R: usize>(tile: &Tile, a: &Activations, r0: usize, mask: __
             |i: usize| _mm512_cvtepi8_epi32(unsafe { _mm_loadu_si128(block.add(SUB + i * TILE) as *const __m128i) });
         let values = unsafe { block.add(header) };
         let mut u = [_mm512_setzero_si512(); 8];
-        // Q6_K: the weights' signs, for the activations.
-        let mut negative = [0 as __mmask64; 8];
         if tile.width.nibbles() {
             for g in 0..4 {
                 let v = unsafe { _mm512_loadu_si512(values.add(64 * g) as *const __m512i) };
@@ -73,11 +71,6 @@ unsafe fn rows<const R: usize>(tile: &Tile, a: &Activations, r0: usize, mask: __
         } else {
             for (g, u) in u.iter_mut().enumerate() {
                 *u = unsafe { _mm512_loadu_si512(values.add(64 * g) as *const __m512i) };
-                if six {
-                    let w = _mm512_sub_epi8(*u, _mm512_set1_epi8(32));
-                    negative[g] = _mm512_movepi8_mask(w);
-                    *u = _mm512_abs_epi8(w);
-                }
             }
         }
         let subs = if six { [sub(0), sub(1)] } else { [_mm512_setzero_si512(); 2] };
@@ -86,14 +79,15 @@ unsafe fn rows<const R: usize>(tile: &Tile, a: &Activations, r0: usize, mask: __
             let q = a.q[at * BLOCK..(at + 1) * BLOCK].as_ptr();
             let qs = |g: usize| _mm512_set1_epi32(unsafe { (q.add(4 * g) as *const i32).read_unaligned() });
             let dot = if six {
-                // `q` is never -128, so negating it cannot overflow.
-                let part = |from: usize| {
-                    (from..from + 4).fold(_mm512_setzero_si512(), |d, g| {
-                        let q = _mm512_mask_sub_epi8(qs(g), negative[g], _mm512_setzero_si512(), qs(g));
-                        _mm512_dpbusd_epi32(d, u[g], q)
-                    })
+                let part = |from: usize, sum: i32| {
+                    (from..from + 4)
+                        .fold(_mm512_set1_epi32(-32 * sum), |d, g| _mm512_dpbusd_epi32(d, u[g], qs(g)))
                 };
-                _mm512_add_epi32(_mm512_mullo_epi32(part(0), subs[0]), _mm512_mullo_epi32(part(4), subs[1]))
+                let (first, second) = (a.halves[at], a.sum[at] - a.halves[at]);
+                _mm512_add_epi32(
+                    _mm512_mullo_epi32(part(0, first), subs[0]),
+                    _mm512_mullo_epi32(part(4, second), subs[1]),
+                )
             } else {
                 // Two chains rather than one eight long: a lone row waits on
                 // the instruction's latency otherwise, and integer sums are

@@ -318,7 +318,7 @@ impl PackedMatrix {
             out.len()
         );
         let m = x.len() / k;
-        let acts = Activations::quantize(x, k, self.kernel);
+        let acts = Activations::quantize(x, k, self.width, self.kernel);
         let out_ptr = out.as_mut_ptr() as usize;
         let kb = k / BLOCK;
         let tile_bytes = self.tile_bytes();
@@ -479,14 +479,26 @@ struct Activations {
     s: Vec<f32>,
     /// `sum(q)`, for kernels that sum signed weights.
     sum: Vec<i32>,
+    /// `sum(q)` over each block's first 16 values, for the `vpdpbusd`
+    /// kernels' Q6_K: they sum the unsigned `u` and take `32 * sum(q)` of
+    /// each half back out (the same integer as summing `u - 32`). Empty
+    /// for other matrices and kernels.
+    halves: Vec<i32>,
 }
 
 impl Activations {
-    /// Quantizes `x`, rows of `k`; long batches (prefill) on every thread.
-    fn quantize(x: &[f32], k: usize, kernel: Kernel) -> Activations {
+    /// Quantizes `x`, rows of `k`, for a matrix of `width` run by `kernel`;
+    /// long batches (prefill) on every thread.
+    fn quantize(x: &[f32], k: usize, width: Width, kernel: Kernel) -> Activations {
         let blocks = x.len() / BLOCK;
-        let mut a =
-            Activations { k, q: vec![0; x.len()], d: vec![0.0; blocks], s: vec![0.0; blocks], sum: vec![0; blocks] };
+        let mut a = Activations {
+            k,
+            q: vec![0; x.len()],
+            d: vec![0.0; blocks],
+            s: vec![0.0; blocks],
+            sum: vec![0; blocks],
+            halves: Vec::new(),
+        };
         let ptrs = (
             a.q.as_mut_ptr() as usize,
             a.d.as_mut_ptr() as usize,
@@ -520,6 +532,9 @@ impl Activations {
             candle_core::utils::barrier_pool().execute_chunked(m, rows);
         } else {
             rows(0..m);
+        }
+        if width == Width::Six && matches!(kernel, Kernel::Avx512Vnni | Kernel::AvxVnni) {
+            a.halves = a.q.chunks_exact(BLOCK).map(|b| b[..BLOCK / 2].iter().map(|&q| q as i32).sum()).collect();
         }
         a
     }
