@@ -4,10 +4,9 @@
 pub mod chat;
 pub mod dense;
 pub mod engine;
-pub mod exp;
 pub mod files;
-pub mod gelu;
 pub mod gguf;
+pub mod math;
 pub mod models;
 pub mod qmatmul;
 pub mod reward;

@@ -65,7 +65,7 @@ pub fn argmax(logits: &[f32]) -> u32 {
 }
 
 /// Draws one token. Probabilities are computed in f64 from `logits / T`
-/// (with [`super::exp::exp`], the same on every machine);
+/// (with [`super::math::exp::exp`], the same on every machine);
 /// top-p keeps the most probable tokens (ties by lower id) until their mass
 /// reaches `top_p`, the token that crosses it included. A NaN or infinite
 /// logit is returned as the error: no token can be drawn honestly.
@@ -81,7 +81,7 @@ fn draw(logits: &[f32], s: Sampling, stream: &mut Stream) -> u32 {
         return argmax(logits);
     }
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-    let probs = super::exp::scaled(logits, max, s.temperature);
+    let probs = super::math::exp::scaled(logits, max, s.temperature);
     let total: f64 = probs.iter().sum();
     let kept = if s.top_p < 1.0 {
         nucleus(&probs, total, s.top_p)
@@ -165,7 +165,8 @@ mod tests {
     /// vocabulary, as the definition reads.
     fn reference(logits: &[f32], s: Sampling) -> (Vec<f64>, f64, Vec<(u32, f64)>) {
         let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-        let probs: Vec<f64> = logits.iter().map(|&x| crate::infer::exp::exp((x as f64 - max) / s.temperature)).collect();
+        let probs: Vec<f64> =
+            logits.iter().map(|&x| crate::infer::math::exp::exp((x as f64 - max) / s.temperature)).collect();
         let total: f64 = probs.iter().sum();
         let mut p: Vec<(u32, f64)> = probs.iter().enumerate().map(|(i, &q)| (i as u32, q)).collect();
         p.sort_by(|x, y| y.1.total_cmp(&x.1).then(x.0.cmp(&y.0)));

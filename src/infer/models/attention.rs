@@ -7,6 +7,7 @@
 //! a test holds the two to the same results.
 
 use super::decoder::Config;
+use crate::infer::math::{expf, gelu};
 
 /// Width of the register blocks of the score and output loops.
 const LANES: usize = 16;
@@ -194,15 +195,15 @@ impl Layer<'_> {
         for s in scores.iter_mut() {
             *s *= scale;
             if let Some(cap) = cfg.attn_softcap {
-                *s = (cap as f32) * (*s / cap as f32).tanh();
+                *s = (cap as f32) * gelu::tanhf(*s / cap as f32);
             }
         }
         let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
-        let mut sum = 0f32;
         for s in scores.iter_mut() {
-            *s = (*s - max).exp();
-            sum += *s;
+            *s -= max;
         }
+        expf::exp_in_place(scores);
+        let sum = scores.iter().fold(0f32, |sum, s| sum + s);
         for (block, out) in out.chunks_mut(LANES).enumerate() {
             let mut acc = [0f32; LANES];
             for (j, s) in (lo..=p).zip(scores.iter()) {

@@ -80,8 +80,7 @@ unsafe fn rows<const R: usize>(tile: &Tile, a: &Activations, r0: usize, mask: __
             let qs = |g: usize| _mm512_set1_epi32(unsafe { (q.add(4 * g) as *const i32).read_unaligned() });
             let dot = if six {
                 let part = |from: usize, sum: i32| {
-                    (from..from + 4)
-                        .fold(_mm512_set1_epi32(-32 * sum), |d, g| _mm512_dpbusd_epi32(d, u[g], qs(g)))
+                    (from..from + 4).fold(_mm512_set1_epi32(-32 * sum), |d, g| _mm512_dpbusd_epi32(d, u[g], qs(g)))
                 };
                 let (first, second) = (a.halves[at], a.sum[at] - a.halves[at]);
                 _mm512_add_epi32(

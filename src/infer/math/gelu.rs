@@ -1,16 +1,10 @@
-//! The tanh GELU (`gelu_pytorch_tanh`: Gemma's MLP) on the CPU, with its
-//! `tanhf` written out here rather than taken from the C library.
-//!
-//! candle's `Gelu::f32` computes `0.5 v (1 + tanh(sqrt(2/pi) v (1 + 0.044715
-//! v^2)))` with the C library's `tanhf`, which made every run's bits depend
-//! on the machine's libm (glibc's float functions are being replaced by
-//! other implementations, and other systems have their own) and cost a
-//! quarter of a Gemma-3 prefill in scalar calls. [`tanhf`] and [`expm1f`]
-//! are fdlibm's, as glibc 2.28 to 2.40 build them for x86-64 (SSE, no fused
-//! multiply-add): the same IEEE operations in the same order, so the same
-//! bits as that glibc on every input (checked on all 2^32 of them), on
-//! every machine. The AVX2 version runs the same operations in eight lanes,
-//! each branch computed and chosen by mask.
+//! The tanh GELU (`gelu_pytorch_tanh`: Gemma's MLP) as candle's
+//! `Gelu::f32` computes it, `0.5 v (1 + tanh(sqrt(2/pi) v (1 + 0.044715
+//! v^2)))`, with its `tanhf`: [`tanhf`] and [`expm1f`] are fdlibm's, as
+//! glibc 2.36 builds them for x86-64 (SSE, no fused multiply-add),
+//! checked against it on all 2^32 floats. The AVX2 version runs
+//! the same operations in eight lanes, each branch computed and chosen by
+//! mask.
 
 use std::mem::MaybeUninit;
 
@@ -228,10 +222,7 @@ mod avx2 {
         // Reduction: |x| in (ln2/2, 1.5 ln2) takes k = +-1; beyond, k from
         // x / ln2 rounded away from 0 by a half and truncated.
         let one_ln2 = below(hx, 0x3f85_1592);
-        let kr = _mm256_cvttps_epi32(_mm256_add_ps(
-            _mm256_mul_ps(k(INVLN2), x),
-            pick(negative, k(-0.5), k(0.5)),
-        ));
+        let kr = _mm256_cvttps_epi32(_mm256_add_ps(_mm256_mul_ps(k(INVLN2), x), pick(negative, k(-0.5), k(0.5))));
         let kn = pick(one_ln2, _mm256_castsi256_ps(_mm256_or_si256(negative, i(1))), _mm256_castsi256_ps(kr));
         let kn = _mm256_castps_si256(kn);
         let t = _mm256_cvtepi32_ps(kn);
@@ -256,10 +247,7 @@ mod avx2 {
         }
         let r1 = _mm256_add_ps(k(1.0), p);
         let t = _mm256_sub_ps(k(3.0), _mm256_mul_ps(r1, hfx));
-        let e = _mm256_mul_ps(
-            hxs,
-            _mm256_div_ps(_mm256_sub_ps(r1, t), _mm256_sub_ps(k(6.0), _mm256_mul_ps(x, t))),
-        );
+        let e = _mm256_mul_ps(hxs, _mm256_div_ps(_mm256_sub_ps(r1, t), _mm256_sub_ps(k(6.0), _mm256_mul_ps(x, t))));
         let k0 = _mm256_sub_ps(x, _mm256_sub_ps(_mm256_mul_ps(x, e), hxs));
         let e = _mm256_sub_ps(_mm256_sub_ps(_mm256_mul_ps(x, _mm256_sub_ps(e, c)), c), hxs);
         let e_x = _mm256_sub_ps(e, x);
