@@ -160,7 +160,7 @@ mod avx2 {
 /// entries): ARM optimized-routines' table, which the digits of 2^(i/128)
 /// determine.
 #[rustfmt::skip]
-const T: [u64; 256] = [
+pub(super) const T: [u64; 256] = [
     0x0000_0000_0000_0000, 0x3ff0_0000_0000_0000, 0x3c9b_3b4f_1a88_bf6e, 0x3fef_f63d_a9fb_3335,
     0xbc71_6013_9cd8_dc5d, 0x3fef_ec9a_3e77_8061, 0xbc90_5e7a_1087_66d1, 0x3fef_e315_e86e_7f85,
     0x3c8c_d252_3567_f613, 0x3fef_d9b0_d315_8574, 0xbc8b_ce80_23f9_8efa, 0x3fef_d06b_29dd_f6de,
@@ -229,6 +229,7 @@ const T: [u64; 256] = [
 
 #[cfg(test)]
 mod tests {
+    use super::super::testing::*;
     use super::*;
 
     /// Arguments the sampler meets (`(logit - max) / T`, from -1100 to 0)
@@ -246,21 +247,14 @@ mod tests {
     /// the sample, whatever this machine's libm.
     #[test]
     fn exp_is_glibcs() {
-        let mut h = blake3::Hasher::new();
-        for x in sample() {
-            h.update(&exp(x).to_bits().to_le_bytes());
-        }
-        assert_eq!(h.finalize().to_hex().as_str(), EXP_DIGEST);
+        assert_eq!(digest(sample().into_iter().map(|x| exp(x).to_bits().to_le_bytes())), EXP_DIGEST);
     }
 
     /// Four lanes give the scalar bits, main range or not, with a tail.
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn lanes_give_the_scalar_bits() {
-        assert!(
-            std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma"),
-            "this test checks the AVX2 lanes: it needs AVX2 and FMA"
-        );
+        assert_lanes_run();
         let logits: Vec<f32> = (0..100_003).map(|i| ((i * 7919) % 100_000) as f32 / 37.0 - 1500.0).collect();
         for (max, t) in [(1202.7f64, 1.0f64), (1200.0, 0.8), (0.0, 0.013), (1202.7, 7.0)] {
             let got = scaled(&logits, max, t);
