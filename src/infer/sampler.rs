@@ -70,19 +70,11 @@ pub fn argmax(logits: &[f32]) -> u32 {
 /// reaches `top_p`, the token that crosses it included. A NaN or infinite
 /// logit is returned as the error: no token can be drawn honestly.
 pub fn sample(logits: &[f32], s: Sampling, stream: &mut Stream) -> Result<u32, f32> {
-    if let Some(bad) = logits.iter().find(|x| !x.is_finite()) {
-        return Err(*bad);
-    }
-    Ok(draw(logits, s, stream))
-}
-
-fn draw(logits: &[f32], s: Sampling, stream: &mut Stream) -> u32 {
+    let max = finite_max(logits)?;
     if s.temperature == 0.0 {
-        return argmax(logits);
+        return Ok(argmax(logits));
     }
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-    let probs = super::math::exp::scaled(logits, max, s.temperature);
-    let total: f64 = probs.iter().sum();
+    let (probs, total) = super::math::exp::scaled(logits, max as f64, s.temperature);
     let kept = if s.top_p < 1.0 {
         nucleus(&probs, total, s.top_p)
     } else {
@@ -92,11 +84,34 @@ fn draw(logits: &[f32], s: Sampling, stream: &mut Stream) -> u32 {
     let mut u = stream.next_f64() * mass;
     for &(id, p) in &kept {
         if u < p {
-            return id;
+            return Ok(id);
         }
         u -= p;
     }
-    kept.last().expect("the vocabulary is not empty").0
+    Ok(kept.last().expect("the vocabulary is not empty").0)
+}
+
+/// The largest logit, or the first NaN or infinite one as the error. One
+/// pass in lanes (a row is a megabyte on large vocabularies, read from
+/// memory): the lanes' maxima and their "exponent all ones" bits, taken
+/// with operations the compiler turns into vector ones.
+fn finite_max(logits: &[f32]) -> Result<f32, f32> {
+    const EXPONENT: u32 = 0x7f80_0000;
+    let (mut max, mut top) = ([f32::NEG_INFINITY; 8], [0u32; 8]);
+    let chunks = logits.chunks_exact(8);
+    let rest = chunks.remainder();
+    for chunk in chunks {
+        for ((m, t), &x) in max.iter_mut().zip(&mut top).zip(chunk) {
+            *m = if x > *m { x } else { *m };
+            // The exponent plus one ulp of it carries into the top bit
+            // only when the exponent is all ones.
+            *t |= (x.to_bits() & EXPONENT) + (1 << 23);
+        }
+    }
+    if top.iter().any(|t| t & 1 << 31 != 0) || rest.iter().any(|x| !x.is_finite()) {
+        return Err(*logits.iter().find(|x| !x.is_finite()).expect("a lane saw one"));
+    }
+    Ok(rest.iter().chain(&max).copied().fold(f32::NEG_INFINITY, f32::max))
 }
 
 /// The most probable tokens (ties by lower id: a total order, so the result
@@ -113,7 +128,15 @@ fn nucleus(probs: &[f64], total: f64, top_p: f64) -> Vec<(u32, f64)> {
     let mut above = Vec::new();
     // The most probable token's probability is exp(0) = 1.
     for floor in [2f64.powi(-8), 2f64.powi(-24), 2f64.powi(-64), 0.0] {
-        above = probs.iter().enumerate().filter(|p| *p.1 >= floor).map(|(i, &p)| (i as u32, p)).collect();
+        above.clear();
+        for (c, chunk) in probs.chunks(8).enumerate() {
+            // Most eights hold no token at the floor: one vector compare
+            // passes them over.
+            if chunk.iter().fold(false, |any, &p| any | (p >= floor)) {
+                let at = |(i, &p): (usize, &f64)| ((8 * c + i) as u32, p);
+                above.extend(chunk.iter().enumerate().filter(|p| *p.1 >= floor).map(at));
+            }
+        }
         above.sort_unstable_by(order);
         let mut mass = 0.0;
         if let Some(i) = above.iter().position(|p| {
@@ -258,15 +281,38 @@ mod tests {
         assert_eq!(seen, [true; 4]);
     }
 
-    /// A NaN or infinite logit is never turned into a token, greedy or sampled.
+    /// A NaN or infinite logit is never turned into a token, greedy or
+    /// sampled, wherever it sits (in the lanes or the rest), and the first
+    /// is the one reported.
     #[test]
     fn non_finite_logits_are_refused() {
         let mut s = Stream::new(0, "");
         for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
-            for temperature in [0.0, 1.0] {
-                let logits = [1.0, bad, 0.5];
-                let got = sample(&logits, Sampling { temperature, top_p: 0.9 }, &mut s);
-                assert!(got.is_err_and(|v| v.is_nan() == bad.is_nan()), "{bad} at T={temperature}: {got:?}");
+            for at in [0, 1, 9, 23, 24, 26] {
+                for temperature in [0.0, 1.0] {
+                    let mut logits: Vec<f32> = (0..27).map(|i| i as f32 / 3.0 - 4.0).collect();
+                    logits[at] = bad;
+                    // A later one of another kind is not the one reported.
+                    logits[(at + 5) % 27] = if bad.is_nan() { f32::INFINITY } else { f32::NAN };
+                    let got = sample(&logits, Sampling { temperature, top_p: 0.9 }, &mut s);
+                    let first = if at + 5 < 27 { bad } else { logits[(at + 5) % 27] };
+                    assert!(
+                        got.is_err_and(|v| v.to_bits() == first.to_bits()),
+                        "{bad} at {at}, T={temperature}: {got:?}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// The lanes' maximum is the largest logit, in the lanes or the rest.
+    #[test]
+    fn the_maximum_is_the_largest_logit() {
+        for n in [1, 7, 8, 9, 64, 1001] {
+            for peak in [0, n / 2, n - 1] {
+                let mut logits: Vec<f32> = (0..n).map(|i| -((i * 37 % 101) as f32)).collect();
+                logits[peak] = 3.5;
+                assert_eq!(finite_max(&logits), Ok(3.5), "{n} logits, the largest at {peak}");
             }
         }
     }

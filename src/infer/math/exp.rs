@@ -85,17 +85,26 @@ fn huge(tmp: f64, sbits: u64, ki: u64) -> f64 {
     y * f64::from_bits(0x0010_0000_0000_0000)
 }
 
-/// `exp((x - max) / temperature)` of every logit, in order.
-pub fn scaled(logits: &[f32], max: f64, temperature: f64) -> Vec<f64> {
+/// `exp((x - max) / temperature)` of every logit, in order, and their sum
+/// added in that order. The sum is taken as each value is made: its chain
+/// of dependent additions then runs in the shadow of the next values.
+pub fn scaled(logits: &[f32], max: f64, temperature: f64) -> (Vec<f64>, f64) {
     let mut out = Vec::with_capacity(logits.len());
-    let mut done = 0;
     #[cfg(target_arch = "x86_64")]
-    if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-        // SAFETY: the CPU has AVX2 and FMA.
-        done = unsafe { avx2::scaled(logits, max, temperature, &mut out) };
+    // SAFETY: the CPU has AVX2 and FMA.
+    let (done, mut total) = if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+        unsafe { avx2::scaled(logits, max, temperature, &mut out) }
+    } else {
+        (0, 0.0)
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let (done, mut total) = (0, 0.0);
+    for &x in &logits[done..] {
+        let y = exp((x as f64 - max) / temperature);
+        total += y;
+        out.push(y);
     }
-    out.extend(logits[done..].iter().map(|&x| exp((x as f64 - max) / temperature)));
-    out
+    (out, total)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -104,13 +113,13 @@ mod avx2 {
     use std::arch::x86_64::*;
 
     /// [`super::scaled`] of whole groups of four, pushed onto `out`;
-    /// returns how many.
+    /// returns how many, and their sum.
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn scaled(logits: &[f32], max: f64, temperature: f64, out: &mut Vec<f64>) -> usize {
+    pub(super) unsafe fn scaled(logits: &[f32], max: f64, temperature: f64, out: &mut Vec<f64>) -> (usize, f64) {
         let whole = logits.len() / 4 * 4;
         let (max, temperature) = (_mm256_set1_pd(max), _mm256_set1_pd(temperature));
         let k = _mm256_set1_pd;
-        let mut y = [0f64; 4];
+        let (mut y, mut total) = ([0f64; 4], 0.0);
         for i in (0..whole).step_by(4) {
             // SAFETY: i + 4 <= logits.len().
             let x = _mm256_cvtps_pd(unsafe { _mm_loadu_ps(logits.as_ptr().add(i)) });
@@ -150,8 +159,9 @@ mod avx2 {
                 }
             }
             out.extend_from_slice(&y);
+            total = y.iter().fold(total, |sum, &y| sum + y);
         }
-        whole
+        (whole, total)
     }
 }
 
@@ -250,18 +260,22 @@ mod tests {
         assert_eq!(digest(sample().into_iter().map(|x| exp(x).to_bits().to_le_bytes())), EXP_DIGEST);
     }
 
-    /// Four lanes give the scalar bits, main range or not, with a tail.
+    /// Four lanes give the scalar bits, main range or not, with a tail, and
+    /// the sum in order.
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn lanes_give_the_scalar_bits() {
         assert_lanes_run();
         let logits: Vec<f32> = (0..100_003).map(|i| ((i * 7919) % 100_000) as f32 / 37.0 - 1500.0).collect();
         for (max, t) in [(1202.7f64, 1.0f64), (1200.0, 0.8), (0.0, 0.013), (1202.7, 7.0)] {
-            let got = scaled(&logits, max, t);
+            let (got, total) = scaled(&logits, max, t);
+            let mut sum = 0.0;
             for (i, (&g, &x)) in got.iter().zip(&logits).enumerate() {
                 let want = exp((x as f64 - max) / t);
                 assert_eq!(g.to_bits(), want.to_bits(), "logit {i} ({x}), max {max}, T {t}");
+                sum += want;
             }
+            assert_eq!(total.to_bits(), sum.to_bits(), "the sum in order, max {max}, T {t}");
         }
     }
 

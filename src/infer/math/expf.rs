@@ -69,12 +69,15 @@ pub fn silu(v: f32) -> f32 {
 /// has AVX2 and FMA.
 pub fn silu_into(x: &[f32], out: &mut [MaybeUninit<f32>]) {
     assert_eq!(x.len(), out.len(), "silu: one output per input");
-    let mut done = 0;
     #[cfg(target_arch = "x86_64")]
-    if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-        // SAFETY: the CPU has AVX2 and FMA.
-        done = unsafe { avx2::silu_into(x, out) };
-    }
+    // SAFETY: the CPU has AVX2 and FMA.
+    let done = if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+        unsafe { avx2::silu_into(x, out) }
+    } else {
+        0
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let done = 0;
     for (o, &v) in out[done..].iter_mut().zip(&x[done..]) {
         o.write(silu(v));
     }
@@ -83,12 +86,15 @@ pub fn silu_into(x: &[f32], out: &mut [MaybeUninit<f32>]) {
 /// [`expf`] of every value, in place, eight at a time where the CPU has
 /// AVX2 and FMA.
 pub fn exp_in_place(values: &mut [f32]) {
-    let mut done = 0;
     #[cfg(target_arch = "x86_64")]
-    if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-        // SAFETY: the CPU has AVX2 and FMA.
-        done = unsafe { avx2::exp_in_place(values) };
-    }
+    // SAFETY: the CPU has AVX2 and FMA.
+    let done = if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+        unsafe { avx2::exp_in_place(values) }
+    } else {
+        0
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let done = 0;
     for v in &mut values[done..] {
         *v = expf(*v);
     }

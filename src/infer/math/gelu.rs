@@ -34,12 +34,11 @@ pub fn gelu(v: f32) -> f32 {
 /// has AVX2.
 pub fn gelu_into(x: &[f32], out: &mut [MaybeUninit<f32>]) {
     assert_eq!(x.len(), out.len(), "gelu: one output per input");
-    let mut done = 0;
     #[cfg(target_arch = "x86_64")]
-    if is_x86_feature_detected!("avx2") {
-        // SAFETY: the CPU has AVX2.
-        done = unsafe { avx2::gelu_into(x, out) };
-    }
+    // SAFETY: the CPU has AVX2.
+    let done = if is_x86_feature_detected!("avx2") { unsafe { avx2::gelu_into(x, out) } } else { 0 };
+    #[cfg(not(target_arch = "x86_64"))]
+    let done = 0;
     for (o, &v) in out[done..].iter_mut().zip(&x[done..]) {
         o.write(gelu(v));
     }

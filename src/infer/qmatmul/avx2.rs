@@ -92,7 +92,10 @@ pub(super) unsafe fn quantize(x: &[f32], q: &mut [i8], d: &mut [f32], s: &mut [f
     }
 }
 
-/// Rows `span` of the outputs of one tile, a half at a time, four rows at
+/// Activation rows taken together against a half.
+pub(super) const TOGETHER: usize = 4;
+
+/// Rows `span` of the outputs of one tile, a half at a time, [`TOGETHER`] rows at
 /// a time, with the dot products `DOT` names.
 ///
 /// SAFETY: the CPU has AVX2, FMA and F16C, and `DOT`'s encoding of
@@ -107,7 +110,7 @@ pub(super) unsafe fn tile<const DOT: u8>(tile: &Tile, a: &Activations, span: std
         let mut r = span.start;
         while r < span.end {
             // Tails run the same per-row code with fewer rows.
-            let n = (span.end - r).min(4);
+            let n = (span.end - r).min(TOGETHER);
             unsafe {
                 match tile.width {
                     Width::Four => rows_of::<4, DOT>(n, tile, a, r, half, cols),
@@ -116,7 +119,7 @@ pub(super) unsafe fn tile<const DOT: u8>(tile: &Tile, a: &Activations, span: std
                     Width::Eight => rows_of::<8, DOT>(n, tile, a, r, half, cols),
                 }
             }
-            r += 4;
+            r += TOGETHER;
         }
     }
 }

@@ -9,7 +9,7 @@ use std::arch::x86_64::*;
 
 /// Activation rows taken together against a tile's block: its eight
 /// registers of values, eight accumulators and their scales fit in 32.
-const TOGETHER: usize = 8;
+pub(super) const TOGETHER: usize = 8;
 
 /// Rows `span` of the outputs of one tile, [`TOGETHER`] rows at a time.
 ///

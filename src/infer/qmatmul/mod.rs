@@ -46,6 +46,23 @@ const TILE: usize = 16;
 const BLOCK: usize = 32;
 /// Activation rows a work item takes (prefill): ~100 KB of int8, in L2.
 const ROWS: usize = 64;
+/// How many tiles ahead a work item that reads its tile only once
+/// prefetches (`make bench`'s Q8_0 head: 2 did as well as 4 and 8).
+const AHEAD: usize = 2;
+
+/// Asks for `bytes` in the caches (L2), without waiting; on x86-64 only
+/// (aarch64's prefetch intrinsic is not yet stable).
+fn prefetch(bytes: &[u8]) {
+    #[cfg(target_arch = "x86_64")]
+    for line in bytes.chunks(64) {
+        use std::arch::x86_64::{_MM_HINT_T1, _mm_prefetch};
+        // SAFETY: a hint; the address is in `bytes`.
+        unsafe { _mm_prefetch::<_MM_HINT_T1>(line.as_ptr() as *const i8) };
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = bytes;
+}
+
 /// Chooses the kernel instead of the CPU's best (tests, benchmarks, and
 /// checking that two CPUs agree).
 pub const KERNEL_VAR: &str = "PREFGEN_INT8_KERNEL";
@@ -76,6 +93,19 @@ impl Kernel {
             Kernel::NeonDotprod => "neon-dotprod",
             Kernel::Neon => "neon",
             Kernel::Scalar => "scalar",
+        }
+    }
+
+    /// Activation rows the kernel takes against one read of a tile.
+    fn rows_per_read(self) -> usize {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx512Vnni => avx512::TOGETHER,
+            #[cfg(target_arch = "x86_64")]
+            Kernel::AvxVnni | Kernel::Avx2 => avx2::TOGETHER,
+            #[cfg(target_arch = "aarch64")]
+            Kernel::NeonDotprod | Kernel::Neon => neon::TOGETHER,
+            _ => 1,
         }
     }
 
@@ -330,6 +360,13 @@ impl PackedMatrix {
             for item in items {
                 let rows = item / tiles * ROWS..((item / tiles + 1) * ROWS).min(m);
                 let t = item % tiles;
+                // A tile read once (few rows) is streamed from memory faster
+                // than the hardware prefetcher fetches it; read again for
+                // more rows, it waits in the cache and prefetching only
+                // crowds it. Gemma-3's 160 MB head at batch 8: 13 ms -> 10.
+                if rows.len() <= self.kernel.rows_per_read() && t + AHEAD < tiles {
+                    prefetch(&self.data[(t + AHEAD) * kb * tile_bytes..(t + AHEAD + 1) * kb * tile_bytes]);
+                }
                 let tile = Tile {
                     width: self.width,
                     scales: self.scales,

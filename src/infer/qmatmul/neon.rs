@@ -25,8 +25,11 @@ unsafe fn sdot(mut acc: int32x4_t, w: int8x16_t, q: int8x16_t) -> int32x4_t {
     acc
 }
 
-/// Rows `span` of the outputs of one tile, four rows at a time, with `sdot`
-/// where `DOT`.
+/// Activation rows taken together against a tile.
+pub(super) const TOGETHER: usize = 4;
+
+/// Rows `span` of the outputs of one tile, [`TOGETHER`] rows at a time,
+/// with `sdot` where `DOT`.
 ///
 /// SAFETY: `tile.out` holds `span.end * tile.n` floats; with `DOT`, the CPU
 /// has the dot-product extension.
@@ -35,14 +38,14 @@ pub(super) unsafe fn tile<const DOT: bool>(tile: &Tile, a: &Activations, span: s
     while r < span.end {
         // Tails run the same per-row code with fewer rows.
         unsafe {
-            match (span.end - r).min(4) {
+            match (span.end - r).min(TOGETHER) {
                 4 => rows::<4, DOT>(tile, a, r),
                 3 => rows::<3, DOT>(tile, a, r),
                 2 => rows::<2, DOT>(tile, a, r),
                 _ => rows::<1, DOT>(tile, a, r),
             }
         }
-        r += 4;
+        r += TOGETHER;
     }
 }
 
