@@ -223,7 +223,7 @@ unsafe fn rows<const R: usize, const W: usize, const DOT: u8>(
             };
             let dot = match W {
                 6 if DOT != MADD => {
-                    let (first, second) = (a.halves[at], a.sum[at] - a.halves[at]);
+                    let (first, second) = a.halves(at);
                     _mm256_add_epi32(
                         _mm256_mullo_epi32(vnni([0, 1, 2, 3], -32 * first), subs[0]),
                         _mm256_mullo_epi32(vnni([4, 5, 6, 7], -32 * second), subs[1]),

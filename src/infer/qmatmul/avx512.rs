@@ -82,7 +82,7 @@ unsafe fn rows<const R: usize>(tile: &Tile, a: &Activations, r0: usize, mask: __
                 let part = |from: usize, sum: i32| {
                     (from..from + 4).fold(_mm512_set1_epi32(-32 * sum), |d, g| _mm512_dpbusd_epi32(d, u[g], qs(g)))
                 };
-                let (first, second) = (a.halves[at], a.sum[at] - a.halves[at]);
+                let (first, second) = a.halves(at);
                 _mm512_add_epi32(
                     _mm512_mullo_epi32(part(0, first), subs[0]),
                     _mm512_mullo_epi32(part(4, second), subs[1]),

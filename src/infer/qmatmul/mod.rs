@@ -528,19 +528,21 @@ impl Activations {
     /// long batches (prefill) on every thread.
     fn quantize(x: &[f32], k: usize, width: Width, kernel: Kernel) -> Activations {
         let blocks = x.len() / BLOCK;
+        let halved = width == Width::Six && matches!(kernel, Kernel::Avx512Vnni | Kernel::AvxVnni);
         let mut a = Activations {
             k,
             q: vec![0; x.len()],
             d: vec![0.0; blocks],
             s: vec![0.0; blocks],
             sum: vec![0; blocks],
-            halves: Vec::new(),
+            halves: vec![0; if halved { blocks } else { 0 }],
         };
         let ptrs = (
             a.q.as_mut_ptr() as usize,
             a.d.as_mut_ptr() as usize,
             a.s.as_mut_ptr() as usize,
             a.sum.as_mut_ptr() as usize,
+            a.halves.as_mut_ptr() as usize,
         );
         let rows = |rows: std::ops::Range<usize>| {
             let (from, to) = (rows.start * k / BLOCK, rows.end * k / BLOCK);
@@ -563,6 +565,13 @@ impl Activations {
                 Kernel::Avx512Vnni | Kernel::AvxVnni | Kernel::Avx2 => unsafe { avx2::quantize(x, q, d, s, sum) },
                 _ => reference::quantize(x, q, d, s, sum),
             }
+            if halved {
+                // SAFETY: as above; `halves` holds a value per block.
+                let halves = unsafe { std::slice::from_raw_parts_mut((ptrs.4 as *mut i32).add(from), len) };
+                for (h, b) in halves.iter_mut().zip(q.chunks_exact(BLOCK)) {
+                    *h = b[..BLOCK / 2].iter().map(|&q| q as i32).sum();
+                }
+            }
         };
         let m = x.len() / k;
         if m >= 64 {
@@ -570,10 +579,13 @@ impl Activations {
         } else {
             rows(0..m);
         }
-        if width == Width::Six && matches!(kernel, Kernel::Avx512Vnni | Kernel::AvxVnni) {
-            a.halves = a.q.chunks_exact(BLOCK).map(|b| b[..BLOCK / 2].iter().map(|&q| q as i32).sum()).collect();
-        }
         a
+    }
+
+    /// `sum(q)` of block `at`'s first 16 values and of its last 16 (the
+    /// `vpdpbusd` kernels' Q6_K).
+    fn halves(&self, at: usize) -> (i32, i32) {
+        (self.halves[at], self.sum[at] - self.halves[at])
     }
 }
 
