@@ -96,7 +96,7 @@ impl Layer<'_> {
         mut q: Vec<f32>,
         mut k: Vec<f32>,
         v: Vec<f32>,
-        mut caches: Option<&mut [&mut HostKv]>,
+        caches: Option<&mut [&mut HostKv]>,
     ) -> Vec<f32> {
         let cfg = self.cfg;
         let (d, nq, nkv) = (cfg.head_dim, cfg.n_head, cfg.n_kv_head);
@@ -108,33 +108,47 @@ impl Layer<'_> {
             Some(_) => Vec::new(),
             None => lens.iter().map(|_| HostKv::default()).collect(),
         };
-        let mut at = 0;
-        for (i, (&l, &pos)) in lens.iter().zip(starts).enumerate() {
-            for r in 0..l {
-                let p = pos + r;
-                let (cos, sin) = (&cos[p * d / 2..(p + 1) * d / 2], &sin[p * d / 2..(p + 1) * d / 2]);
-                for head in q[(at + r) * nq * d..(at + r + 1) * nq * d].chunks_exact_mut(d) {
-                    self.position(head, self.q_norm, cos, sin);
-                }
-                for head in k[(at + r) * nkv * d..(at + r + 1) * nkv * d].chunks_exact_mut(d) {
-                    self.position(head, self.k_norm, cos, sin);
-                }
-            }
-            let (ks, vs) = (&k[at * nkv * d..(at + l) * nkv * d], &v[at * nkv * d..(at + l) * nkv * d]);
-            match caches.as_deref_mut() {
-                Some(caches) => caches[i].append(pos, ks, vs, nkv, d),
-                // Without a cache a sequence attends to its own rows only.
-                None => own[i].append(0, ks, vs, nkv, d),
-            }
-            at += l;
+        // Without a cache a sequence attends to its own rows only.
+        let cached = caches.is_some();
+        let kv: Vec<&mut HostKv> = match caches {
+            Some(c) => c.iter_mut().map(|c| &mut **c).collect(),
+            None => own.iter_mut().collect(),
+        };
+        // Each sequence's q/k norms and rotations, and the append of its
+        // keys and values: a sequence a work item.
+        let mut seqs = Vec::with_capacity(lens.len());
+        let (mut q_rest, mut k_rest, mut v_rest) = (&mut q[..], &mut k[..], &v[..]);
+        for ((&l, &pos), kv) in lens.iter().zip(starts).zip(kv) {
+            let (qs, rest) = std::mem::take(&mut q_rest).split_at_mut(l * nq * d);
+            q_rest = rest;
+            let (ks, rest) = std::mem::take(&mut k_rest).split_at_mut(l * nkv * d);
+            k_rest = rest;
+            let (vs, rest) = v_rest.split_at(l * nkv * d);
+            v_rest = rest;
+            seqs.push(std::sync::Mutex::new((qs, ks, vs, pos, kv)));
         }
+        candle_core::utils::barrier_pool().execute_chunked(seqs.len(), |span| {
+            for i in span {
+                let mut seq = seqs[i].lock().expect("a sequence's preparation does not panic");
+                let (qs, ks, vs, pos, kv) = &mut *seq;
+                for (r, (q, k)) in qs.chunks_exact_mut(nq * d).zip(ks.chunks_exact_mut(nkv * d)).enumerate() {
+                    let p = *pos + r;
+                    let (cos, sin) = (&cos[p * d / 2..(p + 1) * d / 2], &sin[p * d / 2..(p + 1) * d / 2]);
+                    for head in q.chunks_exact_mut(d) {
+                        self.position(head, self.q_norm, cos, sin);
+                    }
+                    for head in k.chunks_exact_mut(d) {
+                        self.position(head, self.k_norm, cos, sin);
+                    }
+                }
+                kv.append(if cached { *pos } else { 0 }, ks, vs, nkv, d);
+            }
+        });
+        let kv: Vec<&HostKv> =
+            seqs.into_iter().map(|m| &*m.into_inner().expect("a sequence's preparation does not panic").4).collect();
         let mut out = vec![0f32; q.len()];
         let out_at = out.as_mut_ptr() as usize;
         let offsets: Vec<usize> = lens.iter().scan(0, |acc, &l| Some(std::mem::replace(acc, *acc + l))).collect();
-        let kv: Vec<&HostKv> = match caches {
-            Some(c) => c.iter().map(|c| &**c).collect(),
-            None => own.iter().collect(),
-        };
         // Work items: (sequence, query head).
         candle_core::utils::barrier_pool().execute_chunked(lens.len() * nq, |items| {
             let mut scores = Vec::new();
