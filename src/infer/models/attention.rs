@@ -22,6 +22,51 @@ fn axpy(acc: &mut [f32; LANES], x: f32, row: &[f32]) {
     }
 }
 
+/// Blocks the score and output loops take together: as many independent
+/// chains of additions, which the CPU overlaps (one chain waits out each
+/// addition's latency: prefill's attention was bound by it).
+const CHAINS: usize = 4;
+
+/// Scores of `q` against the `N` key blocks at `at(0..N)` of `keys`, into
+/// `out`'s first `N` blocks (fewer values at its end).
+#[inline(always)]
+fn dots<const N: usize>(q: &[f32], keys: &[f32], at: impl Fn(usize) -> usize, out: &mut [f32]) {
+    let starts: [usize; N] = std::array::from_fn(at);
+    let mut acc = [[0f32; LANES]; N];
+    for (c, &qc) in q.iter().enumerate() {
+        for t in 0..N {
+            axpy(&mut acc[t], qc, &keys[starts[t] + c * LANES..][..LANES]);
+        }
+    }
+    for (o, a) in out.chunks_mut(LANES).zip(&acc) {
+        o.copy_from_slice(&a[..o.len()]);
+    }
+}
+
+/// The values of `positions` weighed by `weights`, over the `N` blocks of
+/// dimensions from `dims` (value block of position j at `at(j)`), into
+/// `out`'s blocks from `dims` (fewer values at its end).
+#[inline(always)]
+fn weigh<const N: usize>(
+    weights: &[f32],
+    positions: std::ops::RangeInclusive<usize>,
+    values: &[f32],
+    at: impl Fn(usize) -> usize,
+    dims: usize,
+    out: &mut [f32],
+) {
+    let mut acc = [[0f32; LANES]; N];
+    for (j, &w) in positions.zip(weights) {
+        let row = at(j) + (j % LANES) * LANES;
+        for t in 0..N {
+            axpy(&mut acc[t], w, &values[row + (dims + t) * LANES * LANES..][..LANES]);
+        }
+    }
+    for (o, a) in out[dims * LANES..].chunks_mut(LANES).zip(&acc) {
+        o.copy_from_slice(&a[..o.len()]);
+    }
+}
+
 /// Rotary tables `(context, head_dim / 2)` as the host path reads them.
 pub(super) struct HostRope {
     pub(super) cos: Vec<f32>,
@@ -190,7 +235,39 @@ impl Layer<'_> {
 
     /// One query row at position `p` against the keys of key head `g` that
     /// its window leaves (`kv` holds positions from 0), into `out`.
+    ///
+    /// In the widest registers the CPU has: the same operations (a multiply
+    /// then an add, never fused), so the same bits. Prefill is bound by its
+    /// arithmetic, which the portable build's SSE2 runs four lanes at a time.
     fn one_query(&self, q: &[f32], kv: &HostKv, g: usize, p: usize, scores: &mut Vec<f32>, out: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if is_x86_feature_detected!("avx512f") {
+                // SAFETY: the CPU has AVX-512F.
+                return unsafe { self.one_query_avx512(q, kv, g, p, scores, out) };
+            }
+            if is_x86_feature_detected!("avx2") {
+                // SAFETY: the CPU has AVX2.
+                return unsafe { self.one_query_avx2(q, kv, g, p, scores, out) };
+            }
+        }
+        self.one_query_in(q, kv, g, p, scores, out)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn one_query_avx512(&self, q: &[f32], kv: &HostKv, g: usize, p: usize, s: &mut Vec<f32>, out: &mut [f32]) {
+        self.one_query_in(q, kv, g, p, s, out)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn one_query_avx2(&self, q: &[f32], kv: &HostKv, g: usize, p: usize, s: &mut Vec<f32>, out: &mut [f32]) {
+        self.one_query_in(q, kv, g, p, s, out)
+    }
+
+    #[inline(always)]
+    fn one_query_in(&self, q: &[f32], kv: &HostKv, g: usize, p: usize, scores: &mut Vec<f32>, out: &mut [f32]) {
         let cfg = self.cfg;
         let (d, nkv) = (cfg.head_dim, cfg.n_kv_head);
         let window = cfg.sliding_window.filter(|_| self.sliding);
@@ -201,13 +278,17 @@ impl Layer<'_> {
         let head = |b: usize| (b * nkv + g) * block_len(d);
         scores.clear();
         scores.resize(p + 1 - first, 0.0);
-        for (block, out) in scores.chunks_mut(LANES).enumerate() {
-            let keys = &kv.keys[head(first / LANES + block)..];
-            let mut acc = [0f32; LANES];
-            for (c, &qc) in q.iter().enumerate() {
-                axpy(&mut acc, qc, &keys[c * LANES..(c + 1) * LANES]);
+        let (blocks, mut b) = (scores.len().div_ceil(LANES), 0);
+        while b < blocks {
+            let (at, out) = (|t| head(first / LANES + b + t), &mut scores[b * LANES..]);
+            let n = (blocks - b).min(CHAINS);
+            match n {
+                CHAINS => dots::<CHAINS>(q, &kv.keys, at, out),
+                3 => dots::<3>(q, &kv.keys, at, out),
+                2 => dots::<2>(q, &kv.keys, at, out),
+                _ => dots::<1>(q, &kv.keys, at, out),
             }
-            out.copy_from_slice(&acc[..out.len()]);
+            b += n;
         }
         let scores = &mut scores[lo - first..];
         let scale = cfg.attn_scale as f32;
@@ -226,13 +307,17 @@ impl Layer<'_> {
         for s in scores.iter_mut() {
             *s /= sum;
         }
-        for (block, out) in out.chunks_mut(LANES).enumerate() {
-            let mut acc = [0f32; LANES];
-            for (j, &w) in (lo..=p).zip(scores.iter()) {
-                let at = head(j / LANES) + (block * LANES + j % LANES) * LANES;
-                axpy(&mut acc, w, &kv.values[at..at + LANES]);
+        let (blocks, mut b) = (d.div_ceil(LANES), 0);
+        while b < blocks {
+            let at = |j: usize| head(j / LANES);
+            let n = (blocks - b).min(CHAINS);
+            match n {
+                CHAINS => weigh::<CHAINS>(scores, lo..=p, &kv.values, at, b, out),
+                3 => weigh::<3>(scores, lo..=p, &kv.values, at, b, out),
+                2 => weigh::<2>(scores, lo..=p, &kv.values, at, b, out),
+                _ => weigh::<1>(scores, lo..=p, &kv.values, at, b, out),
             }
-            out.copy_from_slice(&acc[..out.len()]);
+            b += n;
         }
     }
 }
@@ -263,6 +348,39 @@ mod tests {
             }
         }
         out
+    }
+
+    fn bits(x: &[f32]) -> Vec<u32> {
+        x.iter().map(|x| x.to_bits()).collect()
+    }
+
+    type OneQuery = fn(&Layer, &[f32], &HostKv, usize, usize, &mut Vec<f32>, &mut [f32]);
+
+    /// [`Layer::one_query`]'s versions this CPU runs; those it cannot are
+    /// named on the terminal (past the harness's capture).
+    fn widths() -> Vec<(&'static str, OneQuery)> {
+        let mut all: Vec<(&str, OneQuery)> =
+            vec![("portable", |l, q, kv, g, p, s, o| l.one_query_in(q, kv, g, p, s, o))];
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::io::Write;
+            let skip = |name| {
+                let _ = writeln!(std::io::stderr(), "SKIPPED fused attention on {name}: this CPU lacks it");
+            };
+            if is_x86_feature_detected!("avx2") {
+                // SAFETY: the CPU has AVX2.
+                all.push(("avx2", |l, q, kv, g, p, s, o| unsafe { l.one_query_avx2(q, kv, g, p, s, o) }));
+            } else {
+                skip("avx2");
+            }
+            if is_x86_feature_detected!("avx512f") {
+                // SAFETY: the CPU has AVX-512F.
+                all.push(("avx512f", |l, q, kv, g, p, s, o| unsafe { l.one_query_avx512(q, kv, g, p, s, o) }));
+            } else {
+                skip("avx512f");
+            }
+        }
+        all
     }
 
     /// The block layout gives the definition's bits: key heads side by
@@ -318,12 +436,21 @@ mod tests {
                     let want =
                         reference(&cfg, &q[row * nq * d..(row + 1) * nq * d], &seen[i].0, &seen[i].1, len[i] + r);
                     let got = &got[row * nq * d..(row + 1) * nq * d];
-                    assert_eq!(
-                        got.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
-                        want.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
-                        "step {step}, sequence {i}, position {}",
-                        len[i] + r
-                    );
+                    assert_eq!(bits(got), bits(&want), "step {step}, sequence {i}, position {}", len[i] + r);
+                    // And each register width on its own.
+                    for (name, one_query) in widths() {
+                        let mut out = vec![0f32; nq * d];
+                        for (h, out) in out.chunks_exact_mut(d).enumerate() {
+                            let q = &q[(row * nq + h) * d..][..d];
+                            one_query(&layer, q, &caches[i], h / (nq / nkv), len[i] + r, &mut Vec::new(), out);
+                        }
+                        assert_eq!(
+                            bits(&out),
+                            bits(&want),
+                            "{name}: step {step}, sequence {i}, position {}",
+                            len[i] + r
+                        );
+                    }
                 }
                 len[i] += l;
                 at += l;
