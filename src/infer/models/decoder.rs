@@ -328,10 +328,10 @@ impl Rope {
     }
 }
 
-/// One sequence's keys and values, per layer: on the CPU as slices for the
-/// fused attention; as tensors elsewhere, `(n_kv_head, capacity, head_dim)`
-/// buffers whose first `len` positions are filled. Both grow by doubling,
-/// so appending a token copies only that token.
+/// One sequence's keys and values, per layer: on the CPU in blocks of
+/// positions for the fused attention ([`HostKv`]); as tensors elsewhere,
+/// `(n_kv_head, capacity, head_dim)` buffers whose first `len` positions
+/// are filled, grown by doubling. Appending a token copies only that token.
 pub struct KvCache {
     layers: Vec<Option<(Tensor, Tensor)>>,
     host: Vec<HostKv>,
