@@ -165,17 +165,23 @@ unsafe fn rows<const R: usize, const W: usize, const DOT: u8>(
     let mut acc = [_mm256_setzero_ps(); R];
     for b in 0..kb {
         let block = tile.w[b * tile_bytes..(b + 1) * tile_bytes].as_ptr();
-        // SAFETY (loads): `block` holds the header (a scale and an offset
-        // per row, and Q6_K's 16-value scales, 8 rows a half) and 256 or 512
-        // bytes of values, group g of the half's rows at 64g + 32 * half; an
-        // activation block holds 32 bytes.
+        // SAFETY (loads): `block` holds the header (a scale and, where
+        // stored, an offset per row, and Q6_K's 16-value scales, 8 rows a
+        // half) and 256 or 512 bytes of values, group g of the half's rows
+        // at 64g + 32 * half; an activation block holds 32 bytes.
         let (scale, offset) = unsafe {
             let load = |at: usize| match scales {
                 Scales::Single => _mm256_loadu_ps(block.add(at) as *const f32),
                 _ => _mm256_cvtph_ps(_mm_loadu_si128(block.add(at) as *const __m128i)),
             };
             let at = scales.size() * 8 * half;
-            (load(at), load(scales.offsets() + at))
+            let scale = load(at);
+            let offset = match scales {
+                Scales::Centered(center) => _mm256_mul_ps(scale, _mm256_set1_ps(-(center as f32))),
+                Scales::Sixteens => _mm256_setzero_ps(),
+                Scales::Half | Scales::Single => load(scales.offsets() + at),
+            };
+            (scale, offset)
         };
         // Q6_K: each row's 16-value scales, in i32 lanes for `vpmulld`, or
         // as the i16 pair `vpmaddwd` takes.

@@ -48,15 +48,21 @@ unsafe fn rows<const R: usize>(tile: &Tile, a: &Activations, r0: usize, mask: __
     let mut acc = [_mm512_setzero_ps(); R];
     for b in 0..kb {
         let block = tile.w[b * tile_bytes..(b + 1) * tile_bytes].as_ptr();
-        // SAFETY (loads): `block` holds the header (a scale and an offset
-        // per row, and Q6_K's 16-value scales) and 256 or 512 bytes of
-        // values; each activation block holds 32 bytes.
+        // SAFETY (loads): `block` holds the header (a scale and, where
+        // stored, an offset per row, and Q6_K's 16-value scales) and 256 or
+        // 512 bytes of values; each activation block holds 32 bytes.
         let (scale, offset) = unsafe {
             let load = |at: usize| match scales {
                 Scales::Single => _mm512_loadu_ps(block.add(at) as *const f32),
                 _ => _mm512_cvtph_ps(_mm256_loadu_si256(block.add(at) as *const __m256i)),
             };
-            (load(0), load(scales.offsets()))
+            let scale = load(0);
+            let offset = match scales {
+                Scales::Centered(center) => _mm512_mul_ps(scale, _mm512_set1_ps(-(center as f32))),
+                Scales::Sixteens => _mm512_setzero_ps(),
+                Scales::Half | Scales::Single => load(scales.offsets()),
+            };
+            (scale, offset)
         };
         let sub =
             |i: usize| _mm512_cvtepi8_epi32(unsafe { _mm_loadu_si128(block.add(SUB + i * TILE) as *const __m128i) });

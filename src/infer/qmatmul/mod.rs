@@ -4,7 +4,9 @@
 //! The weights of a Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K or Q6_K tensor
 //! are repacked once, at load, into tiles of 16 output rows: each 32-weight
 //! block as unsigned integers `u` with a scale and an offset per row (`w =
-//! scale*u + offset`, the file's weights exactly; nothing is re-quantized).
+//! scale*u + offset`, the file's weights exactly; nothing is re-quantized;
+//! an offset that follows from the scale, as Q8_0's `-128 * d`, is computed
+//! rather than stored: a token at batch 1 reads every packed byte).
 //! A tile is read once for up to eight activation rows (four on AVX2 and
 //! NEON, whose registers hold fewer).
 //!
@@ -201,22 +203,26 @@ impl Width {
 }
 
 /// How a tile's block holds its rows' scales and offsets, ahead of the
-/// values: the 16 rows' scales, then their offsets, then (Q6_K) the
-/// 16-value scales.
+/// values: the 16 rows' scales, then their offsets where they are stored,
+/// then (Q6_K) the 16-value scales. An offset that follows from the scale
+/// is not stored: the kernels compute it, exactly, in f32.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Scales {
-    /// f16 (Q4_0 to Q8_0: the file's `d` and `m`, or `d` times a power of two).
+    /// f16 scales and offsets (Q4_1, Q5_1: the file's `d` and `m`).
     Half,
+    /// f16 scales; the offset is `-center * scale` (Q4_0, Q5_0, Q8_0: the
+    /// file's `d`, and the value their weights' zero sits at, 8, 16, 128).
+    Centered(u8),
     /// f32 (Q4_K, Q5_K: `d * sc` and `dmin * m`, an f16 times a 6-bit
     /// integer, exact in f32 but not in f16).
     Single,
-    /// Q6_K: the super-block's f16 `d` and a zero offset, then an int8 scale
-    /// for values 0..16 of each row and one for 16..32 (`SUB`, `SUB + TILE`).
+    /// Q6_K: the super-block's f16 `d` (offset 0), then an int8 scale for
+    /// values 0..16 of each row and one for 16..32 (`SUB`, `SUB + TILE`).
     Sixteens,
 }
 
 /// Where Q6_K's 16-value scales start in a block's header.
-const SUB: usize = 4 * TILE;
+const SUB: usize = 2 * TILE;
 
 impl Scales {
     /// The bytes of one row's scale (and of its offset).
@@ -224,7 +230,7 @@ impl Scales {
         if self == Scales::Single { 4 } else { 2 }
     }
 
-    /// Where the offsets start.
+    /// Where the stored offsets start (`Half`, `Single`).
     fn offsets(self) -> usize {
         self.size() * TILE
     }
@@ -232,8 +238,18 @@ impl Scales {
     fn header_bytes(self) -> usize {
         match self {
             Scales::Half => 4 * TILE,
+            Scales::Centered(_) => 2 * TILE,
             Scales::Single => 8 * TILE,
             Scales::Sixteens => SUB + 2 * TILE,
+        }
+    }
+
+    /// The offset of a row with `scale`, where it is not stored.
+    fn derived(self, scale: f32) -> Option<f32> {
+        match self {
+            Scales::Centered(center) => Some(scale * -(center as f32)),
+            Scales::Sixteens => Some(0.0),
+            Scales::Half | Scales::Single => None,
         }
     }
 
@@ -243,7 +259,8 @@ impl Scales {
             Scales::Single => f32::from_le_bytes([header[i], header[i + 1], header[i + 2], header[i + 3]]),
             _ => f16::from_le_bytes([header[i], header[i + 1]]).to_f32(),
         };
-        (at(self.size() * r), at(self.offsets() + self.size() * r))
+        let scale = at(self.size() * r);
+        (scale, self.derived(scale).unwrap_or_else(|| at(self.offsets() + self.size() * r)))
     }
 
     fn write(self, header: &mut [u8], r: usize, b: &Block) {
@@ -254,7 +271,10 @@ impl Scales {
             _ => header[at..at + 2].copy_from_slice(&f16::from_f32(v).to_le_bytes()),
         };
         put(size * r, b.scale);
-        put(offsets + size * r, b.offset);
+        match self.derived(b.scale) {
+            Some(offset) => debug_assert_eq!(offset.to_bits(), b.offset.to_bits(), "{self:?}: an offset off its scale"),
+            None => put(offsets + size * r, b.offset),
+        }
         if self == Scales::Sixteens {
             header[SUB + r] = b.sub[0] as u8;
             header[SUB + TILE + r] = b.sub[1] as u8;
@@ -265,9 +285,11 @@ impl Scales {
 /// How tensors of `dtype` are packed; None for the types not packed here.
 fn packing(dtype: GgmlDType) -> Option<(Width, Scales)> {
     Some(match dtype {
-        GgmlDType::Q4_0 | GgmlDType::Q4_1 => (Width::Four, Scales::Half),
-        GgmlDType::Q5_0 | GgmlDType::Q5_1 => (Width::Five, Scales::Half),
-        GgmlDType::Q8_0 => (Width::Eight, Scales::Half),
+        GgmlDType::Q4_0 => (Width::Four, Scales::Centered(8)),
+        GgmlDType::Q4_1 => (Width::Four, Scales::Half),
+        GgmlDType::Q5_0 => (Width::Five, Scales::Centered(16)),
+        GgmlDType::Q5_1 => (Width::Five, Scales::Half),
+        GgmlDType::Q8_0 => (Width::Eight, Scales::Centered(128)),
         GgmlDType::Q4K => (Width::Four, Scales::Single),
         GgmlDType::Q5K => (Width::Five, Scales::Single),
         GgmlDType::Q6K => (Width::Six, Scales::Sixteens),
@@ -585,6 +607,7 @@ impl Activations {
 
     /// `sum(q)` of block `at`'s first 16 values and of its last 16 (the
     /// `vpdpbusd` kernels' Q6_K).
+    #[cfg(target_arch = "x86_64")]
     fn halves(&self, at: usize) -> (i32, i32) {
         (self.halves[at], self.sum[at] - self.halves[at])
     }
