@@ -12,6 +12,9 @@
 //! `llama-batched-bench` (built by `scripts/llama-cpp.sh` from the source
 //! the llama-cpp-python sdist vendors), with prompts of the same mean length
 //! and 32 new tokens each; its generated tokens/s also counts the prefill.
+//! With `PREFGEN_INT8_KERNEL=avx2` or `avx-vnni`, llama.cpp is built for
+//! that instruction set alone (`LLAMA_ISA`), as it would run on a CPU that
+//! has no more; otherwise for this CPU.
 
 use prefgen::infer::Policy;
 use prefgen::infer::engine::{self, Job};
@@ -85,12 +88,19 @@ fn bench(name: &str, model: &std::path::Path, chat: bool, prompts: &[String], ll
     }
 }
 
-/// llama.cpp's `llama-batched-bench`, built on first use; None (with a note)
-/// when it cannot be built.
+/// llama.cpp's `llama-batched-bench` for the instruction set prefgen's
+/// kernel uses, built on first use; None (with a note) when it cannot be
+/// built.
 fn llama_cpp_bench() -> Option<std::path::PathBuf> {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let isa = match std::env::var(prefgen::infer::qmatmul::KERNEL_VAR).as_deref() {
+        Ok(kernel @ ("avx2" | "avx-vnni")) => kernel.to_string(),
+        _ => "native".to_string(),
+    };
+    println!("llama.cpp built for: {isa}");
     let built = std::process::Command::new(root.join("scripts/llama-cpp.sh"))
         .arg("llama-batched-bench")
+        .env("LLAMA_ISA", &isa)
         .current_dir(root)
         .output();
     let bin = match built {
