@@ -4,7 +4,7 @@
 //! sum(q)` of those 16 back out: the dot product of `u - 32`.
 #![cfg(target_arch = "x86_64")]
 
-use super::{Activations, BLOCK, SUB, Scales, TILE, Tile, Width};
+use super::{Activations, BLOCK, PLANE, SUB, Scales, TILE, Tile, Width};
 use std::arch::x86_64::*;
 
 /// Activation rows taken together against a tile's block: its eight
@@ -49,8 +49,9 @@ unsafe fn rows<const R: usize>(tile: &Tile, a: &Activations, r0: usize, mask: __
     for b in 0..kb {
         let block = tile.w[b * tile_bytes..(b + 1) * tile_bytes].as_ptr();
         // SAFETY (loads): `block` holds the header (a scale and, where
-        // stored, an offset per row, and Q6_K's 16-value scales) and 256 or
-        // 512 bytes of values; each activation block holds 32 bytes.
+        // stored, an offset per row, and Q6_K's 16-value scales) and the
+        // values (`Width::value_bytes`); each activation block holds 32
+        // bytes.
         let (scale, offset) = unsafe {
             let load = |at: usize| match scales {
                 Scales::Single => _mm512_loadu_ps(block.add(at) as *const f32),
@@ -73,6 +74,25 @@ unsafe fn rows<const R: usize>(tile: &Tile, a: &Activations, r0: usize, mask: __
                 let v = unsafe { _mm512_loadu_si512(values.add(64 * g) as *const __m512i) };
                 u[g] = _mm512_and_si512(v, low);
                 u[g + 4] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+            }
+            if tile.width == Width::Five {
+                // Group g's fifth bits are bit g of the plane's bytes; shifted
+                // to bit 4, `u | (plane & 16)` in one ternary logic op.
+                let plane = unsafe { _mm512_loadu_si512(values.add(PLANE) as *const __m512i) };
+                let bit = _mm512_set1_epi8(16);
+                for (g, u) in u.iter_mut().enumerate() {
+                    let p = match g {
+                        0 => _mm512_slli_epi16(plane, 4),
+                        1 => _mm512_slli_epi16(plane, 3),
+                        2 => _mm512_slli_epi16(plane, 2),
+                        3 => _mm512_slli_epi16(plane, 1),
+                        4 => plane,
+                        5 => _mm512_srli_epi16(plane, 1),
+                        6 => _mm512_srli_epi16(plane, 2),
+                        _ => _mm512_srli_epi16(plane, 3),
+                    };
+                    *u = _mm512_ternarylogic_epi32(*u, p, bit, 0xF8);
+                }
             }
         } else {
             for (g, u) in u.iter_mut().enumerate() {

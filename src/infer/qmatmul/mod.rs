@@ -172,7 +172,9 @@ impl Kernel {
 enum Width {
     /// 0..16, two a byte (`u[j] | u[j + 16] << 4`): Q4_0, Q4_1, Q4_K.
     Four,
-    /// 0..32, a byte each: Q5_0, Q5_1, Q5_K.
+    /// 0..32: the low four bits as [`Width::Four`]'s nibbles, then a plane
+    /// of fifth bits (5.5 bits a weight with Q5_0's scale, the file's
+    /// size): Q5_0, Q5_1, Q5_K.
     Five,
     /// 0..64, a byte each: Q6_K, whose weights are `u - 32`.
     Six,
@@ -180,15 +182,20 @@ enum Width {
     Eight,
 }
 
+/// Where [`Width::Five`]'s plane starts among a block's values.
+const PLANE: usize = TILE * BLOCK / 2;
+
 impl Width {
+    /// Whether the low four bits are nibbles (two values a byte).
     fn nibbles(self) -> bool {
-        self == Width::Four
+        matches!(self, Width::Four | Width::Five)
     }
 
-    /// The byte and the shift of value `j` of tile row `r`: values `4g..4g+4`
-    /// of the 16 rows sit together (group `g`, row `r`, 4 bytes), as one
-    /// 32-bit lane per row of a dot-product instruction reads them; a
-    /// nibble's high half holds value `j + 16`.
+    /// The byte and the shift of value `j` of tile row `r` (its low four
+    /// bits where [`Width::nibbles`]): values `4g..4g+4` of the 16 rows sit
+    /// together (group `g`, row `r`, 4 bytes), as one 32-bit lane per row of
+    /// a dot-product instruction reads them; a nibble's high half holds
+    /// value `j + 16`.
     fn slot(self, r: usize, j: usize) -> (usize, u32) {
         if self.nibbles() {
             (((j % 16) / 4 * TILE + r) * 4 + j % 4, if j < 16 { 0 } else { 4 })
@@ -197,8 +204,50 @@ impl Width {
         }
     }
 
+    /// [`Width::Five`]'s fifth bit of value `j` of row `r`: the byte, as
+    /// value `j`'s byte in a group of the byte-a-value widths (`4r + j %
+    /// 4`), and the bit, its group (`j / 4`). So the plane shifted left by
+    /// `4 - g` (right by `g - 4`) has group `g`'s fifth bits where its values
+    /// take them, bit 4 of each byte, in every register width.
+    fn plane(r: usize, j: usize) -> (usize, u32) {
+        (PLANE + 4 * r + j % 4, (j / 4) as u32)
+    }
+
+    /// Stores value `u` as value `j` of tile row `r` in a block's `values`.
+    fn put(self, values: &mut [u8], r: usize, j: usize, u: u8) {
+        let (at, shift) = self.slot(r, j);
+        if self.nibbles() {
+            values[at] |= (u & 0x0F) << shift;
+        } else {
+            values[at] = u;
+        }
+        if self == Width::Five {
+            let (at, bit) = Width::plane(r, j);
+            values[at] |= (u >> 4) << bit;
+        }
+    }
+
+    /// Value `j` of tile row `r` of a block's `values`.
+    fn get(self, values: &[u8], r: usize, j: usize) -> u8 {
+        let (at, shift) = self.slot(r, j);
+        if !self.nibbles() {
+            return values[at];
+        }
+        let low = values[at] >> shift & 0x0F;
+        if self == Width::Five {
+            let (at, bit) = Width::plane(r, j);
+            low | (values[at] >> bit & 1) << 4
+        } else {
+            low
+        }
+    }
+
     fn value_bytes(self) -> usize {
-        if self.nibbles() { TILE * BLOCK / 2 } else { TILE * BLOCK }
+        match self {
+            Width::Four => PLANE,
+            Width::Five => PLANE + TILE * BLOCK / 8,
+            Width::Six | Width::Eight => TILE * BLOCK,
+        }
     }
 }
 
@@ -336,8 +385,7 @@ impl PackedMatrix {
                     let (head, values) = dst.split_at_mut(header);
                     scales.write(head, r, &block);
                     for (j, &u) in block.u.iter().enumerate() {
-                        let (at, shift) = width.slot(r, j);
-                        values[at] |= u << shift;
+                        width.put(values, r, j, u);
                     }
                 });
             }

@@ -7,7 +7,7 @@
 //! sums their pairs to i32 and one pairwise add ends each row's sum.
 #![cfg(target_arch = "aarch64")]
 
-use super::{Activations, BLOCK, SUB, TILE, Tile, Width};
+use super::{Activations, BLOCK, PLANE, SUB, TILE, Tile, Width};
 use std::arch::aarch64::*;
 use std::arch::asm;
 
@@ -60,8 +60,8 @@ unsafe fn rows<const R: usize, const DOT: bool>(tile: &Tile, a: &Activations, r0
     for b in 0..kb {
         let block = &tile.w[b * tile_bytes..(b + 1) * tile_bytes];
         // SAFETY (loads): group g of tile rows 4c..4c + 4 is the 16 bytes
-        // at 64g + 16c of the block's 256 or 512 value bytes; an activation
-        // block holds 32 bytes.
+        // at 64g + 16c of the block's values, Q5's plane of those rows at
+        // `PLANE + 16c`; an activation block holds 32 bytes.
         let values = block[header..].as_ptr();
         for c in 0..TILE / 4 {
             let pairs = [0, 1, 2, 3].map(|r| scales.read(block, 4 * c + r));
@@ -70,19 +70,28 @@ unsafe fn rows<const R: usize, const DOT: bool>(tile: &Tile, a: &Activations, r0
             let load = |g: usize| unsafe { vld1q_u8(values.add(64 * g + 16 * c)) };
             let mut w = [unsafe { vdupq_n_s8(0) }; 8];
             unsafe {
-                if width == Width::Four {
+                if width.nibbles() {
                     for g in 0..4 {
                         let v = load(g);
                         w[g] = vreinterpretq_s8_u8(vandq_u8(v, vdupq_n_u8(0x0F)));
                         w[g + 4] = vreinterpretq_s8_u8(vshrq_n_u8::<4>(v));
                     }
-                } else {
+                }
+                if width == Width::Five {
+                    // Group g's fifth bits are bit g of the plane's bytes,
+                    // shifted to bit 4 (`vshlq_u8` shifts right by a negative
+                    // count).
+                    let plane = vld1q_u8(values.add(PLANE + 16 * c));
+                    for (g, w) in w.iter_mut().enumerate() {
+                        let fifth = vandq_u8(vshlq_u8(plane, vdupq_n_s8(4 - g as i8)), vdupq_n_u8(16));
+                        *w = vreinterpretq_s8_u8(vorrq_u8(vreinterpretq_u8_s8(*w), fifth));
+                    }
+                } else if !width.nibbles() {
                     for (g, w) in w.iter_mut().enumerate() {
                         let v = vreinterpretq_s8_u8(load(g));
                         *w = match width {
                             Width::Six => vsubq_s8(v, vdupq_n_s8(32)),
-                            Width::Eight => veorq_s8(v, vdupq_n_s8(-128)),
-                            _ => v,
+                            _ => veorq_s8(v, vdupq_n_s8(-128)),
                         };
                     }
                 }

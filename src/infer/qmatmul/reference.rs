@@ -41,9 +41,7 @@ pub(super) unsafe fn tile(tile: &Tile, a: &Activations, span: std::ops::Range<us
         let block = &tile.w[b * tile_bytes..(b + 1) * tile_bytes];
         for (c, u) in u.iter_mut().enumerate().take(tile.cols) {
             for (j, u) in u.iter_mut().enumerate() {
-                let (byte, shift) = tile.width.slot(c, j);
-                let v = block[header + byte];
-                *u = if tile.width.nibbles() { v >> shift & 0x0F } else { v };
+                *u = tile.width.get(&block[header..], c, j);
             }
         }
         for (r, acc) in span.clone().zip(acc.iter_mut()) {
