@@ -249,6 +249,62 @@ fn tiny_gemma3_gguf_matches_transformers() {
     model_matches_transformers("tiny-gemma3.gguf", "gemma3-gguf");
 }
 
+/// A Gemma GGUF file's `{arch}.attention.sliding_window_pattern`, read as
+/// llama.cpp reads it: a flag per layer, or n (every n-th layer full; 0:
+/// none). The tiny Gemma-3 file (3 layers, window 8) has no such key, and
+/// every layer slides: flags all set, n = 0 and n = 6 keep its reference's
+/// logits; the third layer full, as flags or as n = 3, moves them, the two
+/// alike; flags for too few layers are refused, naming the key.
+#[test]
+fn gemma3_gguf_sliding_window_pattern_is_read_as_llama_cpp_reads_it() {
+    use candle_core::Device;
+    use candle_core::quantized::{QTensor, gguf_file};
+    use gguf_file::Value as V;
+    use prefgen::infer::gguf::GgufFile;
+    use prefgen::infer::models::decoder::Decoder;
+
+    let mut file = std::fs::File::open(fixtures().join("tiny-gemma3.gguf")).unwrap();
+    let content = gguf_file::Content::read(&mut file).unwrap();
+    let tensors: Vec<(String, QTensor)> = content
+        .tensor_infos
+        .keys()
+        .map(|name| (name.clone(), content.tensor(&mut file, name, &Device::Cpu).unwrap()))
+        .collect();
+    let r: Value =
+        serde_json::from_slice(&std::fs::read(fixtures().join("tiny-gemma3-gguf-reference.json")).unwrap()).unwrap();
+    let cases = r["cases"].as_array().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("tiny-gemma3-pattern.gguf");
+    let logits_with = |pattern: V| -> anyhow::Result<Vec<Vec<f32>>> {
+        let key = ("gemma3.attention.sliding_window_pattern", &pattern);
+        let meta: Vec<(&str, &V)> = content.metadata.iter().map(|(k, v)| (k.as_str(), v)).chain([key]).collect();
+        let refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, t)| (k.as_str(), t)).collect();
+        gguf_file::write(&mut std::fs::File::create(&path)?, &meta, &refs)?;
+        let model = Decoder::from_gguf(&GgufFile::open(&path)?, &Device::Cpu, true)?;
+        let mut all = Vec::new();
+        for case in cases {
+            let ids: Vec<u32> = serde_json::from_value(case["input_ids"].clone())?;
+            all.push(model.forward(&[&ids], &mut [&mut model.new_cache()])?.to_vec2::<f32>()?.remove(0));
+        }
+        Ok(all)
+    };
+    let worst = |got: &[Vec<f32>], want: &dyn Fn(usize) -> Vec<f32>| -> f32 {
+        got.iter().enumerate().fold(0f32, |w, (i, g)| g.iter().zip(want(i)).fold(w, |w, (a, b)| w.max((a - b).abs())))
+    };
+    let reference = |i: usize| -> Vec<f32> { serde_json::from_value(cases[i]["logits"].clone()).unwrap() };
+    let flags = |f: &[bool]| V::Array(f.iter().map(|&b| V::Bool(b)).collect());
+    for (what, pattern) in [("flags all set", flags(&[true; 3])), ("n = 0", V::U32(0)), ("n = 6", V::U32(6))] {
+        let diff = worst(&logits_with(pattern).unwrap(), &reference);
+        assert!(diff <= 1e-4, "{what}: every layer slides, as without the key, but the logits moved by {diff:e}");
+    }
+    let (by_flags, by_n) = (logits_with(flags(&[true, true, false])).unwrap(), logits_with(V::U32(3)).unwrap());
+    assert_eq!(by_flags, by_n, "the third layer full, as flags and as n = 3");
+    let moved = worst(&by_flags, &reference);
+    assert!(moved > 1e-3, "a full third layer should move the logits, moved {moved:e}");
+    let err = logits_with(flags(&[true, true])).unwrap_err().to_string();
+    assert!(err.contains("gemma3.attention.sliding_window_pattern has 2 flags for 3 layers"), "{err}");
+}
+
 /// The tiny Llama-3.2 as llama.cpp's converter writes it (`llama`: q and k
 /// permuted, the rope factor 32 as `rope_freqs.weight`, no `output.weight`).
 #[test]

@@ -51,6 +51,16 @@ impl GgufFile {
         values.iter().map(|v| v.to_string().cloned().map_err(|e| anyhow!("{key}: {e}"))).collect()
     }
 
+    pub fn bools(&self, key: &str) -> Result<Vec<bool>> {
+        let values = self.get(key)?.to_vec().map_err(|e| anyhow!("{key}: {e}"))?;
+        values.iter().map(|v| v.to_bool().map_err(|e| anyhow!("{key}: {e}"))).collect()
+    }
+
+    /// Whether the metadata holds `key`.
+    pub fn has(&self, key: &str) -> bool {
+        self.content.metadata.contains_key(key)
+    }
+
     fn ints(&self, key: &str) -> Result<Vec<i64>> {
         let values = self.get(key)?.to_vec().map_err(|e| anyhow!("{key}: {e}"))?;
         values

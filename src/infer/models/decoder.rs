@@ -367,6 +367,26 @@ impl KvCache {
     }
 }
 
+/// Which layers of a GGUF file slide: as `{arch}.attention.sliding_window_pattern`
+/// says where a converter wrote it and the family reads it (Gemma-2 and -3,
+/// as llama.cpp does): a flag per layer, or n (every n-th layer full; 0:
+/// none); else by the family's pattern.
+fn gguf_sliding_layers(file: &GgufFile, arch: &str, family: &Family, n_layer: usize) -> Result<Vec<bool>> {
+    let key = format!("{arch}.attention.sliding_window_pattern");
+    if !matches!(family.window, Window::FullEvery(_)) || !file.has(&key) {
+        return Ok((0..n_layer).map(|i| family.slides(i, None, None, None)).collect());
+    }
+    let flags = match file.u32(&key) {
+        Ok(0) => vec![true; n_layer],
+        Ok(n) => (0..n_layer).map(|i| family.slides(i, None, None, Some(n as usize))).collect(),
+        Err(_) => file.bools(&key).with_context(|| format!("{}: {key}", file.path.display()))?,
+    };
+    if flags.len() != n_layer {
+        bail!("{}: {key} has {} flags for {n_layer} layers", file.path.display(), flags.len());
+    }
+    Ok(flags)
+}
+
 impl Decoder {
     /// Loads a GGUF file's weights (the families with a [`super::family::Gguf`]
     /// name: `llama`, `qwen2`, `qwen3`, `gemma2`, `gemma3`). Quantized matmuls
@@ -446,6 +466,7 @@ impl Decoder {
             Ok(t) => t,
             Err(_) => tensor("token_embd.weight")?,
         };
+        let sliding = gguf_sliding_layers(file, &arch, family, n_layer)?;
         let mut blocks = Vec::with_capacity(cfg.n_layer);
         for i in 0..cfg.n_layer {
             let mut q =
@@ -466,7 +487,7 @@ impl Decoder {
                 post_ffn_norm: family.post_norms.then(|| norm("post_ffw_norm")).transpose()?,
                 q_norm: family.qk_norm.then(|| norm("attn_q_norm")).transpose()?,
                 k_norm: family.qk_norm.then(|| norm("attn_k_norm")).transpose()?,
-                sliding: family.slides(i, None, None, None),
+                sliding: sliding[i],
                 attn_norm: norm("attn_norm")?,
                 ffn_norm: norm("ffn_norm")?,
                 wq,

@@ -14,7 +14,8 @@ pub enum Window {
     Every,
     /// Every n-th layer attends fully, the others slide: Gemma-2 (2),
     /// Gemma-3 (6). `layer_types` in config.json overrides the pattern, as
-    /// older Gemma-3 configs' `sliding_window_pattern` overrides n.
+    /// older Gemma-3 configs' `sliding_window_pattern` overrides n, and a
+    /// GGUF file's `{arch}.attention.sliding_window_pattern` (flags, or n).
     FullEvery(usize),
     /// Only when `use_sliding_window` is true, from layer
     /// `max_window_layers` on (Qwen2, Qwen3); `layer_types` overrides.
@@ -250,9 +251,9 @@ impl Family {
         let window = match self.window {
             Window::Never => None,
             Window::Every => Some("sliding window on every layer (none when `sliding_window` is null)".to_string()),
-            Window::FullEvery(n) => {
-                Some(format!("sliding window except on every {n}-th layer (or as `layer_types` says)"))
-            }
+            Window::FullEvery(n) => Some(format!(
+                "sliding window except on every {n}-th layer (or as `layer_types`, or a GGUF file's `sliding_window_pattern`, says)"
+            )),
             Window::Switched => {
                 Some("sliding window only when `use_sliding_window`, from `max_window_layers` on".to_string())
             }
