@@ -35,8 +35,14 @@ pub fn gelu(v: f32) -> f32 {
 pub fn gelu_into(x: &[f32], out: &mut [MaybeUninit<f32>]) {
     assert_eq!(x.len(), out.len(), "gelu: one output per input");
     #[cfg(target_arch = "x86_64")]
-    // SAFETY: the CPU has AVX2.
-    let done = if is_x86_feature_detected!("avx2") { unsafe { avx2::gelu_into(x, out) } } else { 0 };
+    // SAFETY: the CPU has the features each version is compiled for.
+    let done = if is_x86_feature_detected!("avx512vl") {
+        unsafe { avx512vl::gelu_into(x, out) }
+    } else if is_x86_feature_detected!("avx2") {
+        unsafe { avx2::gelu_into(x, out) }
+    } else {
+        0
+    };
     #[cfg(not(target_arch = "x86_64"))]
     let done = 0;
     for (o, &v) in out[done..].iter_mut().zip(&x[done..]) {
@@ -134,147 +140,159 @@ pub fn expm1f(x: f32) -> f32 {
     }
 }
 
-#[cfg(target_arch = "x86_64")]
-mod avx2 {
-    use super::*;
-    use std::arch::x86_64::*;
+/// The AVX2 version, compiled once for AVX2 and once more where AVX-512VL
+/// lets the same 8-lane code choose lanes by mask register (a `vblendmps`
+/// rather than a three-uop `vblendvps`) with twice the registers.
+macro_rules! lanes {
+    ($name:ident, $features:literal) => {
+        mod $name {
+            use super::*;
+            use std::arch::x86_64::*;
 
-    /// [`super::gelu`] of whole groups of eight; returns how many values it wrote.
-    #[target_feature(enable = "avx2")]
-    pub(super) unsafe fn gelu_into(x: &[f32], out: &mut [MaybeUninit<f32>]) -> usize {
-        let whole = x.len() / 8 * 8;
-        for i in (0..whole).step_by(8) {
-            // SAFETY: i + 8 <= len of both.
-            unsafe {
-                let v = _mm256_loadu_ps(x.as_ptr().add(i));
+            /// [`super::gelu`] of whole groups of eight; returns how many values it wrote.
+            #[target_feature(enable = $features)]
+            pub(super) unsafe fn gelu_into(x: &[f32], out: &mut [MaybeUninit<f32>]) -> usize {
+                let whole = x.len() / 8 * 8;
+                for i in (0..whole).step_by(8) {
+                    // SAFETY: i + 8 <= len of both.
+                    unsafe {
+                        let v = _mm256_loadu_ps(x.as_ptr().add(i));
+                        let k = _mm256_set1_ps;
+                        let inner = _mm256_mul_ps(
+                            _mm256_mul_ps(k(SQRT_TWO_OVER_PI), v),
+                            _mm256_add_ps(k(1.0), _mm256_mul_ps(_mm256_mul_ps(k(0.044715), v), v)),
+                        );
+                        let g = _mm256_mul_ps(_mm256_mul_ps(k(0.5), v), _mm256_add_ps(k(1.0), tanhf(inner)));
+                        _mm256_storeu_ps(out.as_mut_ptr().add(i) as *mut f32, g);
+                    }
+                }
+                whole
+            }
+
+            /// `if mask { a } else { b }`, lane by lane.
+            #[target_feature(enable = $features)]
+            #[inline]
+            fn pick(mask: __m256i, a: __m256, b: __m256) -> __m256 {
+                _mm256_blendv_ps(b, a, _mm256_castsi256_ps(mask))
+            }
+
+            /// Lanes whose `a > b` as signed integers (the bits of |x| compare as
+            /// the values do).
+            #[target_feature(enable = $features)]
+            #[inline]
+            fn above(a: __m256i, b: i32) -> __m256i {
+                _mm256_cmpgt_epi32(a, _mm256_set1_epi32(b))
+            }
+
+            #[target_feature(enable = $features)]
+            #[inline]
+            fn below(a: __m256i, b: i32) -> __m256i {
+                _mm256_cmpgt_epi32(_mm256_set1_epi32(b), a)
+            }
+
+            /// [`super::tanhf`] in eight lanes.
+            #[target_feature(enable = $features)]
+            #[inline]
+            fn tanhf(x: __m256) -> __m256 {
                 let k = _mm256_set1_ps;
-                let inner = _mm256_mul_ps(
-                    _mm256_mul_ps(k(SQRT_TWO_OVER_PI), v),
-                    _mm256_add_ps(k(1.0), _mm256_mul_ps(_mm256_mul_ps(k(0.044715), v), v)),
+                let sign = _mm256_castsi256_ps(_mm256_set1_epi32(i32::MIN));
+                let ax = _mm256_andnot_ps(sign, x);
+                let ix = _mm256_castps_si256(ax);
+                let wide = below(ix, 0x3f80_0000);
+                // expm1f(2|x|) for |x| >= 1, expm1f(-2|x|) below.
+                let t = expm1f(pick(wide, _mm256_mul_ps(k(-2.0), ax), _mm256_add_ps(ax, ax)));
+                // -t / (t + 2) below 1, 1 - 2 / (t + 2) above: one division.
+                let q = _mm256_div_ps(pick(wide, _mm256_xor_ps(t, sign), k(2.0)), _mm256_add_ps(t, k(2.0)));
+                let z = pick(wide, q, _mm256_sub_ps(k(1.0), q));
+                let z = pick(above(ix, 0x41af_ffff), k(1.0 - TINY), z);
+                // The sign of x, on |x|'s result.
+                let z = _mm256_or_ps(_mm256_andnot_ps(sign, z), _mm256_and_ps(sign, x));
+                let z = pick(below(ix, 0x2400_0000), _mm256_mul_ps(x, _mm256_add_ps(k(1.0), x)), z);
+                // 0 (either sign) stays itself.
+                let z = pick(_mm256_cmpeq_epi32(ix, _mm256_setzero_si256()), x, z);
+                // +-inf: 1 / x +- 1 is +-1; NaN: 1 / x +- 1 is x, quieted, as
+                // x + x makes it. No division.
+                let unit = _mm256_or_ps(k(1.0), _mm256_and_ps(sign, x));
+                let infinite = pick(above(ix, 0x7f80_0000), _mm256_add_ps(x, x), unit);
+                pick(above(ix, 0x7f7f_ffff), infinite, z)
+            }
+
+            /// [`super::expm1f`] in eight lanes, for finite `|x| < 88.7` (tanhf's
+            /// arguments are under 44).
+            #[target_feature(enable = $features)]
+            #[inline]
+            fn expm1f(x: __m256) -> __m256 {
+                let k = _mm256_set1_ps;
+                let i = _mm256_set1_epi32;
+                let sign = _mm256_castsi256_ps(i(i32::MIN));
+                let hx = _mm256_castps_si256(_mm256_andnot_ps(sign, x));
+                let negative = _mm256_srai_epi32(_mm256_castps_si256(x), 31);
+                // Reduction: |x| in (ln2/2, 1.5 ln2) takes k = +-1; beyond, k from
+                // x / ln2 rounded away from 0 by a half and truncated.
+                let one_ln2 = below(hx, 0x3f85_1592);
+                let kr =
+                    _mm256_cvttps_epi32(_mm256_add_ps(_mm256_mul_ps(k(INVLN2), x), pick(negative, k(-0.5), k(0.5))));
+                let kn = pick(one_ln2, _mm256_castsi256_ps(_mm256_or_si256(negative, i(1))), _mm256_castsi256_ps(kr));
+                let kn = _mm256_castps_si256(kn);
+                let t = _mm256_cvtepi32_ps(kn);
+                let hi = pick(
+                    one_ln2,
+                    pick(negative, _mm256_add_ps(x, k(LN2_HI)), _mm256_sub_ps(x, k(LN2_HI))),
+                    _mm256_sub_ps(x, _mm256_mul_ps(t, k(LN2_HI))),
                 );
-                let g = _mm256_mul_ps(_mm256_mul_ps(k(0.5), v), _mm256_add_ps(k(1.0), tanhf(inner)));
-                _mm256_storeu_ps(out.as_mut_ptr().add(i) as *mut f32, g);
+                let lo = pick(one_ln2, pick(negative, k(-LN2_LO), k(LN2_LO)), _mm256_mul_ps(t, k(LN2_LO)));
+                let r = _mm256_sub_ps(hi, lo);
+                let reduced = above(hx, 0x3eb1_7218);
+                let xr = pick(reduced, r, x);
+                let c = pick(reduced, _mm256_sub_ps(_mm256_sub_ps(hi, r), lo), k(0.0));
+                let kn = _mm256_and_si256(reduced, kn);
+                let x = xr;
+
+                let hfx = _mm256_mul_ps(k(0.5), x);
+                let hxs = _mm256_mul_ps(x, hfx);
+                let mut p = _mm256_mul_ps(hxs, k(Q[4]));
+                for q in [Q[3], Q[2], Q[1], Q[0]] {
+                    p = _mm256_mul_ps(hxs, _mm256_add_ps(k(q), p));
+                }
+                let r1 = _mm256_add_ps(k(1.0), p);
+                let t = _mm256_sub_ps(k(3.0), _mm256_mul_ps(r1, hfx));
+                let e =
+                    _mm256_mul_ps(hxs, _mm256_div_ps(_mm256_sub_ps(r1, t), _mm256_sub_ps(k(6.0), _mm256_mul_ps(x, t))));
+                let k0 = _mm256_sub_ps(x, _mm256_sub_ps(_mm256_mul_ps(x, e), hxs));
+                let e = _mm256_sub_ps(_mm256_sub_ps(_mm256_mul_ps(x, _mm256_sub_ps(e, c)), c), hxs);
+                let e_x = _mm256_sub_ps(e, x);
+                let shift = _mm256_slli_epi32(kn, 23);
+                let scaled = |y: __m256| _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(y), shift));
+                let minus1 = _mm256_sub_ps(_mm256_mul_ps(k(0.5), _mm256_sub_ps(x, e)), k(0.5));
+                let plus1 = pick(
+                    _mm256_castps_si256(_mm256_cmp_ps(x, k(-0.25), _CMP_LT_OQ)),
+                    _mm256_mul_ps(k(-2.0), _mm256_sub_ps(e, _mm256_add_ps(x, k(0.5)))),
+                    _mm256_add_ps(k(1.0), _mm256_mul_ps(k(2.0), _mm256_sub_ps(x, e))),
+                );
+                let far = _mm256_sub_ps(scaled(_mm256_sub_ps(k(1.0), e_x)), k(1.0));
+                let t = _mm256_castsi256_ps(_mm256_sub_epi32(i(0x3f80_0000), _mm256_srlv_epi32(i(0x0100_0000), kn)));
+                let near = scaled(_mm256_sub_ps(t, e_x));
+                let t = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_sub_epi32(i(0x7f), kn), 23));
+                let mid = scaled(_mm256_add_ps(_mm256_sub_ps(x, _mm256_add_ps(e, t)), k(1.0)));
+
+                let is = |v: i32| _mm256_cmpeq_epi32(kn, i(v));
+                let y = pick(below(kn, 23), near, mid);
+                let y = pick(_mm256_or_si256(below(kn, -1), above(kn, 56)), far, y);
+                let y = pick(is(1), plus1, y);
+                let y = pick(is(-1), minus1, y);
+                let y = pick(is(0), k0, y);
+                let y = pick(below(hx, 0x3300_0000), x, y);
+                // x <= -27 ln2: -1.
+                pick(_mm256_and_si256(negative, above(hx, 0x4195_b843)), k(TINY - 1.0), y)
             }
         }
-        whole
-    }
-
-    /// `if mask { a } else { b }`, lane by lane.
-    #[target_feature(enable = "avx2")]
-    #[inline]
-    fn pick(mask: __m256i, a: __m256, b: __m256) -> __m256 {
-        _mm256_blendv_ps(b, a, _mm256_castsi256_ps(mask))
-    }
-
-    /// Lanes whose `a > b` as signed integers (the bits of |x| compare as
-    /// the values do).
-    #[target_feature(enable = "avx2")]
-    #[inline]
-    fn above(a: __m256i, b: i32) -> __m256i {
-        _mm256_cmpgt_epi32(a, _mm256_set1_epi32(b))
-    }
-
-    #[target_feature(enable = "avx2")]
-    #[inline]
-    fn below(a: __m256i, b: i32) -> __m256i {
-        _mm256_cmpgt_epi32(_mm256_set1_epi32(b), a)
-    }
-
-    /// [`super::tanhf`] in eight lanes.
-    #[target_feature(enable = "avx2")]
-    #[inline]
-    fn tanhf(x: __m256) -> __m256 {
-        let k = _mm256_set1_ps;
-        let sign = _mm256_castsi256_ps(_mm256_set1_epi32(i32::MIN));
-        let ax = _mm256_andnot_ps(sign, x);
-        let ix = _mm256_castps_si256(ax);
-        let wide = below(ix, 0x3f80_0000);
-        // expm1f(2|x|) for |x| >= 1, expm1f(-2|x|) below.
-        let t = expm1f(pick(wide, _mm256_mul_ps(k(-2.0), ax), _mm256_add_ps(ax, ax)));
-        let z = pick(
-            wide,
-            _mm256_div_ps(_mm256_xor_ps(t, sign), _mm256_add_ps(t, k(2.0))),
-            _mm256_sub_ps(k(1.0), _mm256_div_ps(k(2.0), _mm256_add_ps(t, k(2.0)))),
-        );
-        let z = pick(above(ix, 0x41af_ffff), k(1.0 - TINY), z);
-        // The sign of x, on |x|'s result.
-        let z = _mm256_or_ps(_mm256_andnot_ps(sign, z), _mm256_and_ps(sign, x));
-        let z = pick(below(ix, 0x2400_0000), _mm256_mul_ps(x, _mm256_add_ps(k(1.0), x)), z);
-        // 0 (either sign) stays itself.
-        let z = pick(_mm256_cmpeq_epi32(ix, _mm256_setzero_si256()), x, z);
-        let r = _mm256_div_ps(k(1.0), x);
-        let infinite = pick(_mm256_castps_si256(x), _mm256_sub_ps(r, k(1.0)), _mm256_add_ps(r, k(1.0)));
-        // `pick` reads a lane's top bit: x's own sign chose above.
-        pick(above(ix, 0x7f7f_ffff), infinite, z)
-    }
-
-    /// [`super::expm1f`] in eight lanes, for finite `|x| < 88.7` (tanhf's
-    /// arguments are under 44).
-    #[target_feature(enable = "avx2")]
-    #[inline]
-    fn expm1f(x: __m256) -> __m256 {
-        let k = _mm256_set1_ps;
-        let i = _mm256_set1_epi32;
-        let sign = _mm256_castsi256_ps(i(i32::MIN));
-        let hx = _mm256_castps_si256(_mm256_andnot_ps(sign, x));
-        let negative = _mm256_srai_epi32(_mm256_castps_si256(x), 31);
-        // Reduction: |x| in (ln2/2, 1.5 ln2) takes k = +-1; beyond, k from
-        // x / ln2 rounded away from 0 by a half and truncated.
-        let one_ln2 = below(hx, 0x3f85_1592);
-        let kr = _mm256_cvttps_epi32(_mm256_add_ps(_mm256_mul_ps(k(INVLN2), x), pick(negative, k(-0.5), k(0.5))));
-        let kn = pick(one_ln2, _mm256_castsi256_ps(_mm256_or_si256(negative, i(1))), _mm256_castsi256_ps(kr));
-        let kn = _mm256_castps_si256(kn);
-        let t = _mm256_cvtepi32_ps(kn);
-        let hi = pick(
-            one_ln2,
-            pick(negative, _mm256_add_ps(x, k(LN2_HI)), _mm256_sub_ps(x, k(LN2_HI))),
-            _mm256_sub_ps(x, _mm256_mul_ps(t, k(LN2_HI))),
-        );
-        let lo = pick(one_ln2, pick(negative, k(-LN2_LO), k(LN2_LO)), _mm256_mul_ps(t, k(LN2_LO)));
-        let r = _mm256_sub_ps(hi, lo);
-        let reduced = above(hx, 0x3eb1_7218);
-        let xr = pick(reduced, r, x);
-        let c = pick(reduced, _mm256_sub_ps(_mm256_sub_ps(hi, r), lo), k(0.0));
-        let kn = _mm256_and_si256(reduced, kn);
-        let x = xr;
-
-        let hfx = _mm256_mul_ps(k(0.5), x);
-        let hxs = _mm256_mul_ps(x, hfx);
-        let mut p = _mm256_mul_ps(hxs, k(Q[4]));
-        for q in [Q[3], Q[2], Q[1], Q[0]] {
-            p = _mm256_mul_ps(hxs, _mm256_add_ps(k(q), p));
-        }
-        let r1 = _mm256_add_ps(k(1.0), p);
-        let t = _mm256_sub_ps(k(3.0), _mm256_mul_ps(r1, hfx));
-        let e = _mm256_mul_ps(hxs, _mm256_div_ps(_mm256_sub_ps(r1, t), _mm256_sub_ps(k(6.0), _mm256_mul_ps(x, t))));
-        let k0 = _mm256_sub_ps(x, _mm256_sub_ps(_mm256_mul_ps(x, e), hxs));
-        let e = _mm256_sub_ps(_mm256_sub_ps(_mm256_mul_ps(x, _mm256_sub_ps(e, c)), c), hxs);
-        let e_x = _mm256_sub_ps(e, x);
-        let shift = _mm256_slli_epi32(kn, 23);
-        let scaled = |y: __m256| _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(y), shift));
-        let minus1 = _mm256_sub_ps(_mm256_mul_ps(k(0.5), _mm256_sub_ps(x, e)), k(0.5));
-        let plus1 = pick(
-            _mm256_castps_si256(_mm256_cmp_ps(x, k(-0.25), _CMP_LT_OQ)),
-            _mm256_mul_ps(k(-2.0), _mm256_sub_ps(e, _mm256_add_ps(x, k(0.5)))),
-            _mm256_add_ps(k(1.0), _mm256_mul_ps(k(2.0), _mm256_sub_ps(x, e))),
-        );
-        let far = _mm256_sub_ps(scaled(_mm256_sub_ps(k(1.0), e_x)), k(1.0));
-        let t = _mm256_castsi256_ps(_mm256_sub_epi32(i(0x3f80_0000), _mm256_srlv_epi32(i(0x0100_0000), kn)));
-        let near = scaled(_mm256_sub_ps(t, e_x));
-        let t = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_sub_epi32(i(0x7f), kn), 23));
-        let mid = scaled(_mm256_add_ps(_mm256_sub_ps(x, _mm256_add_ps(e, t)), k(1.0)));
-
-        let is = |v: i32| _mm256_cmpeq_epi32(kn, i(v));
-        let y = pick(below(kn, 23), near, mid);
-        let y = pick(_mm256_or_si256(below(kn, -1), above(kn, 56)), far, y);
-        let y = pick(is(1), plus1, y);
-        let y = pick(is(-1), minus1, y);
-        let y = pick(is(0), k0, y);
-        let y = pick(below(hx, 0x3300_0000), x, y);
-        // x <= -27 ln2: -1.
-        pick(_mm256_and_si256(negative, above(hx, 0x4195_b843)), k(TINY - 1.0), y)
-    }
+    };
 }
+
+#[cfg(target_arch = "x86_64")]
+lanes!(avx2, "avx2");
+#[cfg(target_arch = "x86_64")]
+lanes!(avx512vl, "avx2,avx512f,avx512vl");
 
 #[cfg(test)]
 mod tests {
@@ -308,7 +326,9 @@ mod tests {
     }
 
     /// GELU eight at a time gives the scalar bits, on the sample and on
-    /// values the MLP sees, with a scalar tail.
+    /// values the MLP sees, in each build this CPU runs (AVX2, and
+    /// AVX-512VL where it has it), and through the dispatch with its
+    /// scalar tail.
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn lanes_give_the_scalar_bits() {
@@ -316,13 +336,30 @@ mod tests {
         let mut x = sample();
         x.extend((0..100_003).map(|i| (i as f32 - 50_000.0) / 997.0));
         assert_ne!(x.len() % 8, 0);
-        let mut out = vec![MaybeUninit::uninit(); x.len()];
-        gelu_into(&x, &mut out);
-        for (i, (o, &v)) in out.iter().zip(&x).enumerate() {
-            // SAFETY: gelu_into wrote every value.
-            let got = unsafe { o.assume_init() };
-            assert_eq!(got.to_bits(), gelu(v).to_bits(), "value {i}: gelu({v:e} = {:#x})", v.to_bits());
+        let check = |build: &str, run: &dyn Fn(&mut [MaybeUninit<f32>]) -> usize, whole: usize| {
+            let mut out = vec![MaybeUninit::uninit(); x.len()];
+            assert_eq!(run(&mut out), whole, "{build}: values written");
+            for (i, (o, &v)) in out[..whole].iter().zip(&x).enumerate() {
+                // SAFETY: the build wrote the first `whole` values.
+                let got = unsafe { o.assume_init() };
+                assert_eq!(got.to_bits(), gelu(v).to_bits(), "{build}, value {i}: gelu({v:e} = {:#x})", v.to_bits());
+            }
+        };
+        // SAFETY (both builds): the CPU has the features each is compiled for.
+        check("AVX2", &|out| unsafe { avx2::gelu_into(&x, out) }, x.len() / 8 * 8);
+        if std::arch::is_x86_feature_detected!("avx512vl") {
+            check("AVX-512VL", &|out| unsafe { avx512vl::gelu_into(&x, out) }, x.len() / 8 * 8);
+        } else {
+            eprintln!("SKIPPED the AVX-512VL build of the GELU lanes: this CPU lacks it");
         }
+        check(
+            "dispatch",
+            &|out| {
+                gelu_into(&x, out);
+                x.len()
+            },
+            x.len(),
+        );
     }
 
     /// glibc 2.36's tanhf on [`sample`], digested as the test does (the port
