@@ -468,7 +468,7 @@ impl Decoder {
         };
         let sliding = gguf_sliding_layers(file, &arch, family, n_layer)?;
         let mut blocks = Vec::with_capacity(cfg.n_layer);
-        for i in 0..cfg.n_layer {
+        for (i, &sliding) in sliding.iter().enumerate() {
             let mut q =
                 |n: &str| -> Result<Linear> { matmul(tensor(&format!("blk.{i}.{n}.weight"))?, device, dequantize) };
             let (wq, wk, wv, wo) = (q("attn_q")?, q("attn_k")?, q("attn_v")?, q("attn_output")?);
@@ -487,7 +487,7 @@ impl Decoder {
                 post_ffn_norm: family.post_norms.then(|| norm("post_ffw_norm")).transpose()?,
                 q_norm: family.qk_norm.then(|| norm("attn_q_norm")).transpose()?,
                 k_norm: family.qk_norm.then(|| norm("attn_k_norm")).transpose()?,
-                sliding: sliding[i],
+                sliding,
                 attn_norm: norm("attn_norm")?,
                 ffn_norm: norm("ffn_norm")?,
                 wq,
