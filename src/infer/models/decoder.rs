@@ -12,6 +12,7 @@
 use super::attention::{self, HostKv, HostRope};
 pub use super::family::Activation;
 use super::family::{Family, Window};
+use super::norm;
 use crate::infer::dense::DenseMatrix;
 use crate::infer::files;
 use crate::infer::gguf::GgufFile;
@@ -810,7 +811,7 @@ impl Decoder {
         let lens: Vec<usize> = tokens.iter().map(|t| t.len()).collect();
         let norm = |t: Tensor, w: &Option<Tensor>| optional_norm(t, w, cfg.rms_eps);
         for (li, blk) in self.blocks.iter().enumerate() {
-            let h = candle_nn::ops::rms_norm(&x, &blk.attn_norm, cfg.rms_eps)?;
+            let h = norm::rms_norm(&x, &blk.attn_norm, cfg.rms_eps)?;
             let (mut q, mut k, mut v) = (blk.wq.forward(&h)?, blk.wk.forward(&h)?, blk.wv.forward(&h)?);
             if let Some((bq, bk, bv)) = &blk.qkv_bias {
                 (q, k, v) = (q.broadcast_add(bq)?, k.broadcast_add(bk)?, v.broadcast_add(bv)?);
@@ -836,7 +837,7 @@ impl Decoder {
             };
             let o = blk.wo.forward(&o)?;
             x = (x + norm(o, &blk.post_attn_norm)?)?;
-            let h = candle_nn::ops::rms_norm(&x, &blk.ffn_norm, cfg.rms_eps)?;
+            let h = norm::rms_norm(&x, &blk.ffn_norm, cfg.rms_eps)?;
             let gate = blk.gate.forward(&h)?;
             let gate = activate(&gate, cfg.activation)?;
             let mlp = blk.down.forward(&(gate * blk.up.forward(&h)?)?)?;
@@ -847,7 +848,7 @@ impl Decoder {
                 cache.len += seq.len();
             }
         }
-        Ok(candle_nn::ops::rms_norm(&x.squeeze(0)?, &self.norm, cfg.rms_eps)?)
+        Ok(norm::rms_norm(&x.squeeze(0)?, &self.norm, cfg.rms_eps)?)
     }
 }
 
@@ -901,7 +902,7 @@ impl candle_core::CustomOp1 for Parallel {
 /// post norms, Qwen3's and Gemma-3's q/k norms); `t` as it is otherwise.
 fn optional_norm(t: Tensor, w: &Option<Tensor>, eps: f32) -> candle_core::Result<Tensor> {
     match w {
-        Some(w) => candle_nn::ops::rms_norm(&t, w, eps),
+        Some(w) => norm::rms_norm(&t, w, eps),
         None => Ok(t),
     }
 }

@@ -3,3 +3,4 @@
 mod attention;
 pub mod decoder;
 pub mod family;
+mod norm;
