@@ -163,6 +163,26 @@ pub(crate) fn written(out: &mut [f32]) -> &mut [MaybeUninit<f32>] {
     unsafe { &mut *(out as *mut [f32] as *mut [MaybeUninit<f32>]) }
 }
 
+/// `work(span, &mut out[span])` for each span of `chunk` values (the last
+/// shorter) covering `out`, the spans spread over the barrier pool.
+pub(crate) fn par_spans(
+    out: &mut [MaybeUninit<f32>],
+    chunk: usize,
+    work: impl Fn(Range<usize>, &mut [MaybeUninit<f32>]) + Sync,
+) {
+    let (len, at) = (out.len(), out.as_mut_ptr() as usize);
+    candle_core::utils::barrier_pool().execute_chunked(len.div_ceil(chunk), |items| {
+        for item in items {
+            let span = item * chunk..((item + 1) * chunk).min(len);
+            // SAFETY: each item writes only its own span of `out`, which
+            // outlives the call.
+            let out =
+                unsafe { std::slice::from_raw_parts_mut((at as *mut MaybeUninit<f32>).add(span.start), span.len()) };
+            work(span, out);
+        }
+    });
+}
+
 /// A CPU matmul as a candle op: contiguous f32 activations `(..., k)` to
 /// `(..., n)` through `matmul(x, out)`, which writes every value of `out`.
 /// Both of prefgen's kernels and the parallel activation run so.

@@ -891,14 +891,7 @@ impl candle_core::CustomOp2 for Gated {
         crate::infer::dense::forward_rows(self.name(), (width, width), gate, gate_layout, |x, out| {
             /// Values a work item takes: a few microseconds of work.
             const CHUNK: usize = 4096;
-            let at = out.as_mut_ptr() as usize;
-            candle_core::utils::barrier_pool().execute_chunked(x.len().div_ceil(CHUNK), |chunks| {
-                let span = chunks.start * CHUNK..(chunks.end * CHUNK).min(x.len());
-                // SAFETY: each range of chunks writes only its own values of
-                // `out`, which outlives the call.
-                let out = unsafe {
-                    std::slice::from_raw_parts_mut((at as *mut std::mem::MaybeUninit<f32>).add(span.start), span.len())
-                };
+            crate::infer::dense::par_spans(out, CHUNK, |span, out| {
                 match self.0 {
                     Activation::Silu => expf::silu_into(&x[span.clone()], out),
                     Activation::GeluTanh => gelu::gelu_into(&x[span.clone()], out),

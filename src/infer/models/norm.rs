@@ -6,7 +6,7 @@
 //! chains run side by side: the same operations on each value, so the
 //! same bits.
 
-use crate::infer::dense::forward_rows;
+use crate::infer::dense::{forward_rows, par_spans};
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
 use std::mem::MaybeUninit;
 
@@ -50,16 +50,7 @@ fn rows(x: &[f32], w: &[f32], eps: f32, out: &mut [MaybeUninit<f32>]) {
     if count <= TOGETHER {
         return group(x, w, eps, out);
     }
-    let at = out.as_mut_ptr() as usize;
-    candle_core::utils::barrier_pool().execute_chunked(count.div_ceil(TOGETHER), |items| {
-        let span = items.start * TOGETHER * n..(items.end * TOGETHER).min(count) * n;
-        // SAFETY: each range of items writes only its own rows of `out`,
-        // which outlives the call.
-        let out = unsafe { std::slice::from_raw_parts_mut((at as *mut MaybeUninit<f32>).add(span.start), span.len()) };
-        for (x, out) in x[span].chunks(TOGETHER * n).zip(out.chunks_mut(TOGETHER * n)) {
-            group(x, w, eps, out);
-        }
-    });
+    par_spans(out, TOGETHER * n, |span, out| group(&x[span], w, eps, out));
 }
 
 /// Up to [`TOGETHER`] rows, their sums side by side.
