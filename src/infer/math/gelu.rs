@@ -36,7 +36,7 @@ pub fn gelu_into(x: &[f32], out: &mut [MaybeUninit<f32>]) {
     assert_eq!(x.len(), out.len(), "gelu: one output per input");
     #[cfg(target_arch = "x86_64")]
     // SAFETY: the CPU has the features each version is compiled for.
-    let done = if is_x86_feature_detected!("avx512vl") {
+    let done = if is_x86_feature_detected!("avx512vl") && is_x86_feature_detected!("avx2") {
         unsafe { avx512vl::gelu_into(x, out) }
     } else if is_x86_feature_detected!("avx2") {
         unsafe { avx2::gelu_into(x, out) }
@@ -347,7 +347,7 @@ mod tests {
         };
         // SAFETY (both builds): the CPU has the features each is compiled for.
         check("AVX2", &|out| unsafe { avx2::gelu_into(&x, out) }, x.len() / 8 * 8);
-        if std::arch::is_x86_feature_detected!("avx512vl") {
+        if std::arch::is_x86_feature_detected!("avx512vl") && std::arch::is_x86_feature_detected!("avx2") {
             check("AVX-512VL", &|out| unsafe { avx512vl::gelu_into(&x, out) }, x.len() / 8 * 8);
         } else {
             eprintln!("SKIPPED the AVX-512VL build of the GELU lanes: this CPU lacks it");
