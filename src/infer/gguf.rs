@@ -46,14 +46,18 @@ impl GgufFile {
         Ok(self.get(key)?.to_string().map_err(|e| anyhow!("{key}: {e}"))?.clone())
     }
 
-    fn strings(&self, key: &str) -> Result<Vec<String>> {
+    /// Each element of the array at `key`, converted by `one`.
+    fn list<T, E: std::fmt::Display>(&self, key: &str, one: impl Fn(&Value) -> Result<T, E>) -> Result<Vec<T>> {
         let values = self.get(key)?.to_vec().map_err(|e| anyhow!("{key}: {e}"))?;
-        values.iter().map(|v| v.to_string().cloned().map_err(|e| anyhow!("{key}: {e}"))).collect()
+        values.iter().map(|v| one(v).map_err(|e| anyhow!("{key}: {e}"))).collect()
+    }
+
+    fn strings(&self, key: &str) -> Result<Vec<String>> {
+        self.list(key, |v| v.to_string().cloned())
     }
 
     pub fn bools(&self, key: &str) -> Result<Vec<bool>> {
-        let values = self.get(key)?.to_vec().map_err(|e| anyhow!("{key}: {e}"))?;
-        values.iter().map(|v| v.to_bool().map_err(|e| anyhow!("{key}: {e}"))).collect()
+        self.list(key, Value::to_bool)
     }
 
     /// Whether the metadata holds `key`.
@@ -62,13 +66,7 @@ impl GgufFile {
     }
 
     fn ints(&self, key: &str) -> Result<Vec<i64>> {
-        let values = self.get(key)?.to_vec().map_err(|e| anyhow!("{key}: {e}"))?;
-        values
-            .iter()
-            .map(|v| {
-                v.to_i32().map(i64::from).or_else(|_| v.to_u32().map(i64::from)).map_err(|e| anyhow!("{key}: {e}"))
-            })
-            .collect()
+        self.list(key, |v| v.to_i32().map(i64::from).or_else(|_| v.to_u32().map(i64::from)))
     }
 
     /// `general.architecture`: `llama`, `gemma3`, ...
