@@ -4,17 +4,20 @@
 //!
 //! `vpmaddubsw` saturates, so each width sums only what fits in an i16:
 //! 4-bit values all eight groups (at most 8 * 2 * 15 * 127 = 30480), 5-bit
-//! ones four at a time (31496). Q8_0's values `u = w + 128` would
-//! overflow, so its signed `w` are taken instead (`|w| * sign(q)` is at most
-//! 2 * 128 * 127 a pair) and `128 * sum(q)` added back: the same integer.
-//! Q6_K's signed `u - 32` sum four groups (4 * 2 * 32 * 127 = 32512), one
-//! per 16 values, and `vpmaddwd` against the 16 values' scale finishes each.
+//! ones four at a time (31496), Q6_K's 6-bit ones two at a time (32004,
+//! one `vpmaddwd` against the 16 values' scale finishing each pair, and
+//! `32 * sum(q)` of each 16 values taken back out with one more). Q8_0's
+//! values `u = w + 128` would overflow against any int8: its activations
+//! are split as `q = 16 * hi + lo` (`lo` 0..16, `hi` -8..8, once per
+//! matmul), `u * lo` summed four groups at a time (30600) and `u * hi` all
+//! eight (32640): the same integer, with neither the signs of the
+//! activations nor the weights' magnitudes taken per block.
 //!
 //! The same code is the AVX-VNNI kernel: with `DOT` = [`VEX`] or [`EVEX`],
 //! a group's dot product is one `vpdpbusd` (u8 x i8 quadruples summed into
-//! i32, no saturation), so every width sums all eight groups, and Q8_0 and
-//! Q6_K take their unsigned `u` as they are (Q6_K taking `32 * sum(q)` of
-//! each 16 values back out).
+//! i32, no saturation), so every width sums all eight groups, and Q6_K
+//! takes `32 * sum(q)` of each 16 values back out and its 16-value scales
+//! in f32 ([`sixteens`]).
 #![cfg(target_arch = "x86_64")]
 
 use super::reference::ROUND;
@@ -217,6 +220,24 @@ unsafe fn five(values: *const u8) -> [__m256i; 8] {
     u
 }
 
+/// The i16 sum of `each` group's products (the caller keeps it within an i16).
+#[target_feature(enable = "avx2")]
+#[inline]
+fn sum16(groups: std::ops::Range<usize>, each: impl Fn(usize) -> __m256i) -> __m256i {
+    groups.map(each).fold(_mm256_setzero_si256(), |p, q| _mm256_add_epi16(p, q))
+}
+
+/// Q6_K's dot product, `sub0 * part0 + sub1 * part1`, in f32 from the two
+/// halves' integer sums and the rows' 16-value scales: exact, as the
+/// integer is (each product is at most 16 * 32 * 127 * 128 < 2^23, the sum
+/// below 2^24), and cheaper than `vpmulld`.
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+pub(super) fn sixteens(part0: __m256i, part1: __m256i, subs: [__m256; 2]) -> __m256 {
+    let first = _mm256_mul_ps(_mm256_cvtepi32_ps(part0), subs[0]);
+    _mm256_fmadd_ps(_mm256_cvtepi32_ps(part1), subs[1], first)
+}
+
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
 unsafe fn rows_of<const W: usize, const DOT: u8, const BYTES: bool>(
@@ -251,8 +272,8 @@ unsafe fn rows<const R: usize, const W: usize, const DOT: u8, const BYTES: bool>
     let kb = a.k / BLOCK;
     let tile_bytes = tile.w.len() / kb;
     let ones = _mm256_set1_epi16(1);
-    let flip = _mm256_set1_epi8(-128);
-    let bias = _mm256_set1_epi8(32);
+    let sixteen = _mm256_set1_epi16(16);
+    let low16 = _mm256_set1_epi32(0xFFFF);
     let (scales, header) = (tile.scales, tile.scales.header_bytes());
     let mut acc = [_mm256_setzero_ps(); R];
     for b in 0..kb {
@@ -276,35 +297,23 @@ unsafe fn rows<const R: usize, const W: usize, const DOT: u8, const BYTES: bool>
             };
             (scale, offset)
         };
-        // Q6_K: each row's 16-value scales, in i32 lanes for `vpmulld`, or
-        // as the i16 pair `vpmaddwd` takes.
+        // Q6_K: each row's two 16-value scales, in i32 lanes.
         let sub = |i: usize| {
-            let sc = unsafe { _mm_loadl_epi64(block.add(SUB + i * TILE + 8 * half) as *const __m128i) };
-            let sc = _mm256_cvtepi8_epi32(sc);
-            if DOT == MADD {
-                _mm256_or_si256(_mm256_and_si256(sc, _mm256_set1_epi32(0xFFFF)), _mm256_slli_epi32(sc, 16))
-            } else {
-                sc
-            }
+            _mm256_cvtepi8_epi32(unsafe { _mm_loadl_epi64(block.add(SUB + i * TILE + 8 * half) as *const __m128i) })
         };
         let subs = if W == 6 { [sub(0), sub(1)] } else { [_mm256_setzero_si256(); 2] };
+        // The i16 pairs `vpmaddwd` takes: each scale twice (the two sums of
+        // a lane), and the two scales side by side (the two halves' `sum(q)`).
+        let pair = |a: __m256i, b: __m256i| _mm256_or_si256(_mm256_and_si256(a, low16), _mm256_slli_epi32(b, 16));
+        let twice = subs.map(|s| pair(s, s));
+        let both = pair(subs[0], subs[1]);
+        let floats = subs.map(|s| _mm256_cvtepi32_ps(s));
         let values = unsafe { block.add(header + 32 * half) };
-        let load = |g: usize| unsafe { _mm256_loadu_si256(values.add(64 * g) as *const __m256i) };
-        // AVX2's Q8_0 and Q6_K: the signed weights, for the signs of the activations.
-        let mut signs = [_mm256_setzero_si256(); 8];
         let u = unsafe {
             match W {
                 4 => nibbles(values),
                 5 if !BYTES => five(values),
-                _ => std::array::from_fn(|g| {
-                    let u = load(g);
-                    if DOT == MADD && W > 5 {
-                        signs[g] = if W == 8 { _mm256_xor_si256(u, flip) } else { _mm256_sub_epi8(u, bias) };
-                        _mm256_abs_epi8(signs[g])
-                    } else {
-                        u
-                    }
-                }),
+                _ => std::array::from_fn(|g| _mm256_loadu_si256(values.add(64 * g) as *const __m256i)),
             }
         };
         for (i, acc) in acc.iter_mut().enumerate() {
@@ -312,7 +321,6 @@ unsafe fn rows<const R: usize, const W: usize, const DOT: u8, const BYTES: bool>
             let q = a.q[at * BLOCK..(at + 1) * BLOCK].as_ptr();
             let qs = |g: usize| _mm256_set1_epi32(unsafe { (q.add(4 * g) as *const i32).read_unaligned() });
             let pairs = |g: usize| _mm256_maddubs_epi16(u[g], qs(g));
-            let signed = |g: usize| _mm256_maddubs_epi16(u[g], _mm256_sign_epi8(qs(g), signs[g]));
             let vnni = |groups: [usize; 4], from: i32| {
                 groups.into_iter().fold(_mm256_set1_epi32(from), |d, g| {
                     // SAFETY: this function's promise.
@@ -322,35 +330,48 @@ unsafe fn rows<const R: usize, const W: usize, const DOT: u8, const BYTES: bool>
             let dot = match W {
                 6 if DOT != MADD => {
                     let (first, second) = a.halves(at);
-                    _mm256_add_epi32(
-                        _mm256_mullo_epi32(vnni([0, 1, 2, 3], -32 * first), subs[0]),
-                        _mm256_mullo_epi32(vnni([4, 5, 6, 7], -32 * second), subs[1]),
-                    )
+                    sixteens(vnni([0, 1, 2, 3], -32 * first), vnni([4, 5, 6, 7], -32 * second), floats)
                 }
                 // Two chains of `vpdpbusd` rather than one eight long: a
                 // lone row waits on the instruction's latency otherwise, and
                 // integer sums are the same in any order.
-                _ if DOT != MADD => _mm256_add_epi32(vnni([0, 2, 4, 6], 0), vnni([1, 3, 5, 7], 0)),
-                4 => {
-                    let p = (1..8).fold(pairs(0), |p, g| _mm256_add_epi16(p, pairs(g)));
-                    _mm256_madd_epi16(p, ones)
-                }
-                5 => {
-                    let p = (1..4).fold(pairs(0), |p, g| _mm256_add_epi16(p, pairs(g)));
-                    let p2 = (5..8).fold(pairs(4), |p, g| _mm256_add_epi16(p, pairs(g)));
-                    _mm256_add_epi32(_mm256_madd_epi16(p, ones), _mm256_madd_epi16(p2, ones))
-                }
+                _ if DOT != MADD => _mm256_cvtepi32_ps(_mm256_add_epi32(vnni([0, 2, 4, 6], 0), vnni([1, 3, 5, 7], 0))),
+                4 => _mm256_cvtepi32_ps(_mm256_madd_epi16(sum16(0..8, pairs), ones)),
+                5 => _mm256_cvtepi32_ps(_mm256_add_epi32(
+                    _mm256_madd_epi16(sum16(0..4, pairs), ones),
+                    _mm256_madd_epi16(sum16(4..8, pairs), ones),
+                )),
                 6 => {
-                    let p = (1..4).fold(signed(0), |p, g| _mm256_add_epi16(p, signed(g)));
-                    let p2 = (5..8).fold(signed(4), |p, g| _mm256_add_epi16(p, signed(g)));
-                    _mm256_add_epi32(_mm256_madd_epi16(p, subs[0]), _mm256_madd_epi16(p2, subs[1]))
+                    let (first, second) = a.halves(at);
+                    let halves = _mm256_set1_epi32((first & 0xFFFF) | second << 16);
+                    let scaled = |g: usize, i: usize| _mm256_madd_epi16(sum16(g..g + 2, pairs), twice[i]);
+                    let dot = _mm256_add_epi32(
+                        _mm256_add_epi32(scaled(0, 0), scaled(2, 0)),
+                        _mm256_add_epi32(scaled(4, 1), scaled(6, 1)),
+                    );
+                    _mm256_cvtepi32_ps(_mm256_sub_epi32(dot, _mm256_slli_epi32(_mm256_madd_epi16(both, halves), 5)))
                 }
-                _ => (0..8).fold(_mm256_set1_epi32(128 * a.sum[at]), |d, g| {
-                    _mm256_add_epi32(d, _mm256_madd_epi16(signed(g), ones))
-                }),
+                _ => {
+                    let split = a.split[2 * at * BLOCK..].as_ptr();
+                    let part = |g: usize, from: usize| {
+                        _mm256_maddubs_epi16(
+                            u[g],
+                            _mm256_set1_epi32(unsafe { (split.add(from + 4 * g) as *const i32).read_unaligned() }),
+                        )
+                    };
+                    let lo = |g: usize| part(g, 0);
+                    let hi = |g: usize| part(g, BLOCK);
+                    _mm256_cvtepi32_ps(_mm256_add_epi32(
+                        _mm256_add_epi32(
+                            _mm256_madd_epi16(sum16(0..4, lo), ones),
+                            _mm256_madd_epi16(sum16(4..8, lo), ones),
+                        ),
+                        _mm256_madd_epi16(sum16(0..8, hi), sixteen),
+                    ))
+                }
             };
             let s = _mm256_mul_ps(scale, _mm256_set1_ps(a.d[at]));
-            *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), s, *acc);
+            *acc = _mm256_fmadd_ps(dot, s, *acc);
             *acc = _mm256_fmadd_ps(offset, _mm256_set1_ps(a.s[at]), *acc);
         }
     }

@@ -588,11 +588,15 @@ struct Activations {
     s: Vec<f32>,
     /// `sum(q)`, for kernels that sum signed weights.
     sum: Vec<i32>,
-    /// `sum(q)` over each block's first 16 values, for the `vpdpbusd`
-    /// kernels' Q6_K: they sum the unsigned `u` and take `32 * sum(q)` of
-    /// each half back out (the same integer as summing `u - 32`). Empty
-    /// for other matrices and kernels.
+    /// `sum(q)` over each block's first 16 values, for the x86 kernels'
+    /// Q6_K: they sum the unsigned `u` and take `32 * sum(q)` of each half
+    /// back out (the same integer as summing `u - 32`). Empty for other
+    /// matrices and kernels.
     halves: Vec<i32>,
+    /// Each block's `q` as `16 * hi + lo`, its 32 `lo` (0..16) then its 32
+    /// `hi` (-8..8), for AVX2's Q8_0 (`avx2`). Empty for other matrices and
+    /// kernels.
+    split: Vec<i8>,
 }
 
 impl Activations {
@@ -600,7 +604,8 @@ impl Activations {
     /// long batches (prefill) on every thread.
     fn quantize(x: &[f32], k: usize, width: Width, kernel: Kernel) -> Activations {
         let blocks = x.len() / BLOCK;
-        let halved = width == Width::Six && matches!(kernel, Kernel::Avx512Vnni | Kernel::AvxVnni);
+        let halved = width == Width::Six && matches!(kernel, Kernel::Avx512Vnni | Kernel::AvxVnni | Kernel::Avx2);
+        let split = width == Width::Eight && kernel == Kernel::Avx2;
         let mut a = Activations {
             k,
             q: vec![0; x.len()],
@@ -608,6 +613,7 @@ impl Activations {
             s: vec![0.0; blocks],
             sum: vec![0; blocks],
             halves: vec![0; if halved { blocks } else { 0 }],
+            split: vec![0; if split { 2 * x.len() } else { 0 }],
         };
         let ptrs = (
             a.q.as_mut_ptr() as usize,
@@ -615,6 +621,7 @@ impl Activations {
             a.s.as_mut_ptr() as usize,
             a.sum.as_mut_ptr() as usize,
             a.halves.as_mut_ptr() as usize,
+            a.split.as_mut_ptr() as usize,
         );
         let rows = |rows: std::ops::Range<usize>| {
             let (from, to) = (rows.start * k / BLOCK, rows.end * k / BLOCK);
@@ -642,6 +649,18 @@ impl Activations {
                 let halves = unsafe { std::slice::from_raw_parts_mut((ptrs.4 as *mut i32).add(from), len) };
                 for (h, b) in halves.iter_mut().zip(q.chunks_exact(BLOCK)) {
                     *h = b[..BLOCK / 2].iter().map(|&q| q as i32).sum();
+                }
+            }
+            if split {
+                // SAFETY: as above; `split` holds two values per value.
+                let split = unsafe {
+                    std::slice::from_raw_parts_mut((ptrs.5 as *mut i8).add(2 * from * BLOCK), 2 * len * BLOCK)
+                };
+                for (parts, b) in split.chunks_exact_mut(2 * BLOCK).zip(q.chunks_exact(BLOCK)) {
+                    let (lo, hi) = parts.split_at_mut(BLOCK);
+                    for ((lo, hi), &q) in lo.iter_mut().zip(hi).zip(b) {
+                        (*lo, *hi) = (q & 0x0F, q >> 4);
+                    }
                 }
             }
         };

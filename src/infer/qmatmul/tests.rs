@@ -88,6 +88,38 @@ fn every_kernel_computes_the_reference_bits() {
     }
 }
 
+/// The kernels' integer sums stay within their registers on the largest
+/// products: weights at the ends of their ranges against blocks of one
+/// sign (every int8 at 127, or at -127), where summing more products than
+/// a kernel's bound allows would saturate or wrap.
+#[test]
+fn the_largest_products_do_not_overflow() {
+    let (n, k) = (32, 512);
+    let w: Vec<f32> = (0..n * k)
+        .map(|i| {
+            let (r, c) = (i / k, i % k);
+            match r % 4 {
+                0 => 1.0,
+                1 => -1.0,
+                2 if c % 32 < 16 => 1.0,
+                2 => -1.0,
+                _ => [1.0, -0.5, 0.25, -1.0][c % 4],
+            }
+        })
+        .collect();
+    let w = Tensor::from_vec(w, (n, k), &Device::Cpu).unwrap();
+    let x: Vec<f32> = (0..3 * k).map(|i| [3.5, -3.5, if i % 2 == 0 { 3.5 } else { -3.5 }][i / k]).collect();
+    for dtype in all_types() {
+        let q = QTensor::quantize(&w, dtype).unwrap();
+        let want = run(&q, Kernel::Scalar, &x);
+        for kernel in kernels_here("the overflow test") {
+            let got = run(&q, kernel, &x);
+            let bits = |v: &[f32]| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&got), bits(&want), "{dtype:?} on {}", kernel.name());
+        }
+    }
+}
+
 /// The reference against an f32 matmul of the file's (dequantized)
 /// weights: the only difference is the activations' int8 rounding.
 #[test]
