@@ -183,6 +183,24 @@ pub(crate) fn par_spans(
     });
 }
 
+/// A view's rows as `(first value, row stride, width, rows)`, where its last
+/// dimension is contiguous and its rows evenly spaced (a contiguous tensor,
+/// or a narrow of its columns, as [`crate::infer::qmatmul::matmuls`]'
+/// outputs are read); None for other layouts.
+pub(crate) fn strided_rows(layout: &Layout) -> Option<(usize, usize, usize, usize)> {
+    let (dims, stride) = (layout.dims(), layout.stride());
+    let rank = dims.len();
+    let width = *dims.last()?;
+    if width > 1 && stride[rank - 1] != 1 {
+        return None;
+    }
+    let row_stride = if rank >= 2 { stride[rank - 2] } else { width };
+    if (0..rank.saturating_sub(2)).any(|i| dims[i] > 1 && stride[i] != stride[i + 1] * dims[i + 1]) {
+        return None;
+    }
+    Some((layout.start_offset(), row_stride, width, dims[..rank - 1].iter().product()))
+}
+
 /// A CPU matmul as a candle op: contiguous f32 activations `(..., k)` to
 /// `(..., n)` through `matmul(x, out)`, which writes every value of `out`.
 /// Both of prefgen's kernels and the parallel activation run so.

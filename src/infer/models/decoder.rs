@@ -17,10 +17,10 @@ use crate::infer::dense::DenseMatrix;
 use crate::infer::files;
 use crate::infer::gguf::GgufFile;
 use crate::infer::math::{expf, gelu};
-use crate::infer::qmatmul::{Kernel, PackedMatrix};
+use crate::infer::qmatmul::{Fused, Kernel, PackedMatrix};
 use anyhow::{Context, Result, bail};
 use candle_core::quantized::{QMatMul, QTensor};
-use candle_core::{DType, Device, Module, Tensor};
+use candle_core::{D, DType, Device, Module, Tensor};
 use std::path::Path;
 
 /// Where a multimodal checkpoint keeps its language model's weights:
@@ -238,6 +238,30 @@ impl Linear {
             Linear::Rows(d) => x.contiguous()?.apply_op1_no_bwd(d),
             Linear::Dense(w) => x.broadcast_matmul(&w.t()?),
         }
+    }
+
+    /// `x` through each of `parts`, matrices that take the same input (a
+    /// layer's q, k and v; its gate and up). Where prefgen's int8 kernels
+    /// run them all, one op: the input quantized once, one pass over the
+    /// threads, and the outputs views of its columns.
+    pub(crate) fn forward_each<const N: usize>(parts: [&Linear; N], x: &Tensor) -> candle_core::Result<[Tensor; N]> {
+        let packed: Option<Vec<&PackedMatrix>> =
+            parts.iter().map(|l| if let Linear::Packed(p) = l { Some(p) } else { None }).collect();
+        let outs = match packed.filter(|p| p.windows(2).all(|w| w[0].fuses_with(w[1]))) {
+            Some(packed) => {
+                let all = x.contiguous()?.apply_op1_no_bwd(&Fused(&packed))?;
+                let mut at = 0;
+                packed
+                    .iter()
+                    .map(|p| {
+                        at += p.n();
+                        all.narrow(D::Minus1, at - p.n(), p.n())
+                    })
+                    .collect::<candle_core::Result<Vec<_>>>()?
+            }
+            None => parts.iter().map(|l| l.forward(x)).collect::<candle_core::Result<Vec<_>>>()?,
+        };
+        Ok(outs.try_into().unwrap_or_else(|_: Vec<Tensor>| unreachable!("one output a part")))
     }
 
     /// A dense weight `(out, in)`: prefgen's row-exact kernel in f32 on the
@@ -812,13 +836,13 @@ impl Decoder {
         let norm = |t: Tensor, w: &Option<Tensor>| optional_norm(t, w, cfg.rms_eps);
         for (li, blk) in self.blocks.iter().enumerate() {
             let h = norm::rms_norm(&x, &blk.attn_norm, cfg.rms_eps)?;
-            let (mut q, mut k, mut v) = (blk.wq.forward(&h)?, blk.wk.forward(&h)?, blk.wv.forward(&h)?);
+            let [mut q, mut k, mut v] = Linear::forward_each([&blk.wq, &blk.wk, &blk.wv], &h)?;
             if let Some((bq, bk, bv)) = &blk.qkv_bias {
                 (q, k, v) = (q.broadcast_add(bq)?, k.broadcast_add(bk)?, v.broadcast_add(bv)?);
             }
             let o = match &self.rope.host {
                 Some(rope) => {
-                    let flat = |t: &Tensor| t.flatten_all()?.to_vec1::<f32>();
+                    let flat = |t: &Tensor| host_values(t);
                     let weights = |w: &Option<Tensor>| w.as_ref().map(flat).transpose();
                     let (q_norm, k_norm) = (weights(&blk.q_norm)?, weights(&blk.k_norm)?);
                     let layer = attention::Layer {
@@ -838,7 +862,8 @@ impl Decoder {
             let o = blk.wo.forward(&o)?;
             x = (x + norm(o, &blk.post_attn_norm)?)?;
             let h = norm::rms_norm(&x, &blk.ffn_norm, cfg.rms_eps)?;
-            let gated = gated(&blk.gate.forward(&h)?, &blk.up.forward(&h)?, cfg.activation)?;
+            let [gate, up] = Linear::forward_each([&blk.gate, &blk.up], &h)?;
+            let gated = gated(&gate, &up, cfg.activation)?;
             let mlp = blk.down.forward(&gated)?;
             x = (x + norm(mlp, &blk.post_ffn_norm)?)?;
         }
@@ -880,29 +905,56 @@ impl candle_core::CustomOp2 for Gated {
         up: &candle_core::CpuStorage,
         up_layout: &candle_core::Layout,
     ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        let (candle_core::CpuStorage::F32(up), Some((start, end))) = (up, up_layout.contiguous_offsets()) else {
-            candle_core::bail!("{}: up is not contiguous f32", self.name())
+        use crate::infer::dense::{par_spans, strided_rows};
+        let (candle_core::CpuStorage::F32(gate), candle_core::CpuStorage::F32(up)) = (gate, up) else {
+            candle_core::bail!("{} takes f32", self.name())
+        };
+        let (Some(g), Some(u)) = (strided_rows(gate_layout), strided_rows(up_layout)) else {
+            candle_core::bail!("{}: gate and up must be rows of contiguous values", self.name())
         };
         if up_layout.dims() != gate_layout.dims() {
             candle_core::bail!("{}: gate {:?} and up {:?} differ", self.name(), gate_layout.dims(), up_layout.dims())
         }
-        let up = &up[start..end];
-        let width = gate_layout.dims().last().copied().unwrap_or(1);
-        crate::infer::dense::forward_rows(self.name(), (width, width), gate, gate_layout, |x, out| {
-            /// Values a work item takes: a few microseconds of work.
-            const CHUNK: usize = 4096;
-            crate::infer::dense::par_spans(out, CHUNK, |span, out| {
-                match self.0 {
-                    Activation::Silu => expf::silu_into(&x[span.clone()], out),
-                    Activation::GeluTanh => gelu::gelu_into(&x[span.clone()], out),
-                }
-                for (o, &u) in out.iter_mut().zip(&up[span]) {
-                    // SAFETY: the activation wrote every value of `out`.
-                    o.write(unsafe { o.assume_init() } * u);
+        let (width, rows) = (g.2, g.3);
+        let mut out = Vec::with_capacity(rows * width);
+        if width > 0 {
+            // Whole rows a work item, a few microseconds of work.
+            let chunk = width * (4096 / width).max(1);
+            par_spans(&mut out.spare_capacity_mut()[..rows * width], chunk, |span, out| {
+                for (r, out) in (span.start / width..).zip(out.chunks_mut(width)) {
+                    let (x, up) = (&gate[g.0 + r * g.1..][..width], &up[u.0 + r * u.1..][..width]);
+                    match self.0 {
+                        Activation::Silu => expf::silu_into(x, out),
+                        Activation::GeluTanh => gelu::gelu_into(x, out),
+                    }
+                    for (o, &u) in out.iter_mut().zip(up) {
+                        // SAFETY: the activation wrote every value of `out`.
+                        o.write(unsafe { o.assume_init() } * u);
+                    }
                 }
             });
-        })
+        }
+        // SAFETY: the spans cover `out`, and each was written whole.
+        unsafe { out.set_len(rows * width) };
+        Ok((candle_core::CpuStorage::F32(out), gate_layout.shape().clone()))
     }
+}
+
+/// The values of a tensor on the CPU in f32, in order, copied once: a view
+/// of a fused matmul's columns too (the host attention's inputs).
+fn host_values(t: &Tensor) -> candle_core::Result<Vec<f32>> {
+    let (storage, layout) = t.storage_and_layout();
+    if let (candle_core::Storage::Cpu(candle_core::CpuStorage::F32(data)), Some((start, stride, width, rows))) =
+        (&*storage, crate::infer::dense::strided_rows(layout))
+    {
+        let mut out = Vec::with_capacity(rows * width);
+        for r in 0..rows {
+            out.extend_from_slice(&data[start + r * stride..][..width]);
+        }
+        return Ok(out);
+    }
+    drop(storage);
+    t.flatten_all()?.to_vec1()
 }
 
 /// RMS-normalises `t` by `w` where the architecture has that norm (Gemma's

@@ -352,7 +352,7 @@ unsafe fn rows<const R: usize, const W: usize, const DOT: u8, const BYTES: bool>
                     _mm256_cvtepi32_ps(_mm256_sub_epi32(dot, _mm256_slli_epi32(_mm256_madd_epi16(both, halves), 5)))
                 }
                 _ => {
-                    let split = a.split[2 * at * BLOCK..].as_ptr();
+                    let split = a.split[2 * at * BLOCK..][..2 * BLOCK].as_ptr();
                     let part = |g: usize, from: usize| {
                         _mm256_maddubs_epi16(
                             u[g],

@@ -409,76 +409,107 @@ impl PackedMatrix {
     }
 
     /// [`PackedMatrix::matmul`] into memory not yet written; writes every
-    /// value (every tile's columns of every row).
+    /// value.
     fn matmul_into(&self, x: &[f32], out: &mut [std::mem::MaybeUninit<f32>]) {
-        let (n, k) = (self.n, self.k);
-        assert!(
-            x.len().is_multiple_of(k) && out.len() == x.len() / k * n,
-            "matmul shapes: {} x {k} -> {} x {n}",
-            x.len(),
-            out.len()
-        );
-        let m = x.len() / k;
-        let acts = Activations::quantize(x, k, self.width, self.kernel);
-        let out_ptr = out.as_mut_ptr() as usize;
-        let kb = k / BLOCK;
-        let tile_bytes = self.tile_bytes();
-        let tiles = n.div_ceil(TILE);
-        // Work items are (row block, tile), row block major: a worker's run of
-        // items keeps one block of quantized rows in cache while it walks the
-        // tiles, instead of streaming every row once per tile.
-        candle_core::utils::barrier_pool().execute_chunked(m.div_ceil(ROWS) * tiles, |items| {
-            for item in items {
-                let rows = item / tiles * ROWS..((item / tiles + 1) * ROWS).min(m);
-                let t = item % tiles;
-                // A tile read once (few rows) is streamed from memory faster
-                // than the hardware prefetcher fetches it; read again for
-                // more rows, it waits in the cache and prefetching only
-                // crowds it. Gemma-3 270M's Q8_0 head (168 million weights)
-                // at batch 8: 13 ms -> 10.
-                if rows.len() <= self.kernel.rows_per_read() && t + AHEAD < tiles {
-                    prefetch(&self.data[(t + AHEAD) * kb * tile_bytes..(t + AHEAD + 1) * kb * tile_bytes]);
-                }
-                let tile = Tile {
-                    width: self.width,
-                    scales: self.scales,
-                    w: &self.data[t * kb * tile_bytes..(t + 1) * kb * tile_bytes],
-                    out: out_ptr as *mut f32,
-                    n,
-                    col: t * TILE,
-                    cols: (n - t * TILE).min(TILE),
-                };
-                // SAFETY: the kernel runs here (`Kernel::chosen` or the
-                // caller checked); an item writes only its own rows and
-                // columns of `out`, which outlives the call.
-                unsafe {
-                    match self.kernel {
-                        #[cfg(target_arch = "x86_64")]
-                        Kernel::Avx512Vnni => avx512::tile(&tile, &acts, rows),
-                        #[cfg(target_arch = "x86_64")]
-                        Kernel::AvxVnni if is_x86_feature_detected!("avxvnni") => {
-                            avx2::tile::<{ avx2::VEX }>(&tile, &acts, rows)
-                        }
-                        #[cfg(target_arch = "x86_64")]
-                        Kernel::AvxVnni => avx2::tile::<{ avx2::EVEX }>(&tile, &acts, rows),
-                        #[cfg(target_arch = "x86_64")]
-                        Kernel::Avx2 => avx2::tile::<{ avx2::MADD }>(&tile, &acts, rows),
-                        #[cfg(target_arch = "aarch64")]
-                        Kernel::NeonDotprod => neon::tile::<true>(&tile, &acts, rows),
-                        #[cfg(target_arch = "aarch64")]
-                        Kernel::Neon => neon::tile::<false>(&tile, &acts, rows),
-                        Kernel::Scalar => reference::tile(&tile, &acts, rows),
-                        #[allow(unreachable_patterns)]
-                        other => unreachable!("{other:?} does not run on this architecture"),
-                    }
-                }
-            }
-        });
+        matmuls(&[self], x, out)
+    }
+
+    /// Output columns.
+    pub fn n(&self) -> usize {
+        self.n
+    }
+
+    /// Whether [`matmuls`] can run the two together: the same input width
+    /// and kernel.
+    pub fn fuses_with(&self, other: &PackedMatrix) -> bool {
+        self.k == other.k && self.kernel == other.kernel
     }
 }
 
+/// `out (m, n_1 + n_2 + ...) = x (m, k) @ [w_1; w_2; ...]^T`: matrices
+/// that take the same input (a layer's q, k and v projections; its gate and
+/// up), their outputs side by side. The input is quantized once and every
+/// matrix's tiles run in one pass over the threads. Writes every value of
+/// `out`, which may be uninitialized.
+pub fn matmuls(parts: &[&PackedMatrix], x: &[f32], out: &mut [std::mem::MaybeUninit<f32>]) {
+    let first = parts.first().expect("at least one matrix");
+    let (k, kernel) = (first.k, first.kernel);
+    assert!(parts.iter().all(|p| p.fuses_with(first)), "fused matrices share k and the kernel");
+    let n: usize = parts.iter().map(|p| p.n).sum();
+    assert!(
+        x.len().is_multiple_of(k) && out.len() == x.len() / k * n,
+        "matmul shapes: {} x {k} -> {} x {n}",
+        x.len(),
+        out.len()
+    );
+    let m = x.len() / k;
+    let widths: Vec<Width> = parts.iter().map(|p| p.width).collect();
+    let acts = Activations::quantize(x, k, &widths, kernel);
+    let out_ptr = out.as_mut_ptr() as usize;
+    let kb = k / BLOCK;
+    // Each part's first tile and first column among all of them.
+    let (mut tiles, mut cols) = (vec![0], vec![0]);
+    for p in parts {
+        tiles.push(tiles.last().copied().unwrap_or(0) + p.n.div_ceil(TILE));
+        cols.push(cols.last().copied().unwrap_or(0) + p.n);
+    }
+    let all = tiles[parts.len()];
+    // Work items are (row block, tile), row block major: a worker's run of
+    // items keeps one block of quantized rows in cache while it walks the
+    // tiles, instead of streaming every row once per tile.
+    candle_core::utils::barrier_pool().execute_chunked(m.div_ceil(ROWS) * all, |items| {
+        for item in items {
+            let rows = item / all * ROWS..((item / all + 1) * ROWS).min(m);
+            let i = tiles.partition_point(|&t| t <= item % all) - 1;
+            let (p, t) = (parts[i], item % all - tiles[i]);
+            let tile_bytes = p.tile_bytes();
+            // A tile read once (few rows) is streamed from memory faster
+            // than the hardware prefetcher fetches it; read again for
+            // more rows, it waits in the cache and prefetching only
+            // crowds it. Gemma-3 270M's Q8_0 head (168 million weights)
+            // at batch 8: 13 ms -> 10.
+            if rows.len() <= kernel.rows_per_read() && t + AHEAD < p.n.div_ceil(TILE) {
+                prefetch(&p.data[(t + AHEAD) * kb * tile_bytes..(t + AHEAD + 1) * kb * tile_bytes]);
+            }
+            let tile = Tile {
+                width: p.width,
+                scales: p.scales,
+                w: &p.data[t * kb * tile_bytes..(t + 1) * kb * tile_bytes],
+                out: out_ptr as *mut f32,
+                n,
+                col: cols[i] + t * TILE,
+                cols: (p.n - t * TILE).min(TILE),
+            };
+            // SAFETY: the kernel runs here (`Kernel::chosen` or the
+            // caller checked); an item writes only its own rows and
+            // columns of `out`, which outlives the call.
+            unsafe {
+                match kernel {
+                    #[cfg(target_arch = "x86_64")]
+                    Kernel::Avx512Vnni => avx512::tile(&tile, &acts, rows),
+                    #[cfg(target_arch = "x86_64")]
+                    Kernel::AvxVnni if is_x86_feature_detected!("avxvnni") => {
+                        avx2::tile::<{ avx2::VEX }>(&tile, &acts, rows)
+                    }
+                    #[cfg(target_arch = "x86_64")]
+                    Kernel::AvxVnni => avx2::tile::<{ avx2::EVEX }>(&tile, &acts, rows),
+                    #[cfg(target_arch = "x86_64")]
+                    Kernel::Avx2 => avx2::tile::<{ avx2::MADD }>(&tile, &acts, rows),
+                    #[cfg(target_arch = "aarch64")]
+                    Kernel::NeonDotprod => neon::tile::<true>(&tile, &acts, rows),
+                    #[cfg(target_arch = "aarch64")]
+                    Kernel::Neon => neon::tile::<false>(&tile, &acts, rows),
+                    Kernel::Scalar => reference::tile(&tile, &acts, rows),
+                    #[allow(unreachable_patterns)]
+                    other => unreachable!("{other:?} does not run on this architecture"),
+                }
+            }
+        }
+    });
+}
+
 /// One tile's blocks and where its outputs go: columns `col..col + cols`
-/// of `out (m, n)`.
+/// of `out (m, n)` (other matrices' columns beside them where fused).
 struct Tile<'a> {
     width: Width,
     scales: Scales,
@@ -600,12 +631,13 @@ struct Activations {
 }
 
 impl Activations {
-    /// Quantizes `x`, rows of `k`, for a matrix of `width` run by `kernel`;
-    /// long batches (prefill) on every thread.
-    fn quantize(x: &[f32], k: usize, width: Width, kernel: Kernel) -> Activations {
+    /// Quantizes `x`, rows of `k`, for matrices of `widths` run by
+    /// `kernel`; long batches (prefill) on every thread.
+    fn quantize(x: &[f32], k: usize, widths: &[Width], kernel: Kernel) -> Activations {
         let blocks = x.len() / BLOCK;
-        let halved = width == Width::Six && matches!(kernel, Kernel::Avx512Vnni | Kernel::AvxVnni | Kernel::Avx2);
-        let split = width == Width::Eight && kernel == Kernel::Avx2;
+        let halved =
+            widths.contains(&Width::Six) && matches!(kernel, Kernel::Avx512Vnni | Kernel::AvxVnni | Kernel::Avx2);
+        let split = widths.contains(&Width::Eight) && kernel == Kernel::Avx2;
         let mut a = Activations {
             k,
             q: vec![0; x.len()],
@@ -687,7 +719,25 @@ impl CustomOp1 for PackedMatrix {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        super::dense::forward_rows(self.name(), (self.k, self.n), storage, layout, |x, out| self.matmul_into(x, out))
+        Fused(&[self]).cpu_fwd(storage, layout)
+    }
+}
+
+/// [`matmuls`] as a candle op: `(..., k)` to `(..., n_1 + n_2 + ...)`.
+pub struct Fused<'a>(pub &'a [&'a PackedMatrix]);
+
+impl CustomOp1 for Fused<'_> {
+    fn name(&self) -> &'static str {
+        "packed-qmatmul"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let Some(first) = self.0.first() else { candle_core::bail!("{}: no matrices", self.name()) };
+        if !self.0.iter().all(|p| p.fuses_with(first)) {
+            candle_core::bail!("{}: fused matrices must share their input width and kernel", self.name())
+        }
+        let n = self.0.iter().map(|p| p.n).sum();
+        super::dense::forward_rows(self.name(), (first.k, n), storage, layout, |x, out| matmuls(self.0, x, out))
     }
 }
 

@@ -120,6 +120,43 @@ fn the_largest_products_do_not_overflow() {
     }
 }
 
+/// Matrices run together ([`matmuls`]: q, k and v; gate and up) give each
+/// one's own outputs, side by side: different types (and so different
+/// extra activation sums), partial tiles, and a prefill batch.
+#[test]
+fn fused_matrices_give_each_ones_outputs() {
+    let k = 512;
+    let parts: Vec<QTensor> =
+        [(GgmlDType::Q5_0, 37), (GgmlDType::Q8_0, 16), (GgmlDType::Q6K, 21), (GgmlDType::Q4_1, 5)]
+            .iter()
+            .enumerate()
+            .map(|(i, &(dtype, n))| {
+                let w = Tensor::from_vec(values(n * k, 10 + i as u64), (n, k), &Device::Cpu).unwrap();
+                QTensor::quantize(&w, dtype).unwrap()
+            })
+            .collect();
+    for kernel in kernels_here("the fused-matrices test") {
+        let packed: Vec<PackedMatrix> = parts.iter().map(|q| PackedMatrix::new(q, kernel).unwrap().unwrap()).collect();
+        let refs: Vec<&PackedMatrix> = packed.iter().collect();
+        let n: usize = packed.iter().map(|p| p.n).sum();
+        for m in [1, 70] {
+            let x = awkward_activations(m, k);
+            let mut all = vec![f32::NAN; m * n];
+            matmuls(&refs, &x, super::super::dense::written(&mut all));
+            let mut col = 0;
+            for (p, q) in packed.iter().zip(&parts) {
+                let alone = run(q, kernel, &x);
+                for r in 0..m {
+                    let got: Vec<u32> = all[r * n + col..][..p.n].iter().map(|v| v.to_bits()).collect();
+                    let want: Vec<u32> = alone[r * p.n..][..p.n].iter().map(|v| v.to_bits()).collect();
+                    assert_eq!(got, want, "{:?} on {}, row {r}", q.dtype(), kernel.name());
+                }
+                col += p.n;
+            }
+        }
+    }
+}
+
 /// The reference against an f32 matmul of the file's (dequantized)
 /// weights: the only difference is the activations' int8 rounding.
 #[test]
