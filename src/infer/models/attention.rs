@@ -384,11 +384,18 @@ mod tests {
     }
 
     /// The block layout gives the definition's bits: key heads side by
-    /// side, a head_dim that is not whole blocks, a window whose start
-    /// falls inside a block, sequences packed together, prefill then steps.
+    /// side, 1 to 7 query heads a key head, a head_dim that is not whole
+    /// blocks, a window whose start falls inside a block, sequences packed
+    /// together, prefill then steps.
     #[test]
     fn blocks_give_the_definitions_bits() {
-        let (d, nq, nkv, context) = (24, 4, 2, 64);
+        for (nq, nkv) in [(4, 2), (3, 3), (4, 1), (7, 1)] {
+            heads_give_the_definitions_bits(nq, nkv);
+        }
+    }
+
+    fn heads_give_the_definitions_bits(nq: usize, nkv: usize) {
+        let (d, context) = (24, 64);
         let cfg = Config {
             n_layer: 1,
             n_head: nq,
@@ -436,7 +443,8 @@ mod tests {
                     let want =
                         reference(&cfg, &q[row * nq * d..(row + 1) * nq * d], &seen[i].0, &seen[i].1, len[i] + r);
                     let got = &got[row * nq * d..(row + 1) * nq * d];
-                    assert_eq!(bits(got), bits(&want), "step {step}, sequence {i}, position {}", len[i] + r);
+                    let at = format!("{nq} heads on {nkv}: step {step}, sequence {i}, position {}", len[i] + r);
+                    assert_eq!(bits(got), bits(&want), "{at}");
                     // And each register width on its own.
                     for (name, one_query) in widths() {
                         let mut out = vec![0f32; nq * d];
@@ -444,12 +452,7 @@ mod tests {
                             let q = &q[(row * nq + h) * d..][..d];
                             one_query(&layer, q, &caches[i], h / (nq / nkv), len[i] + r, &mut Vec::new(), out);
                         }
-                        assert_eq!(
-                            bits(&out),
-                            bits(&want),
-                            "{name}: step {step}, sequence {i}, position {}",
-                            len[i] + r
-                        );
+                        assert_eq!(bits(&out), bits(&want), "{name}: {at}");
                     }
                 }
                 len[i] += l;
