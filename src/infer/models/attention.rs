@@ -251,23 +251,35 @@ impl Layer<'_> {
                 return unsafe { self.one_query_avx2(q, kv, g, p, scores, out) };
             }
         }
-        self.one_query_in(q, kv, g, p, scores, out)
+        self.one_query_in::<CHAINS>(q, kv, g, p, scores, out)
     }
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f")]
     unsafe fn one_query_avx512(&self, q: &[f32], kv: &HostKv, g: usize, p: usize, s: &mut Vec<f32>, out: &mut [f32]) {
-        self.one_query_in(q, kv, g, p, s, out)
+        self.one_query_in::<16>(q, kv, g, p, s, out)
     }
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2")]
     unsafe fn one_query_avx2(&self, q: &[f32], kv: &HostKv, g: usize, p: usize, s: &mut Vec<f32>, out: &mut [f32]) {
-        self.one_query_in(q, kv, g, p, s, out)
+        self.one_query_in::<CHAINS>(q, kv, g, p, s, out)
     }
 
+    /// [`Layer::one_query`], the weighted values taken `WIDE` blocks of
+    /// dimensions a pass: 16 (a 256-dimension head in one pass over the
+    /// values) where 32 vector registers hold their sums, [`CHAINS`]
+    /// otherwise.
     #[inline(always)]
-    fn one_query_in(&self, q: &[f32], kv: &HostKv, g: usize, p: usize, scores: &mut Vec<f32>, out: &mut [f32]) {
+    fn one_query_in<const WIDE: usize>(
+        &self,
+        q: &[f32],
+        kv: &HostKv,
+        g: usize,
+        p: usize,
+        scores: &mut Vec<f32>,
+        out: &mut [f32],
+    ) {
         let cfg = self.cfg;
         let (d, nkv) = (cfg.head_dim, cfg.n_kv_head);
         let window = cfg.sliding_window.filter(|_| self.sliding);
@@ -310,9 +322,16 @@ impl Layer<'_> {
         let (blocks, mut b) = (d.div_ceil(LANES), 0);
         while b < blocks {
             let at = |j: usize| head(j / LANES);
-            let n = (blocks - b).min(CHAINS);
+            let n = match (blocks - b).min(WIDE) {
+                n @ 0..=4 => n,
+                5..=7 => 4,
+                8..=15 => 8,
+                _ => 16,
+            };
             match n {
-                CHAINS => weigh::<CHAINS>(scores, lo..=p, &kv.values, at, b, out),
+                16 => weigh::<16>(scores, lo..=p, &kv.values, at, b, out),
+                8 => weigh::<8>(scores, lo..=p, &kv.values, at, b, out),
+                4 => weigh::<4>(scores, lo..=p, &kv.values, at, b, out),
                 3 => weigh::<3>(scores, lo..=p, &kv.values, at, b, out),
                 2 => weigh::<2>(scores, lo..=p, &kv.values, at, b, out),
                 _ => weigh::<1>(scores, lo..=p, &kv.values, at, b, out),
@@ -360,7 +379,7 @@ mod tests {
     /// named on the terminal (past the harness's capture).
     fn widths() -> Vec<(&'static str, OneQuery)> {
         let mut all: Vec<(&str, OneQuery)> =
-            vec![("portable", |l, q, kv, g, p, s, o| l.one_query_in(q, kv, g, p, s, o))];
+            vec![("portable", |l, q, kv, g, p, s, o| l.one_query_in::<CHAINS>(q, kv, g, p, s, o))];
         #[cfg(target_arch = "x86_64")]
         {
             use std::io::Write;
@@ -384,18 +403,19 @@ mod tests {
     }
 
     /// The block layout gives the definition's bits: key heads side by
-    /// side, 1 to 7 query heads a key head, a head_dim that is not whole
-    /// blocks, a window whose start falls inside a block, sequences packed
-    /// together, prefill then steps.
+    /// side, 1 to 7 query heads a key head, head_dims of whole blocks (16
+    /// of them: AVX-512's one pass over the values) and not, a window whose
+    /// start falls inside a block, sequences packed together, prefill then
+    /// steps.
     #[test]
     fn blocks_give_the_definitions_bits() {
-        for (nq, nkv) in [(4, 2), (3, 3), (4, 1), (7, 1)] {
-            heads_give_the_definitions_bits(nq, nkv);
+        for (nq, nkv, d) in [(4, 2, 24), (3, 3, 24), (4, 1, 24), (7, 1, 24), (2, 1, 256), (2, 1, 200)] {
+            heads_give_the_definitions_bits(nq, nkv, d);
         }
     }
 
-    fn heads_give_the_definitions_bits(nq: usize, nkv: usize) {
-        let (d, context) = (24, 64);
+    fn heads_give_the_definitions_bits(nq: usize, nkv: usize, d: usize) {
+        let context = 64;
         let cfg = Config {
             n_layer: 1,
             n_head: nq,
@@ -443,7 +463,7 @@ mod tests {
                     let want =
                         reference(&cfg, &q[row * nq * d..(row + 1) * nq * d], &seen[i].0, &seen[i].1, len[i] + r);
                     let got = &got[row * nq * d..(row + 1) * nq * d];
-                    let at = format!("{nq} heads on {nkv}: step {step}, sequence {i}, position {}", len[i] + r);
+                    let at = format!("{nq} heads on {nkv} of {d}: step {step}, sequence {i}, position {}", len[i] + r);
                     assert_eq!(bits(got), bits(&want), "{at}");
                     // And each register width on its own.
                     for (name, one_query) in widths() {
