@@ -277,6 +277,10 @@ unsafe fn rows<const R: usize, const W: usize, const DOT: u8, const BYTES: bool>
     let (scales, header) = (tile.scales, tile.scales.header_bytes());
     let mut acc = [_mm256_setzero_ps(); R];
     for b in 0..kb {
+        // The first half's pass reads every line of the block.
+        if let Some(ahead) = tile.ahead.filter(|_| half == 0) {
+            super::prefetch(&ahead[b * tile_bytes..(b + 1) * tile_bytes]);
+        }
         let block = tile.w[b * tile_bytes..(b + 1) * tile_bytes].as_ptr();
         // SAFETY (loads): `block` holds the header (a scale and, where
         // stored, an offset per row, and Q6_K's 16-value scales, 8 rows a

@@ -75,6 +75,9 @@ unsafe fn rows<const R: usize, const W: usize>(tile: &Tile, a: &Activations, r0:
     let (scales, header) = (tile.scales, tile.scales.header_bytes());
     let mut acc = [_mm512_setzero_ps(); R];
     for b in 0..kb {
+        if let Some(ahead) = tile.ahead {
+            super::prefetch(&ahead[b * tile_bytes..(b + 1) * tile_bytes]);
+        }
         let block = tile.w[b * tile_bytes..(b + 1) * tile_bytes].as_ptr();
         // SAFETY (loads): `block` holds the header (a scale and, where
         // stored, an offset per row, and Q6_K's 16-value scales) and the

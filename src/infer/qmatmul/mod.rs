@@ -49,8 +49,8 @@ const BLOCK: usize = 32;
 /// Activation rows a work item takes (prefill): ~100 KB of int8, in L2.
 const ROWS: usize = 64;
 /// How many tiles ahead a work item that reads its tile only once
-/// prefetches (on Gemma-3 270M's Q8_0 head at batch 8, 2 did as well as 4
-/// and 8).
+/// prefetches (on Gemma-3 270M's Q8_0 head at batches 1 and 8, 2 did as
+/// well as 1, 3, 4 and 8).
 const AHEAD: usize = 2;
 
 /// Asks for `bytes` in the caches (L2), without waiting; on x86-64 only
@@ -466,12 +466,15 @@ pub fn matmuls(parts: &[&PackedMatrix], x: &[f32], out: &mut [std::mem::MaybeUni
             // A tile read once (few rows) is streamed from memory faster
             // than the hardware prefetcher fetches it; read again for
             // more rows, it waits in the cache and prefetching only
-            // crowds it. Gemma-3 270M's Q8_0 head (168 million weights)
-            // at batch 8: 13 ms -> 10.
-            if rows.len() <= kernel.rows_per_read() && t + AHEAD < p.n.div_ceil(TILE) {
-                prefetch(&p.data[(t + AHEAD) * kb * tile_bytes..(t + AHEAD + 1) * kb * tile_bytes]);
-            }
+            // crowds it. The kernel asks for the tile ahead a block at a
+            // time, among its own work: Gemma-3 270M's Q8_0 head (168
+            // million weights) at batch 8 on AVX512-VNNI took 13 ms
+            // without, 10.5-11 asking for the whole tile at once, 8.2-8.4
+            // block by block (at batch 1: 7.1-7.5 ms -> 5.6-6.2).
+            let ahead = (rows.len() <= kernel.rows_per_read() && t + AHEAD < p.n.div_ceil(TILE))
+                .then(|| &p.data[(t + AHEAD) * kb * tile_bytes..(t + AHEAD + 1) * kb * tile_bytes]);
             let tile = Tile {
+                ahead,
                 width: p.width,
                 scales: p.scales,
                 w: &p.data[t * kb * tile_bytes..(t + 1) * kb * tile_bytes],
@@ -511,6 +514,9 @@ pub fn matmuls(parts: &[&PackedMatrix], x: &[f32], out: &mut [std::mem::MaybeUni
 /// One tile's blocks and where its outputs go: columns `col..col + cols`
 /// of `out (m, n)` (other matrices' columns beside them where fused).
 struct Tile<'a> {
+    /// The tile [`AHEAD`] of this one, for a kernel to prefetch block by
+    /// block as it goes, where this one is read once.
+    ahead: Option<&'a [u8]>,
     width: Width,
     scales: Scales,
     w: &'a [u8],
