@@ -49,6 +49,8 @@ unsafe fn rows_of<const W: usize>(tile: &Tile, a: &Activations, span: std::ops::
     let mut r = span.start;
     while r < span.end {
         // Tails run the same per-row code with fewer rows.
+        let first = Tile { ahead: tile.ahead.filter(|_| r == span.start), ..*tile };
+        let tile = &first;
         unsafe {
             match (span.end - r).min(TOGETHER) {
                 8 => rows::<8, W>(tile, a, r, mask),
@@ -76,7 +78,8 @@ unsafe fn rows<const R: usize, const W: usize>(tile: &Tile, a: &Activations, r0:
     let mut acc = [_mm512_setzero_ps(); R];
     for b in 0..kb {
         if let Some(ahead) = tile.ahead {
-            super::prefetch(&ahead[b * tile_bytes..(b + 1) * tile_bytes]);
+            let step = ahead.len() / kb;
+            super::prefetch(&ahead[b * step..(b + 1) * step]);
         }
         let block = tile.w[b * tile_bytes..(b + 1) * tile_bytes].as_ptr();
         // SAFETY (loads): `block` holds the header (a scale and, where

@@ -99,19 +99,6 @@ impl Kernel {
         }
     }
 
-    /// Activation rows the kernel takes against one read of a tile.
-    fn rows_per_read(self) -> usize {
-        match self {
-            #[cfg(target_arch = "x86_64")]
-            Kernel::Avx512Vnni => avx512::TOGETHER,
-            #[cfg(target_arch = "x86_64")]
-            Kernel::AvxVnni | Kernel::Avx2 => avx2::TOGETHER,
-            #[cfg(target_arch = "aarch64")]
-            Kernel::NeonDotprod | Kernel::Neon => neon::TOGETHER,
-            _ => 1,
-        }
-    }
-
     /// Whether this CPU has the kernel's instructions.
     pub fn runs_here(self) -> bool {
         #[cfg(target_arch = "x86_64")]
@@ -463,15 +450,14 @@ pub fn matmuls(parts: &[&PackedMatrix], x: &[f32], out: &mut [std::mem::MaybeUni
             let i = tiles.partition_point(|&t| t <= item % all) - 1;
             let (p, t) = (parts[i], item % all - tiles[i]);
             let tile_bytes = p.tile_bytes();
-            // A tile read once (few rows) is streamed from memory faster
-            // than the hardware prefetcher fetches it; read again for
-            // more rows, it waits in the cache and prefetching only
-            // crowds it. The kernel asks for the tile ahead a block at a
-            // time, among its own work: Gemma-3 270M's Q8_0 head (168
-            // million weights) at batch 8 on AVX512-VNNI took 13 ms
-            // without, 10.5-11 asking for the whole tile at once, 8.2-8.4
-            // block by block (at batch 1: 7.1-7.5 ms -> 5.6-6.2).
-            let ahead = (rows.len() <= kernel.rows_per_read() && t + AHEAD < p.n.div_ceil(TILE))
+            // A tile's first pass is streamed from memory faster than the
+            // hardware prefetcher fetches it: the kernel asks for the tile
+            // two ahead a block at a time as it goes. Gemma-3 270M's Q8_0
+            // head (168 million weights), AVX512-VNNI: at batch 1 7.1-7.5
+            // ms asking for a whole tile at once, 5.6-6.2 block by block;
+            // at batch 8 (AVX2 and AVX-VNNI, 2 passes, asking for none
+            // before) 23-24 ms -> 18.3, 15-16 -> 12.5.
+            let ahead = (t + AHEAD < p.n.div_ceil(TILE))
                 .then(|| &p.data[(t + AHEAD) * kb * tile_bytes..(t + AHEAD + 1) * kb * tile_bytes]);
             let tile = Tile {
                 ahead,
@@ -513,9 +499,10 @@ pub fn matmuls(parts: &[&PackedMatrix], x: &[f32], out: &mut [std::mem::MaybeUni
 
 /// One tile's blocks and where its outputs go: columns `col..col + cols`
 /// of `out (m, n)` (other matrices' columns beside them where fused).
+#[derive(Clone, Copy)]
 struct Tile<'a> {
-    /// The tile [`AHEAD`] of this one, for a kernel to prefetch block by
-    /// block as it goes, where this one is read once.
+    /// The tile [`AHEAD`] of this one, for a kernel's first pass to ask the
+    /// caches for block by block as it goes.
     ahead: Option<&'a [u8]>,
     width: Width,
     scales: Scales,
