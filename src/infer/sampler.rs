@@ -156,8 +156,9 @@ fn nucleus(probs: &[f64], total: f64, top_p: f64) -> Vec<(u32, f64)> {
 pub fn sample_rows(logits: &[f32], width: usize, s: Sampling, streams: &mut [Stream]) -> Vec<Result<u32, f32>> {
     let rows: Vec<&[f32]> = logits.chunks_exact(width).collect();
     assert_eq!(rows.len(), streams.len(), "a stream for each row");
-    let slots: Vec<std::sync::Mutex<(&mut Stream, Option<Result<u32, f32>>)>> =
-        streams.iter_mut().map(|stream| std::sync::Mutex::new((stream, None))).collect();
+    /// A row's stream and its draw, once made.
+    type Slot<'a> = std::sync::Mutex<(&'a mut Stream, Option<Result<u32, f32>>)>;
+    let slots: Vec<Slot> = streams.iter_mut().map(|stream| std::sync::Mutex::new((stream, None))).collect();
     candle_core::utils::barrier_pool().execute_chunked(rows.len(), |span| {
         for r in span {
             let mut slot = slots[r].lock().expect("a draw does not panic");

@@ -442,7 +442,9 @@ mod tests {
             (0..n).map(|i| ((i * 7919 + seed * 104_729) % 2003) as f32 / 1001.0 - 1.0).collect()
         };
         let mut caches = [HostKv::default(), HostKv::default()];
-        let mut seen: [(Vec<Vec<f32>>, Vec<Vec<f32>>); 2] = Default::default();
+        // Each sequence's keys and values so far, a row a position.
+        type Rows = Vec<Vec<f32>>;
+        let mut seen: [(Rows, Rows); 2] = Default::default();
         let mut len = [0, 0];
         // Prefill of 17 and 3 rows, then steps of one row each.
         for (step, lens) in [[17, 3]].into_iter().chain(std::iter::repeat_n([1, 1], 30)).enumerate() {
