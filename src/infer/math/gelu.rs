@@ -143,6 +143,7 @@ pub fn expm1f(x: f32) -> f32 {
 /// The AVX2 version, compiled once for AVX2 and once more where AVX-512VL
 /// lets the same 8-lane code choose lanes by mask register (a `vblendmps`
 /// rather than a three-uop `vblendvps`) with twice the registers.
+#[cfg(target_arch = "x86_64")]
 macro_rules! lanes {
     ($name:ident, $features:literal) => {
         mod $name {

@@ -53,17 +53,16 @@ const ROWS: usize = 64;
 /// well as 1, 3, 4 and 8).
 const AHEAD: usize = 2;
 
-/// Asks for `bytes` in the caches (L2), without waiting; on x86-64 only
-/// (aarch64's prefetch intrinsic is not yet stable).
+/// Asks for `bytes` in the caches (L2), without waiting: the x86 kernels'
+/// (aarch64's prefetch intrinsic is not yet stable, and NEON's kernel is
+/// unmeasured with one).
+#[cfg(target_arch = "x86_64")]
 fn prefetch(bytes: &[u8]) {
-    #[cfg(target_arch = "x86_64")]
     for line in bytes.chunks(64) {
         use std::arch::x86_64::{_MM_HINT_T1, _mm_prefetch};
         // SAFETY: a hint; the address is in `bytes`.
         unsafe { _mm_prefetch::<_MM_HINT_T1>(line.as_ptr() as *const i8) };
     }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = bytes;
 }
 
 /// Chooses the kernel instead of the CPU's best (tests, benchmarks, and
@@ -502,7 +501,8 @@ pub fn matmuls(parts: &[&PackedMatrix], x: &[f32], out: &mut [std::mem::MaybeUni
 #[derive(Clone, Copy)]
 struct Tile<'a> {
     /// The tile [`AHEAD`] of this one, for a kernel's first pass to ask the
-    /// caches for block by block as it goes.
+    /// caches for block by block as it goes (the x86 kernels').
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     ahead: Option<&'a [u8]>,
     width: Width,
     scales: Scales,
