@@ -48,9 +48,9 @@ const TILE: usize = 16;
 const BLOCK: usize = 32;
 /// Activation rows a work item takes (prefill): ~100 KB of int8, in L2.
 const ROWS: usize = 64;
-/// How many tiles ahead a work item that reads its tile only once
-/// prefetches (on Gemma-3 270M's Q8_0 head at batches 1 and 8, 2 did as
-/// well as 1, 3, 4 and 8).
+/// How many tiles ahead a tile's first pass asks the caches for (on
+/// Gemma-3 270M's Q8_0 head at batches 1 and 8, 2 did as well as 1, 3, 4
+/// and 8).
 const AHEAD: usize = 2;
 
 /// Asks for `bytes` in the caches (L2), without waiting: the x86 kernels'
