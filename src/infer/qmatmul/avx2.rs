@@ -119,7 +119,7 @@ pub(super) unsafe fn tile<const DOT: u8>(tile: &Tile, a: &Activations, span: std
             // SAFETY: this function's promises.
             unsafe {
                 unpack_five(tile, a.k / BLOCK, bytes);
-                passes::<DOT, true>(&Tile { w: bytes, ahead: None, ..*tile }, a, span)
+                passes::<DOT, true>(&Tile { w: bytes, ..tile.without_ahead() }, a, span)
             }
         });
     }
@@ -139,8 +139,8 @@ unsafe fn passes<const DOT: u8, const BYTES: bool>(tile: &Tile, a: &Activations,
         while r < span.end {
             // Tails run the same per-row code with fewer rows.
             let n = (span.end - r).min(TOGETHER);
-            let first = Tile { ahead: tile.ahead.filter(|_| half == 0 && r == span.start), ..*tile };
-            let tile = &first;
+            let pass = if half == 0 && r == span.start { *tile } else { tile.without_ahead() };
+            let tile = &pass;
             unsafe {
                 match tile.width {
                     Width::Four => rows_of::<4, DOT, false>(n, tile, a, r, half, cols),
@@ -279,10 +279,7 @@ unsafe fn rows<const R: usize, const W: usize, const DOT: u8, const BYTES: bool>
     let (scales, header) = (tile.scales, tile.scales.header_bytes());
     let mut acc = [_mm256_setzero_ps(); R];
     for b in 0..kb {
-        if let Some(ahead) = tile.ahead {
-            let step = ahead.len() / kb;
-            super::prefetch(&ahead[b * step..(b + 1) * step]);
-        }
+        tile.ask_ahead(b, kb);
         let block = tile.w[b * tile_bytes..(b + 1) * tile_bytes].as_ptr();
         // SAFETY (loads): `block` holds the header (a scale and, where
         // stored, an offset per row, and Q6_K's 16-value scales, 8 rows a

@@ -14,8 +14,8 @@ pub(super) const TOGETHER: usize = 8;
 /// `$body` for each `$i` in `0..$r` (at most [`TOGETHER`]), written out:
 /// each row's accumulator then stays in a register (a loop over the rows
 /// kept them on the stack, a load and a store a block; Gemma-3 270M's
-/// matmuls at 128 rows: 1.2-1.25x faster). AVX2's 16 registers are too
-/// few for it: there it measured slower.
+/// matmuls at 128 rows: 1.2-1.25x faster). On AVX2's 16 registers it
+/// spilled: mixed there, slower on AVX-VNNI.
 macro_rules! each_row {
     ($r:expr, $i:ident => $body:block) => {
         each_row!(@ $r, $i, $body, 0 1 2 3 4 5 6 7)
@@ -49,8 +49,8 @@ unsafe fn rows_of<const W: usize>(tile: &Tile, a: &Activations, span: std::ops::
     let mut r = span.start;
     while r < span.end {
         // Tails run the same per-row code with fewer rows.
-        let first = Tile { ahead: tile.ahead.filter(|_| r == span.start), ..*tile };
-        let tile = &first;
+        let pass = if r == span.start { *tile } else { tile.without_ahead() };
+        let tile = &pass;
         unsafe {
             match (span.end - r).min(TOGETHER) {
                 8 => rows::<8, W>(tile, a, r, mask),
@@ -77,10 +77,7 @@ unsafe fn rows<const R: usize, const W: usize>(tile: &Tile, a: &Activations, r0:
     let (scales, header) = (tile.scales, tile.scales.header_bytes());
     let mut acc = [_mm512_setzero_ps(); R];
     for b in 0..kb {
-        if let Some(ahead) = tile.ahead {
-            let step = ahead.len() / kb;
-            super::prefetch(&ahead[b * step..(b + 1) * step]);
-        }
+        tile.ask_ahead(b, kb);
         let block = tile.w[b * tile_bytes..(b + 1) * tile_bytes].as_ptr();
         // SAFETY (loads): `block` holds the header (a scale and, where
         // stored, an offset per row, and Q6_K's 16-value scales) and the

@@ -53,18 +53,6 @@ const ROWS: usize = 64;
 /// and 8).
 const AHEAD: usize = 2;
 
-/// Asks for `bytes` in the caches (L2), without waiting: the x86 kernels'
-/// (aarch64's prefetch intrinsic is not yet stable, and NEON's kernel is
-/// unmeasured with one).
-#[cfg(target_arch = "x86_64")]
-fn prefetch(bytes: &[u8]) {
-    for line in bytes.chunks(64) {
-        use std::arch::x86_64::{_MM_HINT_T1, _mm_prefetch};
-        // SAFETY: a hint; the address is in `bytes`.
-        unsafe { _mm_prefetch::<_MM_HINT_T1>(line.as_ptr() as *const i8) };
-    }
-}
-
 /// Chooses the kernel instead of the CPU's best (tests, benchmarks, and
 /// checking that two CPUs agree).
 pub const KERNEL_VAR: &str = "PREFGEN_INT8_KERNEL";
@@ -511,6 +499,28 @@ struct Tile<'a> {
     n: usize,
     col: usize,
     cols: usize,
+}
+
+/// The x86 kernels' prefetch (aarch64's prefetch intrinsic is not yet
+/// stable, and NEON's kernel is unmeasured with one).
+#[cfg(target_arch = "x86_64")]
+impl Tile<'_> {
+    /// Asks the caches (L2) for block `b` of the `blocks` of the tile ahead,
+    /// where this pass is given one; without waiting.
+    fn ask_ahead(&self, b: usize, blocks: usize) {
+        let Some(ahead) = self.ahead else { return };
+        let step = ahead.len() / blocks;
+        for line in ahead[b * step..(b + 1) * step].chunks(64) {
+            use std::arch::x86_64::{_MM_HINT_T1, _mm_prefetch};
+            // SAFETY: a hint; the address is in `ahead`.
+            unsafe { _mm_prefetch::<_MM_HINT_T1>(line.as_ptr() as *const i8) };
+        }
+    }
+
+    /// The same tile for a pass that asks for nothing ahead (not its first).
+    fn without_ahead(&self) -> Self {
+        Tile { ahead: None, ..*self }
+    }
 }
 
 /// A 32-block of weights: `w[j] = scale * u[j] + offset`; for Q6_K
