@@ -321,7 +321,8 @@ unsafe fn rows<const R: usize, const W: usize, const DOT: u8, const BYTES: bool>
         };
         for (i, acc) in acc.iter_mut().enumerate() {
             let at = (r0 + i) * kb + b;
-            let q = a.q[at * BLOCK..(at + 1) * BLOCK].as_ptr();
+            // SAFETY: the rows and blocks are the activations' own.
+            let q = unsafe { a.q_at(at) };
             let qs = |g: usize| _mm256_set1_epi32(unsafe { (q.add(4 * g) as *const i32).read_unaligned() });
             let pairs = |g: usize| _mm256_maddubs_epi16(u[g], qs(g));
             let vnni = |groups: [usize; 4], from: i32| {
@@ -332,7 +333,7 @@ unsafe fn rows<const R: usize, const W: usize, const DOT: u8, const BYTES: bool>
             };
             let dot = match W {
                 6 if DOT != MADD => {
-                    let (first, second) = a.halves(at);
+                    let (first, second) = unsafe { a.halves(at) };
                     sixteens(vnni([0, 1, 2, 3], -32 * first), vnni([4, 5, 6, 7], -32 * second), floats)
                 }
                 // Two chains of `vpdpbusd` rather than one eight long: a
@@ -345,7 +346,7 @@ unsafe fn rows<const R: usize, const W: usize, const DOT: u8, const BYTES: bool>
                     _mm256_madd_epi16(sum16(4..8, pairs), ones),
                 )),
                 6 => {
-                    let (first, second) = a.halves(at);
+                    let (first, second) = unsafe { a.halves(at) };
                     let halves = _mm256_set1_epi32((first & 0xFFFF) | second << 16);
                     let scaled = |g: usize, i: usize| _mm256_madd_epi16(sum16(g..g + 2, pairs), twice[i]);
                     let dot = _mm256_add_epi32(
@@ -355,7 +356,7 @@ unsafe fn rows<const R: usize, const W: usize, const DOT: u8, const BYTES: bool>
                     _mm256_cvtepi32_ps(_mm256_sub_epi32(dot, _mm256_slli_epi32(_mm256_madd_epi16(both, halves), 5)))
                 }
                 _ => {
-                    let split = a.split[2 * at * BLOCK..][..2 * BLOCK].as_ptr();
+                    let split = unsafe { a.split_at(at) };
                     let part = |g: usize, from: usize| {
                         _mm256_maddubs_epi16(
                             u[g],
@@ -373,9 +374,12 @@ unsafe fn rows<const R: usize, const W: usize, const DOT: u8, const BYTES: bool>
                     ))
                 }
             };
-            let s = _mm256_mul_ps(scale, _mm256_set1_ps(a.d[at]));
+            let s = _mm256_mul_ps(scale, _mm256_set1_ps(unsafe { a.d_at(at) }));
             *acc = _mm256_fmadd_ps(dot, s, *acc);
-            *acc = _mm256_fmadd_ps(offset, _mm256_set1_ps(a.s[at]), *acc);
+            if W != 6 {
+                // Q6_K has no offset (`Scales::has_offset`).
+                *acc = _mm256_fmadd_ps(offset, _mm256_set1_ps(unsafe { a.s_at(at) }), *acc);
+            }
         }
     }
     for (i, acc) in acc.iter().enumerate() {

@@ -19,10 +19,10 @@
 //!    Q8_1): `amax = max |x|`, `d = amax / 127`, `q = x * (127 / amax)`
 //!    rounded half to even (all 0 when `amax = 0`), and `s = d * sum(q)`.
 //! 2. Each output starts at 0 and takes the blocks in order:
-//!    `acc = fma(dot, scale * d, acc)`, then `acc = fma(offset, s, acc)`,
-//!    where `dot = sum(u*q)`; for Q6_K, whose 16 values share an int8 scale
-//!    and whose offset is 0, `dot = sub0 * sum((u-32)*q over values 0..16) +
-//!    sub1 * sum(... over 16..32)`.
+//!    `acc = fma(dot, scale * d, acc)`, then, where the type has an offset,
+//!    `acc = fma(offset, s, acc)`, where `dot = sum(u*q)`; for Q6_K, whose
+//!    16 values share an int8 scale and which has no offset, `dot = sub0 *
+//!    sum((u-32)*q over values 0..16) + sub1 * sum(... over 16..32)`.
 //!
 //! `dot` is an integer, the same whatever the SIMD width or the order of
 //! its partial sums, and every float step is one IEEE operation in a fixed
@@ -265,6 +265,13 @@ impl Scales {
             Scales::Single => 8 * TILE,
             Scales::Sixteens => SUB + 2 * TILE,
         }
+    }
+
+    /// Whether the type's weights have an offset (all but Q6_K's): without
+    /// one, the kernels skip the offset's `fma` (adding `0 * s` to an
+    /// accumulator that is never -0 leaves it as it is).
+    fn has_offset(self) -> bool {
+        self != Scales::Sixteens
     }
 
     /// The offset of a row with `scale`, where it is not stored.
@@ -708,11 +715,52 @@ impl Activations {
         a
     }
 
+    // Block `at`'s parts (`at` counts blocks over all rows), read without a
+    // bounds check: the SIMD kernels read eight rows' blocks in their
+    // innermost loop, where a compare and a branch for each read measured
+    // slower. SAFETY (each): `at` is below the number of blocks, and
+    // `halves` and `split` hold values for the matrices they are read for.
+
+    /// Block `at`'s 32 values.
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn q_at(&self, at: usize) -> *const i8 {
+        debug_assert!(at < self.d.len());
+        unsafe { self.q.as_ptr().add(at * BLOCK) }
+    }
+
+    /// Block `at`'s step `d`.
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn d_at(&self, at: usize) -> f32 {
+        debug_assert!(at < self.d.len());
+        unsafe { *self.d.get_unchecked(at) }
+    }
+
+    /// Block `at`'s `s = d * sum(q)`.
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn s_at(&self, at: usize) -> f32 {
+        debug_assert!(at < self.s.len());
+        unsafe { *self.s.get_unchecked(at) }
+    }
+
     /// `sum(q)` of block `at`'s first 16 values and of its last 16 (the
     /// `vpdpbusd` kernels' Q6_K).
     #[cfg(target_arch = "x86_64")]
-    fn halves(&self, at: usize) -> (i32, i32) {
-        (self.halves[at], self.sum[at] - self.halves[at])
+    #[inline(always)]
+    unsafe fn halves(&self, at: usize) -> (i32, i32) {
+        debug_assert!(at < self.halves.len());
+        let (first, sum) = unsafe { (*self.halves.get_unchecked(at), *self.sum.get_unchecked(at)) };
+        (first, sum - first)
+    }
+
+    /// Block `at`'s 32 `lo` then its 32 `hi` (AVX2's Q8_0).
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn split_at(&self, at: usize) -> *const i8 {
+        debug_assert!(2 * (at + 1) * BLOCK <= self.split.len());
+        unsafe { self.split.as_ptr().add(2 * at * BLOCK) }
     }
 }
 

@@ -129,7 +129,9 @@ unsafe fn rows<const R: usize, const DOT: bool>(tile: &Tile, a: &Activations, r0
                     };
                     let s = vmulq_f32(scale, vdupq_n_f32(a.d[at]));
                     acc[c] = vfmaq_f32(acc[c], vcvtq_f32_s32(dot), s);
-                    acc[c] = vfmaq_f32(acc[c], offset, vdupq_n_f32(a.s[at]));
+                    if scales.has_offset() {
+                        acc[c] = vfmaq_f32(acc[c], offset, vdupq_n_f32(a.s[at]));
+                    }
                 }
             }
         }

@@ -59,7 +59,9 @@ pub(super) unsafe fn tile(tile: &Tile, a: &Activations, span: std::ops::Range<us
                 };
                 let (scale, offset) = tile.scales.read(block, c);
                 *acc = (dot as f32).mul_add(scale * a.d[at], *acc);
-                *acc = offset.mul_add(a.s[at], *acc);
+                if tile.scales.has_offset() {
+                    *acc = offset.mul_add(a.s[at], *acc);
+                }
             }
         }
     }
