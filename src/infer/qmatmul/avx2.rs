@@ -333,8 +333,8 @@ unsafe fn rows<const R: usize, const W: usize, const DOT: u8, const BYTES: bool>
             };
             let dot = match W {
                 6 if DOT != MADD => {
-                    let (first, second) = unsafe { a.halves(at) };
-                    sixteens(vnni([0, 1, 2, 3], -32 * first), vnni([4, 5, 6, 7], -32 * second), floats)
+                    let [first, second] = unsafe { a.sixteens(at) };
+                    sixteens(vnni([0, 1, 2, 3], first), vnni([4, 5, 6, 7], second), floats)
                 }
                 // Two chains of `vpdpbusd` rather than one eight long: a
                 // lone row waits on the instruction's latency otherwise, and
@@ -346,8 +346,7 @@ unsafe fn rows<const R: usize, const W: usize, const DOT: u8, const BYTES: bool>
                     _mm256_madd_epi16(sum16(4..8, pairs), ones),
                 )),
                 6 => {
-                    let (first, second) = unsafe { a.halves(at) };
-                    let halves = _mm256_set1_epi32((first & 0xFFFF) | second << 16);
+                    let halves = _mm256_set1_epi32(unsafe { a.sixteens(at) }[0]);
                     let scaled = |g: usize, i: usize| _mm256_madd_epi16(sum16(g..g + 2, pairs), twice[i]);
                     let dot = _mm256_add_epi32(
                         _mm256_add_epi32(scaled(0, 0), scaled(2, 0)),

@@ -140,10 +140,10 @@ unsafe fn rows<const R: usize, const W: usize>(tile: &Tile, a: &Activations, r0:
             let q = unsafe { a.q_at(at) };
             let qs = |g: usize| _mm512_set1_epi32(unsafe { (q.add(4 * g) as *const i32).read_unaligned() });
             let dot = if W == 6 {
-                let part = |from: usize, sum: i32| {
-                    (from..from + 4).fold(_mm512_set1_epi32(-32 * sum), |d, g| _mm512_dpbusd_epi32(d, u[g], qs(g)))
+                let part = |from: usize, start: i32| {
+                    (from..from + 4).fold(_mm512_set1_epi32(start), |d, g| _mm512_dpbusd_epi32(d, u[g], qs(g)))
                 };
-                let (first, second) = unsafe { a.halves(at) };
+                let [first, second] = unsafe { a.sixteens(at) };
                 // As `avx2::sixteens`: exact in f32, cheaper than `vpmulld`.
                 let first = _mm512_mul_ps(_mm512_cvtepi32_ps(part(0, first)), subs[0]);
                 _mm512_fmadd_ps(_mm512_cvtepi32_ps(part(4, second)), subs[1], first)

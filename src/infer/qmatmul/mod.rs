@@ -629,11 +629,14 @@ struct Activations {
     s: Vec<f32>,
     /// `sum(q)`, for kernels that sum signed weights.
     sum: Vec<i32>,
-    /// `sum(q)` over each block's first 16 values, for the x86 kernels'
-    /// Q6_K: they sum the unsigned `u` and take `32 * sum(q)` of each half
-    /// back out (the same integer as summing `u - 32`). Empty for other
-    /// matrices and kernels.
-    halves: Vec<i32>,
+    /// For the x86 kernels' Q6_K, which sum the unsigned `u` and take `32 *
+    /// sum(q)` of each block's two 16-value halves back out (the same
+    /// integer as summing `u - 32`): per block, as the kernel reads it,
+    /// ready to broadcast. The `vpdpbusd` kernels start their two chains
+    /// from `[-32 * first, -32 * second]`; AVX2 takes `[first | second <<
+    /// 16, 0]`, i16 pairs for one `vpmaddwd`. Empty for other matrices and
+    /// kernels.
+    sixteens: Vec<[i32; 2]>,
     /// Each block's `q` as `16 * hi + lo`, its 32 `lo` (0..16) then its 32
     /// `hi` (-8..8), for AVX2's Q8_0 (`avx2`). Empty for other matrices and
     /// kernels.
@@ -654,7 +657,7 @@ impl Activations {
             d: vec![0.0; blocks],
             s: vec![0.0; blocks],
             sum: vec![0; blocks],
-            halves: vec![0; if halved { blocks } else { 0 }],
+            sixteens: vec![[0; 2]; if halved { blocks } else { 0 }],
             split: vec![0; if split { 2 * x.len() } else { 0 }],
         };
         let ptrs = (
@@ -662,7 +665,7 @@ impl Activations {
             a.d.as_mut_ptr() as usize,
             a.s.as_mut_ptr() as usize,
             a.sum.as_mut_ptr() as usize,
-            a.halves.as_mut_ptr() as usize,
+            a.sixteens.as_mut_ptr() as usize,
             a.split.as_mut_ptr() as usize,
         );
         let rows = |rows: std::ops::Range<usize>| {
@@ -687,10 +690,15 @@ impl Activations {
                 _ => reference::quantize(x, q, d, s, sum),
             }
             if halved {
-                // SAFETY: as above; `halves` holds a value per block.
-                let halves = unsafe { std::slice::from_raw_parts_mut((ptrs.4 as *mut i32).add(from), len) };
-                for (h, b) in halves.iter_mut().zip(q.chunks_exact(BLOCK)) {
-                    *h = b[..BLOCK / 2].iter().map(|&q| q as i32).sum();
+                // SAFETY: as above; `sixteens` holds a pair per block.
+                let sixteens = unsafe { std::slice::from_raw_parts_mut((ptrs.4 as *mut [i32; 2]).add(from), len) };
+                for ((out, b), &total) in sixteens.iter_mut().zip(q.chunks_exact(BLOCK)).zip(&*sum) {
+                    let first: i32 = b[..BLOCK / 2].iter().map(|&q| q as i32).sum();
+                    let second = total - first;
+                    *out = match kernel {
+                        Kernel::Avx2 => [(first & 0xFFFF) | second << 16, 0],
+                        _ => [-32 * first, -32 * second],
+                    };
                 }
             }
             if split {
@@ -719,7 +727,7 @@ impl Activations {
     // bounds check: the SIMD kernels read eight rows' blocks in their
     // innermost loop, where a compare and a branch for each read measured
     // slower. SAFETY (each): `at` is below the number of blocks, and
-    // `halves` and `split` hold values for the matrices they are read for.
+    // `sixteens` and `split` hold values for the matrices they are read for.
 
     /// Block `at`'s 32 values.
     #[cfg(target_arch = "x86_64")]
@@ -745,14 +753,12 @@ impl Activations {
         unsafe { *self.s.get_unchecked(at) }
     }
 
-    /// `sum(q)` of block `at`'s first 16 values and of its last 16 (the
-    /// `vpdpbusd` kernels' Q6_K).
+    /// Block `at`'s Q6_K correction (`Activations::sixteens`).
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
-    unsafe fn halves(&self, at: usize) -> (i32, i32) {
-        debug_assert!(at < self.halves.len());
-        let (first, sum) = unsafe { (*self.halves.get_unchecked(at), *self.sum.get_unchecked(at)) };
-        (first, sum - first)
+    unsafe fn sixteens(&self, at: usize) -> [i32; 2] {
+        debug_assert!(at < self.sixteens.len());
+        unsafe { *self.sixteens.get_unchecked(at) }
     }
 
     /// Block `at`'s 32 `lo` then its 32 `hi` (AVX2's Q8_0).
