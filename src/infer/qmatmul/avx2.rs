@@ -107,7 +107,8 @@ std::thread_local! {
 /// rows at a time, with the dot products `DOT` names.
 ///
 /// SAFETY: the CPU has AVX2, FMA and F16C, and `DOT`'s encoding of
-/// `vpdpbusd`; `tile.out` holds `span.end * tile.n` floats.
+/// `vpdpbusd`; `span` lies within `a`'s rows; `tile.out` holds `span.end *
+/// tile.n` floats.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(super) unsafe fn tile<const DOT: u8>(tile: &Tile, a: &Activations, span: std::ops::Range<usize>) {
     // Q5's fifth bits cost three operations a group each time a pass of
@@ -321,7 +322,8 @@ unsafe fn rows<const R: usize, const W: usize, const DOT: u8, const BYTES: bool>
         };
         for (i, acc) in acc.iter_mut().enumerate() {
             let at = (r0 + i) * kb + b;
-            // SAFETY: the rows and blocks are the activations' own.
+            // SAFETY: row `r0 + i` is within `span`, so `a`'s (`tile`'s
+            // promise), and `b` below its blocks.
             let q = unsafe { a.q_at(at) };
             let qs = |g: usize| _mm256_set1_epi32(unsafe { (q.add(4 * g) as *const i32).read_unaligned() });
             let pairs = |g: usize| _mm256_maddubs_epi16(u[g], qs(g));

@@ -27,8 +27,8 @@ macro_rules! each_row {
 
 /// Rows `span` of the outputs of one tile, [`TOGETHER`] rows at a time.
 ///
-/// SAFETY: the CPU has AVX512F, BW and VNNI; `tile.out` holds `span.end *
-/// tile.n` floats.
+/// SAFETY: the CPU has AVX512F, BW and VNNI; `span` lies within `a`'s
+/// rows; `tile.out` holds `span.end * tile.n` floats.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 pub(super) unsafe fn tile(tile: &Tile, a: &Activations, span: std::ops::Range<usize>) {
     unsafe {
@@ -136,7 +136,8 @@ unsafe fn rows<const R: usize, const W: usize>(tile: &Tile, a: &Activations, r0:
         let subs = if W == 6 { [sub(0), sub(1)] } else { [_mm512_setzero_ps(); 2] };
         each_row!(R, i => {
             let at = (r0 + i) * kb + b;
-            // SAFETY: the rows and blocks are the activations' own.
+            // SAFETY: row `r0 + i` is within `span`, so `a`'s (`tile`'s
+            // promise), and `b` below its blocks.
             let q = unsafe { a.q_at(at) };
             let qs = |g: usize| _mm512_set1_epi32(unsafe { (q.add(4 * g) as *const i32).read_unaligned() });
             let dot = if W == 6 {

@@ -464,8 +464,8 @@ pub fn matmuls(parts: &[&PackedMatrix], x: &[f32], out: &mut [std::mem::MaybeUni
                 cols: (p.n - t * TILE).min(TILE),
             };
             // SAFETY: the kernel runs here (`Kernel::chosen` or the
-            // caller checked); an item writes only its own rows and
-            // columns of `out`, which outlives the call.
+            // caller checked); `rows` are `acts`' own; an item writes only
+            // its own rows and columns of `out`, which outlives the call.
             unsafe {
                 match kernel {
                     #[cfg(target_arch = "x86_64")]
