@@ -9,8 +9,8 @@ Usage: python3 scripts/make_bench_model.py TOKENIZER.gguf OUT.gguf
 
 The tokenizer and chat template are copied from TOKENIZER.gguf (SmolLM2's;
 49,152 tokens, a multiple of 256). The token embeddings (tied to the
-output) are drawn wider than the rest, so that the next-token distribution
-is as peaked as a trained model's and sampling costs what it costs there.
+output) are drawn wider than the rest, so that the sampler meets a peaked
+next-token distribution, as from a trained model, not a near-uniform one.
 Needs numpy and llama.cpp's gguf-py (target/llama.cpp/src/gguf-py).
 """
 import os
@@ -22,7 +22,8 @@ ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, os.path.join(ROOT, "target", "llama.cpp", "src", "gguf-py"))
 import gguf  # noqa: E402
 
-# SmolLM2-135M's shape, 768 wide instead of 576: ~164M weights.
+# SmolLM2-135M's layout (three query heads a key head, 64 dimensions a
+# head), 768 wide instead of 576 and 20 layers instead of 30: ~164M weights.
 HIDDEN, FFN, LAYERS, HEADS, KV_HEADS, HEAD_DIM = 768, 2048, 20, 12, 4, 64
 # Hugging Face's initializer range; the embeddings' gives logits of
 # standard deviation ~7 (|rms-normed h| = sqrt(768)).
